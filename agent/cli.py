@@ -1,0 +1,201 @@
+"""``esmirror``: thin click commands over the core and the agent.
+
+One place maps errors to exit codes: 0 success, 1 the operation failed,
+2 usage or configuration error (SPEC §4).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from app.core.errors import ConfigError, MirrorError
+from app.core.settings import Settings, load_settings
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"esmirror: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MirrorError as exc:
+            reasons = getattr(exc, "reasons", None) or []
+            fail("\n  ".join([exc.message, *reasons]), exc.exit_code)
+        except OSError as exc:
+            fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
+    return wrapper
+
+
+install_dir_option = click.option(
+    "--install-dir", envvar="ESMIRROR_INSTALL_DIR", type=click.Path(file_okay=False),
+    help="Express Server install dir (holds ImageServer/); or set ESMIRROR_INSTALL_DIR.")
+
+
+def settings_from(install_dir: str | None, **overrides: Any) -> Settings:
+    return load_settings(install_dir, **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="esmirror", prog_name="esmirror")
+def main() -> None:
+    """Keep Express Server configuration sets in step: a master publishes, secondaries apply."""
+
+
+@main.command()
+@install_dir_option
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--server", type=click.Choice(["waitress", "gunicorn"]), default="waitress",
+              show_default=True)
+@click.option("--certfile", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (gunicorn).")
+@click.option("--keyfile", type=click.Path(dir_okay=False, exists=True), help="TLS key (gunicorn).")
+@click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
+@handle_errors
+def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
+          keyfile: str | None, workers: int) -> None:
+    """Run the receiver standalone, mounted at the prefix."""
+    from .serve import run_server
+
+    run_server(settings_from(install_dir), bind, server, certfile, keyfile, workers)
+
+
+@main.command()
+@install_dir_option
+@click.option("--secondary", "secondaries", multiple=True, metavar="HOST[:PORT]",
+              help="Push only to this member of Mirrors (repeatable).")
+@click.option("--full", is_flag=True, help="Resend every byte, even what a secondary already holds.")
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; change nothing.")
+@click.option("--force", is_flag=True,
+              help="Publish even if this master's catalogs.xml fails esmirror's own check "
+                   "(secondaries still validate it).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@handle_errors
+def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, dry_run: bool,
+            force: bool, as_json: bool) -> None:
+    """Validate, reload and push this master's set to its secondaries."""
+    from .fleet import publish as run_publish
+    from .fleet import select_secondaries
+    from .report import print_publish
+
+    settings = settings_from(install_dir)
+    targets = select_secondaries(settings, secondaries)
+    report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_publish(report)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@install_dir_option
+@click.argument("server", metavar="HOST[:PORT]")
+@click.option("--ssl", "ssl_mode", type=click.Choice(["none", "noverify", "strict"]), default="none",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -> None:
+    """Show a server's esmirror and Express versions, platform, generation, digest, master."""
+    from pathlib import Path
+
+    from app.core.errors import RemoteError
+    from app.core.express import parse_secondary_spec
+
+    from .client import SecondaryClient
+
+    try:
+        settings = settings_from(install_dir)
+    except ConfigError:
+        if ssl_mode == "strict":
+            raise
+        settings = Settings(install_dir=Path("."))  # browsing needs no install unless strict
+    client = SecondaryClient(parse_secondary_spec(server, ssl_mode), settings)
+    try:
+        info = client.browse()
+    except RemoteError as exc:
+        fail(exc.message, 1)
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key in ("esmirror_version", "express_version", "platform", "generation", "digest",
+                "master", "self"):
+        click.echo(f"{key:18} {info.get(key)}")
+    for warning in info.get("warnings") or []:
+        click.echo(f"warning: {warning}")
+
+
+@main.command()
+@install_dir_option
+@handle_errors
+def release(install_dir: str | None) -> None:
+    """On a secondary: forget which master owns it, so another master may push."""
+    from app.core.apply import WorkingDir
+
+    workdir = WorkingDir(settings_from(install_dir))
+    owner = workdir.release()
+    click.echo(f"released from master {owner}" if owner else "no master owned this server")
+
+
+@main.group()
+def archive() -> None:
+    """The archive of files that pushes overwrote or removed on this server."""
+
+
+@archive.command("list")
+@install_dir_option
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def archive_list(install_dir: str | None, as_json: bool) -> None:
+    from app.core.apply import WorkingDir
+
+    entries = WorkingDir(settings_from(install_dir)).archives()
+    if as_json:
+        click.echo(json.dumps({"archive": entries}, indent=2))
+        return
+    if not entries:
+        click.echo("the archive is empty")
+    for e in entries:
+        click.echo(f"{e['id']}  {e['created']}  generation {e['replaced_generation']} -> "
+                   f"{e['generation']}  {len(e['files'])} file(s)  {e['bytes']} bytes")
+
+
+@archive.command("clear")
+@install_dir_option
+@click.option("--keep", type=click.IntRange(min=0), help="Keep the newest N entries.")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Remove entries older than DAYS (with --keep: beyond N and older).")
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+@handle_errors
+def archive_clear(install_dir: str | None, keep: int | None, older_than: float | None,
+                  everything: bool) -> None:
+    from app.core.apply import WorkingDir
+
+    if keep is None and older_than is None and not everything:
+        raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
+    workdir = WorkingDir(settings_from(install_dir))
+    with workdir.lock():
+        removed = workdir.clear_archive(keep, older_than, everything)
+    click.echo(f"removed {len(removed)} archive entr{'y' if len(removed) == 1 else 'ies'}")
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the demo folder and print where it is.")
+@handle_errors
+def demo(keep: bool) -> None:
+    """A master and two secondaries on loopback: one publish, the result shown."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+if __name__ == "__main__":
+    main()

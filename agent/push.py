@@ -1,0 +1,192 @@
+"""Push the master's set to one secondary: browse check, diff, upload what it lacks, commit."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from app.core.errors import MirrorError, RemoteError
+from app.core.express import Secondary
+from app.core.manifest import Manifest
+from app.core.settings import Settings
+
+from .client import SecondaryClient
+
+SMALL_FILE = 1024 * 1024          # files up to this size travel in batches
+BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
+BATCH_FILES = 2000
+MAX_PART = 4 * 1024**3 - 1        # IIS refuses a larger body
+UPLOAD_THREADS = 4
+COMMIT_TRIES = 3
+
+
+@dataclass
+class LocalSet:
+    """The master's set: the manifest and where each file is on disk."""
+
+    manifest: Manifest
+    root: Path
+    generation: int
+    master: str
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+@dataclass
+class PushResult:
+    host: str
+    port: int
+    state: str = "failed"   # in-sync | failed | unreachable | refused | dry-run
+    error: str | None = None
+    bytes_sent: int = 0
+    files_sent: int = 0
+    generation: int | None = None
+    digest: str | None = None
+    archive_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("in-sync", "dry-run")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Refused(MirrorError):
+    """The secondary may not take this master's set (version, platform, owner)."""
+
+
+def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any]) -> None:
+    """The browse check: same Express Server version and platform, not owned by another master."""
+    for key, label in (("express_version", "Express Server version"), ("platform", "platform")):
+        if info.get(key) != mine[key]:
+            raise Refused(f"{secondary.name} runs {label} {info.get(key)!r} but this master runs "
+                          f"{mine[key]!r}; all servers must match")
+    owner = info.get("master")
+    if owner and owner != mine["self"]:
+        raise Refused(f"{secondary.name} is mirrored from another master ({owner}); this master is "
+                      f"{mine['self']}. Run 'esmirror release' on {secondary.host} to hand it over")
+
+
+def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],
+         full: bool = False, dry_run: bool = False,
+         progress: Callable[[int], None] | None = None) -> PushResult:
+    """Bring one secondary to exactly ``local``; never raises, the result says what happened."""
+    result = PushResult(secondary.host, secondary.port)
+    client = None
+    try:
+        client = SecondaryClient(secondary, settings)
+        info = client.browse()
+        check_peer(secondary, info, mine)
+        part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
+        remote = client.manifest()
+        want = local.manifest
+        if dry_run:
+            have = {f["sha256"] for f in remote.get("files", [])}
+            todo = _to_send(want, set() if full else have)
+            result.files_sent = len(todo)
+            result.bytes_sent = sum(want.files[p].size for p in todo.values())
+            result.state = "dry-run"
+            return result
+        have = set() if full else {f["sha256"] for f in remote.get("files", [])}
+        base = remote["digest"]
+        for attempt in range(COMMIT_TRIES):
+            todo = _to_send(want, have)
+            _upload(client, local, todo, part_size, result, progress)
+            have |= set(todo)
+            try:
+                answer = client.commit({"generation": local.generation, "master": local.master,
+                                        "base": base, "files": want.to_list()})
+                break
+            except RemoteError as exc:
+                body = exc.details.get("body") or {}
+                if exc.http_status != 409 or attempt == COMMIT_TRIES - 1:
+                    raise
+                if "missing" in body:  # blobs lost on the way (a restarted secondary, say)
+                    have -= set(body["missing"])
+                elif "digest" in body:  # its set moved since we looked: diff again
+                    remote = client.manifest()
+                    base = remote["digest"]
+                    have = {f["sha256"] for f in remote.get("files", [])} if not full else have
+                else:
+                    raise
+        result.state = "in-sync"
+        result.generation = answer.get("generation")
+        result.digest = answer.get("digest")
+        result.archive_id = answer.get("archive_id")
+        result.warnings = list(answer.get("warnings") or [])
+    except Refused as exc:
+        result.state, result.error = "refused", exc.message
+    except RemoteError as exc:
+        if exc.details.get("kind") == "unreachable":
+            result.state = "unreachable"
+        elif exc.http_status in (403, 401) or (exc.http_status == 409 and "master" in
+                                               (exc.details.get("body") or {})):
+            result.state = "refused"
+        result.error = exc.message
+        body = exc.details.get("body") or {}
+        if body.get("reasons"):
+            result.error += "\n  " + "\n  ".join(body["reasons"])
+    except MirrorError as exc:
+        result.error = exc.message
+    except OSError as exc:
+        result.error = f"reading {exc.filename or 'a file'} on this master failed: {exc.strerror}"
+    finally:
+        if client is not None:
+            client.close()
+    return result
+
+
+def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:
+    """sha256 → one local path holding it, for content the secondary lacks."""
+    todo: dict[str, str] = {}
+    for path, entry in want.files.items():
+        if entry.sha256 not in have and entry.sha256 not in todo:
+            todo[entry.sha256] = path
+    return todo
+
+
+def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,
+            result: PushResult, progress: Callable[[int], None] | None) -> None:
+    """Small files in batches, large ones streamed one by one; a few requests at a time."""
+    smalls, larges = [], []
+    for sha, path in sorted(todo.items(), key=lambda kv: kv[1]):
+        size = local.manifest.files[path].size
+        (smalls if size <= SMALL_FILE else larges).append((sha, local.path(path), size))
+    batches: list[list[tuple[str, Path, int]]] = []
+    current: list[tuple[str, Path, int]] = []
+    current_bytes = 0
+    for item in smalls:
+        if current and (current_bytes + item[2] > BATCH_BYTES or len(current) >= BATCH_FILES):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += item[2]
+    if current:
+        batches.append(current)
+
+    def send_batch(batch: list[tuple[str, Path, int]]) -> tuple[int, int]:
+        client.post_blobs(batch)
+        return len(batch), sum(i[2] for i in batch)
+
+    def send_large(item: tuple[str, Path, int]) -> tuple[int, int]:
+        client.put_blob(item[0], item[1], item[2], part_size)
+        return 1, item[2]
+
+    jobs = [(send_large, item) for item in larges] + [(send_batch, b) for b in batches]
+    with cf.ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        futures = [pool.submit(fn, arg) for fn, arg in jobs]
+        try:
+            for future in cf.as_completed(futures):
+                files, size = future.result()
+                result.files_sent += files
+                result.bytes_sent += size
+                if progress:
+                    progress(size)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

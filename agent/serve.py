@@ -1,0 +1,51 @@
+"""``esmirror serve``: the receiver under waitress (default) or gunicorn, at the prefix."""
+from __future__ import annotations
+
+from typing import Any
+
+from app import make_wsgi
+from app.core.errors import ConfigError
+from app.core.settings import Settings
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--bind {bind!r} is not HOST:PORT (use [::1]:8080 for IPv6)")
+    return host, int(port)
+
+
+def run_server(settings: Settings, bind: str, server: str, certfile: str | None = None,
+               keyfile: str | None = None, workers: int = 2) -> None:
+    host, port = parse_bind(bind)
+    if (certfile or keyfile) and server != "gunicorn":
+        raise ConfigError("TLS needs --server gunicorn (or TLS in the web server in front)")
+    if bool(certfile) != bool(keyfile):
+        raise ConfigError("give both --certfile and --keyfile")
+    application = make_wsgi(settings)
+    if server == "waitress":
+        import waitress
+
+        waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
+                       max_request_body_size=settings.max_upload_bytes, channel_timeout=600)
+        return
+    from gunicorn.app.base import BaseApplication
+
+    options: dict[str, Any] = {
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "workers": workers, "worker_class": "gthread", "threads": 4, "timeout": 600,
+        "graceful_timeout": 10, "certfile": certfile, "keyfile": keyfile,
+        "forwarded_allow_ips": "", "loglevel": "warning",
+    }
+
+    class Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                if value is not None:
+                    self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return application
+
+    Gunicorn().run()

@@ -1,0 +1,50 @@
+"""The receiver: a Flask WSGI app mounted under the web server in front of Express Server.
+
+Importing this package is cheap (no Flask) so the CLI starts fast; Flask is
+imported when an app is made.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from .core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger("esmirror")
+
+
+def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> "Flask":
+    """The receiver as a Flask app; routes are relative to the mount point."""
+    from flask import Flask
+
+    from . import admin, errors, peer
+    from .core.apply import WorkingDir
+    from .ipfilter import IPFilter
+
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=None)
+    if test_config:
+        app.config.update(test_config)
+    workdir = WorkingDir(settings)
+    app.extensions["esmirror.workdir"] = workdir
+    app.register_blueprint(peer.bp)
+    app.register_blueprint(admin.bp)
+    errors.register(app)
+    with workdir.lock():
+        note = workdir.recover()
+    if note:
+        log.warning("%s: %s", settings.data_dir, note)
+    app.wsgi_app = IPFilter(app.wsgi_app, settings)  # type: ignore[method-assign]
+    return app
+
+
+def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
+    """The app mounted at the settings' prefix: what every server runs."""
+    from .ipfilter import PrefixMount
+
+    settings = settings or load_settings()
+    return PrefixMount(create_app(settings), settings.prefix)

@@ -1,0 +1,4 @@
+"""The config-set core shared by the receiver and the agent: no Flask, no requests, no click."""
+
+__version__ = "0.1.0"
+PROTOCOL = 1

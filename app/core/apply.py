@@ -1,0 +1,442 @@
+"""Make a pushed set live on this server: stage, validate, archive, switch, recover.
+
+The mechanism (docs/safe-apply.md says it for people):
+
+1. Every file to write is staged under ``.esmirror/staging/<tx>/`` on the same
+   filesystem (a blob is hard-linked there, or copied when it is used twice or
+   comes from a file already here) and flushed once.
+2. ``catalogs.xml`` of the new set is validated; nothing live has changed yet.
+3. A journal listing every operation is written durably. From here until the
+   journal is removed, a crash means "roll back".
+4. Switch, file by file (``catalogs.xml`` after the files it names, removals
+   last): the old file is hard-linked into the archive, then the staged file is
+   renamed over it (atomic on POSIX and NTFS); a removed file is renamed into
+   the archive.
+5. ``reload_command`` runs; a failure rolls back exactly as a crash would.
+6. The archive manifest and the new state are written, then the journal is
+   removed: that is the commit point.
+
+Recovery (at start and before every commit) undoes whatever a journal lists, so
+after a kill -9 at any instant the working directory is exactly the old set or,
+once the journal is gone, exactly the new one. No symlinks are involved.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .catalogs import CATALOGS_XML, validate_catalogs
+from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, ReloadFailed
+from .faults import crash_point
+from .manifest import HashCache, Manifest, ScanResult, diff, scan
+from .settings import Settings
+from .state import read_json, stable_id, write_json
+from .store import CHUNK, BlobStore, durable_flush
+
+LOCK_TIMEOUT = 600.0
+ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """``POST commit``: make this exact set live."""
+
+    generation: int
+    master: str
+    base: str
+    manifest: Manifest
+
+    @classmethod
+    def from_json(cls, data: Any) -> "CommitRequest":
+        if not isinstance(data, dict):
+            raise BadRequest("the commit body must be a JSON object {generation, master, base, files}")
+        unknown = set(data) - {"generation", "master", "base", "files"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) in commit: {', '.join(sorted(unknown))}")
+        generation, master, base = data.get("generation"), data.get("master"), data.get("base")
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            raise BadRequest("'generation' must be a whole number, 0 or more")
+        if not isinstance(master, str) or not 1 <= len(master) <= 128 or not master.isalnum():
+            raise BadRequest("'master' must be the pushing master's id (letters and digits)")
+        if not isinstance(base, str) or len(base) > 64:
+            raise BadRequest("'base' must be the digest of the set the master saw here")
+        if "files" not in data:
+            raise BadRequest("'files' is missing: a commit lists the whole set")
+        return cls(generation, master, base, Manifest.from_list(data["files"]))
+
+
+@dataclass
+class CommitResult:
+    generation: int
+    digest: str
+    archive_id: str | None
+    added: int
+    changed: int
+    removed: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_reload(settings: Settings) -> tuple[bool, str]:
+    """Run ``reload_command``; (ok, what it printed). No command means ok."""
+    argv = settings.reload_argv()
+    if not argv:
+        return True, ""
+    try:
+        done = subprocess.run(argv, cwd=settings.data_dir, capture_output=True,
+                              timeout=settings.reload_timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return False, f"reload_command {argv[0]!r} was not found"
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"") + (exc.stderr or b"")
+        return False, (f"reload_command timed out after {settings.reload_timeout:g} s\n"
+                       + out.decode("utf-8", "replace"))[-4000:]
+    output = (done.stdout + done.stderr).decode("utf-8", "replace")[-4000:]
+    if done.returncode != 0:
+        return False, f"reload_command exited with {done.returncode}\n{output}"
+    return True, output
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_verified(src: Path, dst: Path, sha: str) -> None:
+    """Copy a file while hashing it; it must still be the content we planned on."""
+    hasher = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            hasher.update(chunk)
+            fout.write(chunk)
+    if hasher.hexdigest() != sha:
+        dst.unlink(missing_ok=True)
+        raise Conflict(f"{src.name} changed on this server during the commit; push again")
+
+
+def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
+    """Folders left empty in the working directory are removed (SPEC §2)."""
+    for folder, dirs, files in os.walk(root, topdown=False):
+        path = Path(folder)
+        if path == root:
+            continue
+        rel_top = path.relative_to(root).parts[0]
+        if rel_top.casefold() in skip_top:
+            continue
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # not empty
+
+
+class WorkingDir:
+    """This server's working directory (``var/data``) and esmirror's state beside it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.state_dir = settings.state_dir
+        self.archive_dir = settings.archive_dir
+        self.store = BlobStore(self.state_dir)
+        self.journal_path = self.state_dir / "journal.json"
+        self.state_path = self.state_dir / "state.json"
+        self.staging_dir = self.state_dir / "staging"
+
+    # --- plain facts -------------------------------------------------------
+    @property
+    def self_id(self) -> str:
+        return stable_id(self.state_dir / "self-id")
+
+    def lock(self, timeout: float = LOCK_TIMEOUT) -> filelock.BaseFileLock:
+        """One commit at a time, across gunicorn workers and on Windows (filelock)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(self.state_dir / "commit.lock", timeout=timeout)
+
+    def state(self) -> dict[str, Any]:
+        return read_json(self.state_path, {}) or {}
+
+    def scan(self) -> ScanResult:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return scan(self.data_dir, HashCache(self.state_dir / "hashcache.json"))
+
+    # --- recovery ------------------------------------------------------------
+    def recover(self) -> str | None:
+        """Undo an interrupted commit; drop staging leftovers. Call with the lock held."""
+        journal = read_json(self.journal_path)
+        message = None
+        if journal:
+            self._rollback(journal)
+            message = (f"rolled back an interrupted commit of generation {journal['generation']} "
+                       f"(phase {journal['phase']}); the previous set is in place")
+            if journal["phase"] == "switched":
+                run_reload(self.settings)  # Express Server may have loaded part of it
+        if self.staging_dir.is_dir():
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+        self.store.clear_stale_tmp()
+        return message
+
+    def _paths(self, journal: dict[str, Any], op: dict[str, Any]) -> tuple[Path, Path, Path]:
+        return (self.data_dir / op["path"],
+                self.staging_dir / journal["tx"] / op["staged"] if op["staged"] else Path(),
+                self.archive_dir / journal["archive_id"] / "files" / op["path"])
+
+    def _forward(self, journal: dict[str, Any], op: dict[str, Any]) -> None:
+        work, staged, arch = self._paths(journal, op)
+        if op["kind"] == "remove":
+            if work.exists():
+                arch.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(work, arch)
+                crash_point("switch-remove")
+            return
+        if op["existed"]:
+            _link_or_copy(work, arch)
+            crash_point("switch-archive")
+        if work.is_dir():  # a folder of the old set gives way to a file: its files went first
+            shutil.rmtree(work)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, work)
+        crash_point("switch-put")
+
+    def _rollback(self, journal: dict[str, Any]) -> None:
+        """Idempotent: safe to run again after a crash in the middle of it."""
+        for op in reversed(journal["ops"]):
+            work, staged, arch = self._paths(journal, op)
+            if op["kind"] == "remove":
+                if arch.exists():
+                    work.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(arch, work)
+            elif staged.exists():  # never switched: drop a half-made archive link
+                arch.unlink(missing_ok=True)
+            elif op["existed"]:
+                if arch.exists():
+                    if work.is_dir():
+                        shutil.rmtree(work)
+                    work.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(arch, work)
+            else:
+                work.unlink(missing_ok=True)
+            crash_point("rollback-op")
+        shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
+        prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
+        self.journal_path.unlink(missing_ok=True)
+
+    # --- commit ----------------------------------------------------------------
+    def check_owner(self, master: str) -> None:
+        owner = self.state().get("master")
+        if owner and owner != master:
+            raise Conflict(
+                f"this server is mirrored from master {owner}, not {master}; on this server run "
+                "'esmirror release' to let another master push", master=owner)
+
+    def commit(self, request: CommitRequest) -> CommitResult:
+        with self.lock():
+            self.recover()
+            return self._commit_locked(request)
+
+    def _commit_locked(self, request: CommitRequest) -> CommitResult:
+        started = time.time()
+        state = self.state()
+        self.check_owner(request.master)
+        if state.get("master") == request.master and request.generation < state.get("generation", 0):
+            raise Conflict(f"generation {request.generation} is older than generation "
+                           f"{state['generation']} already applied here", generation=state["generation"])
+        current = self.scan().manifest
+        if request.base != current.digest:
+            raise Conflict("this server's set changed since the master looked (base digest differs); "
+                           "fetch the manifest again", digest=current.digest)
+        new = request.manifest
+        if CATALOGS_XML not in new.files:
+            raise InvalidSet("the set has no catalogs.xml; refusing to apply an empty configuration",
+                             [f"{CATALOGS_XML}: missing from the set"])
+        change = diff(current, new)
+        here = {e.sha256: p for p, e in current.files.items()}
+        puts = change.added + change.changed
+        needed = {new.files[p].sha256 for p in puts}
+        missing = sorted(s for s in needed if s not in here and not self.store.has(s))
+        if missing:
+            raise Conflict(f"{len(missing)} blob(s) of the set were never uploaded", missing=missing)
+
+        def source(path: str) -> Path:
+            sha = new.files[path].sha256
+            return self.store.path(sha) if self.store.has(sha) else self.data_dir / here[sha]
+
+        warnings: list[str] = []
+        if CATALOGS_XML in puts:
+            report = validate_catalogs(source(CATALOGS_XML).read_bytes())
+        else:
+            report = validate_catalogs((self.data_dir / CATALOGS_XML).read_bytes())
+        if report.problems:
+            raise InvalidSet("catalogs.xml is invalid; nothing was changed", report.problems)
+        warnings += report.unreadable_paths()
+
+        if change.empty:
+            result = CommitResult(request.generation, new.digest, None, 0, 0, 0, warnings)
+            self._record(request, new, None)
+            return result
+
+        # stage: link each blob once, copy what is used twice or already lives here
+        tx = uuid.uuid4().hex[:12]
+        stage = self.staging_dir / tx
+        stage.mkdir(parents=True)
+        linked: set[str] = set()
+        copies = [p for p in puts if not self.store.has(new.files[p].sha256)]
+        need = sum(new.files[p].size for p in copies)
+        free = shutil.disk_usage(self.state_dir).free
+        if need + ROOM_MARGIN > free:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise NoRoom(f"applying needs {need} more bytes on {self.data_dir} but only {free} are free; "
+                         "free some space (esmirror archive clear) and publish again",
+                         needed=need, free=free)
+        ops: list[dict[str, Any]] = []
+        written: list[Path] = []
+        try:
+            for index, path in enumerate(puts):
+                sha = new.files[path].sha256
+                staged = stage / str(index)
+                if self.store.has(sha) and sha not in linked:
+                    _link_or_copy(self.store.path(sha), staged)
+                    linked.add(sha)
+                else:
+                    _copy_verified(source(path), staged, sha)
+                written.append(staged)
+                ops.append({"kind": "put", "path": path, "staged": str(index),
+                            "existed": path in current.files})
+                crash_point("stage")
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise self._os_failure("staging", exc) from None
+        durable_flush(written)
+        crash_point("staged")
+
+        # order: removals that free a name for a new file first, files, catalogs.xml, other removals
+        put_names = set(puts)
+        prefixes = {"/".join(p.split("/")[:i]) for p in put_names for i in range(1, p.count("/") + 1)}
+        blocking = [p for p in change.removed
+                    if p in prefixes or any(q.startswith(p + "/") for q in put_names)]
+        ops.sort(key=lambda op: op["path"] == CATALOGS_XML)
+        rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
+        ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
+
+        archive_id = self._new_archive_id(request.generation)
+        journal = {"tx": tx, "archive_id": archive_id, "generation": request.generation,
+                   "phase": "switching", "ops": ops}
+        write_json(self.journal_path, journal)
+        crash_point("journal")
+        try:
+            for op in ops:
+                self._forward(journal, op)
+            journal["phase"] = "switched"
+            write_json(self.journal_path, journal)
+            crash_point("switched")
+            ok, output = run_reload(self.settings)
+            if not ok:
+                raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
+                                   f"{output.strip()}", output=output)
+            archived = change.changed + change.removed
+            write_json(self.archive_dir / archive_id / "archive.json", {
+                "id": archive_id,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "replaced_generation": state.get("generation"),
+                "generation": request.generation,
+                "master": request.master,
+                "files": sorted(archived),
+                "previous": current.to_list(),
+                "previous_digest": current.digest,
+            })
+            crash_point("archived")
+            self._record(request, new, archive_id)
+        except BaseException as exc:
+            self._rollback(journal)
+            if journal["phase"] == "switched":
+                run_reload(self.settings)
+            if isinstance(exc, OSError):
+                raise self._os_failure("switching", exc) from None
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        self.journal_path.unlink()  # the commit point
+        crash_point("committed")
+        prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
+        self.store.clear(older_than=started)
+        self.prune_archive(self.settings.archive_keep)
+        return CommitResult(request.generation, new.digest, archive_id,
+                            len(change.added), len(change.changed), len(change.removed), warnings)
+
+    def _os_failure(self, during: str, exc: OSError) -> MirrorError:
+        import errno
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(self.state_dir).free
+            return NoRoom(f"the disk of {self.data_dir} filled up while {during}; nothing was changed. "
+                          "Free some space (esmirror archive clear) and publish again", free=free)
+        return MirrorError(f"{during} failed on {exc.filename or self.data_dir}: {exc.strerror}; "
+                           "nothing was changed")
+
+    def _record(self, request: CommitRequest, new: Manifest, archive_id: str | None) -> None:
+        write_json(self.state_path, {
+            "generation": request.generation, "master": request.master, "digest": new.digest,
+            "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "archive_id": archive_id, "applied": new.to_list(),
+        })
+
+    def _new_archive_id(self, generation: int) -> str:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        return f"{stamp}Z-g{generation}-{uuid.uuid4().hex[:6]}"
+
+    # --- archive ------------------------------------------------------------------
+    def archives(self) -> list[dict[str, Any]]:
+        """Archive entries, oldest first, each with its size on disk."""
+        entries = []
+        if self.archive_dir.is_dir():
+            for child in sorted(self.archive_dir.iterdir()):
+                meta = read_json(child / "archive.json") if child.is_dir() else None
+                if not meta:
+                    continue
+                size = sum(f.stat().st_size for f in (child / "files").rglob("*") if f.is_file())
+                entries.append({k: meta.get(k) for k in
+                                ("id", "created", "generation", "replaced_generation", "master", "files")}
+                               | {"bytes": size})
+        return entries
+
+    def prune_archive(self, keep: int) -> list[str]:
+        return self.clear_archive(keep=keep)
+
+    def clear_archive(self, keep: int | None = None, older_than_days: float | None = None,
+                      everything: bool = False) -> list[str]:
+        """Remove archive entries beyond the newest ``keep`` and/or older than the given age."""
+        entries = self.archives()
+        now = dt.datetime.now(dt.timezone.utc)
+        removed = []
+        for index, entry in enumerate(reversed(entries)):  # newest first
+            beyond = everything or keep is None or index >= keep
+            if older_than_days is not None and not everything:
+                created = dt.datetime.fromisoformat(entry["created"])
+                beyond = beyond and (now - created).total_seconds() > older_than_days * 86400
+            if beyond and (keep is not None or older_than_days is not None or everything):
+                shutil.rmtree(self.archive_dir / entry["id"], ignore_errors=True)
+                removed.append(entry["id"])
+        return sorted(removed)
+
+    def release(self) -> str | None:
+        """Forget the owning master (an admin's decision on this secondary)."""
+        with self.lock():
+            state = self.state()
+            owner = state.get("master")
+            if owner:
+                state["master"] = None
+                write_json(self.state_path, state)
+            return owner

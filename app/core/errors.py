@@ -1,0 +1,88 @@
+"""One error hierarchy for both sides.
+
+Every error carries what a person needs to act (file, line, host, address) in
+its message; ``status`` is the HTTP status the receiver answers with and
+``exit_code`` the CLI's. The mapping lives here once so views and commands
+never decide it themselves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class MirrorError(Exception):
+    """Base of every error esmirror reports to a person."""
+
+    status = 500
+    exit_code = 1
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.message, **self.details}
+
+
+class ConfigError(MirrorError):
+    """A settings file, iserv-cfg.xml or command line is wrong (exit 2)."""
+
+    status = 500
+    exit_code = 2
+
+
+class BadRequest(MirrorError):
+    status = 400
+
+
+class Unauthorized(MirrorError):
+    status = 401
+
+
+class Forbidden(MirrorError):
+    status = 403
+
+
+class NotFound(MirrorError):
+    status = 404
+
+
+class Conflict(MirrorError):
+    """Base mismatch, foreign master, stale generation, missing blobs."""
+
+    status = 409
+
+
+class LengthRequired(MirrorError):
+    status = 411
+
+
+class TooLarge(MirrorError):
+    status = 413
+
+
+class InvalidSet(MirrorError):
+    """The set would break Express Server: unsafe path, bad catalogs.xml."""
+
+    status = 422
+
+    def __init__(self, message: str, reasons: list[str] | None = None, **details: Any) -> None:
+        super().__init__(message, reasons=list(reasons or []), **details)
+        self.reasons = list(reasons or [])
+
+
+class ReloadFailed(MirrorError):
+    status = 502
+
+
+class NoRoom(MirrorError):
+    status = 507
+
+
+class RemoteError(MirrorError):
+    """A secondary could not be reached or answered with an error (agent side)."""
+
+    def __init__(self, message: str, status: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.http_status = status

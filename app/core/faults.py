@@ -1,0 +1,28 @@
+"""Deterministic crash points for the fault-injection tests.
+
+``ESMIRROR_CRASH_AT=name:N`` kills this process with SIGKILL the N-th time the
+code passes the point ``name``. Unset (always, outside tests) it costs one dict
+lookup.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get("ESMIRROR_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        hit = _counts[name] == int(nth or 1)
+    if hit:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))

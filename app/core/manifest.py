@@ -1,0 +1,294 @@
+"""The configuration set as data: safe paths, scanning with a hash cache, digest, diff.
+
+A manifest maps each relative ``/``-separated path to its SHA-256 and size.
+Both sides compute it the same way, so the set digest (SPEC §2) agrees.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import BadRequest, InvalidSet
+
+RESERVED_TOP = ("archive", ".esmirror")  # never part of the set, on any side
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul",
+                     *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10)),
+                     "com¹", "com²", "com³", "lpt¹", "lpt²", "lpt³"}
+_FORBIDDEN_CHARS = set('<>:"|?*\\')
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 1024
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A file modified this close to a scan may change again within the filesystem's
+# timestamp granularity without its mtime moving: never trust the cache for it.
+RACY_SECONDS = 2.0
+
+
+def path_problem(path: Any) -> str | None:
+    """Why ``path`` may not be in a set (SPEC §2), or ``None`` when it is safe."""
+    if not isinstance(path, str):
+        return "a path must be a string"
+    if not path:
+        return "empty path"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"longer than {MAX_PATH_BYTES} bytes"
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        return "absolute paths and drive letters are not allowed"
+    for char in path:
+        if ord(char) < 32 or ord(char) == 127:
+            return "control characters (NUL included) are not allowed"
+        if char in _FORBIDDEN_CHARS:
+            return ("a backslash is not allowed: separate folders with /" if char == "\\"
+                    else f"the character {char!r} is not allowed (Windows refuses it)")
+    segments = path.split("/")
+    if segments[0].casefold() in RESERVED_TOP:
+        return f"{segments[0]}/ is esmirror's own and never part of the set"
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            return "empty, '.' and '..' segments are not allowed"
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            return f"a name longer than {MAX_SEGMENT_BYTES} bytes"
+        if segment[-1] in ". ":
+            return f"{segment!r} ends in a dot or a space (Windows drops them)"
+        if segment.split(".")[0].strip().casefold() in _WINDOWS_RESERVED:
+            return f"{segment!r} is a reserved name on Windows"
+    return None
+
+
+def collision_key(path: str) -> str:
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass
+class Manifest:
+    """path → :class:`FileEntry`; knows its digest and how it differs from another."""
+
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path in sorted(self.files, key=lambda p: p.encode("utf-8")):
+            entry = self.files[path]
+            h.update(f"{path}\0{entry.sha256}\0{entry.size}\n".encode("utf-8"))
+        return h.hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def hashes(self) -> set[str]:
+        return {e.sha256 for e in self.files.values()}
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"path": p, "sha256": e.sha256, "size": e.size}
+                for p, e in sorted(self.files.items(), key=lambda kv: kv[0].encode("utf-8"))]
+
+    @classmethod
+    def from_list(cls, items: Any) -> "Manifest":
+        """Build from untrusted JSON; every path and hash is checked (SPEC §2)."""
+        if not isinstance(items, list):
+            raise BadRequest("'files' must be a list of {path, sha256, size}")
+        files: dict[str, FileEntry] = {}
+        seen: dict[str, str] = {}
+        reasons: list[str] = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or set(item) - {"path", "sha256", "size"} \
+                    or not {"path", "sha256", "size"} <= set(item):
+                raise BadRequest(f"files[{index}] must be an object with exactly path, sha256, size")
+            path, sha, size = item["path"], item["sha256"], item["size"]
+            if not isinstance(sha, str) or not SHA256_RE.match(sha):
+                raise BadRequest(f"files[{index}]: sha256 must be 64 lowercase hex digits")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"files[{index}]: size must be a whole number of bytes, 0 or more")
+            problem = path_problem(path)
+            if problem:
+                reasons.append(f"{path!r}: {problem}")
+                continue
+            key = collision_key(path)
+            if key in seen:
+                reasons.append(f"{path!r} and {seen[key]!r} are the same file on Windows/macOS "
+                               "(they differ only by case or Unicode form)")
+                continue
+            seen[key] = path
+            files[path] = FileEntry(sha, size)
+        if reasons:
+            raise InvalidSet("the set has unsafe paths; nothing was changed", reasons)
+        return cls(files)
+
+
+@dataclass
+class Diff:
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+
+def diff(old: Manifest, new: Manifest) -> Diff:
+    """What turns ``old`` into ``new``."""
+    added = sorted(p for p in new.files if p not in old.files)
+    changed = sorted(p for p in new.files if p in old.files and new.files[p] != old.files[p])
+    removed = sorted(p for p in old.files if p not in new.files)
+    return Diff(added, changed, removed)
+
+
+# --- globs (include/exclude) -------------------------------------------------
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """``**`` spans folders, ``*`` and ``?`` stay within one name."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("^" + "".join(out) + "$")
+
+
+def matches_any(path: str, patterns: Iterable[re.Pattern[str]]) -> bool:
+    return any(p.match(path) for p in patterns)
+
+
+# --- hashing and scanning ------------------------------------------------------
+
+def hash_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class HashCache:
+    """SHA-256 of files keyed by (size, mtime_ns, ctime_ns, inode): an unchanged file is not re-read."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, list[Any]] = {}
+        self.dirty = False
+        if path is not None:
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self.entries = loaded
+            except (OSError, ValueError):
+                pass  # a lost or torn cache only costs a re-read
+
+    def sha256(self, rel: str, full: Path, st: os.stat_result) -> str:
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        cached = self.entries.get(rel)
+        if cached and cached[:4] == key:
+            return cached[4]
+        sha = hash_file(full)
+        if time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS:
+            self.entries[rel] = key + [sha]
+            self.dirty = True
+        return sha
+
+    def save(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        stale = [k for k in self.entries if k not in keep]
+        for k in stale:
+            del self.entries[k]
+        if self.path is None or not (self.dirty or stale):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+@dataclass
+class ScanResult:
+    manifest: Manifest
+    warnings: list[str]   # skipped symlinks and the like
+    unsafe: list[str]     # "path: why" for files that break SPEC §2
+
+
+def walk_files(data_dir: Path) -> Iterator[tuple[str, Path, os.stat_result | None]]:
+    """Every entry under the working dir except archive/ and .esmirror/ (no symlinks followed).
+
+    Yields (relative path, full path, stat) for regular files; stat is None for
+    symlinks and other non-regular entries, which are not part of a set.
+    """
+    stack = [(data_dir, "")]
+    while stack:
+        folder, rel_folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            rel = f"{rel_folder}{entry.name}"
+            if not rel_folder and entry.name.casefold() in RESERVED_TOP:
+                continue
+            if entry.is_symlink():
+                yield rel, Path(entry.path), None
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), rel + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                yield rel, Path(entry.path), entry.stat(follow_symlinks=False)
+            else:
+                yield rel, Path(entry.path), None
+
+
+def scan(data_dir: Path, cache: HashCache | None = None,
+         include: Iterable[str] = ("**",), exclude: Iterable[str] = ()) -> ScanResult:
+    """The configuration set now in ``data_dir``."""
+    cache = cache or HashCache(None)
+    inc = [glob_to_regex(g) for g in include]
+    exc = [glob_to_regex(g) for g in exclude]
+    files: dict[str, FileEntry] = {}
+    warnings: list[str] = []
+    unsafe: list[str] = []
+    seen: dict[str, str] = {}
+    for rel, full, st in walk_files(data_dir):
+        if not matches_any(rel, inc) or matches_any(rel, exc):
+            continue
+        if st is None or not stat.S_ISREG(st.st_mode):
+            warnings.append(f"{rel}: skipped, not a regular file (symlinks are never mirrored)")
+            continue
+        problem = path_problem(rel)
+        key = collision_key(rel)
+        if problem is None and key in seen:
+            problem = f"same name as {seen[key]!r} on Windows (differs only by case or Unicode form)"
+        if problem:
+            unsafe.append(f"{rel}: {problem}")
+            continue
+        seen[key] = rel
+        try:
+            files[rel] = FileEntry(cache.sha256(rel, full, st), st.st_size)
+        except FileNotFoundError:
+            continue  # removed while scanning
+    cache.save(files)
+    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe))

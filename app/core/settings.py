@@ -1,0 +1,211 @@
+"""``ImageServer/etc/esmirror.ini`` → one frozen :class:`Settings`.
+
+Built once per process (file, then command-line overrides) and passed down;
+nothing reads settings at import time.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PREFIX = "/lizardtech/mirror"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``4G`` → 4294967296 (powers of 1024)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M, G or T)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def split_list(text: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Addresses or CIDRs, IPv4 or IPv6; zone ids are refused (they are not portable)."""
+    nets = []
+    for item in split_list(text):
+        if "%" in item:
+            raise ValueError(f"{item!r}: zone ids (%eth0) are not accepted; give the address alone")
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IPv4/IPv6 address or CIDR") from None
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of esmirror.ini, with the defaults of SPEC §3."""
+
+    install_dir: Path
+    allow_push: tuple[Network, ...] = ()
+    allow_admin: tuple[Network, ...] = field(
+        default_factory=lambda: parse_networks("127.0.0.1 ::1"))
+    trusted_proxies: tuple[Network, ...] = ()
+    prefix: str = DEFAULT_PREFIX
+    express_version: str = ""
+    reload_command: str = ""
+    reload_timeout: float = 120.0
+    shared_secret_file: str = ""
+    archive_keep: int = 20
+    max_upload_bytes: int = 4 * 1024**3
+    include: tuple[str, ...] = ("**",)
+    exclude: tuple[str, ...] = ()
+    source: str = ""  # the ini file these came from, for messages
+
+    # --- install layout (SPEC §1) ---------------------------------------
+    @property
+    def image_server(self) -> Path:
+        return self.install_dir / "ImageServer"
+
+    @property
+    def etc_dir(self) -> Path:
+        return self.image_server / "etc"
+
+    @property
+    def data_dir(self) -> Path:
+        """The working directory: the configuration set lives here."""
+        return self.image_server / "var" / "data"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / ".esmirror"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def iserv_cfg(self) -> Path:
+        return self.etc_dir / "iserv-cfg.xml"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.etc_dir / "ca-bundle.crt"
+
+    @property
+    def env_sh(self) -> Path:
+        return self.etc_dir / "env.sh"
+
+    @property
+    def ini_path(self) -> Path:
+        return self.etc_dir / "esmirror.ini"
+
+    def reload_argv(self) -> list[str]:
+        return shlex.split(self.reload_command, posix=os.name != "nt")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_prefix(text: str) -> str:
+    prefix = "/" + text.strip().strip("/")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", prefix):
+        raise ValueError(f"{text!r} is not a URL path like /lizardtech/mirror")
+    return prefix
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+_PARSERS: dict[str, Any] = {
+    "allow_push": parse_networks,
+    "allow_admin": parse_networks,
+    "trusted_proxies": parse_networks,
+    "prefix": _parse_prefix,
+    "express_version": str.strip,
+    "reload_command": str.strip,
+    "reload_timeout": _parse_float,
+    "shared_secret_file": str.strip,
+    "archive_keep": _parse_int,
+    "max_upload_bytes": parse_size,
+    "include": lambda t: tuple(split_list(t)) or ("**",),
+    "exclude": lambda t: tuple(split_list(t)),
+}
+
+
+def _line_of(text: str, key: str) -> int:
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*[=:]", line, re.IGNORECASE):
+            return number
+    return 0
+
+
+def load_settings(install_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read ``esmirror.ini`` of an install; ``overrides`` (command line) win over the file.
+
+    The install dir comes from the argument, else ``ESMIRROR_INSTALL_DIR``.
+    """
+    chosen = install_dir or os.environ.get("ESMIRROR_INSTALL_DIR")
+    if not chosen:
+        raise ConfigError(
+            "no install dir: pass --install-dir or set ESMIRROR_INSTALL_DIR "
+            "to the folder that holds ImageServer/")
+    root = Path(chosen).expanduser().resolve()
+    if not (root / "ImageServer").is_dir():
+        raise ConfigError(f"{root} has no ImageServer/ folder: is it an Express Server install dir?")
+    values: dict[str, Any] = {}
+    ini = root / "ImageServer" / "etc" / "esmirror.ini"
+    if ini.exists():
+        values.update(_read_ini(ini))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(install_dir=root, source=str(ini), **values)
+
+
+def _read_ini(ini: Path) -> dict[str, Any]:
+    try:
+        text = ini.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{ini}: cannot read: {exc}") from None
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        parser.read_string(text, source=str(ini))
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(f"{ini}:{exc.lineno}: the first line must be the section header [esmirror]") from None
+    except configparser.Error as exc:
+        lineno = getattr(exc, "lineno", None)
+        where = f"{ini}:{lineno}" if lineno else str(ini)
+        raise ConfigError(f"{where}: {exc.message.splitlines()[0]}") from None
+    extra = [s for s in parser.sections() if s != "esmirror"]
+    if extra:
+        raise ConfigError(f"{ini}: unknown section [{extra[0]}]; esmirror reads only [esmirror]")
+    values: dict[str, Any] = {}
+    if not parser.has_section("esmirror"):
+        return values
+    for key, raw in parser.items("esmirror"):
+        line = _line_of(text, key)
+        if key not in _PARSERS:
+            known = ", ".join(sorted(_PARSERS))
+            raise ConfigError(f"{ini}:{line}: unknown key {key!r}; known keys: {known}")
+        try:
+            values[key] = _PARSERS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ini}:{line}: bad value for {key}: {exc}") from None
+    return values

@@ -1,0 +1,190 @@
+"""The receiver's blob store: content addressed by SHA-256, written stream → temp → verify → rename.
+
+Nothing is held in memory: bodies are copied in chunks while being hashed, and a
+blob only gets its final name once its bytes match that name and are durable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import BadRequest, Conflict
+from .manifest import SHA256_RE
+
+CHUNK = 1024 * 1024
+_BATCH_HEADER_RE = re.compile(rb"^([0-9a-f]{64}) (\d{1,20})\n$")
+MAX_BATCH_HEADER = 128
+
+
+def durable_flush(paths: list[Path]) -> None:
+    """Make freshly written files durable with as few flushes as the platform allows."""
+    if not paths:
+        return
+    if hasattr(os, "sync"):
+        os.sync()  # one flush for the whole batch instead of an fsync per file
+        return
+    for path in paths:  # Windows: no sync(); flush each file
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_stream(src: BinaryIO | Callable[[int], bytes], dst: BinaryIO, length: int,
+                hasher: "hashlib._Hash") -> None:
+    """Copy exactly ``length`` bytes, hashing as they pass; a short body is an error."""
+    read = src if callable(src) else src.read
+    remaining = length
+    while remaining:
+        chunk = read(min(CHUNK, remaining))
+        if not chunk:
+            raise BadRequest(f"the body ended {remaining} bytes early (expected {length} bytes)")
+        hasher.update(chunk)
+        dst.write(chunk)
+        remaining -= len(chunk)
+
+
+class BlobStore:
+    """``.esmirror/blobs/<sha256>`` with a ``tmp/`` beside it on the same filesystem."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.blobs = state_dir / "blobs"
+        self.tmp = state_dir / "tmp"
+
+    def path(self, sha: str) -> Path:
+        return self.blobs / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def _tmp_file(self, label: str) -> Path:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return self.tmp / f"{label}.{os.getpid()}.{uuid.uuid4().hex}"
+
+    def _publish(self, tmp: Path, sha: str) -> None:
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, self.path(sha))
+
+    def put(self, sha: str, stream: BinaryIO, length: int) -> int:
+        """Store one blob from a request body of ``length`` bytes."""
+        check_sha(sha)
+        tmp = self._tmp_file(sha[:16])
+        try:
+            with open(tmp, "wb") as out:
+                hasher = hashlib.sha256()
+                copy_stream(stream, out, length, hasher)
+                _verify(hasher, sha, length)
+                out.flush()
+                os.fsync(out.fileno())
+            self._publish(tmp, sha)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return length
+
+    def put_part(self, sha: str, stream: BinaryIO, start: int, length: int, total: int) -> bool:
+        """One part of a blob too large for one request (IIS caps a body at 4 GiB − 1).
+
+        Parts arrive in order; the whole file is verified when the last one lands.
+        Returns True once the blob is complete.
+        """
+        check_sha(sha)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        partial = self.tmp / f"{sha}.partial"
+        have = partial.stat().st_size if partial.exists() else 0
+        if start != have:
+            raise Conflict(f"part starts at byte {start} but {have} bytes of {sha[:12]}… are here; "
+                           f"resend from byte {have}", resume_from=have)
+        if start + length > total:
+            raise BadRequest(f"part ends at byte {start + length}, past the blob size {total}")
+        with open(partial, "ab") as out:
+            copy_stream(stream, out, length, hashlib.sha256())
+        if start + length < total:
+            return False
+        with open(partial, "rb") as fh:
+            hasher = hashlib.file_digest(fh, "sha256")
+        try:
+            _verify(hasher, sha, total)
+        except BadRequest:
+            partial.unlink(missing_ok=True)
+            raise
+        durable_flush([partial])
+        self._publish(partial, sha)
+        return True
+
+    def put_batch(self, stream: BinaryIO, length: int) -> list[str]:
+        """Many small blobs in one body: frames of ``<sha256> <size>\\n<bytes>``.
+
+        All or nothing: blobs get their names only after every frame checked out.
+        """
+        done: list[tuple[Path, str]] = []
+        remaining = length
+        try:
+            while remaining:
+                header = stream.readline(min(MAX_BATCH_HEADER, remaining))
+                remaining -= len(header)
+                match = _BATCH_HEADER_RE.match(header)
+                if not match:
+                    raise BadRequest(
+                        f"blob {len(done) + 1} of the batch: bad frame header; expected "
+                        "'<sha256 hex> <size>\\n' before each blob's bytes")
+                sha, size = match.group(1).decode(), int(match.group(2))
+                if size > remaining:
+                    raise BadRequest(f"blob {sha[:12]}… claims {size} bytes but the body has {remaining} left")
+                tmp = self._tmp_file(sha[:16])
+                done.append((tmp, sha))
+                with open(tmp, "wb") as out:
+                    hasher = hashlib.sha256()
+                    copy_stream(stream, out, size, hasher)
+                    _verify(hasher, sha, size)
+                remaining -= size
+            durable_flush([tmp for tmp, _ in done])
+            for tmp, sha in done:
+                self._publish(tmp, sha)
+        finally:
+            for tmp, _ in done:
+                tmp.unlink(missing_ok=True)
+        return [sha for _, sha in done]
+
+    def clear(self, older_than: float) -> None:
+        """Drop blobs stored before ``older_than`` (after a successful apply they are live files)."""
+        if self.blobs.is_dir():
+            for entry in os.scandir(self.blobs):
+                try:
+                    if entry.stat().st_mtime < older_than:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+    def clear_stale_tmp(self, older_than: float = 6 * 3600) -> None:
+        """Temp files of uploads that died (a kill -9 mid-body) go after a while."""
+        if not self.tmp.is_dir():
+            return
+        limit = time.time() - older_than
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.stat().st_mtime < limit:
+                    if entry.is_dir():
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+def check_sha(sha: str) -> None:
+    if not SHA256_RE.match(sha):
+        raise BadRequest(f"{sha[:80]!r} is not a SHA-256 (64 lowercase hex digits)")
+
+
+def _verify(hasher: "hashlib._Hash", sha: str, size: int) -> None:
+    got = hasher.hexdigest()
+    if got != sha:
+        raise BadRequest(f"blob {sha[:12]}…: the {size} bytes received hash to {got[:12]}…; "
+                         "the data was damaged in transit or the file changed while being sent")

@@ -1,0 +1,124 @@
+"""WSGI middleware: who is calling, and may they use this route class?
+
+Wraps every route of the receiver. The caller is the socket peer unless that
+peer is a trusted proxy; then it is the rightmost ``X-Forwarded-For`` entry
+that is not itself a trusted proxy (SPEC §6). Anything unparsable is refused.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any, Callable, Iterable
+
+from .core.settings import Network, Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PUSH_ROUTES = ("manifest", "blobs", "commit")  # browse is both push and admin
+_PORT_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d+$")
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """An address as proxies write it: ``a.b.c.d``, ``a.b.c.d:port``, ``v6``, ``[v6]:port``.
+
+    IPv4-mapped IPv6 becomes IPv4; zone ids and garbage give None.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    else:
+        match = _PORT_RE.match(text)
+        if match:
+            text = match.group(1)
+    if "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def allowed(address: IPAddress, networks: Iterable[Network]) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def client_address(environ: dict[str, Any], trusted: tuple[Network, ...]) -> IPAddress | None:
+    peer = parse_address(environ.get("REMOTE_ADDR", ""))
+    if peer is None or not trusted or not allowed(peer, trusted):
+        return peer
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+    hops = [h for h in (x.strip() for x in forwarded.split(",")) if h]
+    if not hops:
+        return peer
+    parsed = [parse_address(h) for h in hops]
+    for hop in reversed(parsed):
+        if hop is None:
+            return None
+        if not allowed(hop, trusted):
+            return hop
+    return parsed[0]  # every hop is a trusted proxy: the leftmost
+
+
+def route_class(path_info: str) -> str:
+    """``push``, ``browse`` (push or admin) or ``admin`` (everything else)."""
+    first = path_info.strip("/").split("/", 1)[0]
+    if first == "browse":
+        return "browse"
+    return "push" if first in PUSH_ROUTES else "admin"
+
+
+class IPFilter:
+    def __init__(self, app: Callable[..., Any], settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        s = self.settings
+        address = client_address(environ, s.trusted_proxies)
+        kind = route_class(environ.get("PATH_INFO", ""))
+        if address is not None:
+            environ["esmirror.client"] = str(address)
+            if kind == "push" and allowed(address, s.allow_push):
+                return self.app(environ, start_response)
+            if kind == "admin" and allowed(address, s.allow_admin):
+                return self.app(environ, start_response)
+            if kind == "browse" and (allowed(address, s.allow_push) or allowed(address, s.allow_admin)):
+                return self.app(environ, start_response)
+        setting = {"push": "allow_push", "admin": "allow_admin",
+                   "browse": "allow_push or allow_admin"}[kind]
+        who = str(address) if address else f"unparsable address {environ.get('REMOTE_ADDR', '')!r}"
+        message = (f"address {who} may not use this route; add it to {setting} in {s.ini_path} "
+                   "on this server")
+        body = json.dumps({"error": message, "address": str(address) if address else None}).encode()
+        start_response("403 Forbidden", [("Content-Type", "application/json"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]
+
+
+class PrefixMount:
+    """Serve the app at the prefix whether the server strips it (mod_wsgi, IIS) or not.
+
+    Under ``WSGIScriptAlias /lizardtech/mirror`` the prefix is already in
+    SCRIPT_NAME; under gunicorn/waitress it is still at the head of PATH_INFO.
+    """
+
+    def __init__(self, app: Callable[..., Any], prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix.rstrip("/")
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        script = environ.get("SCRIPT_NAME", "").rstrip("/")
+        path = environ.get("PATH_INFO", "")
+        if script.endswith(self.prefix) and script:
+            return self.app(environ, start_response)
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            environ["SCRIPT_NAME"] = script + self.prefix
+            environ["PATH_INFO"] = path[len(self.prefix):]
+            return self.app(environ, start_response)
+        body = json.dumps({"error": f"not found: esmirror is mounted at {self.prefix}/"}).encode()
+        start_response("404 Not Found", [("Content-Type", "application/json"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]

@@ -1,0 +1,122 @@
+"""Push routes (SPEC §5): browse, manifest, blobs, commit. Thin: parse, call the core, answer."""
+from __future__ import annotations
+
+import re
+import shutil
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from .core import PROTOCOL, __version__
+from .core.apply import ROOM_MARGIN, CommitRequest, WorkingDir
+from .core.catalogs import CATALOGS_XML, validate_catalogs_file
+from .core.errors import BadRequest, LengthRequired, NoRoom, TooLarge
+from .core.express import express_version, platform_tag
+from .core.settings import Settings
+
+bp = Blueprint("peer", __name__)
+MAX_COMMIT_BYTES = 256 * 1024 * 1024  # a manifest of a few million files
+_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+
+
+def _settings() -> Settings:
+    return current_app.config["SETTINGS"]
+
+
+def _workdir() -> WorkingDir:
+    return current_app.extensions["esmirror.workdir"]
+
+
+def _body_length(limit: int) -> int:
+    """The declared body length, refused before a byte is read when too large."""
+    length = request.content_length
+    if length is None:
+        raise LengthRequired("send a Content-Length header; chunked bodies are not accepted")
+    if length > limit:
+        raise TooLarge(f"body of {length} bytes is over this server's limit of {limit} bytes "
+                       "(max_upload_bytes)", limit=limit)
+    return length
+
+
+def _room_for(length: int) -> None:
+    workdir = _workdir()
+    workdir.state_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir.state_dir).free
+    if length + ROOM_MARGIN > free:
+        raise NoRoom(f"{length} bytes will not fit: {free} bytes free on {workdir.data_dir}; "
+                     "free some space (esmirror archive clear) and publish again",
+                     needed=length, free=free)
+
+
+def identity() -> dict[str, Any]:
+    settings, workdir = _settings(), _workdir()
+    state = workdir.state()
+    current = workdir.scan()
+    warnings = list(current.warnings)
+    catalogs = settings.data_dir / CATALOGS_XML
+    if catalogs.is_file():
+        warnings += validate_catalogs_file(catalogs).unreadable_paths()
+    return {
+        "esmirror_version": __version__,
+        "protocol": PROTOCOL,
+        "express_version": express_version(settings),
+        "platform": platform_tag(),
+        "generation": state.get("generation"),
+        "digest": current.manifest.digest,
+        "master": state.get("master"),
+        "self": workdir.self_id,
+        "drift": bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
+        "warnings": warnings,
+        "max_upload_bytes": settings.max_upload_bytes,
+    }
+
+
+@bp.get("/browse")
+def browse():  # type: ignore[no-untyped-def]
+    return jsonify(identity())
+
+
+@bp.get("/manifest")
+def manifest():  # type: ignore[no-untyped-def]
+    workdir = _workdir()
+    current = workdir.scan().manifest
+    return jsonify({"generation": workdir.state().get("generation"), "digest": current.digest,
+                    "files": current.to_list()})
+
+
+@bp.put("/blobs/<sha>")
+def put_blob(sha: str):  # type: ignore[no-untyped-def]
+    length = _body_length(_settings().max_upload_bytes)
+    content_range = request.headers.get("Content-Range")
+    store = _workdir().store
+    if content_range is None:
+        _room_for(length)
+        store.put(sha, request.stream, length)
+        return jsonify({"sha256": sha, "size": length, "complete": True}), 201
+    match = _RANGE_RE.match(content_range)
+    if not match:
+        raise BadRequest("Content-Range must be 'bytes START-END/TOTAL'")
+    start, end, total = map(int, match.groups())
+    if end - start + 1 != length:
+        raise BadRequest(f"Content-Range covers {end - start + 1} bytes but the body has {length}")
+    _room_for(total - start)
+    complete = store.put_part(sha, request.stream, start, length, total)
+    return jsonify({"sha256": sha, "received": end + 1, "complete": complete}), 201 if complete else 202
+
+
+@bp.post("/blobs")
+def post_blobs():  # type: ignore[no-untyped-def]
+    length = _body_length(_settings().max_upload_bytes)
+    _room_for(length)
+    stored = _workdir().store.put_batch(request.stream, length)
+    return jsonify({"stored": stored}), 201
+
+
+@bp.post("/commit")
+def commit():  # type: ignore[no-untyped-def]
+    length = _body_length(min(MAX_COMMIT_BYTES, _settings().max_upload_bytes))
+    data = request.get_json(force=True, silent=True) if length else None
+    if data is None:
+        raise BadRequest("the commit body is not JSON; send {generation, master, base, files}")
+    result = _workdir().commit(CommitRequest.from_json(data))
+    return jsonify(result.to_json())
