@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     errors.register(app)
     with workdir.lock():
         note = workdir.recover()
+        workdir.self_id  # created now, so that reading routes never write
     if note:
         log.warning("%s: %s", settings.data_dir, note)
     app.wsgi_app = IPFilter(app.wsgi_app, settings)  # type: ignore[method-assign]

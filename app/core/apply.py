@@ -348,16 +348,19 @@ class WorkingDir:
                 raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
                                    f"{output.strip()}", output=output)
             archived = change.changed + change.removed
-            write_json(self.archive_dir / archive_id / "archive.json", {
-                "id": archive_id,
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "replaced_generation": state.get("generation"),
-                "generation": request.generation,
-                "master": request.master,
-                "files": sorted(archived),
-                "previous": current.to_list(),
-                "previous_digest": current.digest,
-            })
+            if not archived:
+                archive_id = None
+            else:
+                write_json(self.archive_dir / archive_id / "archive.json", {
+                    "id": archive_id,
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "replaced_generation": state.get("generation"),
+                    "generation": request.generation,
+                    "master": request.master,
+                    "files": sorted(archived),
+                    "previous": current.to_list(),
+                    "previous_digest": current.digest,
+                })
             crash_point("archived")
             self._record(request, new, archive_id)
         except BaseException as exc:

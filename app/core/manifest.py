@@ -209,7 +209,7 @@ class HashCache:
         if cached and cached[:4] == key:
             return cached[4]
         sha = hash_file(full)
-        if time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS:
+        if time.time() - st.st_mtime > RACY_SECONDS:
             self.entries[rel] = key + [sha]
             self.dirty = True
         return sha

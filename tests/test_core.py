@@ -1,0 +1,182 @@
+"""The config-set core without servers: paths, manifest, digest, cache, settings, Mirrors."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from app.core.catalogs import validate_catalogs
+from app.core.errors import ConfigError, InvalidSet
+from app.core.express import read_mirrors
+from app.core.manifest import HashCache, Manifest, diff, path_problem, scan
+from app.core.settings import load_settings, parse_size
+
+SHA = "a" * 64
+
+
+@pytest.mark.parametrize("path", [
+    "catalogs.xml", "indexes/a.idx", "a/b/c/d.ovr", "ünïcode/naïve.idx", ".hidden",
+    "console/x", "aux1.txt", "com10", "x" * 255,
+])
+def test_safe_paths_pass(path):
+    assert path_problem(path) is None
+
+
+@pytest.mark.parametrize("path,why", [
+    ("", "empty"), ("/etc/passwd", "absolute"), ("C:/x", "drive"), ("a/../b", "'..'"),
+    ("./a", "'.'"), ("a//b", "empty"), ("a\\b", "backslash"), ("a\0b", "control"),
+    ("a\nb", "control"), ("ab:c", "':'"), ("a|b", "'|'"), ("a?b", "'?'"), ("a*b", "'*'"),
+    ('a"b', "'\"'"), ("a<b", "'<'"), ("CON", "reserved"), ("nul.txt", "reserved"),
+    ("dir/COM1.idx", "reserved"), ("lpt9", "reserved"), ("a.", "dot or a space"),
+    ("a ", "dot or a space"), ("archive/x", "esmirror's own"), (".esmirror/state.json", "esmirror's own"),
+    ("Archive/x", "esmirror's own"), ("x" * 256, "255"), ("/".join(["d" * 200] * 6), "1024"),
+])
+def test_unsafe_paths_are_named(path, why):
+    problem = path_problem(path)
+    assert problem is not None and why in problem
+
+
+def test_case_and_unicode_collisions_are_refused():
+    with pytest.raises(InvalidSet) as info:
+        Manifest.from_list([{"path": "A.idx", "sha256": SHA, "size": 1},
+                            {"path": "a.idx", "sha256": SHA, "size": 1}])
+    assert "differ only by case" in info.value.reasons[0]
+    with pytest.raises(InvalidSet):
+        Manifest.from_list([{"path": "caf\u00e9", "sha256": SHA, "size": 1},
+                            {"path": "cafe\u0301", "sha256": SHA, "size": 1}])
+
+
+def test_digest_is_the_spec_formula_and_order_free():
+    files = [{"path": "b", "sha256": SHA, "size": 3}, {"path": "a", "sha256": "b" * 64, "size": 1}]
+    expected = hashlib.sha256(f"a\0{'b' * 64}\0{1}\nb\0{SHA}\0{3}\n".encode()).hexdigest()
+    assert Manifest.from_list(files).digest == expected
+    assert Manifest.from_list(files[::-1]).digest == expected
+
+
+def test_diff_add_change_remove():
+    old = Manifest.from_list([{"path": "a", "sha256": SHA, "size": 1},
+                              {"path": "b", "sha256": SHA, "size": 1}])
+    new = Manifest.from_list([{"path": "a", "sha256": "b" * 64, "size": 1},
+                              {"path": "c", "sha256": SHA, "size": 1}])
+    d = diff(old, new)
+    assert (d.added, d.changed, d.removed) == (["c"], ["a"], ["b"])
+
+
+def test_scan_skips_archive_state_and_symlinks(tmp_path):
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "old").write_text("x")
+    (tmp_path / ".esmirror").mkdir()
+    (tmp_path / ".esmirror" / "state.json").write_text("{}")
+    (tmp_path / "catalogs.xml").write_text("<CatalogConfig/>")
+    os.symlink(tmp_path / "catalogs.xml", tmp_path / "link.xml")
+    result = scan(tmp_path)
+    assert list(result.manifest.files) == ["catalogs.xml"]
+    assert any("link.xml" in w and "symlink" in w for w in result.warnings)
+
+
+def test_scan_include_exclude(tmp_path):
+    (tmp_path / "idx").mkdir()
+    for name in ("catalogs.xml", "idx/a.idx", "idx/a.tmp", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    result = scan(tmp_path, include=["catalogs.xml", "idx/**"], exclude=["**/*.tmp"])
+    assert sorted(result.manifest.files) == ["catalogs.xml", "idx/a.idx"]
+
+
+def test_hash_cache_skips_unchanged_files_and_catches_same_size_edits(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    f = data / "big.idx"
+    f.write_bytes(b"A" * 1000)
+    old = time.time() - 60
+    os.utime(f, (old, old))
+    cache_path = tmp_path / "cache.json"
+    first = scan(data, HashCache(cache_path)).manifest
+    # a cached entry is trusted: prove it by poisoning the cache's hash
+    cache = HashCache(cache_path)
+    cache.entries["big.idx"][4] = "f" * 64
+    cache.dirty = True
+    cache.save(["big.idx"])
+    assert scan(data, HashCache(cache_path)).manifest.files["big.idx"].sha256 == "f" * 64
+    # the same size, rewritten: the cache key moves, so the file is read again
+    f.write_bytes(b"B" * 1000)
+    third = scan(data, HashCache(cache_path)).manifest
+    assert third.files["big.idx"].sha256 == hashlib.sha256(b"B" * 1000).hexdigest()
+    assert third.files["big.idx"].sha256 != first.files["big.idx"].sha256
+
+
+def write_ini(tmp_path, text):
+    etc = tmp_path / "ImageServer" / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "esmirror.ini").write_text(text)
+    return tmp_path
+
+
+def test_settings_defaults_and_values(tmp_path):
+    s = load_settings(write_ini(tmp_path, "[esmirror]\nallow_push = 10.0.0.0/8, ::1\n"
+                                          "max_upload_bytes = 2G\narchive_keep = 3\n"))
+    assert [str(n) for n in s.allow_push] == ["10.0.0.0/8", "::1/128"]
+    assert s.max_upload_bytes == 2 * 1024**3 and s.archive_keep == 3
+    assert [str(n) for n in s.allow_admin] == ["127.0.0.1/32", "::1/128"]
+    assert s.prefix == "/lizardtech/mirror"
+    assert parse_size("512K") == 524288
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[esmirror]\nallow_pushh = 1.2.3.4\n", ":2: unknown key 'allow_pushh'"),
+    ("[esmirror]\n\narchive_keep = many\n", ":3: bad value for archive_keep"),
+    ("[esmirror]\nallow_push = 300.1.1.1\n", ":2: bad value for allow_push"),
+    ("[esmirror]\nallow_push = fe80::1%eth0\n", "zone ids"),
+    ("allow_push = 1.2.3.4\n", ":1: the first line must be the section header"),
+    ("[esmirror]\nprefix = /a b\n", "bad value for prefix"),
+    ("[other]\nx = 1\n", "unknown section [other]"),
+])
+def test_settings_errors_name_file_and_line(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_ini(tmp_path, text))
+    assert "esmirror.ini" in info.value.message and needle in info.value.message
+    assert info.value.exit_code == 2
+
+
+def iserv(tmp_path, body):
+    path = tmp_path / "iserv-cfg.xml"
+    path.write_text(f'<?xml version="1.0"?>\n<ImageServer>\n<ImageManager/>\n{body}\n</ImageServer>\n')
+    return path
+
+
+def test_mirrors_defaults_and_both_spellings(tmp_path):
+    path = iserv(tmp_path, '<Mirrors>\n<Secondary host="es2" port="8080" ssl="noverify"/>\n'
+                           '<Secondary host="es3" sslstrictness="strict"/>\n<Secondary host="es4"/>\n'
+                           '</Mirrors>')
+    got = [(s.host, s.port, s.ssl) for s in read_mirrors(path)]
+    assert got == [("es2", 8080, "noverify"), ("es3", 80, "strict"), ("es4", 80, "none")]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('<Mirrors>\n<Secondary host="a" ssl="none" sslstrictness="strict"/>\n</Mirrors>', ":5: ssl="),
+    ('<Mirrors>\n<Secondary port="80"/>\n</Mirrors>', ':5: <Secondary> needs host'),
+    ('<Mirrors>\n<Secondary host="a" port="http"/>\n</Mirrors>', ":5: port='http'"),
+    ('<Mirrors>\n<Secondary host="a" ssl="tls"/>\n</Mirrors>', ":5: TLS mode 'tls'"),
+    ('<Mirrors>\n<Secondary host="a"/>', "not readable XML"),
+])
+def test_mirrors_errors_name_file_and_line(tmp_path, body, needle):
+    with pytest.raises(ConfigError) as info:
+        read_mirrors(iserv(tmp_path, body))
+    assert "iserv-cfg.xml" in info.value.message and needle in info.value.message
+
+
+def test_catalogs_validation_reasons_have_lines():
+    good = b'<CatalogConfig><Catalog name="a"><Path>/x</Path><Watermark/></Catalog></CatalogConfig>'
+    assert validate_catalogs(good).problems == []
+    bad = (b'<CatalogConfig>\n<Catalog name="a b"><Path>/x</Path></Catalog>\n'
+           b'<Catalog name="c"/>\n<MultiCatalog name="m"><SubCatalog name="zz"/></MultiCatalog>\n'
+           b'</CatalogConfig>')
+    problems = validate_catalogs(bad).problems
+    assert any(":2:" in p and "'a b'" in p for p in problems)
+    assert any(":3:" in p and "no <Path>" in p for p in problems)
+    assert any(":4:" in p and "'zz'" in p for p in problems)
+    assert "root element" in validate_catalogs(b"<Other/>").problems[0]
+    assert "DOCTYPE" in validate_catalogs(
+        b'<!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]><CatalogConfig>&x;</CatalogConfig>'
+    ).problems[0]

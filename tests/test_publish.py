@@ -1,0 +1,135 @@
+"""Issue 2 end to end: a master publishes to secondaries on real waitress and gunicorn servers."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import VERSION, esmirror, session_from, set_files, tree
+
+SERVERS = ["waitress", "gunicorn"]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_first_publish_then_change_add_delete_then_noop(fleet, server):
+    f = fleet(2, server=server)
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["ok"] is True
+    assert [s["state"] for s in report["secondaries"]] == ["in-sync", "in-sync"]
+    master_set = set_files(f.master.data_dir)
+    assert len(master_set) == 8
+    for s in f.secondaries:
+        assert set_files(s.data_dir) == master_set  # byte-identical, nothing else
+        assert not (s.data_dir / "archive").exists() or not any((s.data_dir / "archive").iterdir())
+
+    data = f.master.data_dir
+    old_changed = (data / "indexes" / "tile-1.idx").read_bytes()
+    old_deleted = (data / "overviews" / "basemap.ovr").read_bytes()
+    (data / "indexes" / "tile-1.idx").write_bytes(b"new index content")
+    (data / "indexes" / "added.idx").write_bytes(b"an added index")
+    (data / "overviews" / "basemap.ovr").unlink()
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    master_set = set_files(data)
+    for s in f.secondaries:
+        assert set_files(s.data_dir) == master_set
+        assert not (s.data_dir / "overviews").exists()  # left empty → removed
+        archived = [p for p in (s.data_dir / "archive").rglob("*") if p.is_file()]
+        by_name = {p.name: p.read_bytes() for p in archived}
+        assert by_name["tile-1.idx"] == old_changed
+        assert by_name["basemap.ovr"] == old_deleted
+
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    for s in report["secondaries"]:
+        assert s["state"] == "in-sync"
+        assert s["bytes_sent"] == 0 and s["files_sent"] == 0
+
+
+def test_one_secondary_down_fails_only_that_one(fleet):
+    f = fleet(2)
+    f.receivers[1].stop()
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    first, second = report["secondaries"]
+    assert first["state"] == "in-sync"
+    assert second["state"] == "unreachable"
+    assert f"127.0.0.1:{f.receivers[1].port}" in second["error"]
+    assert "connection refused" in second["error"]
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    assert set_files(f.secondaries[1].data_dir) == {}
+
+
+def test_secondary_with_other_express_version_is_refused_and_untouched(fleet):
+    f = fleet(2, start=False)
+    ini = f.secondaries[1].etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text().replace(VERSION, "9.5.2"))
+    for r in f.receivers:
+        r.start()
+    before = tree(f.secondaries[1].data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    bad = report["secondaries"][1]
+    assert bad["state"] == "refused"
+    assert "9.5.2" in bad["error"] and VERSION in bad["error"]
+    assert tree(f.secondaries[1].data_dir) == before
+    assert report["secondaries"][0]["state"] == "in-sync"
+
+
+def test_stranger_gets_403_on_every_push_endpoint(fleet):
+    f = fleet(1)
+    rc, _, out = f.publish()
+    assert rc == 0, out
+    secondary = f.secondaries[0]
+    before = tree(secondary.data_dir)
+    url = f.receivers[0].url
+    stranger = session_from("127.0.0.2")
+    sha = "0" * 64
+    calls = [("GET", "browse", None), ("GET", "manifest", None),
+             ("PUT", f"blobs/{sha}", b"x"), ("POST", "blobs", f"{sha} 1\nx".encode()),
+             ("POST", "commit", b'{"generation": 9, "master": "x", "base": "", "files": []}')]
+    for method, route, body in calls:
+        answer = stranger.request(method, f"{url}/{route}", data=body, timeout=10)
+        assert answer.status_code == 403, (route, answer.text)
+        assert "127.0.0.2" in answer.json()["error"]
+        assert "allow_push" in answer.json()["error"]
+    assert tree(secondary.data_dir) == before
+    # the same routes from the allowed address work: the refusal was about the address
+    assert session_from("127.0.0.1").get(f"{url}/browse", timeout=10).status_code == 200
+
+
+def test_dry_run_sends_nothing(fleet):
+    f = fleet(1)
+    rc, report, out = f.publish("--dry-run")
+    assert rc == 0, out
+    assert report["secondaries"][0]["state"] == "dry-run"
+    assert report["secondaries"][0]["files_sent"] == 8
+    assert set_files(f.secondaries[0].data_dir) == {}
+
+
+def test_full_resends_every_byte(fleet):
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    rc, report, out = f.publish("--full")
+    assert rc == 0, out
+    total = sum(os.path.getsize(f.master.data_dir / p) for p in set_files(f.master.data_dir))
+    assert report["secondaries"][0]["bytes_sent"] == total
+
+
+def test_secondary_option_limits_the_push(fleet):
+    f = fleet(2)
+    rc, report, out = f.publish("--secondary", f"127.0.0.1:{f.receivers[1].port}")
+    assert rc == 0, out
+    assert len(report["secondaries"]) == 1
+    assert set_files(f.secondaries[0].data_dir) == {}
+    assert set_files(f.secondaries[1].data_dir) == set_files(f.master.data_dir)
+    rc, _, out = f.publish("--secondary", "elsewhere.example:80")
+    assert rc == 2 and "not in the Mirrors list" in out
+
+
+def test_demo_exits_0_and_shows_both_in_sync():
+    rc, _, out = esmirror("demo", timeout=180)
+    assert rc == 0, out
+    assert out.count("identical to the master") == 2
+    assert "both secondaries in sync" in out
