@@ -16,6 +16,7 @@ from .client import SecondaryClient
 SMALL_FILE = 1024 * 1024          # files up to this size travel in batches
 BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
 BATCH_FILES = 2000
+FRAME_HEADER = 64 + 1 + 20 + 1    # "<sha256> <size>\n" at most
 MAX_PART = 4 * 1024**3 - 1        # IIS refuses a larger body
 UPLOAD_THREADS = 4
 COMMIT_TRIES = 3
@@ -152,19 +153,22 @@ def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:
 def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,
             result: PushResult, progress: Callable[[int], None] | None) -> None:
     """Small files in batches, large ones streamed one by one; a few requests at a time."""
+    batch_limit = min(BATCH_BYTES, part_size)  # no body may exceed what the secondary accepts
     smalls, larges = [], []
     for sha, path in sorted(todo.items(), key=lambda kv: kv[1]):
         size = local.manifest.files[path].size
-        (smalls if size <= SMALL_FILE else larges).append((sha, local.path(path), size))
+        small = size <= SMALL_FILE and size + FRAME_HEADER <= batch_limit
+        (smalls if small else larges).append((sha, local.path(path), size))
     batches: list[list[tuple[str, Path, int]]] = []
     current: list[tuple[str, Path, int]] = []
     current_bytes = 0
     for item in smalls:
-        if current and (current_bytes + item[2] > BATCH_BYTES or len(current) >= BATCH_FILES):
+        cost = item[2] + FRAME_HEADER
+        if current and (current_bytes + cost > batch_limit or len(current) >= BATCH_FILES):
             batches.append(current)
             current, current_bytes = [], 0
         current.append(item)
-        current_bytes += item[2]
+        current_bytes += cost
     if current:
         batches.append(current)
 

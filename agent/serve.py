@@ -27,8 +27,11 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
     if server == "waitress":
         import waitress
 
+        # waitress refuses a body of exactly its limit; one byte more leaves the
+        # limit to the app, which answers 413 with a JSON message naming it
+
         waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
-                       max_request_body_size=settings.max_upload_bytes, channel_timeout=600)
+                       max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600)
         return
     from gunicorn.app.base import BaseApplication
 

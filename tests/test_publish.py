@@ -133,3 +133,14 @@ def test_demo_exits_0_and_shows_both_in_sync():
     assert rc == 0, out
     assert out.count("identical to the master") == 2
     assert "both secondaries in sync" in out
+
+
+def test_bodies_never_exceed_the_secondary_limit_large_files_go_in_parts(fleet):
+    # max_upload_bytes stands in for IIS's 4 GiB − 1 cap: a 3 MiB index must travel in parts
+    f = fleet(1, secondary_ini={"max_upload_bytes": "1M"})
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    big = f.master.data_dir / "indexes" / "orthos-2024.idx"
+    assert big.stat().st_size > 1024 * 1024
+    assert report["secondaries"][0]["files_sent"] == 8
