@@ -31,7 +31,10 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # limit to the app, which answers 413 with a JSON message naming it
 
         waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
-                       max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600)
+                       max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600,
+                       # waitress would drop X-Forwarded-For from untrusted peers itself; the
+                       # app's own trusted_proxies logic decides who the caller is.
+                       trusted_proxy=None, clear_untrusted_proxy_headers=False)
         return
     from gunicorn.app.base import BaseApplication
 
@@ -39,6 +42,8 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers, "worker_class": "gthread", "threads": 4, "timeout": 600,
         "graceful_timeout": 10, "certfile": certfile, "keyfile": keyfile,
+        # gunicorn never rewrites REMOTE_ADDR from X-Forwarded-For; trusting no peer for its
+        # scheme headers leaves the caller's address to the app's trusted_proxies.
         "forwarded_allow_ips": "", "loglevel": "warning",
     }
 

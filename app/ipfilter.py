@@ -25,7 +25,9 @@ def parse_address(text: str) -> IPAddress | None:
     """
     text = text.strip()
     if text.startswith("["):
-        text = text[1:].split("]", 1)[0]
+        text, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not re.fullmatch(r":\d{1,5}", rest)):
+            return None  # "[v6]" or "[v6]:port" and nothing else
     else:
         match = _PORT_RE.match(text)
         if match:
