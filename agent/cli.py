@@ -187,6 +187,26 @@ def archive_clear(install_dir: str | None, keep: int | None, older_than: float |
     click.echo(f"removed {len(removed)} archive entr{'y' if len(removed) == 1 else 'ies'}")
 
 
+@archive.command("restore")
+@install_dir_option
+@click.argument("archive_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> None:
+    """Make the set exactly what it was just before the apply that created ID."""
+    from app.core.apply import WorkingDir
+
+    result = WorkingDir(settings_from(install_dir)).restore(archive_id)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(f"restored the set as it was before {archive_id}: {result.added} added, "
+               f"{result.changed} changed, {result.removed} removed"
+               + (f"; what it replaced is archived as {result.archive_id}" if result.archive_id else ""))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}")
+
+
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the demo folder and print where it is.")
 @handle_errors

@@ -83,6 +83,9 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
         report = validate_catalogs_file(catalogs)
         if report.problems and not force:
             raise InvalidSet(f"{catalogs} is invalid; nothing was sent", report.problems)
+        if settings.require_paths and report.unreadable_paths() and not force:
+            raise InvalidSet(f"{catalogs} names catalog Paths this master cannot read "
+                             "(require_paths = true); nothing was sent", report.unreadable_paths())
         if not dry_run:
             ok, output = run_reload(settings)
             if not ok:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from app.core.errors import MirrorError, RemoteError
+from app.core.apply import room_needed
+from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
 from app.core.manifest import Manifest
 from app.core.settings import Settings
@@ -94,6 +95,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             return result
         have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         base = remote["digest"]
+        check_room_there(secondary, info, remote, want, _to_send(want, have))
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
             _upload(client, local, todo, part_size, result, progress)
@@ -139,6 +141,21 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         if client is not None:
             client.close()
     return result
+
+
+def check_room_there(secondary: Secondary, info: dict[str, Any], remote: dict[str, Any],
+                     want: Manifest, todo: dict[str, str]) -> None:
+    """Refuse before sending a byte when the push cannot fit on the secondary's disk (its 507)."""
+    free, reserve = info.get("free_bytes"), info.get("reserve_bytes") or 0
+    if not isinstance(free, int) or not isinstance(reserve, int):
+        return  # a receiver that does not say: it still answers 507 itself
+    need = room_needed(Manifest.from_list(remote.get("files", [])), want,
+                       {sha: want.files[path].size for sha, path in todo.items()})
+    if need + reserve > free:
+        raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes "
+                     f"but only {free} are free there ({reserve} kept in reserve); nothing was sent. "
+                     f"Free some space on {secondary.host} (esmirror archive clear) and publish again",
+                     needed=need, free=free)
 
 
 def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:

@@ -33,3 +33,9 @@ def archive_clear():  # type: ignore[no-untyped-def]
     with workdir.lock():
         removed = workdir.clear_archive(keep, older, everything)
     return jsonify({"removed": removed})
+
+
+@bp.post("/archive/<archive_id>/restore")
+def archive_restore(archive_id: str):  # type: ignore[no-untyped-def]
+    """The same as ``esmirror archive restore ID`` on this server."""
+    return jsonify(_workdir().restore(archive_id).to_json())

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
 from .core import PROTOCOL, __version__
-from .core.apply import ROOM_MARGIN, CommitRequest, WorkingDir
+from .core.apply import CommitRequest, WorkingDir, check_room, room
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
-from .core.errors import BadRequest, LengthRequired, NoRoom, TooLarge
+from .core.errors import BadRequest, LengthRequired, TooLarge
 from .core.express import express_version, platform_tag
 from .core.settings import Settings
 
@@ -41,11 +40,7 @@ def _body_length(limit: int) -> int:
 def _room_for(length: int) -> None:
     workdir = _workdir()
     workdir.state_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(workdir.state_dir).free
-    if length + ROOM_MARGIN > free:
-        raise NoRoom(f"{length} bytes will not fit: {free} bytes free on {workdir.data_dir}; "
-                     "free some space (esmirror archive clear) and publish again",
-                     needed=length, free=free)
+    check_room(workdir.state_dir, length, "this upload")
 
 
 def identity() -> dict[str, Any]:
@@ -53,6 +48,7 @@ def identity() -> dict[str, Any]:
     state = workdir.state()
     current = workdir.scan()
     warnings = list(current.warnings)
+    free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():
         warnings += validate_catalogs_file(catalogs).unreadable_paths()
@@ -68,6 +64,8 @@ def identity() -> dict[str, Any]:
         "drift": bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,
         "max_upload_bytes": settings.max_upload_bytes,
+        "free_bytes": free,        # the agent checks a whole push fits before sending a byte
+        "reserve_bytes": reserve,
     }
 
 

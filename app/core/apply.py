@@ -23,8 +23,10 @@ once the journal is gone, exactly the new one. No symlinks are involved.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -36,7 +38,7 @@ from typing import Any
 import filelock
 
 from .catalogs import CATALOGS_XML, validate_catalogs
-from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, ReloadFailed
+from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
 from .manifest import HashCache, Manifest, ScanResult, diff, scan
 from .settings import Settings
@@ -45,6 +47,41 @@ from .store import CHUNK, BlobStore, durable_flush
 
 LOCK_TIMEOUT = 600.0
 ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
+_ARCHIVE_ID_RE = re.compile(r"^[0-9A-Za-z._-]{1,80}$")
+
+
+def room(path: Path) -> tuple[int, int]:
+    """(free bytes, reserve) on the filesystem of ``path``.
+
+    The reserve is what esmirror never uses: 16 MiB, or 2 % of a small filesystem.
+    """
+    usage = shutil.disk_usage(path)
+    return usage.free, min(ROOM_MARGIN, usage.total // 50)
+
+
+def check_room(path: Path, need: int, what: str) -> None:
+    """507 with the numbers when ``need`` more bytes will not fit beside the reserve."""
+    free, reserve = room(path)
+    if need + reserve > free:
+        raise NoRoom(f"{what} needs {need} bytes but only {free} are free on {path} "
+                     f"(esmirror keeps {reserve} in reserve); nothing was changed. Free some space "
+                     "(esmirror archive clear) and publish again", needed=need, free=free,
+                     reserve=reserve)
+
+
+def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int]) -> int:
+    """Bytes a secondary needs free to go from ``current`` to ``new``.
+
+    Every file put is new bytes on disk (a link of an uploaded blob, or a copy),
+    and nothing replaced is freed: it moves to the archive. Content uploaded but
+    not put anywhere (``--full``) also sits in the blob store until the commit.
+    ``uploading`` maps sha256 → size of the blobs to be sent.
+    """
+    change = diff(current, new)
+    puts = change.added + change.changed
+    used = {new.files[p].sha256 for p in puts}
+    return (sum(new.files[p].size for p in puts)
+            + sum(size for sha, size in uploading.items() if sha not in used))
 
 
 @dataclass(frozen=True)
@@ -129,6 +166,44 @@ def _copy_verified(src: Path, dst: Path, sha: str) -> None:
         raise Conflict(f"{src.name} changed on this server during the commit; push again")
 
 
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill would end it; stale files there go by age alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+_TMP_PID_RE = re.compile(r"\.(\d{1,10})\.")
+
+
+def sweep_dead_tmp(state_dir: Path) -> None:
+    """Temp files (``*.<pid>.…tmp`` in ``.esmirror/`` and ``.esmirror/tmp/``) of processes that died.
+
+    A kill -9 mid-write leaves them; a live process's (another gunicorn or
+    mod_wsgi worker still uploading) are left alone.
+    """
+    for folder in (state_dir, state_dir / "tmp"):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            match = _TMP_PID_RE.search(entry.name)
+            is_tmp = folder.name == "tmp" or entry.name.endswith(".tmp")
+            if not (match and is_tmp and entry.is_file(follow_symlinks=False)):
+                continue
+            if not _pid_alive(int(match.group(1))):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+
 def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
     """Folders left empty in the working directory are removed (SPEC §2)."""
     for folder, dirs, files in os.walk(root, topdown=False):
@@ -188,6 +263,7 @@ class WorkingDir:
         if self.staging_dir.is_dir():
             shutil.rmtree(self.staging_dir, ignore_errors=True)
         self.store.clear_stale_tmp()
+        sweep_dead_tmp(self.state_dir)
         return message
 
     def _paths(self, journal: dict[str, Any], op: dict[str, Any]) -> tuple[Path, Path, Path]:
@@ -233,6 +309,8 @@ class WorkingDir:
             crash_point("rollback-op")
         shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
         prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
+        if "state_before" in journal and self.state() != journal["state_before"]:
+            write_json(self.state_path, journal["state_before"])  # state.json may name the new set
         self.journal_path.unlink(missing_ok=True)
 
     # --- commit ----------------------------------------------------------------
@@ -249,17 +327,25 @@ class WorkingDir:
             return self._commit_locked(request)
 
     def _commit_locked(self, request: CommitRequest) -> CommitResult:
-        started = time.time()
         state = self.state()
         self.check_owner(request.master)
-        if state.get("master") == request.master and request.generation < state.get("generation", 0):
+        if state.get("master") == request.master and request.generation < (state.get("generation") or 0):
             raise Conflict(f"generation {request.generation} is older than generation "
                            f"{state['generation']} already applied here", generation=state["generation"])
         current = self.scan().manifest
         if request.base != current.digest:
             raise Conflict("this server's set changed since the master looked (base digest differs); "
                            "fetch the manifest again", digest=current.digest)
-        new = request.manifest
+        return self._apply(current, request.manifest, request.generation, request.master, state)
+
+    def _apply(self, current: Manifest, new: Manifest, generation: int | None, master: str | None,
+               state: dict[str, Any], about: dict[str, Any] | None = None) -> CommitResult:
+        """Make ``new`` live over ``current``: validate, stage, journal, switch, reload, archive.
+
+        The one safe path for a push and for ``archive restore``. ``about`` adds
+        facts to the archive entry (what a restore restored).
+        """
+        started = time.time()
         if CATALOGS_XML not in new.files:
             raise InvalidSet("the set has no catalogs.xml; refusing to apply an empty configuration",
                              [f"{CATALOGS_XML}: missing from the set"])
@@ -283,10 +369,14 @@ class WorkingDir:
         if report.problems:
             raise InvalidSet("catalogs.xml is invalid; nothing was changed", report.problems)
         warnings += report.unreadable_paths()
+        if warnings and self.settings.require_paths:
+            raise InvalidSet("catalog Paths this server cannot read (require_paths = true); "
+                             "nothing was changed. Mount the image repositories here, or set "
+                             "require_paths = false to apply with a warning", warnings)
 
         if change.empty:
-            result = CommitResult(request.generation, new.digest, None, 0, 0, 0, warnings)
-            self._record(request, new, None)
+            result = CommitResult(generation or 0, new.digest, None, 0, 0, 0, warnings)
+            self._record(generation, master, new, None)
             return result
 
         # stage: link each blob once, copy what is used twice or already lives here
@@ -295,13 +385,11 @@ class WorkingDir:
         stage.mkdir(parents=True)
         linked: set[str] = set()
         copies = [p for p in puts if not self.store.has(new.files[p].sha256)]
-        need = sum(new.files[p].size for p in copies)
-        free = shutil.disk_usage(self.state_dir).free
-        if need + ROOM_MARGIN > free:
+        try:
+            check_room(self.state_dir, sum(new.files[p].size for p in copies), "staging the set")
+        except NoRoom:
             shutil.rmtree(stage, ignore_errors=True)
-            raise NoRoom(f"applying needs {need} more bytes on {self.data_dir} but only {free} are free; "
-                         "free some space (esmirror archive clear) and publish again",
-                         needed=need, free=free)
+            raise
         ops: list[dict[str, Any]] = []
         written: list[Path] = []
         try:
@@ -332,12 +420,12 @@ class WorkingDir:
         rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
         ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
 
-        archive_id = self._new_archive_id(request.generation)
-        journal = {"tx": tx, "archive_id": archive_id, "generation": request.generation,
-                   "phase": "switching", "ops": ops}
-        write_json(self.journal_path, journal)
-        crash_point("journal")
+        archive_id = self._new_archive_id(generation)
+        journal = {"tx": tx, "archive_id": archive_id, "generation": generation,
+                   "phase": "switching", "ops": ops, "state_before": state}
         try:
+            write_json(self.journal_path, journal)
+            crash_point("journal")
             for op in ops:
                 self._forward(journal, op)
             journal["phase"] = "switched"
@@ -351,18 +439,22 @@ class WorkingDir:
             if not archived:
                 archive_id = None
             else:
+                crash_point("archiving")
                 write_json(self.archive_dir / archive_id / "archive.json", {
                     "id": archive_id,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "replaced_generation": state.get("generation"),
-                    "generation": request.generation,
-                    "master": request.master,
+                    "generation": generation,
+                    "master": master,
                     "files": sorted(archived),
                     "previous": current.to_list(),
                     "previous_digest": current.digest,
+                    "digest": new.digest,
+                    **(about or {}),
                 })
             crash_point("archived")
-            self._record(request, new, archive_id)
+            self._record(generation, master, new, archive_id)
+            crash_point("recorded")
         except BaseException as exc:
             self._rollback(journal)
             if journal["phase"] == "switched":
@@ -377,11 +469,10 @@ class WorkingDir:
         prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
         self.store.clear(older_than=started)
         self.prune_archive(self.settings.archive_keep)
-        return CommitResult(request.generation, new.digest, archive_id,
+        return CommitResult(generation or 0, new.digest, archive_id,
                             len(change.added), len(change.changed), len(change.removed), warnings)
 
     def _os_failure(self, during: str, exc: OSError) -> MirrorError:
-        import errno
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(self.state_dir).free
             return NoRoom(f"the disk of {self.data_dir} filled up while {during}; nothing was changed. "
@@ -389,16 +480,18 @@ class WorkingDir:
         return MirrorError(f"{during} failed on {exc.filename or self.data_dir}: {exc.strerror}; "
                            "nothing was changed")
 
-    def _record(self, request: CommitRequest, new: Manifest, archive_id: str | None) -> None:
+    def _record(self, generation: int | None, master: str | None, new: Manifest,
+                archive_id: str | None) -> None:
         write_json(self.state_path, {
-            "generation": request.generation, "master": request.master, "digest": new.digest,
+            "generation": generation, "master": master, "digest": new.digest,
             "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "archive_id": archive_id, "applied": new.to_list(),
         })
 
-    def _new_archive_id(self, generation: int) -> str:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        return f"{stamp}Z-g{generation}-{uuid.uuid4().hex[:6]}"
+    def _new_archive_id(self, generation: int | None) -> str:
+        # Microseconds so that ids sort in apply order, which retention and restore rely on.
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+        return f"{stamp}Z-g{generation if generation is not None else 0}-{uuid.uuid4().hex[:6]}"
 
     # --- archive ------------------------------------------------------------------
     def archives(self) -> list[dict[str, Any]]:
@@ -411,7 +504,8 @@ class WorkingDir:
                     continue
                 size = sum(f.stat().st_size for f in (child / "files").rglob("*") if f.is_file())
                 entries.append({k: meta.get(k) for k in
-                                ("id", "created", "generation", "replaced_generation", "master", "files")}
+                                ("id", "created", "generation", "replaced_generation", "master", "files",
+                                 "restored_from")}
                                | {"bytes": size})
         return entries
 
@@ -433,6 +527,66 @@ class WorkingDir:
                 shutil.rmtree(self.archive_dir / entry["id"], ignore_errors=True)
                 removed.append(entry["id"])
         return sorted(removed)
+
+    def _entry(self, archive_id: str) -> dict[str, Any]:
+        meta = None
+        if _ARCHIVE_ID_RE.match(archive_id) and archive_id not in (".", ".."):
+            meta = read_json(self.archive_dir / archive_id / "archive.json")
+        if not isinstance(meta, dict) or not isinstance(meta.get("previous"), list):
+            raise NotFound(f"there is no archive entry {archive_id!r} on this server; "
+                           "'esmirror archive list' shows the entries")
+        return meta
+
+    def _archived_content(self) -> dict[str, Path]:
+        """sha256 → a file in the archive holding that content (from each entry's manifest)."""
+        found: dict[str, Path] = {}
+        for entry in self.archives():
+            meta = read_json(self.archive_dir / entry["id"] / "archive.json") or {}
+            previous = {f.get("path"): f.get("sha256") for f in meta.get("previous") or []
+                        if isinstance(f, dict)}
+            for rel in meta.get("files") or []:
+                sha = previous.get(rel)
+                path = self.archive_dir / entry["id"] / "files" / rel
+                if sha and sha not in found and path.is_file():
+                    found[sha] = path
+        return found
+
+    def restore(self, archive_id: str) -> CommitResult:
+        """Make the set exactly what it was just before the apply that created ``archive_id``.
+
+        Content comes from the blob store, the live files and any archive entry
+        (each copy verified against its hash); the switch is the same safe
+        commit a push gets, and what it replaces is archived as a new entry.
+        """
+        with self.lock():
+            self.recover()
+            meta = self._entry(archive_id)
+            target = Manifest.from_list(meta["previous"])
+            state = self.state()
+            current = self.scan().manifest
+            here = current.hashes()
+            archived = self._archived_content()
+            lost: list[str] = []
+            for path, entry in sorted(target.files.items()):
+                sha = entry.sha256
+                if sha in here or self.store.has(sha):
+                    continue
+                source = archived.get(sha)
+                try:
+                    if source is None:
+                        raise FileNotFoundError
+                    with open(source, "rb") as fh:
+                        self.store.put(sha, fh, entry.size)
+                except (OSError, BadRequest) as exc:
+                    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise self._os_failure("restoring", exc) from None
+                    lost.append(f"{path} (sha256 {sha[:12]}…, {entry.size} bytes)")
+            if lost:
+                raise Conflict(f"cannot restore {archive_id}: the content of {len(lost)} file(s) is no "
+                               "longer on this server (not live, not in any archive entry); nothing "
+                               "was changed: " + "; ".join(lost), lost=lost)
+            return self._apply(current, target, meta.get("replaced_generation"), state.get("master"),
+                               state, {"restored_from": archive_id})
 
     def release(self) -> str | None:
         """Forget the owning master (an admin's decision on this secondary)."""

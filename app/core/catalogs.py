@@ -35,7 +35,7 @@ def validate_catalogs(data: bytes, source: str = CATALOGS_XML) -> CatalogReport:
         report.problems.append(f"{source}:{line}: not well-formed XML: {exc.msg}")
         return report
     except ValueError as exc:
-        report.problems.append(f"{source}:1: {exc}")
+        report.problems.append(f"{source}:{getattr(exc, 'lineno', 1)}: {exc}")
         return report
     if root.tag != "CatalogConfig":
         report.problems.append(f"{source}:{root.sourceline}: the root element is <{root.tag}>; "

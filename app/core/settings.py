@@ -64,6 +64,7 @@ class Settings:
     reload_timeout: float = 120.0
     shared_secret_file: str = ""
     archive_keep: int = 20
+    require_paths: bool = False
     max_upload_bytes: int = 4 * 1024**3
     include: tuple[str, ...] = ("**",)
     exclude: tuple[str, ...] = ()
@@ -128,6 +129,15 @@ def _parse_int(text: str) -> int:
     return value
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def _parse_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -145,6 +155,7 @@ _PARSERS: dict[str, Any] = {
     "reload_timeout": _parse_float,
     "shared_secret_file": str.strip,
     "archive_keep": _parse_int,
+    "require_paths": _parse_bool,
     "max_upload_bytes": parse_size,
     "include": lambda t: tuple(split_list(t)) or ("**",),
     "exclude": lambda t: tuple(split_list(t)),

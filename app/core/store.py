@@ -5,6 +5,7 @@ blob only gets its final name once its bytes match that name and are durable.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -14,7 +15,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import BadRequest, Conflict
+from .errors import BadRequest, Conflict, NoRoom
+from .faults import crash_point
 from .manifest import SHA256_RE
 
 CHUNK = 1024 * 1024
@@ -49,6 +51,7 @@ def copy_stream(src: BinaryIO | Callable[[int], bytes], dst: BinaryIO, length: i
         hasher.update(chunk)
         dst.write(chunk)
         remaining -= len(chunk)
+        crash_point("upload-write")
 
 
 class BlobStore:
@@ -83,10 +86,23 @@ class BlobStore:
                 _verify(hasher, sha, length)
                 out.flush()
                 os.fsync(out.fileno())
+            crash_point("upload-verified")
             self._publish(tmp, sha)
+            crash_point("upload-stored")
+        except OSError as exc:
+            raise self._no_room(exc, length) from None
         finally:
             tmp.unlink(missing_ok=True)
         return length
+
+    def _no_room(self, exc: OSError, length: int) -> OSError | NoRoom:
+        """A full disk while storing is a 507 with the numbers; other I/O errors stay as they are."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        free = shutil.disk_usage(self.tmp).free
+        return NoRoom(f"the disk filled up while storing {length} bytes of uploads in {self.tmp} "
+                      f"({free} bytes free now); nothing was kept. Free some space (esmirror "
+                      "archive clear) and publish again", needed=length, free=free)
 
     def put_part(self, sha: str, stream: BinaryIO, start: int, length: int, total: int) -> bool:
         """One part of a blob too large for one request (IIS caps a body at 4 GiB − 1).
@@ -97,14 +113,21 @@ class BlobStore:
         check_sha(sha)
         self.tmp.mkdir(parents=True, exist_ok=True)
         partial = self.tmp / f"{sha}.partial"
+        if start == 0:
+            partial.unlink(missing_ok=True)  # a new upload of this blob (the last one died)
         have = partial.stat().st_size if partial.exists() else 0
         if start != have:
             raise Conflict(f"part starts at byte {start} but {have} bytes of {sha[:12]}… are here; "
                            f"resend from byte {have}", resume_from=have)
         if start + length > total:
             raise BadRequest(f"part ends at byte {start + length}, past the blob size {total}")
-        with open(partial, "ab") as out:
-            copy_stream(stream, out, length, hashlib.sha256())
+        try:
+            with open(partial, "ab") as out:
+                copy_stream(stream, out, length, hashlib.sha256())
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise self._no_room(exc, length) from None
+        crash_point("upload-part")
         if start + length < total:
             return False
         with open(partial, "rb") as fh:
@@ -144,9 +167,14 @@ class BlobStore:
                     copy_stream(stream, out, size, hasher)
                     _verify(hasher, sha, size)
                 remaining -= size
+                crash_point("upload-batch-blob")
             durable_flush([tmp for tmp, _ in done])
+            crash_point("upload-batch-flushed")
             for tmp, sha in done:
                 self._publish(tmp, sha)
+                crash_point("upload-batch-stored")
+        except OSError as exc:
+            raise self._no_room(exc, length) from None
         finally:
             for tmp, _ in done:
                 tmp.unlink(missing_ok=True)

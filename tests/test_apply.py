@@ -1,0 +1,292 @@
+"""Issue 3 end to end: bad sets refused, reload rolled back, archive restore/clear, ownership, ordering."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.core.apply import WorkingDir
+from app.core.settings import load_settings
+from conftest import REPO, esmirror, set_files
+
+
+def snapshot(install) -> tuple[dict[str, str], list[str], object]:
+    """What a person would call "this secondary's state": its set, its archive, its generation."""
+    archive = install.data_dir / "archive"
+    entries = sorted(p.name for p in archive.iterdir()) if archive.is_dir() else []
+    state = json.loads((install.data_dir / ".esmirror" / "state.json").read_text()) \
+        if (install.data_dir / ".esmirror" / "state.json").exists() else {}
+    return set_files(install.data_dir), entries, (state.get("generation"), state.get("digest"))
+
+
+def archive_entries(install) -> list[dict]:
+    rc, data, out = esmirror("archive", "list", "--json", "--install-dir", str(install.root))
+    assert rc == 0, out
+    return data["archive"]
+
+
+BAD_CATALOGS = {
+    "malformed": (b'<CatalogConfig>\n<Catalog name="a"><Path>/x</Path>\n', "not well-formed"),
+    "wrong-root": (b'<Catalogs>\n<Catalog name="a"><Path>/x</Path></Catalog>\n</Catalogs>\n',
+                   "root element is <Catalogs>"),
+    "missing-path": (b'<CatalogConfig>\n<Catalog name="a"><Path>/x</Path></Catalog>\n'
+                     b'<Catalog name="nopath"/>\n</CatalogConfig>\n', ":3: <Catalog name='nopath'> has no <Path>"),
+    "xxe": (b'<?xml version="1.0"?>\n<!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]>\n'
+            b'<CatalogConfig><Catalog name="a"><Path>&x;</Path></Catalog></CatalogConfig>\n', "DOCTYPE"),
+    "billion-laughs": (b'<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+                       + b"".join(b'<!ENTITY lol%d "%s">' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
+                                  for i in range(1, 10))
+                       + b']>\n<CatalogConfig><Catalog name="a"><Path>&lol9;</Path></Catalog></CatalogConfig>\n',
+                       "DOCTYPE"),
+}
+
+
+def test_invalid_catalogs_refused_by_master_and_by_secondary_with_422(fleet):
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    good = (f.master.data_dir / "catalogs.xml").read_bytes()
+    before = snapshot(secondary)
+    for name, (body, why) in BAD_CATALOGS.items():
+        (f.master.data_dir / "catalogs.xml").write_bytes(body)
+        (f.master.data_dir / "indexes" / "tile-0.idx").write_bytes(name.encode())  # a change to carry
+        # the master checks its own catalogs.xml first: exit 1 with the reason, nothing sent
+        rc, report, out = f.publish()
+        assert rc == 1, (name, out)
+        assert "is invalid; nothing was sent" in out and why in out, (name, out)
+        assert snapshot(secondary) == before, name
+        # forced past the master's check, the secondary refuses it with 422 and the reasons
+        rc, report, out = f.publish("--force")
+        assert rc == 1, (name, out)
+        error = report["secondaries"][0]["error"]
+        assert "answered 422" in error and why in error, (name, error)
+        assert report["secondaries"][0]["state"] != "in-sync"
+        assert snapshot(secondary) == before, name
+    (f.master.data_dir / "catalogs.xml").write_bytes(good)
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def _reload_script(tmp_path: Path) -> tuple[str, Path]:
+    """A reload_command that records the catalogs.xml it saw and fails or hangs on demand."""
+    flag = tmp_path / "reload-mode"
+    flag.write_text("ok")
+    seen = tmp_path / "seen-catalogs.xml"
+    script = tmp_path / "reload.sh"
+    script.write_text(f"""#!/bin/sh
+cp catalogs.xml {seen}
+case "$(cat {flag})" in
+  fail) echo "ltcsd: catalog orthos-2024 could not be loaded" >&2; exit 3;;
+  hang) sleep 30;;
+esac
+exit 0
+""")
+    return f"sh {script}", flag
+
+
+def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
+    command, flag = _reload_script(tmp_path)
+    f = fleet(1, secondary_ini={"reload_command": command, "reload_timeout": "1"})
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    before = snapshot(secondary)
+    data = f.master.data_dir
+    new_catalogs = (data / "catalogs.xml").read_text().replace('name="elevation"', 'name="dem"')
+    (data / "catalogs.xml").write_text(new_catalogs)
+    (data / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    (data / "overviews" / "basemap.ovr").unlink()
+    (data / "indexes" / "new.idx").write_bytes(b"added")
+
+    for mode, why in (("fail", "exited with 3"), ("hang", "timed out after 1 s")):
+        flag.write_text(mode)
+        rc, report, out = f.publish()
+        assert rc == 1, out
+        error = report["secondaries"][0]["error"]
+        assert "answered 502" in error and "the previous set is back" in error and why in error, error
+        if mode == "fail":
+            assert "ltcsd: catalog orthos-2024 could not be loaded" in error
+        assert snapshot(secondary) == before, mode  # byte for byte, no archive entry, same generation
+        # the reload really ran against the new set before it was rolled back
+        assert (tmp_path / "seen-catalogs.xml").read_text() != new_catalogs  # last run: the old set again
+    flag.write_text("ok")
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(data)
+    assert (tmp_path / "seen-catalogs.xml").read_text() == new_catalogs
+
+
+def test_failing_reload_on_master_stops_the_publish(fleet, tmp_path):
+    command, flag = _reload_script(tmp_path)
+    flag.write_text("fail")
+    f = fleet(1, master_ini={"reload_command": command})
+    rc, _, out = f.publish()
+    assert rc == 1
+    assert "reload_command failed on this master; nothing was sent" in out
+    assert "could not be loaded" in out
+    assert set_files(f.secondaries[0].data_dir) == {}
+    assert not (f.secondaries[0].data_dir / ".esmirror" / "blobs").exists()
+
+
+def test_archive_restore_brings_back_each_generation_and_clear_keeps_newest(fleet):
+    f = fleet(1)
+    secondary, data = f.secondaries[0], f.master.data_dir
+    seen = []
+    for step in range(4):
+        if step:
+            (data / "indexes" / "tile-1.idx").write_bytes(b"version %d" % step)
+            (data / "indexes" / f"only-in-{step}.idx").write_bytes(os.urandom(100))
+            if step > 1:
+                (data / "indexes" / f"only-in-{step - 1}.idx").unlink()
+        assert f.publish()[0] == 0
+        seen.append(set_files(data))
+        assert set_files(secondary.data_dir) == seen[-1]
+    entries = archive_entries(secondary)
+    assert [e["generation"] for e in entries] == [2, 3, 4]
+    assert [e["replaced_generation"] for e in entries] == [1, 2, 3]
+    root = str(secondary.root)
+
+    # back to the set of generation 2 (just before the entry generation 3 created)
+    rc, result, out = esmirror("archive", "restore", entries[1]["id"], "--json", "--install-dir", root)
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == seen[1]
+    assert result["archive_id"]  # what the restore replaced is archived too
+    # then to generation 1: its tile-1.idx lives only in the oldest entry now
+    rc, _, out = esmirror("archive", "restore", entries[0]["id"], "--install-dir", root)
+    assert rc == 0, out
+    assert "restored the set as it was before" in out
+    assert set_files(secondary.data_dir) == seen[0]
+    # and forward again to generation 4, from the entry the first restore made
+    after = archive_entries(secondary)
+    assert len(after) == 5 and after[3]["id"] == result["archive_id"]
+    assert after[3]["restored_from"] == entries[1]["id"]
+    rc, _, out = esmirror("archive", "restore", after[3]["id"], "--install-dir", root)
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == seen[3]
+
+    # content no longer on this server (every archived copy of generation 1's tile-1.idx deleted
+    # by hand): refused, naming it, nothing changed
+    gone = seen[0]["indexes/tile-1.idx"]
+    copies = [p for p in (secondary.data_dir / "archive").rglob("tile-1.idx")
+              if hashlib.sha256(p.read_bytes()).hexdigest() == gone]
+    assert copies
+    for p in copies:
+        p.unlink()
+    before = snapshot(secondary)
+    rc, _, out = esmirror("archive", "restore", entries[0]["id"], "--install-dir", root)
+    assert rc == 1 and "no longer on this server" in out and "indexes/tile-1.idx" in out, out
+    assert snapshot(secondary) == before
+    rc, _, out = esmirror("archive", "restore", "20990101T000000Z-g9-nope", "--install-dir", root)
+    assert rc == 1 and "no archive entry" in out
+
+    ids = [e["id"] for e in archive_entries(secondary)]
+    rc, _, out = esmirror("archive", "clear", "--keep", "2", "--install-dir", root)
+    assert rc == 0, out
+    assert [e["id"] for e in archive_entries(secondary)] == ids[-2:]
+    # the master publishes over a restored secondary as over any other
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(data)
+
+
+def test_archive_clear_keep_and_older_than_semantics(tmp_path):
+    from agent.demo import make_install
+
+    install = make_install(tmp_path / "s")
+    workdir = WorkingDir(load_settings(install.root))
+    now = dt.datetime.now(dt.timezone.utc)
+    ages = [40, 30, 20, 10, 5, 1]  # days, oldest first
+
+    def make_entries() -> list[str]:
+        ids = []
+        for i, age in enumerate(ages):
+            entry = workdir.archive_dir / f"2026010{i}T000000.000000Z-g{i}-x"
+            (entry / "files").mkdir(parents=True, exist_ok=True)
+            (entry / "files" / "a").write_text("x")
+            created = (now - dt.timedelta(days=age)).isoformat(timespec="seconds")
+            (entry / "archive.json").write_text(json.dumps(
+                {"id": entry.name, "created": created, "files": ["a"], "previous": []}))
+            ids.append(entry.name)
+        return ids
+
+    def clear(*args: str) -> list[str]:
+        ids = make_entries()
+        rc, _, out = esmirror("archive", "clear", *args, "--install-dir", str(install.root))
+        assert rc == 0, out
+        return [ids.index(e["id"]) for e in workdir.archives()]
+
+    assert clear("--keep", "2") == [4, 5]
+    assert clear("--older-than", "15") == [3, 4, 5]
+    # both: an entry goes when it is beyond the newest 4 AND older than 25 days
+    assert clear("--keep", "4", "--older-than", "25") == [2, 3, 4, 5]
+    assert clear("--keep", "1", "--older-than", "25") == [2, 3, 4, 5]
+    assert clear("--all") == []
+    rc, _, out = esmirror("archive", "clear", "--install-dir", str(install.root))
+    assert rc == 2 and "say what to clear" in out
+
+
+def test_another_master_gets_409_naming_both_until_release(fleet):
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    url, secondary = f.receivers[0].url, f.secondaries[0]
+    owner = (f.master.data_dir / ".esmirror" / "self-id").read_text().strip()
+    manifest = requests.get(f"{url}/manifest", timeout=10).json()
+    body = {"generation": 99, "master": "b" * 32, "base": manifest["digest"], "files": manifest["files"]}
+    answer = requests.post(f"{url}/commit", json=body, timeout=30)
+    assert answer.status_code == 409
+    assert owner in answer.json()["error"] and "b" * 32 in answer.json()["error"]
+    assert "esmirror release" in answer.json()["error"]
+    rc, _, out = esmirror("release", "--install-dir", str(secondary.root))
+    assert rc == 0 and owner in out
+    answer = requests.post(f"{url}/commit", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert requests.get(f"{url}/browse", timeout=10).json()["master"] == "b" * 32
+
+
+def test_unreadable_catalog_paths_warn_unless_require_paths(fleet, tmp_path):
+    f = fleet(2, start=False)
+    ini = f.secondaries[1].etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text() + "require_paths = true\n")
+    for r in f.receivers:
+        r.start()
+    catalogs = f.master.data_dir / "catalogs.xml"
+    catalogs.write_text(catalogs.read_text().replace(f"{tmp_path}/images/dem", "/nonexistent/dem"))
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    warned, strict = report["secondaries"]
+    assert warned["state"] == "in-sync"
+    assert any("'elevation'" in w and "/nonexistent/dem" in w for w in warned["warnings"])
+    assert "answered 422" in strict["error"] and "/nonexistent/dem" in strict["error"]
+    assert "require_paths" in strict["error"]
+    assert set_files(f.secondaries[1].data_dir) == {}
+    browse = requests.get(f"{f.receivers[0].url}/browse", timeout=10).json()
+    assert any("/nonexistent/dem" in w for w in browse["warnings"])
+
+
+def test_two_publishes_at_the_same_moment_never_interleave(fleet):
+    f = fleet(2)
+    assert f.publish()[0] == 0
+    data = f.master.data_dir
+    (data / "indexes" / "tile-2.idx").write_bytes(os.urandom(50_000))
+    (data / "overviews" / "basemap.ovr").write_bytes(os.urandom(70_000))
+    (data / "indexes" / "tile-3.idx").unlink()
+    argv = [sys.executable, "-m", "agent", "publish", "--install-dir", str(f.master.root), "--json"]
+    procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    reports = [json.loads(out) for out, _ in outs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(r["generation"] for r in reports) == [2, 3]
+    # the master lock serialised them: the change crossed the wire once per secondary
+    sent = [sum(s["bytes_sent"] for s in r["secondaries"]) for r in reports]
+    assert sorted(sent)[0] == 0 and sorted(sent)[1] >= 2 * 120_000
+    for secondary in f.secondaries:
+        assert set_files(secondary.data_dir) == set_files(data)
+        entries = archive_entries(secondary)
+        assert len(entries) == 1  # one apply replaced files: one whole entry, nothing mixed
+        assert sorted(entries[0]["files"]) == ["indexes/tile-2.idx", "indexes/tile-3.idx",
+                                               "overviews/basemap.ovr"]
