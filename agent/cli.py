@@ -75,18 +75,29 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
 @click.option("--force", is_flag=True,
               help="Publish even if this master's catalogs.xml fails esmirror's own check "
                    "(secondaries still validate it).")
+@click.option("--canary", metavar="HOST[:PORT]",
+              help="Push to this secondary first; if it fails, push to no other.")
+@click.option("--max-parallel", type=click.IntRange(min=1), metavar="N",
+              help="Push to at most N secondaries at once (default: all).")
+@click.option("--stop-on-failure", is_flag=True,
+              help="Once a secondary fails, start no further pushes.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @handle_errors
 def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, dry_run: bool,
-            force: bool, as_json: bool) -> None:
+            force: bool, canary: str | None, max_parallel: int | None, stop_on_failure: bool,
+            as_json: bool) -> None:
     """Validate, reload and push this master's set to its secondaries."""
     from .fleet import publish as run_publish
-    from .fleet import select_secondaries
-    from .report import print_publish
+    from .fleet import resolve_canary, select_secondaries
+    from .report import ProgressBars, caller_name, print_publish
 
     settings = settings_from(install_dir)
     targets = select_secondaries(settings, secondaries)
-    report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force)
+    first = resolve_canary(settings, targets, canary)
+    with ProgressBars(targets, enabled=sys.stderr.isatty()) as bars:
+        report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force,
+                             canary=first, max_parallel=max_parallel,
+                             stop_on_failure=stop_on_failure, observer=bars, caller=caller_name())
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -131,6 +142,34 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
         click.echo(f"{key:18} {info.get(key)}")
     for warning in info.get("warnings") or []:
         click.echo(f"warning: {warning}")
+
+
+@main.command()
+@install_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@handle_errors
+def status(install_dir: str | None, as_json: bool) -> None:
+    """On the master: each secondary's state now; exit 0 only if all are in sync."""
+    from .report import print_status
+    from .status import live_status
+
+    report = live_status(settings_from(install_dir))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_status(report)
+    sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@install_dir_option
+@click.option("-v", "--verbose", is_flag=True, help="Log every step, not only what matters.")
+@handle_errors
+def agent(install_dir: str | None, verbose: bool) -> None:
+    """The push agent: runs publish requests from the web endpoint and catches secondaries up."""
+    from .daemon import run_agent
+
+    run_agent(settings_from(install_dir), verbose)
 
 
 @main.command()

@@ -1,21 +1,35 @@
-"""Publish on the master: validate, reload, scan, then push to every secondary in parallel."""
+"""Publish on the master: validate, reload, scan, then push to the secondaries.
+
+Rollout controls (canary first, bounded parallelism, stop on the first
+failure) and the master's records of every publish (ledger, audit log,
+history) live here, so ``esmirror publish`` and the agent behave the same.
+"""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import filelock
 
 from app.core.apply import run_reload
+from app.core.audit import audit, now_iso
 from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
 from app.core.errors import ConfigError, InvalidSet, MirrorError
-from app.core.express import Secondary, express_version, platform_tag, read_mirrors
+from app.core.express import Secondary, express_version, platform_tag
+from app.core.express import resolve_canary as resolve_canary
+from app.core.express import select_secondaries as select_secondaries
+from app.core.ledger import Ledger
 from app.core.manifest import HashCache, scan
+from app.core.publishes import PublishQueue
 from app.core.settings import Settings
 from app.core.state import read_json, stable_id, write_json
 
 from .push import LocalSet, PushResult, push
+
+__all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
+           "resolve_canary", "publish", "catch_up", "publish_lock"]
 
 
 class PublishFailed(MirrorError):
@@ -41,75 +55,236 @@ class PublishReport:
                 "secondaries": [r.to_json() for r in self.secondaries]}
 
 
+class Observer:
+    """What a publish tells whoever watches it (progress bars, the agent's request record)."""
+
+    def start(self, secondary: Secondary) -> None: ...
+
+    def progress(self, secondary: Secondary, sent: int) -> None: ...
+
+    def done(self, secondary: Secondary, result: PushResult) -> None: ...
+
+
 def master_identity(settings: Settings) -> dict[str, Any]:
     return {"express_version": express_version(settings), "platform": platform_tag(),
             "self": stable_id(settings.state_dir / "self-id")}
 
 
-def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:
-    """The Mirrors list, or the members named ``HOST`` or ``HOST:PORT`` (``[v6]:PORT``)."""
-    mirrors = read_mirrors(settings.iserv_cfg)
-    if not mirrors:
-        raise ConfigError(f"{settings.iserv_cfg} has no <Mirrors> element: this server is not a "
-                          "master. Add <Mirrors><Secondary host=\"…\"/></Mirrors> after <ImageManager>")
-    if not wanted:
-        return mirrors
-    chosen: list[Secondary] = []
-    for want in wanted:
-        match = [m for m in mirrors
-                 if want in (m.host, m.name, f"[{m.host}]", f"[{m.host}]:{m.port}")]
-        if not match:
-            listed = ", ".join(m.name for m in mirrors)
-            raise ConfigError(f"--secondary {want} is not in the Mirrors list of "
-                              f"{settings.iserv_cfg} ({listed})")
-        chosen += [m for m in match if m not in chosen]
-    return chosen
+def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLock:
+    """One publish at a time on this master: ``esmirror publish`` and the agent share it."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
+
+
+def _skipped(secondary: Secondary, why: str) -> PushResult:
+    return PushResult(secondary.host, secondary.port, state="skipped", error=why)
+
+
+def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult],
+            canary: Secondary | None = None, max_parallel: int | None = None,
+            stop_on_failure: bool = False, observer: Observer | None = None) -> list[PushResult]:
+    """Push to each secondary, canary first, at most ``max_parallel`` at once; results in order."""
+    observer = observer or Observer()
+    results: dict[Secondary, PushResult] = {}
+    stop = threading.Event()
+    why_stop: list[str] = []
+
+    def run(secondary: Secondary) -> PushResult:
+        if stop.is_set():
+            result = _skipped(secondary, why_stop[0])
+        else:
+            observer.start(secondary)
+            result = one(secondary)
+            if not result.ok and stop_on_failure and not stop.is_set():
+                why_stop.append(f"not pushed: {secondary.name} failed first and stop-on-failure is set")
+                stop.set()
+        observer.done(secondary, result)
+        return result
+
+    rest = list(secondaries)
+    if canary is not None and canary in rest:
+        rest.remove(canary)
+        results[canary] = first = run(canary)
+        if not first.ok:
+            for secondary in rest:
+                results[secondary] = _skipped(secondary, f"not pushed: the canary {canary.name} failed")
+                observer.done(secondary, results[secondary])
+            rest = []
+    if rest:
+        workers = max(1, min(len(rest), max_parallel or len(rest)))
+        with cf.ThreadPoolExecutor(workers) as pool:
+            for secondary, result in zip(rest, pool.map(run, rest)):
+                results[secondary] = result
+    return [results[s] for s in secondaries]
+
+
+def _record(settings: Settings, results: list[PushResult], generation: int, digest: str,
+            caller: str | None, master: str, why: str) -> None:
+    """Ledger and audit log for every secondary actually pushed to."""
+    ledger = Ledger(settings)
+    for result in results:
+        if result.state in ("skipped", "dry-run"):
+            continue
+        ledger.record_push(Secondary(result.host, result.port), result.to_json(), generation, digest)
+        audit(settings, "push", caller=caller, master=master, generation=generation,
+              files=result.files_sent, outcome=result.state, secondary=f"{result.host}:{result.port}",
+              bytes=result.bytes_sent, why=why, error=result.error)
 
 
 def publish(settings: Settings, secondaries: list[Secondary], full: bool = False,
             dry_run: bool = False, force: bool = False,
-            progress: Callable[[Secondary, int], None] | None = None) -> PublishReport:
+            progress: Callable[[Secondary, int], None] | None = None, *,
+            canary: Secondary | None = None, max_parallel: int | None = None,
+            stop_on_failure: bool = False, observer: Observer | None = None,
+            caller: str | None = "command line", history: bool = True,
+            lock_timeout: float = -1) -> PublishReport:
     """One publish, now. Raises before sending anything when the master's own set is unfit."""
     for secondary in secondaries:
         if secondary.ssl == "strict" and not settings.ca_bundle.is_file():
             raise ConfigError(f"{secondary.name} is ssl=\"strict\" but {settings.ca_bundle} is "
                               "missing; nothing was sent")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(settings.state_dir / "publish.lock")
-    with lock:
-        catalogs = settings.data_dir / CATALOGS_XML
-        if not catalogs.is_file():
-            raise PublishFailed(f"{catalogs} does not exist; nothing was sent")
-        report = validate_catalogs_file(catalogs)
-        if report.problems and not force:
-            raise InvalidSet(f"{catalogs} is invalid; nothing was sent", report.problems)
-        if settings.require_paths and report.unreadable_paths() and not force:
-            raise InvalidSet(f"{catalogs} names catalog Paths this master cannot read "
-                             "(require_paths = true); nothing was sent", report.unreadable_paths())
-        if not dry_run:
-            ok, output = run_reload(settings)
-            if not ok:
-                raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
-                                    f"{output.strip()}")
-        scanned = scan(settings.data_dir, HashCache(settings.state_dir / "hashcache.json"),
-                       settings.include, settings.exclude)
-        if scanned.unsafe:
-            raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
-                             "or exclude them", scanned.unsafe)
-        counter_path = settings.state_dir / "master.json"
-        counter = read_json(counter_path, {}) or {}
-        generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)
-        if not dry_run:
-            write_json(counter_path, {"generation": generation})
-        mine = master_identity(settings)
-        local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
+    observer = observer or Observer()
+    if progress:
+        inner = observer
 
-        def one(secondary: Secondary) -> PushResult:
-            step = (lambda n: progress(secondary, n)) if progress else None
-            return push(secondary, settings, local, mine, full, dry_run, step)
+        class _WithProgress(Observer):
+            def start(self, s: Secondary) -> None:
+                inner.start(s)
 
-        with cf.ThreadPoolExecutor(max(1, len(secondaries))) as pool:
-            results = list(pool.map(one, secondaries))
+            def progress(self, s: Secondary, n: int) -> None:
+                progress(s, n)
+                inner.progress(s, n)
+
+            def done(self, s: Secondary, r: PushResult) -> None:
+                inner.done(s, r)
+
+        observer = _WithProgress()
+    mine = master_identity(settings)
+    try:
+        with publish_lock(settings, lock_timeout):
+            report = _publish_locked(settings, secondaries, full, dry_run, force, canary,
+                                     max_parallel, stop_on_failure, observer, caller, mine)
+    except MirrorError as exc:
+        if not dry_run:
+            audit(settings, "publish", caller=caller, master=mine["self"], generation=None,
+                  files=None, outcome="failed", error=exc.message)
+        raise
+    if not dry_run:
+        failed = [r for r in report.secondaries if not r.ok]
+        audit(settings, "publish", caller=caller, master=mine["self"], generation=report.generation,
+              files=report.files, outcome="ok" if report.ok else f"{len(failed)} of "
+              f"{len(report.secondaries)} not in sync")
+        if history:
+            queue = PublishQueue(settings)
+            record = queue.submit({"secondaries": [s.name for s in secondaries], "full": full,
+                                   "force": force, "canary": canary.name if canary else None,
+                                   "max_parallel": max_parallel, "stop_on_failure": stop_on_failure},
+                                  caller, [s.name for s in secondaries], state="done")
+            record.update(ok=report.ok, generation=report.generation, digest=report.digest,
+                          started=record["created"], finished=now_iso(),
+                          secondaries=[_progress_row(r) for r in report.secondaries])
+            queue.save(record)
+            queue.prune()
+    return report
+
+
+def _progress_row(result: PushResult) -> dict[str, Any]:
+    return {"name": f"{result.host}:{result.port}", "state": result.state,
+            "bytes_sent": result.bytes_sent, "files_sent": result.files_sent, "error": result.error,
+            "generation": result.generation, "archive_id": result.archive_id}
+
+
+def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool, dry_run: bool,
+                    force: bool, canary: Secondary | None, max_parallel: int | None,
+                    stop_on_failure: bool, observer: Observer, caller: str | None,
+                    mine: dict[str, Any]) -> PublishReport:
+    catalogs = settings.data_dir / CATALOGS_XML
+    if not catalogs.is_file():
+        raise PublishFailed(f"{catalogs} does not exist; nothing was sent")
+    report = validate_catalogs_file(catalogs)
+    if report.problems and not force:
+        raise InvalidSet(f"{catalogs} is invalid; nothing was sent", report.problems)
+    if settings.require_paths and report.unreadable_paths() and not force:
+        raise InvalidSet(f"{catalogs} names catalog Paths this master cannot read "
+                         "(require_paths = true); nothing was sent", report.unreadable_paths())
+    if not dry_run:
+        ok, output = run_reload(settings)
+        if not ok:
+            raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
+                                f"{output.strip()}")
+    scanned = scan(settings.data_dir, HashCache(settings.state_dir / "hashcache.json"),
+                   settings.include, settings.exclude)
+    if scanned.unsafe:
+        raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
+                         "or exclude them", scanned.unsafe)
+    counter_path = settings.state_dir / "master.json"
+    counter = read_json(counter_path, {}) or {}
+    generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)
+    if not dry_run:
+        write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
+                                  "published_at": now_iso()})
+    local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
+
+    def one(secondary: Secondary) -> PushResult:
+        return push(secondary, settings, local, mine, full, dry_run,
+                    lambda n: observer.progress(secondary, n))
+
+    results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
+    if not dry_run:
+        _record(settings, results, generation, local.manifest.digest, caller, mine["self"], "publish")
     return PublishReport(generation, local.manifest.digest, len(local.manifest.files),
                          local.manifest.total_bytes, results,
                          scanned.warnings + report.unreadable_paths())
+
+
+def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int | None = None,
+             observer: Observer | None = None, lock_timeout: float = 1.0) -> list[PushResult]:
+    """Push again, to secondaries that missed it, the set the master last published to them.
+
+    No reload, no new generation: the same set, once more. Only possible while
+    the master's set is still that one (same digest); otherwise the secondary
+    waits for the next publish, and status says so. Returns [] when another
+    publish holds the lock (the caller tries again later).
+    """
+    if not secondaries:
+        return []
+    mine = master_identity(settings)
+    try:
+        lock = publish_lock(settings, lock_timeout)
+        lock.acquire()
+    except filelock.Timeout:
+        return []
+    try:
+        ledger = Ledger(settings)
+        entries = ledger.read()
+        scanned = scan(settings.data_dir, HashCache(settings.state_dir / "hashcache.json"),
+                       settings.include, settings.exclude)
+        digest = scanned.manifest.digest
+        todo: list[Secondary] = []
+        for secondary in secondaries:
+            entry = entries.get(secondary.name) or {}
+            if entry.get("wanted_digest") == digest and not scanned.unsafe:
+                todo.append(secondary)
+            else:
+                ledger.record_stale(secondary, f"the master's set changed since generation "
+                                    f"{entry.get('wanted_generation')} was published; the next "
+                                    "publish brings it here")
+        if not todo:
+            return []
+        by_generation: dict[int, list[Secondary]] = {}
+        for secondary in todo:
+            by_generation.setdefault(int(entries[secondary.name]["wanted_generation"]), []).append(secondary)
+        results: list[PushResult] = []
+        for generation, group in sorted(by_generation.items()):
+            local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
+
+            def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
+                return push(secondary, settings, local, mine, False, False,
+                            lambda n: (observer.progress(secondary, n) if observer else None))
+
+            done = fan_out(group, one, None, max_parallel, False, observer)
+            _record(settings, done, generation, digest, "agent", mine["self"], "catch-up")
+            results += done
+        return results
+    finally:
+        lock.release()

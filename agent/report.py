@@ -1,9 +1,16 @@
 """How a publish looks to a person: one line per secondary, then what went wrong."""
 from __future__ import annotations
 
+import sys
+import threading
+from typing import Any
+
 import click
 
-from .fleet import PublishReport
+from app.core.express import Secondary
+
+from .fleet import Observer, PublishReport
+from .push import PushResult
 
 
 def human_bytes(n: int) -> str:
@@ -32,3 +39,73 @@ def print_publish(report: PublishReport) -> None:
     failed = [r for r in report.secondaries if not r.ok]
     click.echo("all secondaries in sync" if not failed else
                f"{len(failed)} of {len(report.secondaries)} secondaries not in sync")
+
+
+def caller_name() -> str:
+    """Who asked, for the audit log and the publish history: this user on this master."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"command line ({user}@{socket.gethostname()})"
+
+
+class ProgressBars(Observer):
+    """One bar per secondary (bytes sent) on a terminal; nothing at all otherwise."""
+
+    def __init__(self, secondaries: list[Secondary], enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[Secondary, Any] = {}
+        self.secondaries = secondaries
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> "ProgressBars":
+        if self.enabled:
+            from tqdm import tqdm
+
+            width = max(len(s.name) for s in self.secondaries) if self.secondaries else 10
+            for position, secondary in enumerate(self.secondaries):
+                self.bars[secondary] = tqdm(desc=f"{secondary.name:{width}}", unit="B",
+                                            unit_scale=True, unit_divisor=1024, position=position,
+                                            leave=True, file=sys.stderr, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    def progress(self, secondary: Secondary, sent: int) -> None:
+        bar = self.bars.get(secondary)
+        if bar is not None:
+            with self.lock:
+                bar.update(sent)
+
+    def done(self, secondary: Secondary, result: PushResult) -> None:
+        bar = self.bars.get(secondary)
+        if bar is not None:
+            with self.lock:
+                bar.set_postfix_str(result.state, refresh=True)
+
+
+def print_status(status: dict[str, Any]) -> None:
+    published = status.get("generation")
+    click.echo(f"master: last published generation {published if published is not None else 'none'}"
+               f"; agent {'running' if status['agent']['running'] else 'NOT running'}")
+    width = max([len(s["name"]) for s in status["secondaries"]] + [9])
+    click.echo(f"{'secondary':{width}}  {'state':11}  {'generation':>10}  {'archive':>10}  last contact")
+    for s in status["secondaries"]:
+        archive = human_bytes(s["archive_bytes"]) if s["archive_bytes"] is not None else "?"
+        generation = "-" if s["generation"] is None else str(s["generation"])
+        click.echo(f"{s['name']:{width}}  {s['state']:11}  {generation:>10}  {archive:>10}  "
+                   f"{s['last_contact'] or 'never'}")
+    for s in status["secondaries"]:
+        if s["state"] != "in-sync":
+            click.echo(f"{s['name']}: {s['state']}: {s['detail']}")
+        for warning in s["unreadable_paths"]:
+            click.echo(f"{s['name']}: warning: {warning}")
+    bad = [s for s in status["secondaries"] if s["state"] != "in-sync"]
+    click.echo("all secondaries in sync" if not bad else
+               f"{len(bad)} of {len(status['secondaries'])} secondaries not in sync")

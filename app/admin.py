@@ -1,12 +1,21 @@
-"""Admin routes (SPEC §5): archive management and this server's status."""
+"""Admin routes (SPEC §5): archive management, publish requests and this server's status."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+import json
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, render_template, request
 
 from .core.apply import WorkingDir
-from .core.errors import BadRequest
+from .core.audit import audit, now_iso
+from .core.errors import BadRequest, ConfigError, Conflict
+from .core.express import Secondary, read_mirrors, resolve_canary, select_secondaries
+from .core.ledger import agent_pulse, fleet_status
+from .core.publishes import PublishQueue, parse_options
+from .core.settings import Settings
 
 bp = Blueprint("admin", __name__)
+STATUS_REFRESH_SECONDS = 10
 
 
 def _workdir() -> WorkingDir:
@@ -39,3 +48,82 @@ def archive_clear():  # type: ignore[no-untyped-def]
 def archive_restore(archive_id: str):  # type: ignore[no-untyped-def]
     """The same as ``esmirror archive restore ID`` on this server."""
     return jsonify(_workdir().restore(archive_id).to_json())
+
+
+# --- publish, status (issue 6) ----------------------------------------------------
+# The web app never pushes: POST publish leaves a request in the queue on disk
+# and the agent (`esmirror agent`) runs it. Both read the same files.
+
+def _settings() -> Settings:
+    return current_app.config["SETTINGS"]
+
+
+def _targets(settings: Settings, options: dict[str, Any]) -> list[Secondary]:
+    """The secondaries a request names: 409 on a server that is not a master, 400 on a bad name."""
+    try:
+        mirrors = read_mirrors(settings.iserv_cfg)
+    except ConfigError as exc:
+        raise Conflict(f"this server cannot publish: {exc.message}") from None
+    if not mirrors:
+        raise Conflict(f"this server has no <Mirrors> in {settings.iserv_cfg}: it is not a master, "
+                       "so there is nothing to publish to. Publish on the master")
+    try:
+        targets = select_secondaries(settings, options["secondaries"])
+        resolve_canary(settings, targets, options["canary"])
+    except ConfigError as exc:
+        raise BadRequest(exc.message) from None
+    return targets
+
+
+@bp.post("/publish")
+def publish_request():  # type: ignore[no-untyped-def]
+    settings = _settings()
+    body = request.get_data(cache=False, as_text=False) if request.content_length else b""
+    if len(body) > 64 * 1024:
+        raise BadRequest("a publish request is a small JSON object; this body is too large")
+    try:
+        data = json.loads(body) if body.strip() else {}
+    except ValueError:
+        raise BadRequest("the publish body is not JSON; send {} or {\"secondaries\": [...], "
+                         "\"canary\": ..., \"max_parallel\": N, \"stop_on_failure\": true}") from None
+    options = parse_options(data)
+    targets = _targets(settings, options)
+    caller = request.environ.get("esmirror.client")
+    record = PublishQueue(settings).submit(options, caller, [t.name for t in targets])
+    audit(settings, "publish-request", caller=caller, master=_workdir().self_id, generation=None,
+          files=None, outcome="queued", id=record["id"])
+    pulse = agent_pulse(settings)
+    answer = {"id": record["id"], "state": record["state"],
+              "url": f"{request.script_root}/publish/{record['id']}", "agent": pulse}
+    if not pulse["running"]:
+        answer["warning"] = ("no esmirror agent is running on this master: the request waits in the "
+                             "queue until one starts (esmirror agent, or its service)")
+    return jsonify(answer), 202
+
+
+@bp.get("/publish/<request_id>")
+def publish_progress(request_id: str):  # type: ignore[no-untyped-def]
+    return jsonify(PublishQueue(_settings()).get(request_id))
+
+
+def _status() -> dict[str, Any]:
+    from .peer import identity
+
+    settings = _settings()
+    status = fleet_status(settings)
+    if status["role"] == "secondary":
+        status["self"] = identity()
+    return status
+
+
+@bp.get("/status")
+def status_json():  # type: ignore[no-untyped-def]
+    return jsonify(_status())
+
+
+@bp.get("/")
+def status_page():  # type: ignore[no-untyped-def]
+    status = _status()
+    html = render_template("status.html", status=status, refresh=STATUS_REFRESH_SECONDS,
+                           server=request.host, now=now_iso())
+    return html, 200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"}

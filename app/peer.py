@@ -8,8 +8,9 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .core import PROTOCOL, __version__
 from .core.apply import CommitRequest, WorkingDir, check_room, room
+from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
-from .core.errors import BadRequest, LengthRequired, TooLarge
+from .core.errors import BadRequest, LengthRequired, MirrorError, TooLarge
 from .core.express import express_version, platform_tag
 from .core.settings import Settings
 
@@ -63,6 +64,7 @@ def identity() -> dict[str, Any]:
         "self": workdir.self_id,
         "drift": bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,
+        "archive_bytes": sum(entry["bytes"] for entry in workdir.archives()),
         "max_upload_bytes": settings.max_upload_bytes,
         "free_bytes": free,        # the agent checks a whole push fits before sending a byte
         "reserve_bytes": reserve,
@@ -116,5 +118,16 @@ def commit():  # type: ignore[no-untyped-def]
     data = request.get_json(force=True, silent=True) if length else None
     if data is None:
         raise BadRequest("the commit body is not JSON; send {generation, master, base, files}")
-    result = _workdir().commit(CommitRequest.from_json(data))
+    caller = request.environ.get("esmirror.client")
+    try:
+        commit_request = CommitRequest.from_json(data)
+        result = _workdir().commit(commit_request)
+    except MirrorError as exc:
+        audit(_settings(), "commit", caller=caller, master=data.get("master") if isinstance(data, dict)
+              else None, generation=data.get("generation") if isinstance(data, dict) else None,
+              files=None, outcome=f"refused {exc.status}", error=exc.message)
+        raise
+    audit(_settings(), "commit", caller=caller, master=commit_request.master,
+          generation=result.generation, outcome="ok", archive_id=result.archive_id,
+          files={"added": result.added, "changed": result.changed, "removed": result.removed})
     return jsonify(result.to_json())

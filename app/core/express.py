@@ -88,6 +88,37 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
     return secondaries
 
 
+def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:
+    """The Mirrors list, or the members named ``HOST`` or ``HOST:PORT`` (``[v6]:PORT``)."""
+    mirrors = read_mirrors(settings.iserv_cfg)
+    if not mirrors:
+        raise ConfigError(f"{settings.iserv_cfg} has no <Mirrors> element: this server is not a "
+                          "master. Add <Mirrors><Secondary host=\"…\"/></Mirrors> after <ImageManager>")
+    if not wanted:
+        return mirrors
+    chosen: list[Secondary] = []
+    for want in wanted:
+        match = [m for m in mirrors
+                 if want in (m.host, m.name, f"[{m.host}]", f"[{m.host}]:{m.port}")]
+        if not match:
+            listed = ", ".join(m.name for m in mirrors)
+            raise ConfigError(f"--secondary {want} is not in the Mirrors list of "
+                              f"{settings.iserv_cfg} ({listed})")
+        chosen += [m for m in match if m not in chosen]
+    return chosen
+
+
+def resolve_canary(settings: Settings, targets: list[Secondary], canary: str | None) -> Secondary | None:
+    """The ``--canary`` secondary: exactly one of those being published to."""
+    if not canary:
+        return None
+    chosen = select_secondaries(settings, [canary])
+    if len(chosen) != 1 or chosen[0] not in targets:
+        raise ConfigError(f"--canary {canary} must name exactly one of the secondaries being "
+                          f"published to ({', '.join(t.name for t in targets)})")
+    return chosen[0]
+
+
 def express_version(settings: Settings) -> str:
     """Express Server's version as this install states it: esmirror.ini, else ``unknown``."""
     return settings.express_version or "unknown"

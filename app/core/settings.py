@@ -68,6 +68,9 @@ class Settings:
     max_upload_bytes: int = 4 * 1024**3
     include: tuple[str, ...] = ("**",)
     exclude: tuple[str, ...] = ()
+    retry_initial: float = 5.0     # agent: first wait before retrying a secondary (seconds)
+    retry_max: float = 300.0       # agent: longest wait between retries (seconds)
+    check_interval: float = 60.0   # agent: how often it looks at every secondary for status
     source: str = ""  # the ini file these came from, for messages
 
     # --- install layout (SPEC §1) ---------------------------------------
@@ -159,6 +162,9 @@ _PARSERS: dict[str, Any] = {
     "max_upload_bytes": parse_size,
     "include": lambda t: tuple(split_list(t)) or ("**",),
     "exclude": lambda t: tuple(split_list(t)),
+    "retry_initial": _parse_float,
+    "retry_max": _parse_float,
+    "check_interval": _parse_float,
 }
 
 

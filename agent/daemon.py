@@ -1,0 +1,218 @@
+"""``esmirror agent``: the long-running push agent on the master.
+
+It takes publish requests that ``POST publish`` left in the queue on disk,
+runs them (one at a time, under the same publish lock as ``esmirror publish``),
+and brings back secondaries that missed a push: each is retried with
+exponential backoff and jitter (``retry_initial`` .. ``retry_max``) until it
+confirms the generation the master wants there. Every ``check_interval`` it
+browses every secondary so the status page shows drift, archive size and
+unreadable Paths without anyone asking.
+
+Restarts are safe: a request is on disk before its 202, a request found
+``running`` at start is run again (pushing the whole set is idempotent), and a
+secondary's debt is in the ledger, not in memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import filelock
+
+from app.core.audit import now_iso
+from app.core.errors import MirrorError
+from app.core.express import Secondary, select_secondaries
+from app.core.faults import crash_point
+from app.core.ledger import Ledger
+from app.core.publishes import PublishQueue
+from app.core.settings import Settings
+from app.core.state import write_json
+
+from .fleet import Observer, catch_up, publish, resolve_canary
+from .push import PushResult
+from .status import check_fleet
+
+log = logging.getLogger("esmirror.agent")
+TICK = 0.5               # how often the queue is looked at (seconds)
+PROGRESS_EVERY = 0.5     # at most this often is a running request's progress written
+
+
+class AgentRunning(MirrorError):
+    """Another agent already looks after this master."""
+
+
+class RecordObserver(Observer):
+    """Keeps a request's file up to date while its publish runs (what GET publish/<id> shows)."""
+
+    def __init__(self, queue: PublishQueue, record: dict[str, Any]) -> None:
+        self.queue, self.record = queue, record
+        self.rows = {row["name"]: row for row in record["secondaries"]}
+        self.lock = threading.Lock()
+        self.last_write = 0.0
+
+    def _row(self, secondary: Secondary) -> dict[str, Any]:
+        if secondary.name not in self.rows:
+            self.rows[secondary.name] = {"name": secondary.name, "state": "pending", "bytes_sent": 0,
+                                         "files_sent": 0, "error": None}
+            self.record["secondaries"].append(self.rows[secondary.name])
+        return self.rows[secondary.name]
+
+    def start(self, secondary: Secondary) -> None:
+        with self.lock:
+            self._row(secondary).update(state="pushing", bytes_sent=0, files_sent=0, error=None)
+            self.queue.save(self.record, durable=False)
+
+    def progress(self, secondary: Secondary, sent: int) -> None:
+        crash_point("agent-progress")  # tests kill the agent here: mid-publish
+        with self.lock:
+            self._row(secondary)["bytes_sent"] += sent
+            if time.monotonic() - self.last_write >= PROGRESS_EVERY:
+                self.last_write = time.monotonic()
+                self.queue.save(self.record, durable=False)
+
+    def done(self, secondary: Secondary, result: PushResult) -> None:
+        with self.lock:
+            self._row(secondary).update(state=result.state, bytes_sent=result.bytes_sent,
+                                        files_sent=result.files_sent, error=result.error,
+                                        generation=result.generation, archive_id=result.archive_id)
+            self.queue.save(self.record)
+
+
+def _covers(newer: dict[str, Any], older: dict[str, Any]) -> bool:
+    """A newer request makes an older pending one pointless: same targets or more, as thorough."""
+    def targets(r: dict[str, Any]) -> set[str]:
+        return {row["name"] for row in r.get("secondaries") or []}
+    return targets(newer) >= targets(older) and (newer["options"].get("full") or
+                                                 not older["options"].get("full"))
+
+
+class Agent:
+    def __init__(self, settings: Settings, tick: float = TICK) -> None:
+        self.settings = settings
+        self.tick = tick
+        self.queue = PublishQueue(settings)
+        self.ledger = Ledger(settings)
+        self.started = now_iso()
+        self.next_check = 0.0
+
+    # --- the loop ----------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        select_secondaries(self.settings)  # not a master: say so now, not on the first request
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        single = filelock.FileLock(self.settings.state_dir / "agent.lock", timeout=0)
+        try:
+            single.acquire()
+        except filelock.Timeout:
+            raise AgentRunning(f"another esmirror agent already runs for {self.settings.install_dir} "
+                               f"(lock {self.settings.state_dir / 'agent.lock'})") from None
+        try:
+            self.resume()
+            log.info("agent started for %s", self.settings.install_dir)
+            while not stop.is_set():
+                self.heartbeat()
+                try:
+                    self.step()
+                except MirrorError as exc:  # a broken iserv-cfg.xml, say: keep going, say why
+                    log.error("%s", exc.message)
+                stop.wait(self.tick)
+        finally:
+            self.heartbeat(stopped=True)
+            single.release()
+            log.info("agent stopped")
+
+    def step(self) -> None:
+        """One pass: the oldest pending request, else catch-up, and the periodic look."""
+        pending = self.queue.pending()
+        if pending:
+            self.handle(pending[0], pending[1:])
+            return
+        mirrors = select_secondaries(self.settings)
+        due = self.ledger.due(mirrors)
+        if due:
+            log.info("catching up %s", ", ".join(s.name for s in due))
+            for result in catch_up(self.settings, due):
+                log.info("catch-up %s:%s: %s %s", result.host, result.port, result.state,
+                         result.error or "")
+        if time.monotonic() >= self.next_check:
+            self.next_check = time.monotonic() + self.settings.check_interval
+            check_fleet(self.settings, mirrors)
+
+    def resume(self) -> None:
+        """Requests a previous agent left running are run again."""
+        for record in self.queue.pending():
+            if record["state"] == "running":
+                log.warning("publish %s was interrupted (agent stopped); running it again", record["id"])
+                record["state"] = "queued"
+                self.queue.save(record)
+
+    def heartbeat(self, stopped: bool = False) -> None:
+        write_json(self.settings.state_dir / "agent.json",
+                   {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
+                    "stopped": stopped}, durable=False)
+
+    # --- one request ------------------------------------------------------------
+    def handle(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> None:
+        covering = [r for r in newer if _covers(r, record)]
+        if covering:
+            record.update(state="superseded", superseded_by=covering[-1]["id"], finished=now_iso())
+            self.queue.save(record)
+            log.info("publish %s superseded by %s", record["id"], covering[-1]["id"])
+            return
+        options = record["options"]
+        try:
+            targets = select_secondaries(self.settings, options.get("secondaries") or [])
+            canary = resolve_canary(self.settings, targets, options.get("canary"))
+        except MirrorError as exc:
+            record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
+            self.queue.save(record)
+            return
+        record.update(state="running", started=record.get("started") or now_iso(),
+                      runs=int(record.get("runs") or 0) + 1, agent_pid=os.getpid())
+        for row in record["secondaries"]:
+            row.update(state="pending", bytes_sent=0, files_sent=0, error=None)
+        self.queue.save(record)
+        log.info("publish %s asked by %s: running", record["id"], record.get("caller"))
+        try:
+            report = publish(self.settings, targets, full=bool(options.get("full")),
+                             force=bool(options.get("force")), canary=canary,
+                             max_parallel=options.get("max_parallel"),
+                             stop_on_failure=bool(options.get("stop_on_failure")),
+                             observer=RecordObserver(self.queue, record), caller=record.get("caller"),
+                             history=False, lock_timeout=self.tick)
+        except filelock.Timeout:  # `esmirror publish` is pushing: this request waits its turn
+            record["state"] = "queued"
+            self.queue.save(record)
+            return
+        except MirrorError as exc:
+            record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
+            self.queue.save(record)
+            log.error("publish %s failed: %s", record["id"], exc.message)
+            return
+        record.update(state="done", ok=report.ok, generation=report.generation, digest=report.digest,
+                      finished=now_iso(), warnings=report.warnings)
+        self.queue.save(record)
+        self.queue.prune()
+        log.info("publish %s: generation %s, %s", record["id"], report.generation,
+                 "all in sync" if report.ok else "not all in sync")
+
+
+def run_agent(settings: Settings, verbose: bool = False) -> None:
+    """Run until SIGTERM/SIGINT (systemd stop, Ctrl-C, a Windows service stop)."""
+    import signal
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s esmirror agent: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %s: stopping after the current push", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_signal)
+    Agent(settings).run(stop)

@@ -1,0 +1,228 @@
+"""The master's ledger: what each secondary should hold, what it was last seen holding.
+
+``.esmirror/ledger.json``, one entry per secondary (``host:port``), updated
+under a file lock by whoever talks to the secondary (``esmirror publish``, the
+agent, ``esmirror status``). The status of the fleet (SPEC §4: in-sync, behind,
+drift, unreachable, refused) is computed here from the ledger and the
+master's last publish, so the CLI, ``GET status`` and the HTML page agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Any, Iterator
+
+import filelock
+
+from .audit import now_iso
+from .express import Secondary, read_mirrors
+from .errors import ConfigError
+from .publishes import PublishQueue
+from .settings import Settings
+from .state import read_json, write_json
+
+STATES = ("in-sync", "behind", "drift", "unreachable", "refused")
+
+
+def master_record(settings: Settings) -> dict[str, Any]:
+    """The master's last publish: ``{generation, digest, published_at}`` (empty before the first)."""
+    return read_json(settings.state_dir / "master.json", {}) or {}
+
+
+def retry_delay(settings: Settings, failures: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter, never above ``retry_max``.
+
+    Half the delay is fixed and half random ("equal jitter"): secondaries that
+    failed together do not all come back at the same instant, and a retry still
+    comes no later than the bound.
+    """
+    delay = min(settings.retry_max, settings.retry_initial * 2 ** max(0, failures - 1))
+    return delay / 2 + (rng or random).uniform(0, delay / 2)
+
+
+def _blank(secondary: Secondary) -> dict[str, Any]:
+    return {"host": secondary.host, "port": secondary.port, "wanted_generation": None,
+            "wanted_digest": None, "confirmed_generation": None, "confirmed_digest": None,
+            "observed": None, "last_contact": None, "unreachable_since": None, "error": None,
+            "refused": None, "last_push": None, "failures": 0, "next_retry": None, "stale": None}
+
+
+class Ledger:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.path = settings.state_dir / "ledger.json"
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        return read_json(self.path, {}) or {}
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, dict[str, Any]]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(self.path) + ".lock", timeout=60):
+            data = self.read()
+            yield data
+            write_json(self.path, data)
+
+    def entry(self, data: dict[str, dict[str, Any]], secondary: Secondary) -> dict[str, Any]:
+        return data.setdefault(secondary.name, _blank(secondary))
+
+    # --- what talking to a secondary taught us -----------------------------
+    def record_contact(self, secondary: Secondary, info: dict[str, Any],
+                       refused: str | None = None) -> None:
+        """A browse answered: what it holds now, and whether it refuses this master."""
+        with self.edit() as data:
+            entry = self.entry(data, secondary)
+            _observe(entry, info)
+            entry["refused"] = refused
+
+    def record_unreachable(self, secondary: Secondary, error: str, refused: bool = False) -> None:
+        """No answer (or a TLS failure, which is a refusal: the channel is wrong, not down)."""
+        with self.edit() as data:
+            entry = self.entry(data, secondary)
+            if refused:
+                entry["refused"], entry["unreachable_since"] = error, None
+            else:
+                entry["unreachable_since"] = entry["unreachable_since"] or now_iso()
+            entry["error"] = error
+
+    def record_push(self, secondary: Secondary, result: dict[str, Any], generation: int,
+                    digest: str, rng: random.Random | None = None) -> None:
+        """A push ended: the secondary should now hold (generation, digest); did it?"""
+        with self.edit() as data:
+            entry = self.entry(data, secondary)
+            entry["wanted_generation"], entry["wanted_digest"] = generation, digest
+            entry["stale"] = None
+            state = result.get("state")
+            entry["last_push"] = {k: result.get(k) for k in
+                                  ("state", "error", "bytes_sent", "files_sent", "generation")}
+            entry["last_push"]["at"] = now_iso()
+            entry["last_push"]["wanted_generation"] = generation
+            tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
+            if state == "in-sync":
+                entry["confirmed_generation"], entry["confirmed_digest"] = generation, digest
+                entry["failures"], entry["next_retry"] = 0, None
+                entry["refused"] = entry["error"] = None
+                _observe(entry, {"generation": result.get("generation"), "drift": False,
+                                 "digest": result.get("digest") or digest})
+                return
+            entry["failures"] = int(entry.get("failures") or 0) + 1
+            entry["next_retry"] = time.time() + retry_delay(self.settings, entry["failures"], rng)
+            entry["error"] = result.get("error")
+            if state == "unreachable" and not tls:
+                entry["unreachable_since"] = entry["unreachable_since"] or now_iso()
+            else:
+                entry["unreachable_since"] = None
+                entry["last_contact"] = now_iso()
+                if tls:
+                    entry["refused"] = result.get("error")
+
+    def record_stale(self, secondary: Secondary, why: str) -> None:
+        """Catch-up is impossible until the next publish (the master's set moved on)."""
+        with self.edit() as data:
+            entry = self.entry(data, secondary)
+            entry["stale"], entry["next_retry"] = why, None
+
+    def due(self, mirrors: list[Secondary], now: float | None = None) -> list[Secondary]:
+        """Secondaries that lag what was pushed to them and whose retry time has come."""
+        now = time.time() if now is None else now
+        data = self.read()
+        out = []
+        for secondary in mirrors:
+            entry = data.get(secondary.name)
+            if not entry or entry.get("wanted_generation") is None or entry.get("stale"):
+                continue
+            behind = (entry.get("confirmed_generation") != entry.get("wanted_generation")
+                      or entry.get("confirmed_digest") != entry.get("wanted_digest"))
+            if behind and (entry.get("next_retry") or 0) <= now:
+                out.append(secondary)
+        return out
+
+
+def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
+    entry["observed"] = {"generation": info.get("generation"), "digest": info.get("digest"),
+                         "drift": bool(info.get("drift")), "master": info.get("master"),
+                         "archive_bytes": info.get("archive_bytes",
+                                                   (entry.get("observed") or {}).get("archive_bytes")),
+                         "warnings": list(info.get("warnings") or []),
+                         "express_version": info.get("express_version"), "at": now_iso()}
+    entry["last_contact"] = now_iso()
+    entry["unreachable_since"] = None
+    entry["error"] = None
+
+
+def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> tuple[str, str]:
+    """(state, what a person should know) for one secondary."""
+    if not entry or not (entry.get("observed") or entry.get("unreachable_since") or entry.get("refused")
+                         or entry.get("last_push")):
+        return "unknown", "not contacted yet (run 'esmirror status', or start 'esmirror agent')"
+    if entry.get("unreachable_since"):
+        return "unreachable", f"since {entry['unreachable_since']}: {entry.get('error') or ''}".strip()
+    if entry.get("refused"):
+        return "refused", entry["refused"]
+    push = entry.get("last_push") or {}
+    if push.get("state") == "refused":
+        return "refused", push.get("error") or ""
+    seen = entry.get("observed") or {}
+    if seen.get("drift"):
+        return "drift", (f"files were changed by hand after generation {seen.get('generation')} was "
+                         "applied; the next publish repairs them and archives the edited files")
+    if published.get("digest") and seen.get("digest") == published["digest"]:
+        return "in-sync", f"generation {seen.get('generation')}"
+    if not published.get("generation"):
+        return "behind", "this master has not published yet"
+    detail = (f"holds generation {seen.get('generation')}, the master published generation "
+              f"{published['generation']}")
+    if entry.get("stale"):
+        detail += f"; {entry['stale']}"
+    elif push.get("state") not in (None, "in-sync") and push.get("error"):
+        detail += f"; last push {push['state']}: {push['error']}"
+        if entry.get("next_retry"):
+            detail += f" (the agent retries at {time.strftime('%H:%M:%S', time.localtime(entry['next_retry']))})"
+    return "behind", detail
+
+
+def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
+    """Every secondary's state from the ledger, the last publishes, and the agent's pulse."""
+    try:
+        mirrors = read_mirrors(settings.iserv_cfg)
+    except ConfigError:
+        mirrors = []
+    published = master_record(settings)
+    ledger = Ledger(settings).read()
+    rows = []
+    for secondary in mirrors:
+        entry = ledger.get(secondary.name)
+        state, detail = secondary_state(entry, published)
+        seen = (entry or {}).get("observed") or {}
+        rows.append({"name": secondary.name, "host": secondary.host, "port": secondary.port,
+                     "ssl": secondary.ssl, "state": state, "detail": detail,
+                     "generation": seen.get("generation"),
+                     "wanted_generation": (entry or {}).get("wanted_generation"),
+                     "confirmed_generation": (entry or {}).get("confirmed_generation"),
+                     "last_contact": (entry or {}).get("last_contact"),
+                     "unreachable_since": (entry or {}).get("unreachable_since"),
+                     "refused": (entry or {}).get("refused"),
+                     "archive_bytes": seen.get("archive_bytes"),
+                     "unreadable_paths": seen.get("warnings") or [],
+                     "next_retry": (entry or {}).get("next_retry"),
+                     "last_push": (entry or {}).get("last_push")})
+    publishes = [{k: r.get(k) for k in ("id", "created", "caller", "state", "ok", "generation",
+                                        "error", "finished")}
+                 | {"secondaries": [{k: s.get(k) for k in ("name", "state", "error")}
+                                    for s in r.get("secondaries") or []]}
+                 for r in PublishQueue(settings).history(history)]
+    return {"role": "master" if mirrors else "secondary",
+            "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows),
+            "generation": published.get("generation"), "digest": published.get("digest"),
+            "published_at": published.get("published_at"),
+            "agent": agent_pulse(settings), "secondaries": rows, "publishes": publishes}
+
+
+def agent_pulse(settings: Settings) -> dict[str, Any]:
+    """Whether an agent is looking after this master: its heartbeat file, and how fresh."""
+    beat = read_json(settings.state_dir / "agent.json", {}) or {}
+    age = time.time() - float(beat.get("heartbeat") or 0)
+    running = bool(beat) and not beat.get("stopped") and age < max(30.0, 10 * 1.0)
+    return {"running": running, "pid": beat.get("pid"), "started": beat.get("started"),
+            "seconds_since_heartbeat": round(age, 1) if beat else None}

@@ -1,0 +1,124 @@
+"""Publish requests on disk: the durable queue between the web app and the agent.
+
+Each request is one JSON file ``.esmirror/queue/<id>.json`` written atomically
+(``state.write_json``). The web app only creates files (state ``queued``);
+the agent moves them through ``running`` to ``done`` / ``failed`` /
+``superseded``, and records per-secondary progress in the same file. Either
+side may restart at any moment: a request is on disk before the 202 is sent,
+and a request found ``running`` when an agent starts is run again. Finished
+records stay as the publish history (the newest ``HISTORY_KEEP``); publishes
+made with ``esmirror publish`` are recorded here too, already finished.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .audit import now_iso
+from .errors import BadRequest, NotFound
+from .settings import Settings
+from .state import read_json, write_json
+
+HISTORY_KEEP = 50
+PENDING = ("queued", "running")
+_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
+
+
+def queue_dir(settings: Settings) -> Path:
+    return settings.state_dir / "queue"
+
+
+def new_id() -> str:
+    # sortable by creation time, unique across processes
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def parse_options(data: Any) -> dict[str, Any]:
+    """The rollout options of a publish request, checked: bad input is a 400, never a 500."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadRequest("the publish body must be a JSON object (or empty)")
+    known = {"secondaries", "full", "force", "canary", "max_parallel", "stop_on_failure"}
+    unknown = set(data) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s) in publish: {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    secondaries = data.get("secondaries") or []
+    if not isinstance(secondaries, list) or not all(isinstance(s, str) and s for s in secondaries):
+        raise BadRequest("'secondaries' must be a list of HOST or HOST:PORT strings")
+    for flag in ("full", "force", "stop_on_failure"):
+        if not isinstance(data.get(flag, False), bool):
+            raise BadRequest(f"'{flag}' must be true or false")
+    canary = data.get("canary")
+    if canary is not None and (not isinstance(canary, str) or not canary):
+        raise BadRequest("'canary' must be HOST or HOST:PORT of one secondary")
+    max_parallel = data.get("max_parallel")
+    if max_parallel is not None and (not isinstance(max_parallel, int) or isinstance(max_parallel, bool)
+                                     or not 1 <= max_parallel <= 1000):
+        raise BadRequest("'max_parallel' must be a whole number from 1 to 1000")
+    return {"secondaries": secondaries, "full": bool(data.get("full", False)),
+            "force": bool(data.get("force", False)), "canary": canary,
+            "max_parallel": max_parallel, "stop_on_failure": bool(data.get("stop_on_failure", False))}
+
+
+class PublishQueue:
+    def __init__(self, settings: Settings) -> None:
+        self.dir = queue_dir(settings)
+
+    def path(self, request_id: str) -> Path:
+        if not _ID_RE.match(request_id):
+            raise NotFound(f"no publish {request_id!r} on this master (ids look like "
+                           "20260101T120000-1a2b3c4d)")
+        return self.dir / f"{request_id}.json"
+
+    def submit(self, options: dict[str, Any], caller: str | None, targets: list[str],
+               state: str = "queued") -> dict[str, Any]:
+        record = {"id": new_id(), "created": now_iso(), "caller": caller, "options": options,
+                  "state": state, "ok": None, "generation": None, "digest": None, "error": None,
+                  "started": None, "finished": None, "superseded_by": None, "runs": 0,
+                  "secondaries": [{"name": t, "state": "pending", "bytes_sent": 0, "files_sent": 0,
+                                   "error": None} for t in targets]}
+        self.save(record)
+        return record
+
+    def save(self, record: dict[str, Any], durable: bool = True) -> None:
+        write_json(self.path(record["id"]), record, durable=durable)
+
+    def get(self, request_id: str) -> dict[str, Any]:
+        record = read_json(self.path(request_id))
+        if record is None:
+            raise NotFound(f"no publish {request_id} on this master")
+        return record
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every record, oldest first; a half-written or foreign file is skipped."""
+        records = []
+        if not self.dir.is_dir():
+            return records
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                record = read_json(path)
+            except (ValueError, OSError):
+                continue
+            if isinstance(record, dict) and "id" in record:
+                records.append(record)
+        return records
+
+    def pending(self) -> list[dict[str, Any]]:
+        return [r for r in self.all() if r.get("state") in PENDING]
+
+    def history(self, count: int = 10) -> list[dict[str, Any]]:
+        return list(reversed(self.all()))[:count]
+
+    def prune(self, keep: int = HISTORY_KEEP) -> None:
+        finished = [r for r in self.all() if r.get("state") not in PENDING]
+        for record in finished[:-keep] if keep else finished:
+            try:
+                os.unlink(self.path(record["id"]))
+            except OSError:
+                pass

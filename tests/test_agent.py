@@ -1,0 +1,225 @@
+"""Issue 6: the publish endpoint and the push agent, end to end on real servers and processes."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agentproc import FAST_AGENT, AgentProcess, audit_lines, http, wait_for
+from conftest import esmirror, set_files
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[AgentProcess] = []
+
+    def start(install, env=None):
+        agent = AgentProcess(install, tmp_path / f"agent-{len(started)}.log", env).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def master_fleet(fleet, make_receiver, count=2, start=True):
+    f = fleet(count, master_ini=FAST_AGENT, start=start)
+    master = make_receiver(f.master)
+    return f, master
+
+
+def progress(master, request_id):
+    answer = http().get(f"{master.url}/publish/{request_id}", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def finished(master, request_id):
+    record = progress(master, request_id)
+    return record if record["state"] in ("done", "failed", "superseded") else None
+
+
+def test_publish_through_endpoint_runs_in_agent_and_lands_on_both(fleet, make_receiver, agents):
+    f, master = master_fleet(fleet, make_receiver)
+    web = http()
+    # two requests before any agent runs: they wait on disk, the newer supersedes the older
+    first = web.post(f"{master.url}/publish", json={}, timeout=10)
+    assert first.status_code == 202, first.text
+    assert "no esmirror agent is running" in first.json()["warning"]
+    second = web.post(f"{master.url}/publish", json={"max_parallel": 1}, timeout=10)
+    assert second.status_code == 202, second.text
+    first_id, second_id = first.json()["id"], second.json()["id"]
+    assert progress(master, second_id)["state"] == "queued"
+    assert all(set_files(s.data_dir) == {} for s in f.secondaries)  # the web app never pushes
+
+    agent = agents(f.master)
+    record = wait_for("the agent finishes the publish", lambda: finished(master, second_id), 90)
+    assert record["state"] == "done" and record["ok"] is True, record
+    assert [(s["name"], s["state"]) for s in record["secondaries"]] == [
+        (f"127.0.0.1:{r.port}", "in-sync") for r in f.receivers]
+    assert all(s["files_sent"] == 8 and s["bytes_sent"] > 3 * 1024 * 1024 for s in record["secondaries"])
+    assert record["caller"] == "127.0.0.1" and record["generation"] == 1
+    older = progress(master, first_id)
+    assert older["state"] == "superseded" and older["superseded_by"] == second_id
+    for s in f.secondaries:
+        assert set_files(s.data_dir) == set_files(f.master.data_dir)
+
+    # the audit log: the request, the publish and each push on the master; a commit on each secondary
+    events = [(e["event"], e["outcome"]) for e in audit_lines(f.master)]
+    assert events.count(("publish-request", "queued")) == 2
+    assert ("publish", "ok") in events and events.count(("push", "in-sync")) == 2
+    publish_line = next(e for e in audit_lines(f.master) if e["event"] == "publish")
+    assert publish_line["caller"] == "127.0.0.1" and publish_line["generation"] == 1
+    assert publish_line["files"] == 8 and publish_line["master"]
+    for s in f.secondaries:
+        commits = [e for e in audit_lines(s) if e["event"] == "commit"]
+        assert len(commits) == 1, commits
+        assert commits[0]["caller"] == "127.0.0.1" and commits[0]["outcome"] == "ok"
+        assert commits[0]["generation"] == 1 and commits[0]["master"] == publish_line["master"]
+        assert commits[0]["files"] == {"added": 8, "changed": 0, "removed": 0}
+    assert agent.proc.poll() is None, agent.output()
+
+
+def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
+    from conftest import session_from
+
+    f, master = master_fleet(fleet, make_receiver, count=1)
+    web = http()
+    url = f"{master.url}/publish"
+    for body, words in ((b"{not json", "not JSON"), (b'{"canary": 5}', "canary"),
+                        (b'{"secondaries": ["elsewhere.example"]}', "not in the Mirrors list"),
+                        (b'{"max_parallel": 0}', "max_parallel"), (b'{"colour": 1}', "unknown field")):
+        answer = web.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert answer.status_code == 400, (body, answer.text)
+        assert words in answer.json()["error"]
+    stranger = session_from("127.0.0.2").post(url, json={}, timeout=10)
+    assert stranger.status_code == 403 and "allow_admin" in stranger.json()["error"]
+    assert web.get(f"{master.url}/publish/20260101T000000-deadbeef", timeout=10).status_code == 404
+    assert web.get(f"{master.url}/publish/..%2Fledger", timeout=10).status_code == 404
+    # a secondary has no Mirrors: nothing to publish to, 409 saying so
+    on_secondary = web.post(f"{f.receivers[0].url}/publish", json={}, timeout=10)
+    assert on_secondary.status_code == 409
+    assert "not a master" in on_secondary.json()["error"]
+    assert not (f.master.data_dir / ".esmirror" / "queue").exists() or \
+        not list((f.master.data_dir / ".esmirror" / "queue").glob("*.json"))
+
+
+def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_receiver, agents):
+    f, master = master_fleet(fleet, make_receiver, start=False)
+    f.receivers[0].start()
+    down = f.receivers[1]
+    down.env = {"ESMIRROR_CRASH_AT": "stage:1"}  # the receiver dies in the middle of the commit
+    down.start()
+    agents(f.master)
+    request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    record = wait_for("the publish ends", lambda: finished(master, request_id), 90)
+    states = {s["name"]: s["state"] for s in record["secondaries"]}
+    name = f"127.0.0.1:{down.port}"
+    assert states == {f"127.0.0.1:{f.receivers[0].port}": "in-sync", name: "unreachable"}, record
+    assert down.proc.poll() is not None  # it really died mid-publish
+
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    row = next(s for s in status["secondaries"] if s["name"] == name)
+    assert row["state"] == "unreachable" and row["unreachable_since"], row
+    assert "connection refused" in row["detail"]
+
+    down.env = None
+    down.start()  # same port, no fault
+    started = time.monotonic()
+    bound = float(FAST_AGENT["retry_max"])
+
+    def in_sync():
+        rows = http().get(f"{master.url}/status", timeout=10).json()["secondaries"]
+        return all(r["state"] == "in-sync" for r in rows) and rows
+    wait_for("the agent brings the restarted secondary in sync", in_sync, bound + 60)
+    elapsed = time.monotonic() - started
+    # the retry comes within the backoff bound (plus one push and a poll of slack on a busy machine)
+    assert elapsed < bound + 30, elapsed
+    assert set_files(f.secondaries[1].data_dir) == set_files(f.master.data_dir)
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 0, out
+    assert [s["state"] for s in status["secondaries"]] == ["in-sync", "in-sync"]
+    # no new publish: still generation 1, one request; the catch-up is in the audit log
+    assert status["generation"] == 1 and len(status["publishes"]) == 1
+    catchups = [e for e in audit_lines(f.master) if e["event"] == "push" and e.get("why") == "catch-up"]
+    assert catchups and catchups[-1]["outcome"] == "in-sync" and catchups[-1]["caller"] == "agent"
+
+
+def test_agent_killed_mid_publish_loses_no_request(fleet, make_receiver, agents):
+    f, master = master_fleet(fleet, make_receiver)
+    doomed = agents(f.master, env={"ESMIRROR_CRASH_AT": "agent-progress:1"})
+    request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    assert doomed.wait_exit(90) != 0, doomed.output()  # killed while bytes were on the way
+    assert progress(master, request_id)["state"] == "running"
+
+    agents(f.master)  # restart
+    record = wait_for("the restarted agent completes the publish",
+                      lambda: finished(master, request_id), 90)
+    assert record["state"] == "done" and record["ok"] is True, record
+    assert record["runs"] == 2
+    assert [s["state"] for s in record["secondaries"]] == ["in-sync", "in-sync"]
+    for s in f.secondaries:
+        assert set_files(s.data_dir) == set_files(f.master.data_dir)
+
+
+def test_second_agent_for_the_same_master_refuses(fleet, agents):
+    f = fleet(1, master_ini=FAST_AGENT, start=False)
+    first = agents(f.master)
+    wait_for("the first agent's heartbeat",
+             lambda: (f.master.data_dir / ".esmirror" / "agent.json").exists(), 30)
+    rc, _, out = esmirror("agent", "--install-dir", str(f.master.root), timeout=60)
+    assert rc == 1 and "another esmirror agent already runs" in out
+    assert first.proc.poll() is None
+    rc, _, out = esmirror("agent", "--install-dir", str(f.secondaries[0].root), timeout=60)
+    assert rc == 2 and "not a master" in out
+
+
+def test_drift_shows_in_status_and_next_publish_repairs_it_keeping_the_edit(fleet):
+    f = fleet(2)
+    assert f.publish()[0] == 0
+    edited = f.secondaries[0].data_dir / "indexes" / "tile-2.idx"
+    hand_made = b"edited by hand on the secondary"
+    edited.write_bytes(hand_made)
+
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    assert [s["state"] for s in status["secondaries"]] == ["drift", "in-sync"]
+    assert "by hand" in status["secondaries"][0]["detail"]
+    rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
+    assert rc == 1 and "drift" in out and "1 of 2 secondaries not in sync" in out
+
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    archived = [p for p in (f.secondaries[0].data_dir / "archive").rglob("tile-2.idx")]
+    assert [p.read_bytes() for p in archived] == [hand_made]
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 0, out
+    assert [s["state"] for s in status["secondaries"]] == ["in-sync", "in-sync"]
+    assert status["secondaries"][0]["archive_bytes"] == len(hand_made)
+
+
+def test_rollout_canary_and_stop_on_failure(fleet):
+    f = fleet(3)
+    down = f.receivers[0]
+    down.stop()
+    canary = f"127.0.0.1:{down.port}"
+    rc, report, out = f.publish("--canary", canary)
+    assert rc == 1, out
+    assert [s["state"] for s in report["secondaries"]] == ["unreachable", "skipped", "skipped"]
+    assert f"canary {canary} failed" in report["secondaries"][1]["error"]
+    assert all(set_files(s.data_dir) == {} for s in f.secondaries)
+
+    rc, report, out = f.publish("--max-parallel", "1", "--stop-on-failure")
+    assert rc == 1, out
+    assert [s["state"] for s in report["secondaries"]] == ["unreachable", "skipped", "skipped"]
+    assert "stop-on-failure" in report["secondaries"][2]["error"]
+
+    rc, report, out = f.publish("--canary", f"127.0.0.1:{f.receivers[1].port}", "--max-parallel", "1")
+    assert rc == 1, out
+    assert [s["state"] for s in report["secondaries"]] == ["unreachable", "in-sync", "in-sync"]
+    assert "B/s" not in out  # no progress bars when not on a terminal
+    rc, _, out = f.publish("--canary", "elsewhere.example")
+    assert rc == 2 and "not in the Mirrors list" in out
