@@ -247,6 +247,63 @@ def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> 
 
 
 @main.command()
+@install_dir_option
+@click.option("--httpd-conf", type=click.Path(dir_okay=False),
+              help="httpd's main config file (default: Debian's, then RHEL's usual place).")
+@click.option("--env-sh", type=click.Path(dir_okay=False),
+              help="Express Server's env.sh (default: ImageServer/etc/env.sh).")
+@click.option("--fix", is_flag=True,
+              help="Set LT_IS_USER in env.sh to httpd's user (a backup is kept); never edits httpd.conf.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, fix: bool,
+          as_json: bool) -> None:
+    """Doctor: settings, Mirrors, ca-bundle, catalogs, permissions, Apache User vs LT_IS_USER."""
+    from .doctor import print_check, run_check
+
+    report = run_check(install_dir, httpd_conf, env_sh, fix=fix)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_check(report)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@install_dir_option
+@click.argument("target", type=click.Choice(["apache", "iis"]))
+@click.option("--user", help="Account to render for; must equal LT_IS_USER of env.sh (the default).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the rendered files (default: ImageServer/etc/<apache|iis>/esmirror).")
+@click.option("--venv", help="The venv the web server runs esmirror from (default: this one).")
+@click.option("--backend", default="127.0.0.1:8081", show_default=True,
+              help="apache: loopback HOST:PORT of gunicorn for the mod_proxy variant.")
+@click.option("--httpd-conf", type=click.Path(dir_okay=False, exists=True),
+              help="apache: also refuse when this httpd config's User differs from LT_IS_USER.")
+@handle_errors
+def deploy(install_dir: str | None, target: str, user: str | None, out_dir: str | None,
+           venv: str | None, backend: str, httpd_conf: str | None) -> None:
+    """Render the Apache (mod_wsgi, mod_proxy) or IIS files for this install."""
+    from pathlib import Path
+
+    from .deploy import render_apache, render_iis
+
+    settings = settings_from(install_dir)
+    out = Path(out_dir) if out_dir else settings.etc_dir / target / "esmirror"
+    if target == "apache":
+        rendered = render_apache(settings, out, user, venv, backend, httpd_conf)
+    else:
+        rendered = render_iis(settings, out, user, venv)
+    for path in rendered.files:
+        click.echo(f"wrote {path}")
+    if rendered.user:
+        click.echo(f"account: {rendered.user} (LT_IS_USER)")
+    for note in rendered.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"where each file goes: deploy/{target}/README.md")
+
+
+@main.command()
 @click.option("--keep", is_flag=True, help="Keep the demo folder and print where it is.")
 @handle_errors
 def demo(keep: bool) -> None:

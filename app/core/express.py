@@ -1,6 +1,11 @@
-"""Express Server's own files: the ``Mirrors`` list of ``iserv-cfg.xml``."""
+"""Express Server's own files: the ``Mirrors`` list of ``iserv-cfg.xml``, ``LT_IS_USER`` of ``env.sh``."""
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +133,106 @@ def platform_tag() -> str:
     import sysconfig
 
     return sysconfig.get_platform()
+
+
+# --- env.sh: the account Express Server's ltcsd runs as (SPEC §1) -----------
+
+DEFAULT_LT_IS_USER = "nobody"  # what Express Server uses when env.sh does not say
+_ENV_ASSIGN_RE = re.compile(r"^\s*(?:export\s+)?LT_IS_USER=(?P<value>.*)$")
+
+
+@dataclass(frozen=True)
+class EnvUser:
+    """``LT_IS_USER`` as ``env.sh`` sets it: the value and where (line 0: the default)."""
+
+    user: str
+    path: Path
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}" if self.line else f"{self.path} (not set there: default)"
+
+
+def _shell_value(text: str) -> str:
+    """The value of ``VAR=<text>`` as sh sees it: quotes removed, trailing ``; cmd``/comment dropped."""
+    try:
+        lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        first = next(iter(lexer), "")
+    except ValueError:  # unbalanced quote: take the raw word
+        first = text.strip().split()[0] if text.strip() else ""
+    # ${LT_IS_USER:-name} and ${LT_IS_USER-name} give the default when unset
+    match = re.fullmatch(r"\$\{LT_IS_USER:?-([^}]*)\}", first)
+    return match.group(1) if match else first
+
+
+def read_lt_is_user(env_sh: Path) -> EnvUser:
+    """The last active ``LT_IS_USER=`` assignment of env.sh (as sh would end up with it).
+
+    Accepts ``LT_IS_USER=x``, ``export LT_IS_USER=x``, single or double quotes and a
+    trailing ``; export LT_IS_USER`` or comment; commented-out lines are ignored.
+    A missing env.sh or no assignment gives Express Server's default, ``nobody``.
+    """
+    try:
+        text = env_sh.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return EnvUser(DEFAULT_LT_IS_USER, env_sh, 0)
+    except OSError as exc:
+        raise ConfigError(f"{env_sh}: cannot read: {exc.strerror or exc}") from None
+    found = EnvUser(DEFAULT_LT_IS_USER, env_sh, 0)
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _ENV_ASSIGN_RE.match(line)
+        if match:
+            found = EnvUser(_shell_value(match.group("value")), env_sh, number)
+    return found
+
+
+def write_lt_is_user(env_sh: Path, user: str) -> Path | None:
+    """Set ``LT_IS_USER`` in env.sh, keeping its form (export, quotes); returns the backup's path
+    (None when there was no env.sh).
+
+    The active assignment is rewritten in place; with none, ``export LT_IS_USER=…`` is
+    appended. The old file is kept beside it as ``env.sh.bak-<timestamp>`` first.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", user):
+        raise ConfigError(f"{user!r} is not a Unix user name")
+    current = read_lt_is_user(env_sh)
+    try:
+        text = env_sh.read_text(encoding="utf-8") if env_sh.exists() else ""
+    except OSError as exc:
+        raise ConfigError(f"{env_sh}: cannot read: {exc.strerror or exc}") from None
+    lines = text.splitlines(keepends=True)
+    if current.line:
+        old = lines[current.line - 1]
+        match = _ENV_ASSIGN_RE.match(old.rstrip("\r\n"))
+        assert match is not None
+        rest = match.group("value")
+        quote = rest[:1] if rest[:1] in "\"'" else ""
+        # replace just the first word of the value, keep what follows (; export …, # comment)
+        word = re.match(r"(\"[^\"]*\"|'[^']*'|[^\s;#]*)", rest)
+        tail = rest[word.end():] if word else ""
+        newline = old[len(old.rstrip("\r\n")):]
+        lines[current.line - 1] = (old[:match.start("value")] + f"{quote}{user}{quote}" + tail
+                                   + newline)
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(f"export LT_IS_USER={user}\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = env_sh.with_name(f"{env_sh.name}.bak-{stamp}")
+    counter = 1
+    while backup.exists():
+        backup = env_sh.with_name(f"{env_sh.name}.bak-{stamp}-{counter}")
+        counter += 1
+    if env_sh.exists():
+        shutil.copy2(env_sh, backup)
+    else:
+        backup = None
+    tmp = env_sh.with_name(f".{env_sh.name}.esmirror-tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    if env_sh.exists():
+        shutil.copymode(env_sh, tmp)
+    os.replace(tmp, env_sh)
+    return backup

@@ -1,0 +1,168 @@
+"""``esmirror deploy apache|iis``: render deploy/ templates for one install.
+
+The account comes from ``LT_IS_USER`` in env.sh (Express Server's ``ltcsd`` runs as
+it, so httpd and the receiver must too); a ``--user`` that disagrees, or an httpd
+``User`` that disagrees, stops the rendering: a configuration that splits the two
+accounts is never written.
+"""
+from __future__ import annotations
+
+import ipaddress
+import ntpath
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from app.core.errors import ConfigError
+from app.core.express import read_lt_is_user
+from app.core.settings import Network, Settings
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
+APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service")
+IIS_FILES = ("web.config",)
+IIS_MAX_BODY = 4 * 1024**3 - 1  # IIS's hard ceiling on one request body
+LOOPBACK = "127.0.0.1 ::1"
+
+
+@dataclass
+class Rendered:
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    user: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def deploy_user(settings: Settings, user: str | None, httpd_conf: str | None = None) -> str:
+    """LT_IS_USER of env.sh, after checking that ``--user`` and httpd's User agree with it."""
+    env = read_lt_is_user(settings.env_sh)
+    if not env.user:
+        raise ConfigError(f"LT_IS_USER is empty at {env.where}; set it to the account ltcsd runs as")
+    if user and user != env.user:
+        raise ConfigError(
+            f"--user {user} disagrees with LT_IS_USER {env.user} ({env.where}): httpd, the receiver "
+            f"and ltcsd must run as one account; set LT_IS_USER={user} in {env.path} "
+            f"(or run `esmirror check --fix`), or render with --user {env.user}")
+    if httpd_conf:
+        from .doctor import read_httpd_config
+
+        httpd = read_httpd_config(Path(httpd_conf))
+        if httpd.user is not None and httpd.user.args and httpd.user.args[0] != env.user:
+            raise ConfigError(
+                f"httpd's User is {httpd.user.args[0]} ({httpd.user.where}) but LT_IS_USER is "
+                f"{env.user} ({env.where}): make them the same account before deploying "
+                "(`esmirror check` says how)")
+    return env.user
+
+
+def _group_of(user: str) -> str:
+    try:
+        import grp
+        import pwd
+
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except (ImportError, KeyError):
+        return user  # not an account here (rendering for another machine): its own group
+
+
+def _shown(net: Network) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def require_line(networks: tuple[Network, ...]) -> str:
+    """Apache 2.4 ``Require`` for an allow list; an empty list admits nobody, as the receiver does."""
+    unique = list(dict.fromkeys(_shown(n) for n in networks))
+    return f"Require ip {' '.join(unique)}" if unique else "Require all denied"
+
+
+def _fill(template: str, values: dict[str, str], name: str) -> str:
+    def one(match: re.Match[str]) -> str:
+        if match.group(1) not in values:
+            raise ConfigError(f"template {name}: no value for {{{{{match.group(1)}}}}}")
+        return values[match.group(1)]
+    return re.sub(r"\{\{(\w+)\}\}", one, template)
+
+
+def _write(out_dir: Path, kind: str, names: tuple[str, ...], values: dict[str, str],
+           rendered: Rendered) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source = TEMPLATES / kind / name
+        if not source.is_file():
+            raise ConfigError(f"{source}: template missing; esmirror deploy renders the files of "
+                              "deploy/ from the esmirror checkout it was installed from")
+        target = out_dir / name
+        target.write_text(_fill(source.read_text(encoding="utf-8"), values, name), encoding="utf-8")
+        rendered.files.append(target)
+
+
+def render_apache(settings: Settings, out_dir: Path, user: str | None = None, venv: str | None = None,
+                  backend: str = "127.0.0.1:8081", httpd_conf: str | None = None) -> Rendered:
+    """mod_wsgi snippet + .wsgi file, and the mod_proxy → gunicorn snippet + systemd unit."""
+    account = deploy_user(settings, user, httpd_conf)
+    out_dir = out_dir.resolve()
+    venv_dir = str(Path(venv or sys.prefix).absolute())
+    host, _, port = backend.rpartition(":")
+    if not port.isdigit() or not ipaddress.ip_address(host.strip("[]")).is_loopback:
+        raise ConfigError(f"--backend {backend}: gunicorn must listen on a loopback HOST:PORT "
+                          "so only httpd reaches it")
+    install = str(settings.install_dir)
+    values = {
+        "install_dir": install, "install_dir_py": repr(install), "env_sh": str(settings.env_sh),
+        "user": account, "group": _group_of(account), "home": str(settings.image_server),
+        "venv": venv_dir, "prefix": settings.prefix, "prefix_re": re.escape(settings.prefix),
+        "wsgi_file": str(out_dir / "esmirror.wsgi"), "max_upload_bytes": str(settings.max_upload_bytes),
+        "require_admin": require_line(settings.allow_admin),
+        "require_push": require_line(settings.allow_push),
+        "require_browse": require_line(settings.allow_push + settings.allow_admin),
+        "backend": backend, "proxy_ips": LOOPBACK,
+        "exec_start": " ".join(shlex.quote(a) for a in [
+            f"{venv_dir}/bin/esmirror", "serve", "--install-dir", install, "--server", "gunicorn",
+            "--bind", backend]),
+    }
+    rendered = Rendered(out_dir, user=account)
+    _write(out_dir, "apache", APACHE_FILES, values, rendered)
+    if not any(ipaddress.ip_address(host.strip("[]")) in n for n in settings.trusted_proxies):
+        rendered.notes.append(
+            f"for the mod_proxy variant set trusted_proxies = {LOOPBACK} in {settings.ini_path}: "
+            "otherwise every caller looks like httpd's own address")
+    return rendered
+
+
+def _ip_security(networks: tuple[Network, ...]) -> str:
+    lines = []
+    for net in dict.fromkeys(networks):
+        # IIS takes a dotted mask for IPv4 and a prefix length for IPv6
+        mask = str(net.netmask) if net.version == 4 else str(net.prefixlen)
+        lines.append(f'        <add ipAddress="{net.network_address}" subnetMask="{mask}" allowed="true"/>')
+    return "\n".join(lines)
+
+
+def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv: str | None = None,
+               request_timeout: str = "01:00:00") -> Rendered:
+    """web.config for HttpPlatformHandler running waitress (``esmirror serve``) on loopback."""
+    account = deploy_user(settings, user) if settings.env_sh.exists() or user else ""
+    out_dir = out_dir.resolve()
+    venv_dir = venv or sys.prefix
+    install = str(settings.install_dir)
+    arguments = subprocess.list2cmdline([
+        "-m", "agent", "serve", "--install-dir", install, "--server", "waitress",
+        "--bind", "127.0.0.1:%HTTP_PLATFORM_PORT%"])
+    values = {
+        "install_dir": escape(install, {'"': "&quot;"}),
+        "process_path": escape(ntpath.join(venv_dir, "Scripts", "python.exe"), {'"': "&quot;"}),
+        "arguments": escape(arguments, {'"': "&quot;"}),
+        "request_timeout": request_timeout,
+        "max_allowed_content_length": str(min(settings.max_upload_bytes, IIS_MAX_BODY)),
+        "ip_security": _ip_security(settings.allow_push + settings.allow_admin),
+    }
+    rendered = Rendered(out_dir, user=account)
+    _write(out_dir, "iis", IIS_FILES, values, rendered)
+    if not any(ipaddress.ip_address("127.0.0.1") in n for n in settings.trusted_proxies):
+        rendered.notes.append(
+            f"set trusted_proxies = {LOOPBACK} in {settings.ini_path}: IIS forwards from loopback and "
+            "names the caller in X-Forwarded-For")
+    return rendered

@@ -1,0 +1,532 @@
+"""``esmirror check``: find what would break this install before a push does (SPEC §4).
+
+Reads Apache's configuration the way httpd does (``Include``/``IncludeOptional``
+with globs relative to ``ServerRoot``, ``${VAR}`` from Debian's ``envvars`` and
+``Define``), finds the effective ``User`` and every ``WSGIDaemonProcess user=``,
+and compares them with ``LT_IS_USER`` from ``env.sh``. Then checks what that
+user can reach: the working dir, the catalog Paths, the venv Apache runs.
+Every finding says what to change, in which file, to what.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import re
+import shlex
+import ssl
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.core.catalogs import validate_catalogs_file
+from app.core.errors import ConfigError
+from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
+from app.core.settings import Settings, load_settings
+
+# where distributions keep the main config, tried in order when --httpd-conf is not given
+DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
+                       "/usr/local/apache2/conf/httpd.conf")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MAX_DIRS = 20000  # a bounded walk of var/data for permissions
+
+
+# --- Apache's configuration ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Where:
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Directive:
+    name: str       # as written, e.g. "User"
+    args: list[str]  # variables already expanded
+    raw: str        # the arguments as written (before ${VAR} expansion)
+    where: Where
+    via: list[str] = field(default_factory=list)  # "${APACHE_RUN_USER} = www-data (envvars:16)"
+
+
+@dataclass
+class WsgiDaemon:
+    name: str
+    options: dict[str, str]
+    where: Where
+
+
+@dataclass
+class HttpdConfig:
+    """What esmirror needs from httpd's configuration."""
+
+    main: Path
+    files: list[str] = field(default_factory=list)
+    user: Directive | None = None
+    daemons: list[WsgiDaemon] = field(default_factory=list)
+    script_aliases: list[Directive] = field(default_factory=list)
+    problems: list[tuple[str, Where | None]] = field(default_factory=list)
+
+
+def read_envvars(path: Path) -> dict[str, tuple[str, Where]]:
+    """``VAR=value`` / ``export VAR=value`` lines of Debian's envvars (a sh file apache2ctl sources)."""
+    found: dict[str, tuple[str, Where]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return found
+    for number, line in enumerate(lines, 1):
+        match = re.match(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+        if not match:
+            continue
+        name, value = match.groups()
+        try:
+            words = shlex.split(value, comments=True)
+        except ValueError:
+            words = value.split()
+        text = words[0] if words else ""
+        text = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                      lambda m: found.get(m.group(1), ("", None))[0], text)  # type: ignore[arg-type]
+        found[name] = (text, Where(str(path), number))
+    return found
+
+
+def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Lines with ``\\`` continuations joined, numbered by their first physical line."""
+    buffer, start = "", 0
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not buffer:
+            start = number
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        yield start, buffer + line
+        buffer = ""
+    if buffer:
+        yield start, buffer
+
+
+def _split_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text, posix=True)
+    except ValueError:
+        return text.split()
+
+
+class _Reader:
+    def __init__(self, main: Path) -> None:
+        self.config = HttpdConfig(main=main)
+        self.server_root = main.parent
+        self.vars: dict[str, tuple[str, Where | None]] = {}
+        envvars = main.parent / "envvars"  # Debian: apache2ctl sources it before starting httpd
+        if envvars.is_file():
+            self.vars.update(read_envvars(envvars))
+        self.seen: set[Path] = set()
+
+    def expand(self, text: str, where: Where, via: list[str] | None = None) -> str:
+        def one(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.vars:
+                self.config.problems.append(
+                    (f"${{{name}}} is not defined (not in envvars, no Define)", where))
+                return match.group(0)
+            value, origin = self.vars[name]
+            if via is not None:
+                via.append(f"${{{name}}} = {value!r} from {origin}" if origin else f"${{{name}}} = {value!r}")
+            return value
+        return _VAR_RE.sub(one, text)
+
+    def resolve(self, text: str) -> Path:
+        path = Path(text)
+        return path if path.is_absolute() else self.server_root / path
+
+    def read(self, path: Path, depth: int = 0) -> None:
+        real = path.resolve()
+        if real in self.seen or depth > 20:
+            return
+        self.seen.add(real)
+        self.config.files.append(str(path))
+        try:
+            lines = list(_logical_lines(path))
+        except OSError as exc:
+            self.config.problems.append((f"cannot read {path}: {exc.strerror or exc}", None))
+            return
+        for number, line in lines:
+            text = line.strip()
+            if not text or text.startswith("#") or text.startswith("</"):
+                continue
+            if text.startswith("<"):
+                continue  # sections (<VirtualHost>, <IfModule>…) are read as if active
+            name, rest = (text.split(None, 1) + [""])[:2]
+            where = Where(str(path), number)
+            key = name.lower()
+            via: list[str] = []
+            args = _split_args(self.expand(rest, where, via))
+            directive = Directive(name, args, rest.strip(), where, via)
+            if key == "serverroot" and args:
+                self.server_root = Path(args[0])
+            elif key == "define" and args:
+                self.vars[args[0]] = (args[1] if len(args) > 1 else "", where)
+            elif key in ("include", "includeoptional") and args:
+                self.include(args[0], optional=key == "includeoptional", where=where, depth=depth)
+            elif key == "user" and args:
+                self.config.user = directive
+            elif key == "wsgidaemonprocess" and args:
+                options = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+                self.config.daemons.append(WsgiDaemon(args[0], options, where))
+            elif key == "wsgiscriptalias" and len(args) >= 2:
+                self.config.script_aliases.append(directive)
+
+    def include(self, pattern: str, optional: bool, where: Where, depth: int) -> None:
+        target = self.resolve(pattern)
+        if glob.has_magic(str(target)):
+            matches = sorted(Path(p) for p in glob.glob(str(target)))  # httpd reads them sorted
+        elif target.is_dir():
+            matches = sorted(p for p in target.rglob("*") if p.is_file())
+        else:
+            matches = [target] if target.exists() else []
+        if not matches and not optional and not glob.has_magic(str(target)):
+            self.config.problems.append((f"Include {pattern}: {target} does not exist", where))
+        for match in matches:
+            if match.is_file():
+                self.read(match, depth + 1)
+
+
+def read_httpd_config(main: Path) -> HttpdConfig:
+    """Follow the includes of httpd's main config file and collect User and WSGIDaemonProcess."""
+    reader = _Reader(main)
+    reader.read(main)
+    return reader.config
+
+
+def find_httpd_conf() -> Path | None:
+    for candidate in DEFAULT_HTTPD_CONFS:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+# --- what a user may do on this machine (mode bits, as the kernel checks them) -----
+
+def _mode_allows(st: os.stat_result, account: pwd.struct_passwd, groups: set[int], bits: int) -> bool:
+    if account.pw_uid == 0:
+        return True
+    if st.st_uid == account.pw_uid:
+        mode = (st.st_mode >> 6) & 7
+    elif st.st_gid in groups:
+        mode = (st.st_mode >> 3) & 7
+    else:
+        mode = st.st_mode & 7
+    return mode & bits == bits
+
+
+def account_groups(account: pwd.struct_passwd) -> set[int]:
+    try:
+        return set(os.getgrouplist(account.pw_name, account.pw_gid))
+    except OSError:
+        return {account.pw_gid}
+
+
+def blocked_at(path: Path, account: pwd.struct_passwd, bits: int) -> tuple[Path, str] | None:
+    """Where ``account`` is stopped from using ``path`` with ``bits`` (4 r, 2 w, 1 x), if anywhere.
+
+    Every parent must let it through (x); that is what catches a venv under a 0700 /root.
+    ACLs are not read: a mode-bit refusal that an ACL lifts is reported all the same.
+    """
+    groups = account_groups(account)
+    path = Path(os.path.abspath(path))
+    for parent in reversed(path.parents):
+        try:
+            st = parent.stat()
+        except OSError as exc:
+            return parent, exc.strerror or str(exc)
+        if not _mode_allows(st, account, groups, 1):
+            return parent, f"mode {stat.filemode(st.st_mode)} owner {_owner(st)} lets {account.pw_name} not pass"
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return path, exc.strerror or str(exc)
+    if not _mode_allows(st, account, groups, bits):
+        need = "".join(c for c, b in (("r", 4), ("w", 2), ("x", 1)) if bits & b)
+        return path, f"mode {stat.filemode(st.st_mode)} owner {_owner(st)}: {account.pw_name} lacks {need}"
+    return None
+
+
+def _owner(st: os.stat_result) -> str:
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return str(st.st_uid)
+
+
+# --- the check -------------------------------------------------------------------
+
+@dataclass
+class Finding:
+    level: str  # "error" (exit non-zero), "warning", "ok"
+    topic: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    fix: str | None = None
+
+
+@dataclass
+class CheckReport:
+    install_dir: str
+    findings: list[Finding] = field(default_factory=list)
+    lt_is_user: str | None = None
+    apache_user: str | None = None
+    fixed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    def add(self, level: str, topic: str, message: str, where: Where | None = None,
+            fix: str | None = None, file: str | None = None) -> None:
+        self.findings.append(Finding(level, topic, message, where.file if where else file,
+                                     where.line if where else None, fix))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "install_dir": self.install_dir, "lt_is_user": self.lt_is_user,
+                "apache_user": self.apache_user, "fixed": self.fixed,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: str | None = None,
+              fix: bool = False) -> CheckReport:
+    """Every check of SPEC §4; with ``fix``, set LT_IS_USER in env.sh to Apache's user first."""
+    try:
+        settings = load_settings(install_dir)
+    except ConfigError as exc:
+        chosen = install_dir or os.environ.get("ESMIRROR_INSTALL_DIR")
+        if not chosen or not (Path(chosen) / "ImageServer").is_dir():
+            raise  # no install to check: a usage error (exit 2)
+        settings = Settings(install_dir=Path(chosen).resolve())
+        report = CheckReport(str(settings.install_dir))
+        report.add("error", "settings", exc.message, file=str(settings.ini_path),
+                   fix="correct esmirror.ini as the message says")
+    else:
+        report = CheckReport(str(settings.install_dir))
+        report.add("ok", "settings", f"{settings.ini_path} read" if settings.ini_path.exists()
+                   else f"no {settings.ini_path}: the defaults apply")
+    env_path = Path(env_sh) if env_sh else settings.env_sh
+    conf_path = Path(httpd_conf) if httpd_conf else find_httpd_conf()
+    if httpd_conf and not conf_path.is_file():  # type: ignore[union-attr]
+        raise ConfigError(f"--httpd-conf {httpd_conf}: no such file")
+    httpd = read_httpd_config(conf_path) if conf_path else None
+    if fix and httpd is not None:
+        _fix_env_sh(report, httpd, env_path)
+    env_user = read_lt_is_user(env_path)
+    report.lt_is_user = env_user.user
+    _check_users(report, httpd, env_user)
+    account = _account(report, env_user)
+    _check_mirrors(report, settings)
+    _check_catalogs(report, settings, account)
+    if account is not None:
+        _check_working_dir(report, settings, account)
+    if httpd is not None:
+        _check_wsgi_code(report, httpd, account)
+    return report
+
+
+def _apache_users(httpd: HttpdConfig) -> list[tuple[str, str, Where]]:
+    """(what, user, where) for Apache's User and each WSGIDaemonProcess."""
+    users = []
+    if httpd.user is not None and httpd.user.args:
+        users.append(("Apache's User", httpd.user.args[0], httpd.user.where))
+    for daemon in httpd.daemons:
+        if "user" in daemon.options:
+            users.append((f"WSGIDaemonProcess {daemon.name} user=", daemon.options["user"], daemon.where))
+    return users
+
+
+def _fix_env_sh(report: CheckReport, httpd: HttpdConfig, env_path: Path) -> None:
+    wanted = {user for _, user, _ in _apache_users(httpd)}
+    current = read_lt_is_user(env_path)
+    if len(wanted) != 1 or current.user in wanted:
+        return  # nothing to do, or httpd itself disagrees: only an edit of httpd.conf helps
+    user = wanted.pop()
+    backup = write_lt_is_user(env_path, user)
+    kept = f" (the old file is kept as {backup})" if backup else ""
+    report.fixed.append(f"{env_path}: LT_IS_USER set to {user} (was {current.user}){kept}")
+
+
+def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUser) -> None:
+    lt = env_user.user
+    if not lt:
+        report.add("error", "user", f"LT_IS_USER is empty at {env_user.where}",
+                   file=str(env_user.path), fix=f"set LT_IS_USER=<the account httpd runs as> in {env_user.path}")
+    if httpd is None:
+        report.add("warning", "user", "no Apache configuration found (tried "
+                   + ", ".join(DEFAULT_HTTPD_CONFS) + "): User was not compared with LT_IS_USER",
+                   fix="pass --httpd-conf with httpd's main config file")
+        return
+    for problem, where in httpd.problems:
+        report.add("warning", "apache", problem, where)
+    report.apache_user = httpd.user.args[0] if httpd.user and httpd.user.args else None
+    if httpd.user is None:
+        report.add("error", "user", f"no User directive in {httpd.main} or the files it includes "
+                   f"({len(httpd.files)} read)", file=str(httpd.main),
+                   fix=f"add 'User {lt}' to {httpd.main} so httpd runs as LT_IS_USER")
+    for what, user, where in _apache_users(httpd):
+        source = f"{where}"
+        if what == "Apache's User" and httpd.user is not None and httpd.user.via:
+            source += ", " + "; ".join(httpd.user.via)
+        if user == lt:
+            report.add("ok", "user", f"{what} {user} ({source}) = LT_IS_USER ({env_user.where})", where)
+            continue
+        report.add(
+            "error", "user",
+            f"{what} is {user} ({source}) but LT_IS_USER is {lt} ({env_user.where}): "
+            "httpd and ltcsd must run as the same account",
+            where,
+            fix=f"set LT_IS_USER={user} in {env_user.path} (esmirror check --fix does that) "
+                f"or change {what.rstrip('=')} at {where} to {lt}; then restart httpd and ltcsd")
+
+
+def _account(report: CheckReport, env_user: EnvUser) -> pwd.struct_passwd | None:
+    if not env_user.user:
+        return None
+    try:
+        return pwd.getpwnam(env_user.user)
+    except KeyError:
+        report.add("error", "user", f"LT_IS_USER {env_user.user} ({env_user.where}) is no account on "
+                   "this machine", file=str(env_user.path),
+                   fix=f"create the account or set LT_IS_USER in {env_user.path} to an existing one")
+        return None
+
+
+def _check_mirrors(report: CheckReport, settings: Settings) -> None:
+    if not settings.iserv_cfg.exists():
+        report.add("warning", "mirrors", f"no {settings.iserv_cfg}", file=str(settings.iserv_cfg))
+        return
+    try:
+        secondaries = read_mirrors(settings.iserv_cfg)
+    except ConfigError as exc:
+        report.add("error", "mirrors", exc.message, file=str(settings.iserv_cfg),
+                   fix="correct the <Mirrors> element as the message says")
+        return
+    report.add("ok", "mirrors", f"{len(secondaries)} secondar{'y' if len(secondaries) == 1 else 'ies'} "
+               f"in {settings.iserv_cfg}" if secondaries else f"no <Mirrors> in {settings.iserv_cfg}: "
+               "this server is a secondary")
+    strict = [s.name for s in secondaries if s.ssl == "strict"]
+    if not strict:
+        return
+    bundle = settings.ca_bundle
+    try:
+        ssl.create_default_context(cafile=str(bundle))
+    except (OSError, ssl.SSLError) as exc:
+        report.add("error", "ca-bundle", f"{bundle}: {getattr(exc, 'strerror', None) or exc}; strict "
+                   f"secondaries ({', '.join(strict)}) are verified against it", file=str(bundle),
+                   fix=f"put the PEM certificates (concatenated) that sign those servers in {bundle}")
+    else:
+        report.add("ok", "ca-bundle", f"{bundle} loads")
+
+
+def _check_catalogs(report: CheckReport, settings: Settings, account: pwd.struct_passwd | None) -> None:
+    path = settings.data_dir / "catalogs.xml"
+    if not path.exists():
+        report.add("warning", "catalogs", f"no {path}", file=str(path))
+        return
+    result = validate_catalogs_file(path)
+    for problem in result.problems:
+        report.add("error", "catalogs", problem, file=str(path), fix="correct catalogs.xml at that line")
+    if account is None:
+        return
+    for name, target in sorted(result.catalog_paths.items()):
+        blocked = blocked_at(Path(target), account, 4 | 1 if Path(target).is_dir() else 4)
+        if blocked:
+            report.add("error", "catalogs", f"catalog {name!r}: Path {target} is not readable by "
+                       f"{account.pw_name}: {blocked[0]}: {blocked[1]}", file=str(path),
+                       fix=f"mount the shared image repository at {target} readable by {account.pw_name}")
+    if not result.problems:
+        report.add("ok", "catalogs", f"{path}: {len(result.catalog_paths)} catalog(s)")
+
+
+def _check_working_dir(report: CheckReport, settings: Settings, account: pwd.struct_passwd) -> None:
+    data = settings.data_dir
+    blocked = blocked_at(data, account, 7)
+    problems = [blocked] if blocked else []
+    if not blocked:
+        for count, (root, dirs, files) in enumerate(os.walk(data)):
+            if count > _MAX_DIRS:
+                break
+            for d in dirs:
+                hit = blocked_at(Path(root) / d, account, 7)
+                if hit:
+                    problems.append(hit)
+            for f in files:
+                hit = blocked_at(Path(root) / f, account, 4)
+                if hit:
+                    problems.append(hit)
+            if len(problems) >= 5:
+                break
+    for where, why in problems[:5]:
+        report.add("error", "permissions", f"{account.pw_name} (LT_IS_USER) cannot read/write/delete in "
+                   f"the working dir: {where}: {why}", file=str(where),
+                   fix=f"chown -R {account.pw_name} {data} (the receiver runs as this account)")
+    if not problems:
+        report.add("ok", "permissions", f"{account.pw_name} can read, write and delete in {data}")
+
+
+def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struct_passwd | None) -> None:
+    """The daemon's venv, interpreter and .wsgi file must be readable by the user it runs as."""
+    for daemon in httpd.daemons:
+        name = daemon.options.get("user") or (httpd.user.args[0] if httpd.user and httpd.user.args else None)
+        try:
+            who = pwd.getpwnam(name) if name else account
+        except KeyError:
+            continue  # reported with the user comparison
+        if who is None:
+            continue
+        targets: list[Path] = []
+        home = daemon.options.get("python-home")
+        if home:
+            targets += [Path(home), Path(home) / "pyvenv.cfg"]
+            targets += _venv_interpreter(Path(home))
+        if "home" in daemon.options:
+            targets.append(Path(daemon.options["home"]))
+        for directive in httpd.script_aliases:
+            targets.append(Path(directive.args[1]))
+        for target in targets:
+            blocked = blocked_at(target, who, 4 | (1 if target.is_dir() else 0))
+            if blocked:
+                report.add("error", "wsgi", f"WSGIDaemonProcess {daemon.name} runs as {who.pw_name}, who "
+                           f"cannot read {target}: {blocked[0]}: {blocked[1]}", daemon.where,
+                           fix=f"move {target} where {who.pw_name} can read it (not under a 0700 home "
+                               f"such as /root), or chmod o+x {blocked[0]}")
+                break
+        else:
+            if home:
+                report.add("ok", "wsgi", f"{who.pw_name} can read python-home {home}", daemon.where)
+
+
+def _venv_interpreter(home: Path) -> list[Path]:
+    """The interpreter a venv points at (pyvenv.cfg ``home``), which the daemon user must read too."""
+    try:
+        text = (home / "pyvenv.cfg").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    match = re.search(r"^home\s*=\s*(.+)$", text, re.MULTILINE)
+    return [Path(match.group(1).strip())] if match else []
+
+
+def print_check(report: CheckReport, verbose: bool = True) -> None:
+    import click
+
+    click.echo(f"esmirror check of {report.install_dir}")
+    for line in report.fixed:
+        click.echo(f"  fixed    {line}")
+    for f in report.findings:
+        if f.level == "ok" and not verbose:
+            continue
+        click.echo(f"  {f.level.upper():8} {f.topic}: {f.message}")
+        if f.fix and f.level != "ok":
+            click.echo(f"           fix: {f.fix}")
+    errors = sum(f.level == "error" for f in report.findings)
+    click.echo("all is well" if report.ok else f"{errors} problem(s) to fix")

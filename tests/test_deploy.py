@@ -1,0 +1,94 @@
+"""`esmirror deploy apache|iis`: rendered for one install, never with two different accounts."""
+from __future__ import annotations
+
+import py_compile
+
+from agent.demo import make_install
+from conftest import esmirror
+
+
+def install_with(tmp_path, env_sh: str | None, **ini: str):
+    install = make_install(tmp_path / "install", {"allow_push": "192.0.2.10 2001:db8::/32",
+                                                  "prefix": "/es/mirror", **ini})
+    if env_sh is not None:
+        (install.etc_dir / "env.sh").write_text(env_sh)
+    return install
+
+
+def deploy(install, *args: str):
+    return esmirror("deploy", *args, "--install-dir", str(install.root))
+
+
+def test_apache_files_carry_user_from_env_sh_prefix_lists_venv(tmp_path):
+    install = install_with(tmp_path, '#!/bin/sh\n# LT_IS_USER=nobody\nexport LT_IS_USER="daemon"\n',
+                           max_upload_bytes="6G")
+    out = tmp_path / "out"
+    rc, _, text = deploy(install, "apache", "--out", str(out), "--venv", "/opt/esmirror/venv",
+                         "--backend", "127.0.0.1:9191")
+    assert rc == 0, text
+    assert "account: daemon" in text
+    wsgi = (out / "esmirror-wsgi.conf").read_text()
+    assert "WSGIDaemonProcess esmirror user=daemon group=daemon" in wsgi
+    assert f"home={install.root}/ImageServer" in wsgi
+    assert "python-home=/opt/esmirror/venv" in wsgi
+    assert (f"WSGIScriptAlias /es/mirror {out}/esmirror.wsgi process-group=esmirror "
+            "application-group=%{GLOBAL}") in wsgi
+    assert "LimitRequestBody 6442450944" in wsgi
+    assert "WSGIChunkedRequest On" in wsgi
+    assert "Require ip 127.0.0.1 ::1\n" in wsgi  # allow_admin (default) on the prefix
+    assert "Require ip 192.0.2.10 2001:db8::/32\n" in wsgi  # allow_push on push routes
+    assert "Require ip 192.0.2.10 2001:db8::/32 127.0.0.1 ::1\n" in wsgi  # browse: both
+    entry = out / "esmirror.wsgi"
+    py_compile.compile(str(entry), doraise=True)
+    assert repr(str(install.root)) in entry.read_text()
+    proxy = (out / "esmirror-proxy.conf").read_text()
+    assert "ProxyPass http://127.0.0.1:9191/es/mirror" in proxy
+    unit = (out / "esmirror-receiver.service").read_text()
+    assert "User=daemon\n" in unit
+    assert ("ExecStart=/opt/esmirror/venv/bin/esmirror serve --install-dir "
+            f"{install.root} --server gunicorn --bind 127.0.0.1:9191") in unit
+    # trusted_proxies is not set: the proxy variant would see every caller as httpd
+    assert "trusted_proxies = 127.0.0.1 ::1" in text
+
+
+def test_disagreeing_user_is_refused_and_nothing_written(tmp_path):
+    install = install_with(tmp_path, "LT_IS_USER=daemon\n")
+    out = tmp_path / "out"
+    rc, _, text = deploy(install, "apache", "--user", "www-data", "--out", str(out))
+    assert rc == 2
+    assert "www-data" in text and "daemon" in text and f"{install.etc_dir / 'env.sh'}:1" in text
+    assert not out.exists()
+    rc, _, text = deploy(install, "iis", "--user", "www-data", "--out", str(out))
+    assert rc == 2 and not out.exists()
+
+
+def test_httpd_user_disagreeing_with_env_sh_is_refused(tmp_path):
+    install = install_with(tmp_path, "LT_IS_USER=daemon\n")
+    conf = tmp_path / "httpd.conf"
+    conf.write_text("ServerRoot /nonexistent\nUser apache\nGroup apache\n")
+    rc, _, text = deploy(install, "apache", "--httpd-conf", str(conf), "--out", str(tmp_path / "o"))
+    assert rc == 2
+    assert f"{conf}:2" in text and "apache" in text and "daemon" in text
+
+
+def test_no_env_sh_means_nobody_and_empty_allow_push_denies_all(tmp_path):
+    install = make_install(tmp_path / "install", {})
+    out = tmp_path / "out"
+    rc, _, text = deploy(install, "apache", "--out", str(out))
+    assert rc == 0, text
+    wsgi = (out / "esmirror-wsgi.conf").read_text()
+    assert "user=nobody" in wsgi
+    assert "    Require all denied\n</LocationMatch>" in wsgi  # allow_push empty: nobody pushes
+
+
+def test_backend_must_be_loopback(tmp_path):
+    install = install_with(tmp_path, None)
+    rc, _, text = deploy(install, "apache", "--backend", "192.0.2.1:8081", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "loopback" in text
+
+
+def test_default_out_is_under_the_install_etc(tmp_path):
+    install = install_with(tmp_path, None)
+    rc, _, text = deploy(install, "iis")
+    assert rc == 0, text
+    assert (install.etc_dir / "iis" / "esmirror" / "web.config").is_file()
