@@ -121,3 +121,41 @@ def session_from(source: str) -> requests.Session:
     session.trust_env = False
     session.mount("http://", SourceAddressAdapter(source))
     return session
+
+
+def spawn_listening(argv: list[str], port: int, log: Path, wait: float = 30.0, host: str = "127.0.0.1",
+                    **popen: object) -> subprocess.Popen:
+    """Start a server in its own session; return once it accepts on host:port (or raise with its log)."""
+    import socket
+    import time
+
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                **popen)  # type: ignore[call-overload]
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    stop_session(proc)
+    raise RuntimeError(f"{argv[0]} did not listen on {host}:{port} within {wait:g} s")
+
+
+def stop_session(proc: subprocess.Popen, signum: int = 15) -> None:
+    """Signal the process's session (SIGTERM by default), then SIGKILL if it lingers."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signum)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass

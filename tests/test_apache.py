@@ -13,7 +13,6 @@ import pwd
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +25,7 @@ from typing import Iterator
 import pytest
 
 from agent.demo import Install, free_port, make_install, write_sample_set
-from conftest import REPO, VERSION, esmirror, session_from, set_files
+from conftest import REPO, VERSION, esmirror, session_from, set_files, spawn_listening, stop_session
 
 APACHE = shutil.which("apache2") or "/usr/sbin/apache2"
 MODULES = Path("/usr/lib/apache2/modules")
@@ -154,22 +153,13 @@ LogLevel warn
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def start(self, wait: float = 30.0) -> "Httpd":
-        self.proc = subprocess.Popen([APACHE, "-f", str(self.conf), "-D", "FOREGROUND"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={"PATH": os.environ.get("PATH", ""),
-                                                                  "LANG": "C"})
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                raise RuntimeError(f"apache2 exited {self.proc.returncode}: {out}\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"apache2 did not listen within {wait:g} s\n{self.log()}")
+        try:
+            self.proc = spawn_listening([APACHE, "-f", str(self.conf), "-D", "FOREGROUND"], self.port,
+                                        self.root / "httpd.out", wait,
+                                        env={"PATH": os.environ.get("PATH", ""), "LANG": "C"})
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.log()}") from None
+        return self
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -190,8 +180,15 @@ def render(install: Install, out: Path, *extra: str) -> Path:
     return out
 
 
-def owners(data_dir: Path) -> set[str]:
-    return {pwd.getpwuid(p.stat().st_uid).pw_name for p in data_dir.rglob("*")}
+def publish_owned_by(master: Install, secondary: Install, user: str, log) -> dict:
+    """Publish through httpd; the set arrives whole and every file written belongs to ``user``."""
+    rc, report, text = esmirror("publish", "--install-dir", str(master.root), "--json")
+    assert rc == 0, f"{text}\n{log()}"
+    assert report["secondaries"][0]["state"] == "in-sync"
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
+    # set, state and archive: all written by the receiver as LT_IS_USER
+    assert {pwd.getpwuid(p.stat().st_uid).pw_name for p in secondary.data_dir.rglob("*")} == {user}
+    return report
 
 
 def test_publish_through_mod_wsgi_daemon_as_lt_is_user(world, tmp_path):
@@ -205,12 +202,7 @@ Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
     master = master_for(tmp_path, port)
     try:
         httpd.start()
-        rc, report, text = esmirror("publish", "--install-dir", str(master.root), "--json")
-        assert rc == 0, f"{text}\n{httpd.log()}"
-        assert report["secondaries"][0]["state"] == "in-sync"
-        assert set_files(secondary.data_dir) == set_files(master.data_dir)
-        # every file the receiver wrote (set, state, archive) belongs to LT_IS_USER
-        assert owners(secondary.data_dir) == {world["user"]}
+        publish_owned_by(master, secondary, world["user"], httpd.log)
 
         url = f"http://127.0.0.1:{port}{PREFIX}"
         # WSGIChunkedRequest On: a chunked body reaches the app (its JSON 411), not httpd's own 411
@@ -258,26 +250,12 @@ Include {open_copy}
     master = master_for(tmp_path, port)
     # exactly the unit's ExecStart, as the unit's User (what systemd would do)
     env = {"PATH": "/usr/bin:/bin", "ESMIRROR_INSTALL_DIR": str(secondary.root), "LANG": "C.UTF-8"}
-    gunicorn = subprocess.Popen(_exec_start(unit), user=world["uid"], group=world["gid"], extra_groups=[],
-                                cwd=str(secondary.root / "ImageServer"), env=env,
-                                stdout=open(tmp_path / "gunicorn.log", "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    gunicorn = spawn_listening(_exec_start(unit), backend_port, tmp_path / "gunicorn.log", user=world["uid"],
+                               group=world["gid"], extra_groups=[], env=env,
+                               cwd=str(secondary.root / "ImageServer"))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert gunicorn.poll() is None, (tmp_path / "gunicorn.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", backend_port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "gunicorn did not listen within 30 s"
-                time.sleep(0.1)
         httpd.start()
-        rc, report, text = esmirror("publish", "--install-dir", str(master.root), "--json")
-        assert rc == 0, f"{text}\n{httpd.log()}\n{(tmp_path / 'gunicorn.log').read_text()}"
-        assert report["secondaries"][0]["state"] == "in-sync"
-        assert set_files(secondary.data_dir) == set_files(master.data_dir)
-        assert owners(secondary.data_dir) == {world["user"]}
+        report = publish_owned_by(master, secondary, world["user"], httpd.log)
 
         stranger = session_from("127.0.0.2")
         # httpd's Require ip refuses first...
@@ -292,9 +270,4 @@ Include {open_copy}
         assert allowed.status_code == 200 and allowed.json()["digest"] == report["digest"]
     finally:
         httpd.stop()
-        os.killpg(gunicorn.pid, signal.SIGTERM)
-        try:
-            gunicorn.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(gunicorn.pid, signal.SIGKILL)
-            gunicorn.wait(timeout=20)
+        stop_session(gunicorn)

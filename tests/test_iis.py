@@ -4,16 +4,13 @@ from __future__ import annotations
 import ntpath
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 from lxml import etree
 
 from agent.demo import free_port, make_install
-from conftest import esmirror
+from conftest import esmirror, spawn_listening, stop_session
 
 
 def rendered(tmp_path, **ini: str):
@@ -62,26 +59,10 @@ def test_the_exact_launch_command_serves_browse(tmp_path):
     env = {**os.environ, **{e.get("name"): e.get("value")
                             for e in platform.findall("environmentVariables/environmentVariable")}}
     assert env["ESMIRROR_INSTALL_DIR"] == str(install.root)
-    log = open(tmp_path / "waitress.log", "wb")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=tmp_path)
+    proc = spawn_listening(argv, port, tmp_path / "waitress.log", env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "waitress.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the launch command did not listen within 30 s"
-                time.sleep(0.1)
         rc, info, text = esmirror("browse", f"127.0.0.1:{port}", "--json")
         assert rc == 0, text
         assert info["express_version"] == "10.1.0" and info["master"] is None
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        stop_session(proc)
