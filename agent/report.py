@@ -64,13 +64,16 @@ class ProgressBars(Observer):
 
     def __enter__(self) -> "ProgressBars":
         if self.enabled:
+            import shutil
+
             from tqdm import tqdm
 
+            columns = shutil.get_terminal_size().columns or 80  # a pty may report 0 columns
             width = max(len(s.name) for s in self.secondaries) if self.secondaries else 10
             for position, secondary in enumerate(self.secondaries):
                 self.bars[secondary] = tqdm(desc=f"{secondary.name:{width}}", unit="B",
                                             unit_scale=True, unit_divisor=1024, position=position,
-                                            leave=True, file=sys.stderr, dynamic_ncols=True)
+                                            leave=True, file=sys.stderr, ncols=columns)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,162 @@
+"""Issue 6: esmirror status, GET status, the ledger's states, backoff bounds, the audit log, progress bars."""
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import random
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+from agentproc import FAST_AGENT, http
+from agent.demo import make_install
+from app.core.audit import audit, read_audit
+from app.core.ledger import retry_delay, secondary_state
+from app.core.settings import load_settings
+from conftest import REPO, VERSION, esmirror
+
+
+def test_backoff_grows_and_never_passes_retry_max(tmp_path):
+    install = make_install(tmp_path / "m", {"retry_initial": "0.5", "retry_max": "8"})
+    settings = load_settings(install.root)
+    rng = random.Random(7)
+    delays = [retry_delay(settings, n, rng) for n in range(1, 30)]
+    assert all(0.25 <= d <= 8 for d in delays), delays
+    assert 0.25 <= delays[0] <= 0.5           # the first retry comes quickly
+    assert all(4 <= d <= 8 for d in delays[5:])  # then doubles up to the bound, never past it
+    assert len({round(d, 6) for d in delays[5:]}) > 1  # jitter: not all at the same instant
+    bad = make_install(tmp_path / "bad", {"retry_max": "-1"})
+    rc, _, out = esmirror("status", "--install-dir", str(bad.root))
+    assert rc == 2 and "retry_max" in out and "esmirror.ini:" in out
+
+
+def test_states_say_what_a_person_needs():
+    published = {"generation": 5, "digest": "d5"}
+    assert secondary_state(None, published)[0] == "unknown"
+    seen = {"observed": {"generation": 3, "digest": "d3", "drift": False}}
+    state, detail = secondary_state(seen, published)
+    assert state == "behind" and "holds generation 3" in detail and "generation 5" in detail
+    failing = {**seen, "last_push": {"state": "failed", "error": "reload_command exited with 1"},
+               "next_retry": time.time() + 30}
+    state, detail = secondary_state(failing, published)
+    assert state == "behind" and "reload_command exited with 1" in detail and "retries at" in detail
+    stale = {**seen, "stale": "the master's set changed since generation 4 was published"}
+    assert "changed since generation 4" in secondary_state(stale, published)[1]
+    assert secondary_state({"observed": {"generation": 5, "digest": "d5"}}, published)[0] == "in-sync"
+    drift = {"observed": {"generation": 5, "digest": "dx", "drift": True}}
+    assert secondary_state(drift, published)[0] == "drift"
+    down = {**drift, "unreachable_since": "2026-01-01T00:00:00Z", "error": "connection refused"}
+    assert secondary_state(down, published) == ("unreachable",
+                                                 "since 2026-01-01T00:00:00Z: connection refused")
+    refused = {**seen, "last_push": {"state": "refused", "error": "another master"}}
+    assert secondary_state(refused, published) == ("refused", "another master")
+
+
+def test_audit_log_is_one_json_line_per_event_and_rotates(tmp_path):
+    install = make_install(tmp_path / "s")
+    settings = load_settings(install.root)
+    for n in range(40):
+        audit(settings, "commit", caller="127.0.0.1", master="m1", generation=n,
+              files={"added": n, "changed": 0, "removed": 0}, outcome="ok", max_bytes=1000, backups=2)
+    log = settings.state_dir / "audit.log"
+    rotated = sorted(p.name for p in settings.state_dir.glob("audit.log.*") if not p.name.endswith(".lock"))
+    assert rotated == ["audit.log.1", "audit.log.2"]  # older ones dropped
+    assert log.stat().st_size <= 1000
+    lines = read_audit(settings)
+    assert lines[-1]["generation"] == 39 and lines[-1]["caller"] == "127.0.0.1"
+    assert {"time", "event", "caller", "master", "generation", "files", "outcome"} <= set(lines[-1])
+    older = (settings.state_dir / "audit.log.1").read_text().splitlines()
+    assert older and int(__import__("json").loads(older[-1])["generation"]) == lines[0]["generation"] - 1
+
+
+def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
+    f = fleet(2, start=False)
+    ini = f.secondaries[1].etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text().replace(VERSION, "9.5.2"))
+    for r in f.receivers:
+        r.start()
+    assert f.publish()[0] == 1
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    good, bad = status["secondaries"]
+    assert good["state"] == "in-sync" and good["generation"] == 1 and good["last_contact"]
+    assert bad["state"] == "refused" and "9.5.2" in bad["detail"] and VERSION in bad["detail"]
+    assert status["publishes"][0]["caller"].startswith("command line")
+    assert status["publishes"][0]["ok"] is False
+    rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
+    assert rc == 1
+    assert f"127.0.0.1:{f.receivers[1].port}  refused" in out
+    assert "1 of 2 secondaries not in sync" in out
+
+    # the same view over HTTP, from the ledger; a secondary's status is about itself
+    master = make_receiver(f.master)
+    over_http = http().get(f"{master.url}/status", timeout=10).json()
+    assert [s["state"] for s in over_http["secondaries"]] == ["in-sync", "refused"]
+    assert over_http["agent"]["running"] is False
+    mine = http().get(f"{f.receivers[0].url}/status", timeout=10).json()
+    assert mine["role"] == "secondary" and mine["self"]["generation"] == 1
+    assert mine["self"]["drift"] is False
+    page = http().get(f"{f.receivers[0].url}/", timeout=10)
+    assert page.status_code == 200 and "Secondary" in page.text
+
+
+def test_agent_waits_for_the_publish_lock_held_by_another_publish(fleet, make_receiver, tmp_path):
+    import filelock
+
+    from agentproc import AgentProcess, wait_for
+
+    f = fleet(1, master_ini=FAST_AGENT)
+    master = make_receiver(f.master)
+    lock = filelock.FileLock(f.master.data_dir / ".esmirror" / "publish.lock")
+    lock.acquire()  # as `esmirror publish` would hold it
+    agent = AgentProcess(f.master, tmp_path / "agent.log").start()
+    try:
+        request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+        time.sleep(3)
+        record = http().get(f"{master.url}/publish/{request_id}", timeout=10).json()
+        assert record["state"] == "queued", record
+        assert not (f.secondaries[0].data_dir / "catalogs.xml").exists()
+        lock.release()
+        done = wait_for("the publish runs once the lock is free", lambda: http().get(
+            f"{master.url}/publish/{request_id}", timeout=10).json()["state"] == "done", 60)
+        assert done
+        assert (f.secondaries[0].data_dir / "catalogs.xml").exists()
+    finally:
+        if lock.is_locked:
+            lock.release()
+        agent.stop()
+
+
+def test_progress_bars_on_a_terminal(fleet):
+    f = fleet(2)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir", str(f.master.root)],
+                            stdin=follower, stdout=follower, stderr=follower, cwd=REPO,
+                            env=os.environ.copy())
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    assert proc.wait(timeout=30) == 0
+    out = b"".join(chunks).decode(errors="replace")
+    for r in f.receivers:
+        assert f"127.0.0.1:{r.port}" in out
+    assert "B/s" in out and "in-sync" in out  # a bar per secondary, bytes and rate, then its state
