@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,8 +12,8 @@ from typing import Any, Callable
 import requests
 
 from agent.demo import Install
+from conftest import REPO, stop_session
 
-REPO = Path(__file__).resolve().parent.parent
 # retries come fast and are bounded: the tests' backoff bound
 FAST_AGENT = {"retry_initial": "0.2", "retry_max": "1", "check_interval": "1"}
 
@@ -40,16 +39,8 @@ class AgentProcess:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_session(self.proc)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import termios
 import time
-from pathlib import Path
 
 from agentproc import FAST_AGENT, http
 from agent.demo import make_install
