@@ -373,6 +373,7 @@ def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUs
         report.add("error", "user", f"no User directive in {httpd.main} or the files it includes "
                    f"({len(httpd.files)} read)", file=str(httpd.main),
                    fix=f"add 'User {lt}' to {httpd.main} so httpd runs as LT_IS_USER")
+    fixable = len({user for _, user, _ in _apache_users(httpd)}) == 1
     for what, user, where in _apache_users(httpd):
         source = f"{where}"
         if what == "Apache's User" and httpd.user is not None and httpd.user.via:
@@ -385,8 +386,9 @@ def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUs
             f"{what} is {user} ({source}) but LT_IS_USER is {lt} ({env_user.where}): "
             "httpd and ltcsd must run as the same account",
             where,
-            fix=f"set LT_IS_USER={user} in {env_user.path} (esmirror check --fix does that) "
-                f"or change {what.rstrip('=')} at {where} to {lt}; then restart httpd and ltcsd")
+            fix=(f"set LT_IS_USER={user} in {env_user.path} (esmirror check --fix does that) or "
+                 if fixable else "")
+                + f"change {what.rstrip('=')} at {where} to {lt}; then restart httpd and ltcsd")
 
 
 def _account(report: CheckReport, env_user: EnvUser) -> pwd.struct_passwd | None:
@@ -467,9 +469,11 @@ def _check_working_dir(report: CheckReport, settings: Settings, account: pwd.str
             if len(problems) >= 5:
                 break
     for where, why in problems[:5]:
+        inside = where == data or data in where.parents
         report.add("error", "permissions", f"{account.pw_name} (LT_IS_USER) cannot read/write/delete in "
                    f"the working dir: {where}: {why}", file=str(where),
-                   fix=f"chown -R {account.pw_name} {data} (the receiver runs as this account)")
+                   fix=f"chown -R {account.pw_name} {data} (the receiver runs as this account)" if inside
+                   else f"let {account.pw_name} pass {where} (chmod o+x {where}) or move the install")
     if not problems:
         report.add("ok", "permissions", f"{account.pw_name} can read, write and delete in {data}")
 
@@ -487,8 +491,9 @@ def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struc
         targets: list[Path] = []
         home = daemon.options.get("python-home")
         if home:
-            targets += [Path(home), Path(home) / "pyvenv.cfg"]
-            targets += _venv_interpreter(Path(home))
+            targets.append(Path(home))
+            if (Path(home) / "pyvenv.cfg").exists():  # a venv: its base interpreter too
+                targets += [Path(home) / "pyvenv.cfg", *_venv_interpreter(Path(home))]
         if "home" in daemon.options:
             targets.append(Path(daemon.options["home"]))
         for directive in httpd.script_aliases:

@@ -1,0 +1,255 @@
+"""`esmirror check` on real-world-shaped httpd configs and env.sh forms (SPEC §4, issue 5)."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.demo import make_install
+from conftest import esmirror
+
+ROOT = os.geteuid() == 0
+
+
+def account() -> str:
+    """A real account that can own the working dir: Debian's www-data as root, else ourselves."""
+    if ROOT:
+        try:
+            return pwd.getpwnam("www-data").pw_name
+        except KeyError:
+            pass
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """Like pytest's, but world-traversable: pytest's own root is 0700, which check rightly reports."""
+    base = Path(tempfile.mkdtemp(prefix="esmirror-check-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def line_of(path: Path, needle: str) -> int:
+    return next(n for n, l in enumerate(path.read_text().splitlines(), 1) if needle in l)
+
+
+def install(tmp_path: Path, env_sh: str) -> Path:
+    inst = make_install(tmp_path / "install", {"allow_push": "192.0.2.10"})
+    (inst.etc_dir / "env.sh").write_text(env_sh)
+    if ROOT:
+        subprocess.run(["chown", "-R", account(), str(inst.data_dir)], check=True)
+    return inst.root
+
+
+def debian_layout(tmp_path: Path, user: str, daemon_user: str | None = None) -> Path:
+    """/etc/apache2 as Debian ships it: envvars, apache2.conf with globbed IncludeOptional."""
+    etc = tmp_path / "apache2"
+    for sub in ("mods-enabled", "conf-enabled", "sites-enabled"):
+        (etc / sub).mkdir(parents=True)
+    (etc / "envvars").write_text(f"""# envvars - default environment variables for apache2ctl
+unset HOME
+if [ "${{APACHE_CONFDIR##/etc/apache2-}}" != "${{APACHE_CONFDIR}}" ] ; then
+	SUFFIX="-${{APACHE_CONFDIR##/etc/apache2-}}"
+else
+	SUFFIX=
+fi
+export APACHE_RUN_USER={user}
+export APACHE_RUN_GROUP={user}
+export APACHE_PID_FILE=/var/run/apache2$SUFFIX/apache2.pid
+export APACHE_RUN_DIR=/var/run/apache2$SUFFIX
+export APACHE_LOCK_DIR=/var/lock/apache2$SUFFIX
+export APACHE_LOG_DIR=/var/log/apache2$SUFFIX
+""")
+    (etc / "apache2.conf").write_text("""# This is the main Apache server configuration file.
+#ServerRoot "/etc/apache2"
+DefaultRuntimeDir ${APACHE_RUN_DIR}
+PidFile ${APACHE_PID_FILE}
+Timeout 300
+KeepAlive On
+# These need to be set in /etc/apache2/envvars
+User ${APACHE_RUN_USER}
+Group ${APACHE_RUN_GROUP}
+HostnameLookups Off
+ErrorLog ${APACHE_LOG_DIR}/error.log
+LogLevel warn
+IncludeOptional mods-enabled/*.load
+IncludeOptional mods-enabled/*.conf
+Include ports.conf
+<Directory />
+	Options FollowSymLinks
+	AllowOverride None
+	Require all denied
+</Directory>
+AccessFileName .htaccess
+IncludeOptional conf-enabled/*.conf
+IncludeOptional sites-enabled/*.conf
+""")
+    (etc / "ports.conf").write_text("Listen 80\n<IfModule ssl_module>\n\tListen 443\n</IfModule>\n")
+    (etc / "mods-enabled" / "wsgi.load").write_text(
+        "LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so\n")
+    (etc / "conf-enabled" / "charset.conf").write_text("#AddDefaultCharset UTF-8\n")
+    if daemon_user:
+        (etc / "conf-enabled" / "esmirror.conf").write_text(
+            "# esmirror receiver\n"
+            f"WSGIDaemonProcess esmirror user={daemon_user} group={daemon_user} \\\n"
+            "    home=/opt/express/ImageServer python-home=/usr processes=1 threads=8\n"
+            "WSGIScriptAlias /lizardtech/mirror /usr/lib/python3/dist-packages/README.txt "
+            "process-group=esmirror application-group=%{GLOBAL}\n")
+    return etc / "apache2.conf"
+
+
+def rhel_layout(tmp_path: Path, user: str) -> Path:
+    """/etc/httpd as RHEL ships it: one httpd.conf, ServerRoot explicit, conf.d included."""
+    root = tmp_path / "httpd"
+    (root / "conf").mkdir(parents=True)
+    (root / "conf.d").mkdir()
+    (root / "conf.modules.d").mkdir()
+    (root / "conf.modules.d" / "00-base.conf").write_text("LoadModule alias_module modules/mod_alias.so\n")
+    conf = root / "conf" / "httpd.conf"
+    conf.write_text(f"""#
+# This is the main Apache HTTP server configuration file.
+ServerRoot "{root}"
+Listen 80
+Include conf.modules.d/*.conf
+
+#
+# If you wish httpd to run as a different user or group, you must run
+# httpd as root initially and it will switch.
+#
+User {user}
+Group {user}
+ServerAdmin root@localhost
+<Directory />
+    AllowOverride none
+    Require all denied
+</Directory>
+DocumentRoot "/var/www/html"
+<IfModule mime_magic_module>
+    MIMEMagicFile conf/magic
+</IfModule>
+EnableSendfile on
+IncludeOptional conf.d/*.conf
+""")
+    return conf
+
+
+def check(root: Path, conf: Path, *extra: str):
+    return esmirror("check", "--install-dir", str(root), "--httpd-conf", str(conf), *extra)
+
+
+def test_debian_mismatch_names_both_values_and_lines_then_fix_aligns(tmp_path):
+    user = account()
+    root = install(tmp_path, '#!/bin/sh\nLT_IS_ROOT=/opt/express/ImageServer\n'
+                             '# LT_IS_USER=' + user + '\nexport LT_IS_USER="nobody"  # ltcsd runs as this\n'
+                             '#export LT_IS_USER=' + user + '\n')
+    conf = debian_layout(tmp_path, user)
+    env_sh = root / "ImageServer" / "etc" / "env.sh"
+    rc, _, text = check(root, conf)
+    assert rc == 1, text
+    mismatch = next(l for l in text.splitlines() if "LT_IS_USER is nobody" in l)
+    assert f"Apache's User is {user} ({conf}:{line_of(conf, 'User ${APACHE_RUN_USER}')}" in mismatch
+    assert f"{tmp_path / 'apache2' / 'envvars'}:{line_of(conf.parent / 'envvars', 'APACHE_RUN_USER=')}" in mismatch
+    assert f"({env_sh}:4)" in mismatch  # the exported, quoted line; the commented one is ignored
+    assert f"fix: set LT_IS_USER={user} in {env_sh}" in text
+
+    httpd_before = {p: p.read_bytes() for p in conf.parent.rglob("*") if p.is_file()}
+    env_before = env_sh.read_text()
+    rc, _, text = check(root, conf, "--fix")
+    assert rc == 0, text
+    assert {p: p.read_bytes() for p in conf.parent.rglob("*") if p.is_file()} == httpd_before
+    assert env_sh.read_text() == env_before.replace('LT_IS_USER="nobody"', f'LT_IS_USER="{user}"')
+    backups = list(env_sh.parent.glob("env.sh.bak-*"))
+    assert len(backups) == 1 and backups[0].read_text() == env_before
+    assert str(backups[0]) in text
+    rc, _, text = check(root, conf)
+    assert rc == 0, text
+    assert "all is well" in text
+
+
+def test_debian_wsgi_daemon_user_in_included_glob_is_compared(tmp_path):
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user, daemon_user="nobody")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1, text
+    assert report["ok"] is False and report["apache_user"] == user and report["lt_is_user"] == user
+    [bad] = [f for f in report["findings"] if f["level"] == "error" and f["topic"] == "user"]
+    esm = tmp_path / "apache2" / "conf-enabled" / "esmirror.conf"
+    assert bad["file"] == str(esm) and bad["line"] == 2
+    assert "WSGIDaemonProcess esmirror user= is nobody" in bad["message"] and user in bad["message"]
+    # --fix cannot help here: httpd disagrees with itself, and httpd.conf is never edited
+    rc, report, text = check(root, conf, "--json", "--fix")
+    assert rc == 1 and report["fixed"] == []
+    assert (root / "ImageServer" / "etc" / "env.sh").read_text() == f"LT_IS_USER={user}\n"
+
+
+@pytest.mark.parametrize("form", ["LT_IS_USER='{u}'", "LT_IS_USER={u}; export LT_IS_USER",
+                                  'export LT_IS_USER="{u}"'])
+def test_rhel_single_httpd_conf_with_env_sh_forms(tmp_path, form):
+    user = account()
+    conf = rhel_layout(tmp_path, user)
+    root = install(tmp_path, "#export LT_IS_USER=nobody\n" + form.format(u="nobody") + "\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1, text
+    [bad] = [f for f in report["findings"] if f["level"] == "error" and f["topic"] == "user"]
+    assert (bad["file"], bad["line"]) == (str(conf), line_of(conf, f"User {user}"))
+    assert f"is {user}" in bad["message"] and "LT_IS_USER is nobody" in bad["message"]
+    assert f"env.sh:2" in bad["message"]
+    (root / "ImageServer" / "etc" / "env.sh").write_text(form.format(u=user) + "\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text
+    assert report["ok"] is True and report["lt_is_user"] == user
+
+
+@pytest.mark.skipif(not ROOT or account() == "root", reason="needs root and an account other than root")
+def test_venv_under_a_0700_dir_is_caught(tmp_path):
+    user = account()
+    private = tmp_path / "root-home"
+    (private / "venv").mkdir(parents=True)
+    (private / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    private.chmod(0o700)
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user} python-home={private}/venv home=/\n")
+    rc, _, text = check(root, conf)
+    assert rc == 1, text
+    assert f"cannot read {private}/venv" in text and str(private) in text and "0700" in text
+    private.chmod(0o755)
+    rc, _, text = check(root, conf)
+    assert rc == 0, text
+
+
+def test_working_dir_catalogs_mirrors_and_ca_bundle_findings(tmp_path):
+    user = account()
+    conf = rhel_layout(tmp_path, user)
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    etc = root / "ImageServer" / "etc"
+    (etc / "iserv-cfg.xml").write_text('<ImageServer><ImageManager/><Mirrors>'
+                                       '<Secondary host="es2.example.org" port="443" ssl="strict"/>'
+                                       '</Mirrors></ImageServer>')
+    (root / "ImageServer" / "var" / "data" / "catalogs.xml").write_text(
+        '<CatalogConfig><Catalog name="bad name"><Path>/nonexistent/images</Path></Catalog></CatalogConfig>')
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1
+    errors = {f["topic"]: f for f in report["findings"] if f["level"] == "error"}
+    assert "ca-bundle.crt" in errors["ca-bundle"]["message"] and "es2.example.org:443" in errors["ca-bundle"]["message"]
+    assert "bad name" in errors["catalogs"]["message"]
+    assert any("/nonexistent/images" in f["message"] for f in report["findings"] if f["topic"] == "catalogs")
+    (etc / "esmirror.ini").write_text("[esmirror]\nallow_pusj = 1.2.3.4\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1
+    settings = [f for f in report["findings"] if f["topic"] == "settings"][0]
+    assert settings["level"] == "error" and "esmirror.ini:2" in settings["message"] and "allow_pusj" in settings["message"]
+
+
+def test_no_install_is_a_usage_error(tmp_path):
+    rc, _, text = esmirror("check", "--install-dir", str(tmp_path / "nothing"))
+    assert rc == 2 and "ImageServer" in text
