@@ -118,6 +118,8 @@ class Agent:
                     self.step()
                 except MirrorError as exc:  # a broken iserv-cfg.xml, say: keep going, say why
                     log.error("%s", exc.message)
+                except Exception:  # never die on one bad pass: the service would only restart into it
+                    log.exception("unexpected error in the agent; going on")
                 stop.wait(self.tick)
         finally:
             self.heartbeat(stopped=True)
@@ -187,10 +189,11 @@ class Agent:
             record["state"] = "queued"
             self.queue.save(record)
             return
-        except MirrorError as exc:
-            record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
+        except (MirrorError, OSError, ValueError) as exc:
+            message = exc.message if isinstance(exc, MirrorError) else f"unexpected error on this master: {exc}"
+            record.update(state="failed", ok=False, error=message, finished=now_iso())
             self.queue.save(record)
-            log.error("publish %s failed: %s", record["id"], exc.message)
+            log.error("publish %s failed: %s", record["id"], message)
             return
         record.update(state="done", ok=report.ok, generation=report.generation, digest=report.digest,
                       finished=now_iso(), warnings=report.warnings)

@@ -76,6 +76,9 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
 
 
+DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
+
+
 def _skipped(secondary: Secondary, why: str) -> PushResult:
     return PushResult(secondary.host, secondary.port, state="skipped", error=why)
 
@@ -83,7 +86,11 @@ def _skipped(secondary: Secondary, why: str) -> PushResult:
 def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult],
             canary: Secondary | None = None, max_parallel: int | None = None,
             stop_on_failure: bool = False, observer: Observer | None = None) -> list[PushResult]:
-    """Push to each secondary, canary first, at most ``max_parallel`` at once; results in order."""
+    """Push to each secondary, canary first, at most ``max_parallel`` at once; results in order.
+
+    A push never raises (its result says what happened), so one secondary's
+    failure never stops the others unless ``stop_on_failure`` asks for it.
+    """
     observer = observer or Observer()
     results: dict[Secondary, PushResult] = {}
     stop = threading.Event()
@@ -111,7 +118,7 @@ def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult]
                 observer.done(secondary, results[secondary])
             rest = []
     if rest:
-        workers = max(1, min(len(rest), max_parallel or len(rest)))
+        workers = max(1, min(len(rest), max_parallel or DEFAULT_MAX_PARALLEL))
         with cf.ThreadPoolExecutor(workers) as pool:
             for secondary, result in zip(rest, pool.map(run, rest)):
                 results[secondary] = result

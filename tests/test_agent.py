@@ -50,6 +50,8 @@ def test_publish_through_endpoint_runs_in_agent_and_lands_on_both(fleet, make_re
     second = web.post(f"{master.url}/publish", json={"max_parallel": 1}, timeout=10)
     assert second.status_code == 202, second.text
     first_id, second_id = first.json()["id"], second.json()["id"]
+    master.stop()  # the web side restarts: the requests are on disk already
+    master.start()
     assert progress(master, second_id)["state"] == "queued"
     assert all(set_files(s.data_dir) == {} for s in f.secondaries)  # the web app never pushes
 
@@ -79,6 +81,19 @@ def test_publish_through_endpoint_runs_in_agent_and_lands_on_both(fleet, make_re
         assert commits[0]["generation"] == 1 and commits[0]["master"] == publish_line["master"]
         assert commits[0]["files"] == {"added": 8, "changed": 0, "removed": 0}
     assert agent.proc.poll() is None, agent.output()
+    assert http().get(f"{master.url}/status", timeout=10).json()["agent"]["running"] is True
+
+    # a master whose own catalogs.xml is broken: the request fails, saying why; nothing is sent
+    before = [set_files(s.data_dir) for s in f.secondaries]
+    (f.master.data_dir / "catalogs.xml").write_text("<CatalogConfig><Catalog name='x'>")
+    bad_id = web.post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    record = wait_for("the agent refuses the broken set", lambda: finished(master, bad_id), 60)
+    assert record["state"] == "failed" and "catalogs.xml" in record["error"], record
+    assert [set_files(s.data_dir) for s in f.secondaries] == before
+
+    agent.stop()  # SIGTERM: a clean stop, and status says no agent runs
+    assert agent.proc.returncode == 0, agent.output()
+    assert http().get(f"{master.url}/status", timeout=10).json()["agent"]["running"] is False
 
 
 def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
