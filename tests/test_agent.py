@@ -110,7 +110,7 @@ def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
         assert words in answer.json()["error"]
     stranger = session_from("127.0.0.2").post(url, json={}, timeout=10)
     assert stranger.status_code == 403 and "allow_admin" in stranger.json()["error"]
-    assert web.get(f"{master.url}/publish/20260101T000000-deadbeef", timeout=10).status_code == 404
+    assert web.get(f"{master.url}/publish/20260101T000000000000-deadbeef", timeout=10).status_code == 404
     assert web.get(f"{master.url}/publish/..%2Fledger", timeout=10).status_code == 404
     # a secondary has no Mirrors: nothing to publish to, 409 saying so
     on_secondary = web.post(f"{f.receivers[0].url}/publish", json={}, timeout=10)

@@ -159,3 +159,13 @@ def test_progress_bars_on_a_terminal(fleet):
     for r in f.receivers:
         assert f"127.0.0.1:{r.port}" in out
     assert "B/s" in out and "in-sync" in out  # a bar per secondary, bytes and rate, then its state
+
+
+def test_publish_ids_sort_by_creation_even_within_one_second():
+    from app.core.publishes import new_id
+
+    ids = []
+    for _ in range(200):
+        ids.append(new_id())
+        time.sleep(0.00001)
+    assert ids == sorted(ids)  # the queue's order, and which request is newer, come from this

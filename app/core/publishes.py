@@ -25,7 +25,7 @@ from .state import read_json, write_json
 
 HISTORY_KEEP = 50
 PENDING = ("queued", "running")
-_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
+_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{12}-[0-9a-f]{8}$")
 
 
 def queue_dir(settings: Settings) -> Path:
@@ -33,8 +33,10 @@ def queue_dir(settings: Settings) -> Path:
 
 
 def new_id() -> str:
-    # sortable by creation time, unique across processes
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    """Sorts by creation time to the microsecond (which request is newer decides superseding)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}"
+    return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
 
 def parse_options(data: Any) -> dict[str, Any]:
@@ -73,7 +75,7 @@ class PublishQueue:
     def path(self, request_id: str) -> Path:
         if not _ID_RE.match(request_id):
             raise NotFound(f"no publish {request_id!r} on this master (ids look like "
-                           "20260101T120000-1a2b3c4d)")
+                           "20260101T120000123456-1a2b3c4d)")
         return self.dir / f"{request_id}.json"
 
     def submit(self, options: dict[str, Any], caller: str | None, targets: list[str],
