@@ -297,7 +297,7 @@ def deploy(install_dir: str | None, target: str, user: str | None, out_dir: str 
     for path in rendered.files:
         click.echo(f"wrote {path}")
     if rendered.user:
-        click.echo(f"account: {rendered.user} (LT_IS_USER)")
+        click.echo(f"account: {rendered.user}")
     for note in rendered.notes:
         click.echo(f"note: {note}")
     click.echo(f"where each file goes: deploy/{target}/README.md")

@@ -78,6 +78,11 @@ def require_line(networks: tuple[Network, ...]) -> str:
     return f"Require ip {' '.join(unique)}" if unique else "Require all denied"
 
 
+def apache_word(text: str) -> str:
+    """A path as one httpd config word: quoted when it holds a space."""
+    return f'"{text}"' if re.search(r"\s", text) else text
+
+
 def _fill(template: str, values: dict[str, str], name: str) -> str:
     def one(match: re.Match[str]) -> str:
         if match.group(1) not in values:
@@ -114,7 +119,9 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
         "install_dir": install, "install_dir_py": repr(install), "env_sh": str(settings.env_sh),
         "user": account, "group": _group_of(account), "home": str(settings.image_server),
         "venv": venv_dir, "prefix": settings.prefix, "prefix_re": re.escape(settings.prefix),
-        "wsgi_file": str(out_dir / "esmirror.wsgi"), "max_upload_bytes": str(settings.max_upload_bytes),
+        "home_opt": apache_word(f"home={settings.image_server}"),
+        "python_home_opt": apache_word(f"python-home={venv_dir}"),
+        "wsgi_file": apache_word(str(out_dir / "esmirror.wsgi")), "max_upload_bytes": str(settings.max_upload_bytes),
         "require_admin": require_line(settings.allow_admin),
         "require_push": require_line(settings.allow_push),
         "require_browse": require_line(settings.allow_push + settings.allow_admin),
@@ -144,7 +151,8 @@ def _ip_security(networks: tuple[Network, ...]) -> str:
 def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv: str | None = None,
                request_timeout: str = "01:00:00") -> Rendered:
     """web.config for HttpPlatformHandler running waitress (``esmirror serve``) on loopback."""
-    account = deploy_user(settings, user) if settings.env_sh.exists() or user else ""
+    # Windows has no env.sh: there --user only names the app pool account for the notes
+    account = deploy_user(settings, user) if settings.env_sh.exists() else (user or "")
     out_dir = out_dir.resolve()
     venv_dir = venv or sys.prefix
     install = str(settings.install_dir)

@@ -331,7 +331,24 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_working_dir(report, settings, account)
     if httpd is not None:
         _check_wsgi_code(report, httpd, account)
+        _check_mount(report, httpd, settings)
     return report
+
+
+def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
+    """esmirror's WSGIScriptAlias must mount it at the prefix every master pushes to."""
+    for directive in httpd.script_aliases:
+        alias, script = directive.args[0], Path(directive.args[1])
+        try:
+            ours = "app.wsgi" in script.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # unreadable scripts are reported by the wsgi check
+        if ours and alias.rstrip("/") != settings.prefix:
+            report.add("error", "prefix", f"WSGIScriptAlias mounts esmirror at {alias} but prefix is "
+                       f"{settings.prefix} ({settings.ini_path}): masters push to the prefix",
+                       directive.where,
+                       fix=f"change the WSGIScriptAlias at {directive.where} to {settings.prefix}, or set "
+                           f"prefix = {alias} in {settings.ini_path} on every server")
 
 
 def _apache_users(httpd: HttpdConfig) -> list[tuple[str, str, Where]]:

@@ -253,3 +253,21 @@ def test_working_dir_catalogs_mirrors_and_ca_bundle_findings(tmp_path):
 def test_no_install_is_a_usage_error(tmp_path):
     rc, _, text = esmirror("check", "--install-dir", str(tmp_path / "nothing"))
     assert rc == 2 and "ImageServer" in text
+
+
+def test_wsgi_mount_at_another_path_than_the_prefix_is_reported(tmp_path):
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    entry = tmp_path / "esmirror.wsgi"
+    entry.write_text("from app.wsgi import application\n")
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /mirror {entry}\n")
+    rc, report, _ = check(root, conf, "--json")
+    assert rc == 1
+    [bad] = [f for f in report["findings"] if f["level"] == "error"]
+    assert bad["topic"] == "prefix" and bad["line"] == 2 and "/lizardtech/mirror" in bad["message"]
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /lizardtech/mirror {entry}\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text

@@ -92,3 +92,10 @@ def test_default_out_is_under_the_install_etc(tmp_path):
     rc, _, text = deploy(install, "iis")
     assert rc == 0, text
     assert (install.etc_dir / "iis" / "esmirror" / "web.config").is_file()
+
+
+def test_iis_without_env_sh_takes_the_app_pool_account(tmp_path):
+    install = install_with(tmp_path, None)
+    rc, _, text = deploy(install, "iis", "--user", r"IIS AppPool\esmirror", "--out", str(tmp_path / "o"))
+    assert rc == 0, text
+    assert r"account: IIS AppPool\esmirror" in text
