@@ -204,6 +204,12 @@ def sweep_dead_tmp(state_dir: Path) -> None:
                     pass
 
 
+def _remove_empty_tree(folder: Path) -> None:
+    """rmdir a folder and its empty subfolders; OSError (not empty) if any file is left."""
+    for sub, _dirs, _files in os.walk(folder, topdown=False):
+        os.rmdir(sub)
+
+
 def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
     """Folders left empty in the working directory are removed (SPEC §2)."""
     for folder, dirs, files in os.walk(root, topdown=False):
@@ -283,7 +289,7 @@ class WorkingDir:
             _link_or_copy(work, arch)
             crash_point("switch-archive")
         if work.is_dir():  # a folder of the old set gives way to a file: its files went first
-            shutil.rmtree(work)
+            _remove_empty_tree(work)  # anything still in it (not part of the set) stops the switch
         work.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, work)
         crash_point("switch-put")
@@ -294,10 +300,13 @@ class WorkingDir:
             work, staged, arch = self._paths(journal, op)
             if op["kind"] == "remove":
                 if arch.exists():
+                    if work.is_dir():  # the folder new files went into: emptied by the undo above
+                        _remove_empty_tree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(arch, work)
             elif staged.exists():  # never switched: drop a half-made archive link
-                arch.unlink(missing_ok=True)
+                if op["existed"]:  # (only then is there one; the path may even be a file's child)
+                    arch.unlink(missing_ok=True)
             elif op["existed"]:
                 if arch.exists():
                     if work.is_dir():
@@ -414,8 +423,11 @@ class WorkingDir:
         # order: removals that free a name for a new file first, files, catalogs.xml, other removals
         put_names = set(puts)
         prefixes = {"/".join(p.split("/")[:i]) for p in put_names for i in range(1, p.count("/") + 1)}
+        # a removed file where a new file needs a folder ("a" → "a/x"), or inside a folder
+        # that becomes a file ("a/x" → "a"): archived first, so the put finds the name free
         blocking = [p for p in change.removed
-                    if p in prefixes or any(q.startswith(p + "/") for q in put_names)]
+                    if p in prefixes or any("/".join(p.split("/")[:i]) in put_names
+                                            for i in range(1, p.count("/") + 1))]
         ops.sort(key=lambda op: op["path"] == CATALOGS_XML)
         rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
         ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]

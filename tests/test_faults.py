@@ -1,0 +1,272 @@
+"""Issue 3: kill -9 the receiver at many points of a push; after a restart the set is whole.
+
+Each round, the master flips between two sets A and B that differ in every way
+a push can (changed, added, removed files, catalogs.xml, a folder that becomes
+a file, a file sent in parts, one sent whole, small ones batched). Three
+secondaries each get a different ``ESMIRROR_CRASH_AT`` kill point, so one
+publish exercises three points; then every receiver is restarted clean, each
+working directory must be byte for byte the old set or the new one with no
+debris, and the next publish must bring all three in sync.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.demo import SAMPLE_CATALOGS
+from conftest import set_files
+
+MIB = 1024 * 1024
+
+# (point, what it interrupts); each "name:N" kills at the N-th pass of crash_point(name)
+POINTS = [
+    # upload: blob bodies being written, verified, renamed; parts; batches
+    "upload-write:1", "upload-write:2", "upload-write:4", "upload-verified:1", "upload-stored:1",
+    "upload-part:1", "upload-part:2", "upload-batch-blob:1", "upload-batch-blob:3",
+    "upload-batch-flushed:1", "upload-batch-stored:1", "upload-batch-stored:3",
+    # staging
+    "stage:1", "stage:3", "stage:5", "staged:1",
+    # journal written, then the switch file by file
+    "journal:1", "switch-remove:1", "switch-remove:2", "switch-archive:1", "switch-archive:2",
+    "switch-archive:4", "switch-put:1", "switch-put:2", "switch-put:4", "switch-put:6", "switched:1",
+    # archiving and the commit point
+    "archiving:1", "archived:1", "recorded:1", "committed:1",
+    # a second kill inside the rollback that recovery runs at the next start
+    "switch-put:3+rollback-op:1", "switch-remove:2+rollback-op:3",
+]
+
+
+def _sets(images: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    rnd = lambda n: os.urandom(n)  # noqa: E731
+    catalogs = SAMPLE_CATALOGS.format(images=images).encode()
+    a = {"catalogs.xml": catalogs, "indexes/orthos-2024.idx": rnd(3 * MIB),
+         "indexes/mid.idx": rnd(MIB + MIB // 2), "overviews/basemap.ovr": rnd(64 * 1024),
+         **{f"indexes/tile-{i}.idx": rnd(4096 + 1000 * i) for i in range(5)}}
+    b = dict(a)
+    b["catalogs.xml"] = catalogs.replace(b"</CatalogConfig>", b'  <Catalog name="extra">\n'
+                                         + f"    <Path>{images}/dem</Path>\n".encode()
+                                         + b"  </Catalog>\n</CatalogConfig>")
+    b["indexes/orthos-2024.idx"] = rnd(3 * MIB)
+    b["indexes/mid.idx"] = rnd(MIB + MIB // 2)
+    b["indexes/tile-1.idx"] = rnd(5000)
+    del b["indexes/tile-2.idx"], b["overviews/basemap.ovr"]
+    b["overviews"] = b"a file where a folder was"
+    b.update({f"new/n-{i}.idx": rnd(2000 + i) for i in range(3)})
+    return a, b
+
+
+def _write_set(data: Path, files: dict[str, bytes]) -> None:
+    for child in data.iterdir():
+        if child.name not in (".esmirror", "archive"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for rel, body in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(body)
+
+
+def _digests(files: dict[str, bytes]) -> dict[str, str]:
+    return {p: hashlib.sha256(b).hexdigest() for p, b in files.items()}
+
+
+def debris(data: Path, after_publish: bool = False) -> list[str]:
+    """What a crash may not leave behind: journal, staging, temp files, half-made archive entries."""
+    state = data / ".esmirror"
+    found = []
+    if (state / "journal.json").exists():
+        found.append("journal.json")
+    if (state / "staging").exists() and any((state / "staging").iterdir()):
+        found.append("staging/ not empty")
+    found += [p.name for p in state.iterdir() if p.name.endswith(".tmp")]
+    if (state / "tmp").exists():
+        # a part upload cut short may stay until the blob is sent again (from byte 0)
+        found += [f"tmp/{p.name}" for p in (state / "tmp").iterdir()
+                  if after_publish or not p.name.endswith(".partial")]
+    if (data / "archive").exists():
+        found += [f"archive/{p.name} without archive.json" for p in (data / "archive").iterdir()
+                  if not (p / "archive.json").is_file()]
+    return found
+
+
+def _start_all(receivers, envs) -> None:
+    errors: list[BaseException] = []
+
+    def go(receiver, env) -> None:
+        receiver.env = env
+        try:
+            receiver.start(wait=60)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(r, e)) for r, e in zip(receivers, envs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_at_every_point_leaves_old_or_new_set_and_next_publish_works(fleet, tmp_path):
+    assert len({p.split("+")[0] for p in POINTS}) >= 30
+    f = fleet(3, secondary_ini={"max_upload_bytes": "2M"})  # the 3 MiB file travels in parts
+    set_a, set_b = _sets(tmp_path / "images")
+    _write_set(f.master.data_dir, set_a)
+    rc, _, out = f.publish()
+    assert rc == 0, out
+    current, digests = set_a, _digests(set_a)
+    points = list(POINTS)
+    survivors: list[str] = []
+    while points:
+        batch, points = points[:3], points[3:]
+        new = set_b if current is set_a else set_a
+        old_digests, new_digests = digests, _digests(new)
+        _write_set(f.master.data_dir, new)
+        f.stop()
+        _start_all(f.receivers, [{"ESMIRROR_CRASH_AT": p.split("+")[0]} for p in batch]
+                   + [{}] * (3 - len(batch)))
+        f.publish()  # killed part way on the secondaries that have a point
+        for receiver, point in zip(f.receivers, batch):
+            if receiver.proc.poll() is None:
+                survivors.append(point)  # the point was never reached: the list is wrong
+            receiver.stop()
+            if "+" in point:  # crash again inside the rollback run by recovery at start
+                receiver.env = {"ESMIRROR_CRASH_AT": point.split("+")[1]}
+                with pytest.raises(RuntimeError, match="exited"):
+                    receiver.start(wait=60)
+        _start_all(f.receivers, [{}] * 3)
+        for secondary, point in zip(f.secondaries, batch + [""] * 3):
+            got = set_files(secondary.data_dir)
+            odd = {k: (got.get(k), old_digests.get(k), new_digests.get(k))
+                   for k in set(got) | set(old_digests) if got.get(k) != old_digests.get(k)}
+            assert got in (old_digests, new_digests), (point, "differs from the old set in", odd)
+            assert debris(secondary.data_dir) == [], point
+        for receiver, point in zip(f.receivers, batch):
+            browse = receiver_browse(receiver)
+            assert browse["drift"] is False, (point, "state.json does not describe the set")
+        rc, report, out = f.publish()
+        assert rc == 0, (batch, out)
+        replaced = {p: h for p, h in old_digests.items() if new_digests.get(p) != h}
+        for secondary in f.secondaries:
+            assert set_files(secondary.data_dir) == new_digests
+            assert debris(secondary.data_dir, after_publish=True) == []
+            # nothing lost: the newest archive entry holds every file the switch replaced
+            newest = sorted((secondary.data_dir / "archive").iterdir())[-1] / "files"
+            assert {p.relative_to(newest).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in newest.rglob("*") if p.is_file()} == replaced
+        current, digests = new, new_digests
+    assert survivors == [], f"these kill points were never reached: {survivors}"
+
+
+def receiver_browse(receiver) -> dict:
+    import requests
+
+    return requests.get(f"{receiver.url}/browse", timeout=30).json()
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs():
+    """mount(path, size): a small tmpfs over ``path``, unmounted at teardown (after the servers stop)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _on_tmpfs(tmpfs, install, size: str) -> None:
+    var = install.data_dir.parent
+    tmpfs(var, size)
+    install.data_dir.mkdir()
+
+
+def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpfs, fleet):
+    f = fleet(1, start=False)
+    secondary = f.secondaries[0]
+    _on_tmpfs(tmpfs, secondary, "24m")
+    f.receivers[0].start()
+    rc, _, out = f.publish()
+    assert rc == 0, out
+    before = set_files(secondary.data_dir)
+    with open(f.master.data_dir / "indexes" / "huge.idx", "wb") as fh:
+        fh.write(os.urandom(30 * MIB))
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert result["state"] != "in-sync"
+    assert "has no room for this set" in result["error"] and "nothing was sent" in result["error"]
+    free = shutil.disk_usage(secondary.data_dir).free
+    assert f"only {free} are free" in result["error"] or "are free there" in result["error"]
+    assert result["bytes_sent"] == 0 and result["files_sent"] == 0
+    assert set_files(secondary.data_dir) == before
+    assert debris(secondary.data_dir, after_publish=True) == []
+    (f.master.data_dir / "indexes" / "huge.idx").unlink()
+    (f.master.data_dir / "indexes" / "small.idx").write_bytes(b"fits")
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, fleet, tmp_path):
+    """Another writer fills the disk after the room check passed: 507, no temp file, set intact."""
+    f = fleet(1, server="gunicorn", start=False)  # gunicorn hands the body over as it arrives
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    _on_tmpfs(tmpfs, secondary, "16m")
+    receiver.start()
+    rc, _, out = f.publish()
+    assert rc == 0, out
+    before = set_files(secondary.data_dir)
+    body = os.urandom(8 * MIB)
+    sha = hashlib.sha256(body).hexdigest()
+    tmp_dir = secondary.data_dir / ".esmirror" / "tmp"
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as sock:
+        sock.sendall(f"PUT /lizardtech/mirror/blobs/{sha} HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body[:MIB])
+        deadline = time.monotonic() + 30
+        while not (tmp_dir.is_dir() and any(tmp_dir.iterdir())):
+            assert time.monotonic() < deadline, "the upload never started writing"
+            time.sleep(0.02)
+        filler = secondary.data_dir.parent / "filler"  # on the same disk, outside the set
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * MIB)
+                    fh.flush()
+            except OSError:
+                pass
+        try:
+            sock.sendall(body[MIB:])
+        except OSError:
+            pass  # the receiver may answer and close before reading the rest
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 507"), answer[:300]
+    assert b"disk filled up" in payload and b"nothing was kept" in payload
+    assert list(tmp_dir.iterdir()) == []
+    assert not (secondary.data_dir / ".esmirror" / "blobs" / sha).exists()
+    assert set_files(secondary.data_dir) == before
+    filler.unlink()
+    (f.master.data_dir / "indexes" / "after.idx").write_bytes(b"room again")
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
