@@ -38,6 +38,7 @@ from .status import check_fleet
 log = logging.getLogger("esmirror.agent")
 TICK = 0.5               # how often the queue is looked at (seconds)
 PROGRESS_EVERY = 0.5     # at most this often is a running request's progress written
+HEARTBEAT_EVERY = 2.0    # agent.json's pulse; status says "no agent" after 30 s of silence
 
 
 class AgentRunning(MirrorError):
@@ -109,11 +110,14 @@ class Agent:
         except filelock.Timeout:
             raise AgentRunning(f"another esmirror agent already runs for {self.settings.install_dir} "
                                f"(lock {self.settings.state_dir / 'agent.lock'})") from None
+        beating = threading.Event()
+        pulse = threading.Thread(target=self._beat, args=(beating,), name="heartbeat", daemon=True)
         try:
+            self.heartbeat()
+            pulse.start()  # its own thread: a long push must not make status say "no agent"
             self.resume()
             log.info("agent started for %s", self.settings.install_dir)
             while not stop.is_set():
-                self.heartbeat()
                 try:
                     self.step()
                 except MirrorError as exc:  # a broken iserv-cfg.xml, say: keep going, say why
@@ -122,6 +126,9 @@ class Agent:
                     log.exception("unexpected error in the agent; going on")
                 stop.wait(self.tick)
         finally:
+            beating.set()
+            if pulse.is_alive():
+                pulse.join(timeout=5)
             self.heartbeat(stopped=True)
             single.release()
             log.info("agent stopped")
@@ -150,6 +157,13 @@ class Agent:
                 log.warning("publish %s was interrupted (agent stopped); running it again", record["id"])
                 record["state"] = "queued"
                 self.queue.save(record)
+
+    def _beat(self, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_EVERY):
+            try:
+                self.heartbeat()
+            except OSError as exc:
+                log.warning("cannot write the heartbeat: %s", exc)
 
     def heartbeat(self, stopped: bool = False) -> None:
         write_json(self.settings.state_dir / "agent.json",

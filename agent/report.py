@@ -107,7 +107,7 @@ def print_status(status: dict[str, Any]) -> None:
     for s in status["secondaries"]:
         if s["state"] != "in-sync":
             click.echo(f"{s['name']}: {s['state']}: {s['detail']}")
-        for warning in s["unreadable_paths"]:
+        for warning in s["warnings"]:
             click.echo(f"{s['name']}: warning: {warning}")
     bad = [s for s in status["secondaries"] if s["state"] != "in-sync"]
     click.echo("all secondaries in sync" if not bad else

@@ -79,11 +79,14 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     ini.write_text(ini.read_text().replace(VERSION, "9.5.2"))
     for r in f.receivers:
         r.start()
+    catalogs = f.master.data_dir / "catalogs.xml"
+    catalogs.write_text(catalogs.read_text().replace("/staging<", "/nowhere<"))  # a Path nobody can read
     assert f.publish()[0] == 1
     rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
     assert rc == 1, out
     good, bad = status["secondaries"]
     assert good["state"] == "in-sync" and good["generation"] == 1 and good["last_contact"]
+    assert len(good["unreadable_paths"]) == 1 and "/nowhere" in good["unreadable_paths"][0]
     assert bad["state"] == "refused" and "9.5.2" in bad["detail"] and VERSION in bad["detail"]
     assert status["publishes"][0]["caller"].startswith("command line")
     assert status["publishes"][0]["ok"] is False
@@ -91,11 +94,14 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert rc == 1
     assert f"127.0.0.1:{f.receivers[1].port}  refused" in out
     assert "1 of 2 secondaries not in sync" in out
+    assert "/nowhere is not readable" in out
 
     # the same view over HTTP, from the ledger; a secondary's status is about itself
     master = make_receiver(f.master)
     over_http = http().get(f"{master.url}/status", timeout=10).json()
     assert [s["state"] for s in over_http["secondaries"]] == ["in-sync", "refused"]
+    page = http().get(f"{master.url}/", timeout=10).text
+    assert "Catalog Paths it cannot read" in page and "/nowhere" in page
     assert over_http["agent"]["running"] is False
     mine = http().get(f"{f.receivers[0].url}/status", timeout=10).json()
     assert mine["role"] == "secondary" and mine["self"]["generation"] == 1

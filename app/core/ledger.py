@@ -22,7 +22,7 @@ from .publishes import PublishQueue
 from .settings import Settings
 from .state import read_json, write_json
 
-STATES = ("in-sync", "behind", "drift", "unreachable", "refused")
+AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 
 
 def master_record(settings: Settings) -> dict[str, Any]:
@@ -204,7 +204,9 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                      "unreachable_since": (entry or {}).get("unreachable_since"),
                      "refused": (entry or {}).get("refused"),
                      "archive_bytes": seen.get("archive_bytes"),
-                     "unreadable_paths": seen.get("warnings") or [],
+                     "unreadable_paths": [w for w in seen.get("warnings") or []
+                                          if w.startswith("catalog ") and "not readable" in w],
+                     "warnings": seen.get("warnings") or [],
                      "next_retry": (entry or {}).get("next_retry"),
                      "last_push": (entry or {}).get("last_push")})
     publishes = [{k: r.get(k) for k in ("id", "created", "caller", "state", "ok", "generation",
@@ -223,6 +225,6 @@ def agent_pulse(settings: Settings) -> dict[str, Any]:
     """Whether an agent is looking after this master: its heartbeat file, and how fresh."""
     beat = read_json(settings.state_dir / "agent.json", {}) or {}
     age = time.time() - float(beat.get("heartbeat") or 0)
-    running = bool(beat) and not beat.get("stopped") and age < max(30.0, 10 * 1.0)
+    running = bool(beat) and not beat.get("stopped") and age < AGENT_SILENT_AFTER
     return {"running": running, "pid": beat.get("pid"), "started": beat.get("started"),
             "seconds_since_heartbeat": round(age, 1) if beat else None}
