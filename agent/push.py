@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from app.core.apply import room_needed
+from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
 from app.core.manifest import Manifest
 from app.core.settings import Settings
 
-from .client import SecondaryClient
+from .client import Body, SecondaryClient
 
 SMALL_FILE = 1024 * 1024          # files up to this size travel in batches
 BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
@@ -98,7 +99,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         check_room_there(secondary, info, remote, want, _to_send(want, have))
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
-            _upload(client, local, todo, part_size, result, progress)
+            _upload(client, local, todo, part_size, result, progress,
+                    [] if full else remote.get("files", []))
             have |= set(todo)
             try:
                 answer = client.commit({"generation": local.generation, "master": local.master,
@@ -167,15 +169,54 @@ def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:
     return todo
 
 
+def _send_delta(client: SecondaryClient, sha: str, path: Path, size: int, rel: str,
+                remote_files: list[dict[str, Any]], part_size: int) -> int | None:
+    """Send one large file as a delta (app/core/delta.py); the bytes sent, or None to send
+    it whole (no usable base there, too little in common, or the secondary could not
+    rebuild it)."""
+    bases: list[delta.Base] = []
+    for candidate in delta.pick_bases(rel, size, remote_files):
+        try:
+            answer = client.chunks(candidate["sha256"], candidate["path"])
+        except RemoteError as exc:
+            if exc.http_status in (404, 405):  # gone there, or a receiver without deltas
+                continue
+            raise
+        listing, chunk_size = answer.get("chunks"), answer.get("chunk_size")
+        if not isinstance(listing, list) or not isinstance(chunk_size, int) or chunk_size <= 0 \
+                or (bases and chunk_size != bases[0].chunk_size):
+            continue
+        bases.append(delta.Base(candidate["sha256"], candidate["path"], tuple(map(str, listing)),
+                                chunk_size))
+    if not bases:
+        return None
+    ops = delta.plan(path, size, bases)
+    length = delta.body_length(size, bases, ops)
+    if delta.literal_bytes(ops) > size * 0.9 or length > part_size:
+        return None
+    try:
+        client.post_delta(sha, Body(length, delta.body_blocks(path, size, bases, ops)))
+    except RemoteError as exc:
+        if exc.http_status in (400, 404, 405, 409):  # e.g. its copy changed: send the whole file
+            return None
+        raise
+    return length
+
+
 def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,
-            result: PushResult, progress: Callable[[int], None] | None) -> None:
-    """Small files in batches, large ones streamed one by one; a few requests at a time."""
+            result: PushResult, progress: Callable[[int], None] | None,
+            remote_files: list[dict[str, Any]] | None = None) -> None:
+    """Small files in batches, large ones streamed one by one (as a delta against the
+    secondary's older copy when it has one); a few requests at a time."""
     batch_limit = min(BATCH_BYTES, part_size)  # no body may exceed what the secondary accepts
     smalls, larges = [], []
     for sha, path in sorted(todo.items(), key=lambda kv: kv[1]):
         size = local.manifest.files[path].size
         small = size <= SMALL_FILE and size + FRAME_HEADER <= batch_limit
-        (smalls if small else larges).append((sha, local.path(path), size))
+        if small:
+            smalls.append((sha, local.path(path), size))
+        else:
+            larges.append((sha, local.path(path), size, path))
     batches: list[list[tuple[str, Path, int]]] = []
     current: list[tuple[str, Path, int]] = []
     current_bytes = 0
@@ -193,9 +234,14 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
         client.post_blobs(batch)
         return len(batch), sum(i[2] for i in batch)
 
-    def send_large(item: tuple[str, Path, int]) -> tuple[int, int]:
-        client.put_blob(item[0], item[1], item[2], part_size)
-        return 1, item[2]
+    def send_large(item: tuple[str, Path, int, str]) -> tuple[int, int]:
+        sha, path, size, rel = item
+        if remote_files and size >= delta.DELTA_MIN:
+            sent = _send_delta(client, sha, path, size, rel, remote_files, part_size)
+            if sent is not None:
+                return 1, sent
+        client.put_blob(sha, path, size, part_size)
+        return 1, size
 
     jobs = [(send_large, item) for item in larges] + [(send_batch, b) for b in batches]
     with cf.ThreadPoolExecutor(UPLOAD_THREADS) as pool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from .core.settings import Network, Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-PUSH_ROUTES = ("manifest", "blobs", "commit")  # browse is both push and admin
+PUSH_ROUTES = ("manifest", "blobs", "chunks", "delta", "commit")  # browse is both push and admin
 _PORT_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d+$")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -10,9 +11,12 @@ from .core import PROTOCOL, __version__
 from .core.apply import CommitRequest, WorkingDir, check_room, room
 from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
-from .core.errors import BadRequest, LengthRequired, MirrorError, TooLarge
+from .core.delta import CHUNK_SIZE, ChunkIndex
+from .core.errors import BadRequest, LengthRequired, MirrorError, NotFound, TooLarge
 from .core.express import express_version, platform_tag
+from .core.manifest import path_problem
 from .core.settings import Settings
+from .core.store import check_sha
 
 bp = Blueprint("peer", __name__)
 MAX_COMMIT_BYTES = 256 * 1024 * 1024  # a manifest of a few million files
@@ -110,6 +114,41 @@ def post_blobs():  # type: ignore[no-untyped-def]
     _room_for(length)
     stored = _workdir().store.put_batch(request.stream, length)
     return jsonify({"stored": stored}), 201
+
+
+def _find_content(sha: str, rel: str) -> Path | None:
+    """A file here that should hold ``sha``: the named one in the working dir, or a blob.
+
+    Never trusted for content: chunk lists are checked against ``sha`` when computed and
+    a delta rebuilt from it must hash to its own name.
+    """
+    workdir = _workdir()
+    if rel and path_problem(rel) is None:
+        candidate = workdir.data_dir / rel
+        root = workdir.data_dir.resolve()
+        if candidate.is_file() and not candidate.is_symlink() and \
+                candidate.resolve().is_relative_to(root):
+            return candidate
+    return workdir.store.path(sha) if workdir.store.has(sha) else None
+
+
+@bp.get("/chunks/<sha>")
+def chunks(sha: str):  # type: ignore[no-untyped-def]
+    check_sha(sha)
+    rel = request.args.get("path", "")
+    found = _find_content(sha, rel)
+    listing = ChunkIndex(_workdir().state_dir).get(sha, found) if found else None
+    if listing is None:
+        raise NotFound(f"no file with content {sha[:12]}… at {rel or 'any path'} on this server")
+    return jsonify({"sha256": sha, "chunk_size": CHUNK_SIZE, "chunks": listing})
+
+
+@bp.post("/delta/<sha>")
+def post_delta(sha: str):  # type: ignore[no-untyped-def]
+    length = _body_length(_settings().max_upload_bytes)
+    _room_for(length)
+    size = _workdir().store.put_delta(sha, request.stream, length, _find_content)
+    return jsonify({"sha256": sha, "size": size, "complete": True}), 201
 
 
 @bp.post("/commit")

@@ -1,0 +1,282 @@
+"""Sub-file delta for large files: send only the chunks a secondary does not already hold.
+
+A file of at least ``DELTA_MIN`` bytes whose older version (or a similar file) is on
+the secondary travels as a *delta*: the secondary lists the SHA-256 of each fixed
+``CHUNK_SIZE`` chunk of its copy (``GET chunks/<sha256>``), the master hashes the
+chunks of the new file, and sends ``POST delta/<sha256>``: copy instructions for the
+chunks the secondary has and the bytes of the others. The secondary rebuilds the
+file into its blob store from its own old copy and keeps it only if the whole file
+hashes to ``<sha256>``, exactly as an uploaded blob; so a stale or damaged base can
+cost a resend, never a wrong file.
+
+Fixed-size chunks fit how spatial indexes and overviews change (rewritten in
+place); an insertion that shifts the rest of a file makes the rest a literal.
+
+Body of ``POST delta/<sha256>`` (``Content-Type: application/x-esmirror-delta``):
+
+* one line of JSON: ``{"size": N, "bases": [{"sha256": S, "path": P}, …]}``;
+* frames until ``size`` bytes are described, in file order:
+  ``C <base index> <offset> <length>\\n`` copies bytes of a base;
+  ``L <length>\\n`` is followed by that many literal bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from .errors import BadRequest
+from .manifest import SHA256_RE, path_problem
+
+CHUNK_SIZE = 256 * 1024
+DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
+MAX_HEADER = 64 * 1024
+MAX_BASES = 4
+CACHE_ENTRIES = 256               # chunk lists kept on a secondary, newest first
+READ_BLOCK = 1024 * 1024
+_FRAME_RE = re.compile(rb"^(?:C (\d{1,4}) (\d{1,20}) (\d{1,20})|L (\d{1,20}))\n$")
+
+
+def chunk_hashes(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
+    """(SHA-256 of the file, SHA-256 of each chunk) in one read."""
+    whole = hashlib.sha256()
+    chunks = []
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_size):
+            whole.update(block)
+            chunks.append(hashlib.sha256(block).hexdigest())
+    return whole.hexdigest(), chunks
+
+
+class ChunkIndex:
+    """The secondary's chunk lists, cached by content (``.esmirror/chunks/<sha256>``).
+
+    Keyed by the file's SHA-256, so an entry is true forever for that content; a file
+    changed behind our back only makes a delta fail its whole-file check.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "chunks"
+
+    def get(self, sha: str, path: Path) -> list[str] | None:
+        """Chunk hashes of ``path``, which must hold content ``sha``; None if it does not."""
+        cached = self.dir / sha
+        try:
+            data = json.loads(cached.read_text(encoding="ascii"))
+            if data.get("chunk_size") == CHUNK_SIZE:
+                return list(data["chunks"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        try:
+            whole, chunks = chunk_hashes(path)
+        except OSError:
+            return None
+        if whole != sha:
+            return None
+        self.save(sha, chunks)
+        return chunks
+
+    def save(self, sha: str, chunks: list[str]) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f"{sha}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({"chunk_size": CHUNK_SIZE, "chunks": chunks}), encoding="ascii")
+            os.replace(tmp, self.dir / sha)
+            entries = sorted(os.scandir(self.dir), key=lambda e: e.stat().st_mtime, reverse=True)
+            for old in entries[CACHE_ENTRIES:]:
+                os.unlink(old.path)
+        except OSError:
+            pass  # a cache: costs a re-read next time
+
+
+# --- the master's side ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Base:
+    sha256: str
+    path: str
+    chunks: tuple[str, ...]
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class Copy:
+    base: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Literal:
+    offset: int   # in the new file
+    length: int
+
+
+def pick_bases(rel: str, size: int, remote_files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which of the secondary's files to rebuild ``rel`` from: its old version, else the
+    closest in size (a renamed or copied index shares most chunks with its original)."""
+    large = [f for f in remote_files if f.get("size", 0) >= DELTA_MIN]
+    same = [f for f in large if f["path"] == rel]
+    if same:
+        return same[:1]
+    large.sort(key=lambda f: (abs(f["size"] - size), f["path"]))
+    return large[:2]
+
+
+def plan(path: Path, size: int, bases: list[Base]) -> list[Copy | Literal]:
+    """Frames that rebuild ``path`` from ``bases``: one read of the file, chunk by chunk.
+
+    A chunk is copied from the same offset of the first base when it matches there
+    (the common case: a file changed in place), else from wherever it occurs.
+    """
+    where: dict[str, tuple[int, int]] = {}
+    for index, base in enumerate(bases):
+        for n, digest in enumerate(base.chunks):
+            where.setdefault(digest, (index, n * base.chunk_size))
+    first = bases[0] if bases else None
+    chunk_size = first.chunk_size if first else CHUNK_SIZE
+    ops: list[Copy | Literal] = []
+    offset = 0
+    with open(path, "rb") as fh:
+        while offset < size:
+            block = fh.read(min(chunk_size, size - offset))
+            if not block:
+                raise OSError(f"{path} shrank while being read")
+            digest = hashlib.sha256(block).hexdigest()
+            n = offset // chunk_size
+            if first and n < len(first.chunks) and first.chunks[n] == digest:
+                op: Copy | Literal = Copy(0, offset, len(block))
+            elif digest in where:
+                op = Copy(where[digest][0], where[digest][1], len(block))
+            else:
+                op = Literal(offset, len(block))
+            merged = _merge(ops, op)
+            if merged is not None:
+                ops.append(merged)
+            offset += len(block)
+    return ops
+
+
+def _merge(ops: list[Copy | Literal], op: Copy | Literal) -> Copy | Literal | None:
+    """Extend the previous frame when ``op`` continues it; returns what to append."""
+    if ops:
+        last = ops[-1]
+        if isinstance(last, Copy) and isinstance(op, Copy) and last.base == op.base \
+                and last.offset + last.length == op.offset:
+            ops[-1] = Copy(last.base, last.offset, last.length + op.length)
+            return None
+        if isinstance(last, Literal) and isinstance(op, Literal):
+            ops[-1] = Literal(last.offset, last.length + op.length)
+            return None
+    return op
+
+
+def header(size: int, bases: list[Base]) -> bytes:
+    return json.dumps({"size": size, "bases": [{"sha256": b.sha256, "path": b.path}
+                                                for b in bases]}).encode() + b"\n"
+
+
+def frame_header(op: Copy | Literal) -> bytes:
+    if isinstance(op, Copy):
+        return f"C {op.base} {op.offset} {op.length}\n".encode()
+    return f"L {op.length}\n".encode()
+
+
+def body_length(size: int, bases: list[Base], ops: list[Copy | Literal]) -> int:
+    return len(header(size, bases)) + sum(len(frame_header(o)) + (o.length if isinstance(o, Literal)
+                                                                  else 0) for o in ops)
+
+
+def literal_bytes(ops: list[Copy | Literal]) -> int:
+    return sum(o.length for o in ops if isinstance(o, Literal))
+
+
+def body_blocks(path: Path, size: int, bases: list[Base], ops: list[Copy | Literal],
+                block: int = READ_BLOCK) -> Iterator[bytes]:
+    """The request body, streamed: frame headers and the literal bytes read from ``path``."""
+    yield header(size, bases)
+    with open(path, "rb") as fh:
+        for op in ops:
+            yield frame_header(op)
+            if isinstance(op, Literal):
+                fh.seek(op.offset)
+                left = op.length
+                while left:
+                    data = fh.read(min(block, left))
+                    if not data:
+                        raise OSError(f"{path} shrank while being sent")
+                    yield data
+                    left -= len(data)
+
+
+# --- the secondary's side ----------------------------------------------------------
+
+def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, str]], int]:
+    """(size, [(base sha256, base path)], bytes read) from the body's first line; bad input is a 400."""
+    line = readline(MAX_HEADER)
+    try:
+        data = json.loads(line)
+        size, bases = data["size"], data["bases"]
+        assert isinstance(size, int) and not isinstance(size, bool) and size >= 0
+        assert isinstance(bases, list) and len(bases) <= MAX_BASES
+        out = []
+        for base in bases:
+            sha, rel = base["sha256"], base["path"]
+            assert isinstance(sha, str) and SHA256_RE.match(sha) and isinstance(rel, str)
+            out.append((sha, rel))
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise BadRequest("a delta body starts with one line of JSON {size, bases: [{sha256, path}]} "
+                         f"of at most {MAX_HEADER} bytes") from None
+    for _, rel in out:
+        problem = path_problem(rel)
+        if problem:
+            raise BadRequest(f"delta base {rel!r}: {problem}")
+    return size, out, len(line)
+
+
+def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: BinaryIO,
+            hasher: "hashlib._Hash", consumed: int) -> None:
+    """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
+
+    ``consumed`` bytes of the body (the header) were read already. Every frame is
+    bounds-checked; the caller verifies the whole-file hash.
+    """
+    remaining = length - consumed
+    written = 0
+    while written < size:
+        line = stream.readline(min(64, remaining))
+        remaining -= len(line)
+        match = _FRAME_RE.match(line)
+        if not match:
+            raise BadRequest(f"delta frame at byte {written} of the file: expected "
+                             "'C <base> <offset> <length>\\n' or 'L <length>\\n'")
+        if match.group(4) is not None:
+            count = int(match.group(4))
+            if count > remaining or written + count > size:
+                raise BadRequest(f"delta literal of {count} bytes runs past the body or the file")
+            _pump(stream.read, out, count, hasher)
+            remaining -= count
+        else:
+            index, offset, count = int(match.group(1)), int(match.group(2)), int(match.group(3))
+            if index >= len(bases) or written + count > size:
+                raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
+            src = bases[index]
+            src.seek(offset)
+            _pump(src.read, out, count, hasher)
+        written += count
+    if remaining:
+        raise BadRequest(f"{remaining} bytes follow the last delta frame")
+
+
+def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int, hasher: "hashlib._Hash") -> None:
+    while count:
+        data = read(min(READ_BLOCK, count))
+        if not data:
+            raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")
+        hasher.update(data)
+        out.write(data)
+        count -= len(data)

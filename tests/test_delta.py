@@ -1,0 +1,148 @@
+"""Issue 7: large files travel as deltas against the secondary's own copy, and stay exact.
+
+Each case asserts the bytes on the secondary's disk and the bytes the publish report
+says were sent; never timings.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import requests
+
+from app.core.delta import CHUNK_SIZE, DELTA_MIN
+from conftest import session_from, set_files
+
+MiB = 1024 * 1024
+BIG = DELTA_MIN + 2 * MiB + 1234   # not a whole number of chunks
+SLACK = 4096                        # frame headers and the JSON header line
+
+
+def sent(report: dict) -> int:
+    (only,) = report["secondaries"]
+    assert only["state"] == "in-sync", report
+    return only["bytes_sent"]
+
+
+def publish_ok(f) -> dict:
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    for s in f.secondaries:
+        assert set_files(s.data_dir) == set_files(f.master.data_dir)
+    return report
+
+
+def test_changed_middle_chunk_grown_shrunk_and_truncated_send_only_what_changed(fleet):
+    f = fleet(1)
+    big = f.master.data_dir / "indexes" / "big.idx"
+    big.write_bytes(os.urandom(BIG))
+    first = sent(publish_ok(f))
+    assert first >= BIG  # a first push has nothing to build from
+
+    # 1000 bytes inside one chunk in the middle: that chunk goes, nothing else
+    with open(big, "r+b") as fh:
+        fh.seek(3 * CHUNK_SIZE + 100)
+        fh.write(os.urandom(1000))
+    assert sent(publish_ok(f)) <= CHUNK_SIZE + SLACK
+
+    # a change across a chunk boundary: the two chunks it touches
+    with open(big, "r+b") as fh:
+        fh.seek(7 * CHUNK_SIZE - 500)
+        fh.write(os.urandom(1000))
+    assert sent(publish_ok(f)) <= 2 * CHUNK_SIZE + SLACK
+
+    # grown by 300 KB at the end: the old short last chunk and the new bytes
+    with open(big, "ab") as fh:
+        fh.write(os.urandom(300_000))
+    assert sent(publish_ok(f)) <= 300_000 + CHUNK_SIZE + SLACK
+
+    # truncated to a little over DELTA_MIN: only the new, shorter last chunk's bytes
+    with open(big, "r+b") as fh:
+        fh.truncate(DELTA_MIN + 777)
+    assert sent(publish_ok(f)) <= 777 + SLACK
+
+    # shrunk below the threshold: sent whole, still exact
+    with open(big, "r+b") as fh:
+        fh.truncate(DELTA_MIN // 2)
+    assert sent(publish_ok(f)) == DELTA_MIN // 2
+
+
+def test_a_new_file_reuses_chunks_of_another_file_on_the_secondary(fleet):
+    f = fleet(1)
+    original = f.master.data_dir / "indexes" / "orthos-big.idx"
+    original.write_bytes(os.urandom(BIG))
+    publish_ok(f)
+
+    # a copy under a new name with one chunk changed: built from the original there
+    copy = f.master.data_dir / "overviews" / "orthos-copy.ovr"
+    shutil.copyfile(original, copy)
+    with open(copy, "r+b") as fh:
+        fh.seek(CHUNK_SIZE * 5)
+        fh.write(os.urandom(10))
+    report = publish_ok(f)
+    assert sent(report) <= CHUNK_SIZE + SLACK
+    assert (f.secondaries[0].data_dir / "overviews" / "orthos-copy.ovr").read_bytes() == copy.read_bytes()
+
+
+def test_full_sends_every_byte_without_deltas(fleet):
+    f = fleet(1)
+    big = f.master.data_dir / "indexes" / "big.idx"
+    big.write_bytes(os.urandom(BIG))
+    publish_ok(f)
+    with open(big, "r+b") as fh:
+        fh.write(b"changed")
+    rc, report, out = f.publish("--full")
+    assert rc == 0, out
+    assert sent(report) >= sum(len(p.read_bytes()) for p in f.master.data_dir.rglob("*")
+                               if p.is_file() and ".esmirror" not in p.parts)
+
+
+def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
+    """Bad or lying delta bodies are refused (400/409), never a 500, and store nothing."""
+    f = fleet(1)
+    big = f.master.data_dir / "indexes" / "big.idx"
+    data = os.urandom(BIG)
+    big.write_bytes(data)
+    publish_ok(f)
+    url = f.receivers[0].url
+    here = hashlib.sha256(data).hexdigest()
+    blobs = f.secondaries[0].data_dir / ".esmirror" / "blobs"
+
+    chunks = requests.get(f"{url}/chunks/{here}", params={"path": "indexes/big.idx"}, timeout=30)
+    assert chunks.status_code == 200, chunks.text
+    listing = chunks.json()
+    assert listing["chunk_size"] == CHUNK_SIZE
+    assert listing["chunks"][0] == hashlib.sha256(data[:CHUNK_SIZE]).hexdigest()
+    assert len(listing["chunks"]) == -(-BIG // CHUNK_SIZE)
+    assert requests.get(f"{url}/chunks/{'0' * 64}", params={"path": "indexes/big.idx"},
+                        timeout=30).status_code == 404
+    assert requests.get(f"{url}/chunks/{here}", params={"path": "../../etc/passwd"},
+                        timeout=30).status_code == 404
+    stranger = session_from("127.0.0.2")  # not in allow_push: these are push routes
+    assert stranger.get(f"{url}/chunks/{here}", timeout=30).status_code == 403
+    assert stranger.post(f"{url}/delta/{here}", data=b"x", timeout=30).status_code == 403
+
+    new = data[:100] + b"X" + data[101:]
+    target = hashlib.sha256(new).hexdigest()
+    head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "indexes/big.idx"}]}\n'
+            % (len(new), here)).encode()
+    good = head + b"L 101\n" + new[:101] + f"C 0 101 {len(new) - 101}\n".encode()
+    lying = head + b"L 101\n" + new[:101] + f"C 0 100 {len(new) - 101}\n".encode()  # off by one
+    cases = {
+        "hashes wrong": (lying, 400),
+        "garbage frame": (head + b"Z 1\n", 400),
+        "copy past the file": (head + f"C 0 0 {len(new) + 1}\n".encode(), 400),
+        "no such base": (head.replace(here.encode(), b"1" * 64).replace(b"indexes/big.idx",
+                                                                         b"indexes/none.idx"), 409),
+        "unsafe base path": (head.replace(b"indexes/big.idx", b"../x"), 400),
+        "not json": (b"hello\n", 400),
+    }
+    for name, (body, status) in cases.items():
+        answer = requests.post(f"{url}/delta/{target}", data=body, timeout=30)
+        assert answer.status_code == status, (name, answer.status_code, answer.text)
+        assert "error" in answer.json(), name
+        assert not (blobs / target).exists(), name
+    answer = requests.post(f"{url}/delta/{target}", data=good, timeout=30)
+    assert answer.status_code == 201, answer.text
+    assert (blobs / target).read_bytes() == new
