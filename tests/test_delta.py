@@ -100,7 +100,7 @@ def test_full_sends_every_byte_without_deltas(fleet):
 
 def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
     """Bad or lying delta bodies are refused (400/409), never a 500, and store nothing."""
-    f = fleet(1)
+    f = fleet(1, secondary_ini={"allow_admin": "127.0.0.9"})  # chunks/delta are push routes
     big = f.master.data_dir / "indexes" / "big.idx"
     data = os.urandom(BIG)
     big.write_bytes(data)
