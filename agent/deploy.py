@@ -132,11 +132,31 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
     }
     rendered = Rendered(out_dir, user=account)
     _write(out_dir, "apache", APACHE_FILES, values, rendered)
+    rendered.notes += _unreadable_for(account, Path(venv_dir))
     if not any(ipaddress.ip_address(host.strip("[]")) in n for n in settings.trusted_proxies):
         rendered.notes.append(
             f"for the mod_proxy variant set trusted_proxies = {LOOPBACK} in {settings.ini_path}: "
             "otherwise every caller looks like httpd's own address")
     return rendered
+
+
+def _unreadable_for(account: str, venv: Path) -> list[str]:
+    """The 0700 trap, said at render time: the venv or code the daemon needs but cannot read."""
+    import pwd
+
+    from .doctor import blocked_at, code_outside
+
+    try:
+        who = pwd.getpwnam(account)
+    except KeyError:
+        return []  # rendering for another machine
+    for target in [venv, *code_outside(venv)]:
+        blocked = blocked_at(target, who, 4 | 1)
+        if blocked:
+            return [f"{account} cannot read {target} ({blocked[0]}: {blocked[1]}); httpd's daemon and "
+                    f"the gunicorn unit run as {account}: give --venv a venv it can read (esmirror check "
+                    "says the same after installing)"]
+    return []
 
 
 def _ip_security(networks: tuple[Network, ...]) -> str:

@@ -511,6 +511,7 @@ def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struc
             targets.append(Path(home))
             if (Path(home) / "pyvenv.cfg").exists():  # a venv: its base interpreter too
                 targets += [Path(home) / "pyvenv.cfg", *_venv_interpreter(Path(home))]
+            targets += code_outside(Path(home))
         if "home" in daemon.options:
             targets.append(Path(daemon.options["home"]))
         for directive in httpd.script_aliases:
@@ -526,6 +527,27 @@ def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struc
         else:
             if home:
                 report.add("ok", "wsgi", f"{who.pw_name} can read python-home {home}", daemon.where)
+
+
+def code_outside(home: Path) -> list[Path]:
+    """Folders a venv imports from elsewhere: .pth lines and editable installs (a checkout in /root)."""
+    found: list[Path] = []
+    for site in home.glob("lib/python3*/site-packages"):
+        for pth in site.glob("*.pth"):
+            try:
+                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            found += [Path(l.strip()) for l in lines if l.strip().startswith("/")]
+        for finder in site.glob("__editable__*finder.py"):
+            try:
+                text = finder.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            mapping = re.search(r"^MAPPING[^=]*=\s*(\{.*\})", text, re.MULTILINE)
+            if mapping:
+                found += [Path(p) for p in re.findall(r"'(/[^']+)'", mapping.group(1))]
+    return found
 
 
 def _venv_interpreter(home: Path) -> list[Path]:

@@ -225,6 +225,15 @@ def test_venv_under_a_0700_dir_is_caught(tmp_path):
     private.chmod(0o755)
     rc, _, text = check(root, conf)
     assert rc == 0, text
+    # the venv readable, but its editable install points into a 0700 checkout
+    site = private / "venv" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "checkout" / "app").mkdir(parents=True)
+    (site / "__editable___esmirror_0_1_0_finder.py").write_text(
+        f"MAPPING: dict[str, str] = {{'app': '{tmp_path}/checkout/app'}}\n")
+    (tmp_path / "checkout").chmod(0o700)
+    rc, _, text = check(root, conf)
+    assert rc == 1 and f"cannot read {tmp_path}/checkout/app" in text, text
 
 
 def test_working_dir_catalogs_mirrors_and_ca_bundle_findings(tmp_path):

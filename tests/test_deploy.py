@@ -1,7 +1,13 @@
 """`esmirror deploy apache|iis`: rendered for one install, never with two different accounts."""
 from __future__ import annotations
 
+import os
 import py_compile
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from agent.demo import make_install
 from conftest import esmirror
@@ -99,3 +105,23 @@ def test_iis_without_env_sh_takes_the_app_pool_account(tmp_path):
     rc, _, text = deploy(install, "iis", "--user", r"IIS AppPool\esmirror", "--out", str(tmp_path / "o"))
     assert rc == 0, text
     assert r"account: IIS AppPool\esmirror" in text
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root the 0700 dir is someone else's")
+def test_a_venv_the_account_cannot_read_is_named():
+    base = Path(tempfile.mkdtemp(prefix="esmirror-deploy-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # pytest's own tmp root is 0700: it would be the blocker
+        install = install_with(base, "LT_IS_USER=nobody\n")
+        venv = base / "private" / "venv"
+        venv.mkdir(parents=True)
+        (base / "private").chmod(0o700)
+        rc, _, text = deploy(install, "apache", "--venv", str(venv), "--out", str(base / "o"))
+        assert rc == 0, text
+        assert f"nobody cannot read {venv} ({base / 'private'}: mode drwx------" in text
+        (base / "private").chmod(0o755)
+        rc, _, text = deploy(install, "apache", "--venv", str(venv), "--out", str(base / "o"))
+        assert rc == 0 and "cannot read" not in text, text
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
