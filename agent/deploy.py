@@ -142,14 +142,12 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
 
 def _unreadable_for(account: str, venv: Path) -> list[str]:
     """The 0700 trap, said at render time: the venv or code the daemon needs but cannot read."""
-    import pwd
-
-    from .doctor import blocked_at, code_outside
+    from .doctor import blocked_at, code_outside, pwd
 
     try:
         who = pwd.getpwnam(account)
-    except KeyError:
-        return []  # rendering for another machine
+    except (AttributeError, KeyError):  # Windows, or rendering for another machine
+        return []
     for target in [venv, *code_outside(venv)]:
         blocked = blocked_at(target, who, 4 | 1)
         if blocked:

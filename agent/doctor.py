@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import re
 import shlex
 import ssl
@@ -19,6 +18,11 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import pwd
+except ImportError:  # Windows: no Unix accounts; IIS's app pool account is documented instead
+    pwd = None  # type: ignore[assignment]
 
 from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
@@ -314,6 +318,12 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         report = CheckReport(str(settings.install_dir))
         report.add("ok", "settings", f"{settings.ini_path} read" if settings.ini_path.exists()
                    else f"no {settings.ini_path}: the defaults apply")
+    if pwd is None:
+        report.add("warning", "user", "no Unix accounts here: User/LT_IS_USER and permissions are not "
+                   "checked; the IIS app pool's account needs Modify on var\\data (deploy/iis/README.md)")
+        _check_mirrors(report, settings)
+        _check_catalogs(report, settings, None)
+        return report
     env_path = Path(env_sh) if env_sh else settings.env_sh
     conf_path = Path(httpd_conf) if httpd_conf else find_httpd_conf()
     if httpd_conf and not conf_path.is_file():  # type: ignore[union-attr]
