@@ -61,6 +61,15 @@ class RecordObserver(Observer):
             self.record["secondaries"].append(self.rows[secondary.name])
         return self.rows[secondary.name]
 
+    def begin(self) -> None:
+        """The publish lock is ours: only now is the request running (until then it waits, queued)."""
+        with self.lock:
+            self.record.update(state="running", started=self.record.get("started") or now_iso(),
+                               runs=int(self.record.get("runs") or 0) + 1, agent_pid=os.getpid())
+            for row in self.record["secondaries"]:
+                row.update(state="pending", bytes_sent=0, files_sent=0, error=None)
+            self.queue.save(self.record)
+
     def start(self, secondary: Secondary) -> None:
         with self.lock:
             self._row(secondary).update(state="pushing", bytes_sent=0, files_sent=0, error=None)
@@ -186,12 +195,7 @@ class Agent:
             record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
             self.queue.save(record)
             return
-        record.update(state="running", started=record.get("started") or now_iso(),
-                      runs=int(record.get("runs") or 0) + 1, agent_pid=os.getpid())
-        for row in record["secondaries"]:
-            row.update(state="pending", bytes_sent=0, files_sent=0, error=None)
-        self.queue.save(record)
-        log.info("publish %s asked by %s: running", record["id"], record.get("caller"))
+        log.info("publish %s asked by %s: starting", record["id"], record.get("caller"))
         try:
             report = publish(self.settings, targets, full=bool(options.get("full")),
                              force=bool(options.get("force")), canary=canary,
@@ -199,9 +203,7 @@ class Agent:
                              stop_on_failure=bool(options.get("stop_on_failure")),
                              observer=RecordObserver(self.queue, record), caller=record.get("caller"),
                              history=False, lock_timeout=self.tick)
-        except filelock.Timeout:  # `esmirror publish` is pushing: this request waits its turn
-            record["state"] = "queued"
-            self.queue.save(record)
+        except filelock.Timeout:  # `esmirror publish` is pushing: this request waits its turn, queued
             return
         except (MirrorError, OSError, ValueError) as exc:
             message = exc.message if isinstance(exc, MirrorError) else f"unexpected error on this master: {exc}"

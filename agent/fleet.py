@@ -58,11 +58,34 @@ class PublishReport:
 class Observer:
     """What a publish tells whoever watches it (progress bars, the agent's request record)."""
 
+    def begin(self) -> None:
+        """The publish lock is held: the publish really starts now."""
+
     def start(self, secondary: Secondary) -> None: ...
 
     def progress(self, secondary: Secondary, sent: int) -> None: ...
 
     def done(self, secondary: Secondary, result: PushResult) -> None: ...
+
+
+class _AlsoProgress(Observer):
+    """An observer plus the plain ``progress(secondary, bytes)`` callback publish() always took."""
+
+    def __init__(self, inner: Observer, progress: Callable[[Secondary, int], None]) -> None:
+        self.inner, self.callback = inner, progress
+
+    def begin(self) -> None:
+        self.inner.begin()
+
+    def start(self, secondary: Secondary) -> None:
+        self.inner.start(secondary)
+
+    def progress(self, secondary: Secondary, sent: int) -> None:
+        self.callback(secondary, sent)
+        self.inner.progress(secondary, sent)
+
+    def done(self, secondary: Secondary, result: PushResult) -> None:
+        self.inner.done(secondary, result)
 
 
 def master_identity(settings: Settings) -> dict[str, Any]:
@@ -152,23 +175,11 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
                               "missing; nothing was sent")
     observer = observer or Observer()
     if progress:
-        inner = observer
-
-        class _WithProgress(Observer):
-            def start(self, s: Secondary) -> None:
-                inner.start(s)
-
-            def progress(self, s: Secondary, n: int) -> None:
-                progress(s, n)
-                inner.progress(s, n)
-
-            def done(self, s: Secondary, r: PushResult) -> None:
-                inner.done(s, r)
-
-        observer = _WithProgress()
+        observer = _AlsoProgress(observer, progress)
     mine = master_identity(settings)
     try:
         with publish_lock(settings, lock_timeout):
+            observer.begin()
             report = _publish_locked(settings, secondaries, full, dry_run, force, canary,
                                      max_parallel, stop_on_failure, observer, caller, mine)
     except MirrorError as exc:

@@ -122,9 +122,11 @@ def test_agent_waits_for_the_publish_lock_held_by_another_publish(fleet, make_re
     agent = AgentProcess(f.master, tmp_path / "agent.log").start()
     try:
         request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
-        time.sleep(3)
-        record = http().get(f"{master.url}/publish/{request_id}", timeout=10).json()
-        assert record["state"] == "queued", record
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # it waits, queued, the whole time the lock is taken
+            record = http().get(f"{master.url}/publish/{request_id}", timeout=10).json()
+            assert record["state"] == "queued", record
+            time.sleep(0.05)
         assert not (f.secondaries[0].data_dir / "catalogs.xml").exists()
         lock.release()
         done = wait_for("the publish runs once the lock is free", lambda: http().get(
