@@ -39,6 +39,15 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         workdir.self_id  # created now, so that reading routes never write
     if note:
         log.warning("%s: %s", settings.data_dir, note)
+
+    @app.before_request
+    def recover_after_a_killed_worker() -> None:
+        # gunicorn restarts a killed worker without building the app again: the next
+        # request, in any worker, puts the set back (one stat when nothing happened)
+        note = workdir.recover_if_interrupted()
+        if note:
+            log.warning("%s: %s", settings.data_dir, note)
+
     app.wsgi_app = IPFilter(app.wsgi_app, settings)  # type: ignore[method-assign]
     return app
 

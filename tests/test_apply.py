@@ -14,7 +14,7 @@ import requests
 
 from app.core.apply import WorkingDir
 from app.core.settings import load_settings
-from conftest import REPO, esmirror, set_files
+from conftest import REPO, esmirror, session_from, set_files
 
 
 def snapshot(install) -> tuple[dict[str, str], list[str], object]:
@@ -290,3 +290,43 @@ def test_two_publishes_at_the_same_moment_never_interleave(fleet):
         assert len(entries) == 1  # one apply replaced files: one whole entry, nothing mixed
         assert sorted(entries[0]["files"]) == ["indexes/tile-2.idx", "indexes/tile-3.idx",
                                                "overviews/basemap.ovr"]
+
+
+def test_archive_over_http_list_clear_restore_admin_only(fleet):
+    f = fleet(1)
+    secondary, data, url = f.secondaries[0], f.master.data_dir, f.receivers[0].url
+    seen = []
+    for step in range(3):
+        (data / "indexes" / "tile-4.idx").write_bytes(b"step %d" % step)
+        assert f.publish()[0] == 0
+        seen.append(set_files(data))
+    web = session_from("127.0.0.1")
+    listed = web.get(f"{url}/archive", timeout=10).json()["archive"]
+    assert [e["generation"] for e in listed] == [2, 3]
+    answer = web.post(f"{url}/archive/{listed[0]['id']}/restore", timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert set_files(secondary.data_dir) == seen[0]
+    assert web.post(f"{url}/archive/nope/restore", timeout=10).status_code == 404
+    assert web.delete(f"{url}/archive", timeout=10).status_code == 400
+    assert web.delete(f"{url}/archive?keep=many", timeout=10).status_code == 400
+    stranger = session_from("127.0.0.2")
+    for method, route in (("GET", "archive"), ("DELETE", "archive?all=1"),
+                          ("POST", f"archive/{listed[1]['id']}/restore")):
+        answer = stranger.request(method, f"{url}/{route}", timeout=10)
+        assert answer.status_code == 403 and "127.0.0.2" in answer.json()["error"], route
+    assert len(web.get(f"{url}/archive", timeout=10).json()["archive"]) == 3
+    answer = web.delete(f"{url}/archive?keep=1", timeout=10)
+    assert answer.status_code == 200 and len(answer.json()["removed"]) == 2
+    assert [e["restored_from"] for e in web.get(f"{url}/archive", timeout=10).json()["archive"]] \
+        == [listed[0]["id"]]
+
+
+def test_master_with_require_paths_refuses_to_publish_unreadable_paths(fleet, tmp_path):
+    f = fleet(1, master_ini={"require_paths": "true"})
+    catalogs = f.master.data_dir / "catalogs.xml"
+    catalogs.write_text(catalogs.read_text().replace(f"{tmp_path}/images/dem", "/nonexistent/dem"))
+    rc, _, out = f.publish()
+    assert rc == 1 and "require_paths" in out and "/nonexistent/dem" in out, out
+    assert set_files(f.secondaries[0].data_dir) == {}
+    rc, _, out = esmirror("publish", "--install-dir", str(f.master.root), "--force")
+    assert rc == 0, out  # --force skips the master's own check, as for an invalid catalogs.xml

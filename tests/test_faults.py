@@ -270,3 +270,33 @@ def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, f
     (f.master.data_dir / "indexes" / "after.idx").write_bytes(b"room again")
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_gunicorn_worker_killed_mid_commit_is_recovered_by_the_next_request(fleet, tmp_path):
+    """The server lives on and restarts the worker: no restart of ours, the next request recovers."""
+    f = fleet(1, server="gunicorn", start=False)
+    set_a, set_b = _sets(tmp_path / "images")
+    _write_set(f.master.data_dir, set_a)
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+    receiver.start(wait=60)
+    assert f.publish()[0] == 0
+    current = set_a
+    for round_, point in enumerate(["switch-put:3", "switch-remove:1", "recorded:1"]):
+        new = set_b if current is set_a else set_a
+        _write_set(f.master.data_dir, new)
+        receiver.stop()
+        marker = tmp_path / f"killed-{round_}"
+        receiver.env = {"ESMIRROR_CRASH_AT": point, "ESMIRROR_CRASH_ONCE": str(marker)}
+        receiver.start(wait=60)
+        rc, _, out = f.publish()
+        assert marker.exists(), (point, "the worker was never killed", out)
+        assert receiver.proc.poll() is None  # the arbiter lives on
+        browse = receiver_browse(receiver)  # the next request, whichever worker takes it
+        got = set_files(secondary.data_dir)
+        assert got in (_digests(current), _digests(new)), point
+        assert debris(secondary.data_dir) == [], point
+        assert browse["drift"] is False, point
+        rc, _, out = f.publish()
+        assert rc == 0, (point, out)
+        assert set_files(secondary.data_dir) == _digests(new)
+        current = new

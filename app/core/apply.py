@@ -272,6 +272,16 @@ class WorkingDir:
         sweep_dead_tmp(self.state_dir)
         return message
 
+    def recover_if_interrupted(self) -> str | None:
+        """Recover now if a commit died with its journal (and no live commit holds the lock)."""
+        if not self.journal_path.exists():
+            return None
+        try:
+            with self.lock(timeout=0):
+                return self.recover()
+        except filelock.Timeout:
+            return None  # a commit is running in another worker: its journal is live
+
     def _paths(self, journal: dict[str, Any], op: dict[str, Any]) -> tuple[Path, Path, Path]:
         return (self.data_dir / op["path"],
                 self.staging_dir / journal["tx"] / op["staged"] if op["staged"] else Path(),

@@ -2,7 +2,9 @@
 
 ``ESMIRROR_CRASH_AT=name:N`` kills this process with SIGKILL the N-th time the
 code passes the point ``name``. Unset (always, outside tests) it costs one dict
-lookup.
+lookup. With ``ESMIRROR_CRASH_ONCE=FILE`` the kill happens once per server, not
+once per process: the file is created just before it, and its presence disarms
+the point (gunicorn restarts a killed worker with the same environment).
 """
 from __future__ import annotations
 
@@ -25,4 +27,10 @@ def crash_point(name: str) -> None:
         _counts[name] = _counts.get(name, 0) + 1
         hit = _counts[name] == int(nth or 1)
     if hit:
+        once = os.environ.get("ESMIRROR_CRASH_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
