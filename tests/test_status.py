@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import random
@@ -177,3 +178,34 @@ def test_publish_ids_sort_by_creation_even_within_one_second():
         ids.append(new_id())
         time.sleep(0.00001)
     assert ids == sorted(ids)  # the queue's order, and which request is newer, come from this
+
+
+def test_status_says_refused_for_tls_and_for_another_master(fleet, make_receiver, tmp_path):
+    import trustme
+
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    # the secondary now belongs to another master
+    state_file = f.secondaries[0].data_dir / ".esmirror" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "master": "0ther0master"}))
+    # a second secondary on HTTPS whose certificate comes from a CA the master does not trust
+    theirs, ours = trustme.CA(), trustme.CA()
+    cert = theirs.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ours.cert_pem.write_to_path(str(f.master.etc_dir / "ca-bundle.crt"))
+    tls_install = make_install(tmp_path / "tls-secondary",
+                               {"allow_push": "127.0.0.1", "express_version": VERSION})
+    tls = make_receiver(tls_install, server="gunicorn", extra=[
+        "--certfile", str(tmp_path / "server.pem"), "--keyfile", str(tmp_path / "server.pem")])
+    cfg = f.master.etc_dir / "iserv-cfg.xml"
+    cfg.write_text(cfg.read_text().replace(
+        "  </Mirrors>", f'    <Secondary host="127.0.0.1" port="{tls.port}" ssl="strict"/>\n  </Mirrors>'))
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    owned, refused_tls = status["secondaries"]
+    assert owned["state"] == "refused" and "another master (0ther0master)" in owned["detail"]
+    assert "esmirror release" in owned["detail"]
+    assert refused_tls["state"] == "refused", refused_tls
+    assert refused_tls["detail"].startswith(f"TLS to 127.0.0.1:{tls.port} failed")
+    assert "ca-bundle.crt" in refused_tls["detail"]
