@@ -1,9 +1,12 @@
 """HTTP to one secondary: a requests Session with the TLS mode of SPEC §1, timeouts, GET-only retries."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import ssl
 from pathlib import Path
+from urllib.parse import urlencode
 from typing import Any, Iterable, Iterator
 
 import requests
@@ -14,6 +17,7 @@ from urllib3.util.retry import Retry
 from app.core.errors import ConfigError, RemoteError
 from app.core.express import Secondary
 from app.core.settings import Settings
+from app.core.signing import EMPTY_SHA256, Signer, batch_digest
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 600.0  # a commit of a large set may spend minutes staging and flushing
@@ -33,18 +37,58 @@ def tls_verify(secondary: Secondary, settings: Settings) -> bool | str:
     return str(bundle)
 
 
+def tls_context(secondary: Secondary, settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of one secondary, built here so nothing in the environment shapes it.
+
+    ``strict`` trusts ca-bundle.crt and nothing else: no system store, no
+    REQUESTS_CA_BUNDLE, SSL_CERT_FILE or SSL_CERT_DIR (no default paths are
+    loaded), and no SSLKEYLOGFILE (ssl.create_default_context would honour it).
+    """
+    if secondary.ssl == "none":
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if secondary.ssl == "noverify":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    bundle = tls_verify(secondary, settings)
+    try:
+        context.load_verify_locations(cafile=bundle)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{secondary.name} is ssl=\"strict\" but {bundle} holds no usable PEM "
+                          f"certificate ({exc}); put the certificates of its CA there") from None
+    if not context.get_ca_certs():
+        raise ConfigError(f"{secondary.name} is ssl=\"strict\" but {bundle} holds no CA certificate")
+    return context
+
+
+class _TLSAdapter(HTTPAdapter):
+    """An adapter whose connections use our own SSL context."""
+
+    def __init__(self, context: ssl.SSLContext | None, **kwargs: Any) -> None:
+        self.context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        if self.context is not None:
+            kwargs["ssl_context"] = self.context
+        super().init_poolmanager(*args, **kwargs)
+
+
 def make_session(secondary: Secondary, settings: Settings, retries: int = 3) -> requests.Session:
     session = requests.Session()
     # The environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not change what
     # "strict" trusts or where pushes go.
     session.trust_env = False
     session.verify = tls_verify(secondary, settings)
+    context = tls_context(secondary, settings)
     if session.verify is False:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     retry = Retry(total=retries, connect=retries, read=retries, status=retries,
                   backoff_factor=0.3, allowed_methods=frozenset({"GET"}),
                   status_forcelist=(502, 503, 504), raise_on_status=False)
-    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
+    adapter = _TLSAdapter(context, max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = "esmirror"
@@ -172,12 +216,21 @@ class SecondaryClient:
         self.secondary = secondary
         self.base = secondary.base_url + settings.prefix
         self.session = make_session(secondary, settings)
+        self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
 
     def close(self) -> None:
         self.session.close()
 
-    def _request(self, method: str, route: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, route: str, content_sha256: str = EMPTY_SHA256,
+                 **kwargs: Any) -> Any:
+        """One call; ``content_sha256`` is the body digest signed with shared_secret_file."""
         kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        # a receiver never redirects: following one could carry the set to another host
+        kwargs["allow_redirects"] = False
+        if self.signer is not None:
+            headers = kwargs.setdefault("headers", {})
+            headers.update(self.signer.headers(method, f"/{route}", content_sha256,
+                                               headers.get("Content-Range", "")))
         try:
             response = self.session.request(method, f"{self.base}/{route}", **kwargs)
         except requests.exceptions.RequestException as exc:
@@ -192,6 +245,10 @@ class SecondaryClient:
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
                               f"{route}: {body.get('error', '')}", status=response.status_code,
                               body=body)
+        if response.is_redirect:
+            raise RemoteError(f"{self.secondary.name} answered {method} {route} with a redirect to "
+                              f"{response.headers.get('Location')!r}; esmirror does not follow "
+                              "redirects: check the host, port, ssl mode and prefix")
         try:
             return response.json()
         except ValueError:
@@ -207,28 +264,33 @@ class SecondaryClient:
     def put_blob(self, sha: str, path: Path, size: int, part_size: int) -> None:
         """One file, streamed; above ``part_size`` in parts with Content-Range."""
         if size <= part_size:
-            self._request("PUT", f"blobs/{sha}", data=file_range(path, 0, size),
+            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, 0, size),
                           headers={"Content-Type": "application/octet-stream"})
             return
         start = 0
         while start < size:
             length = min(part_size, size - start)
-            self._request("PUT", f"blobs/{sha}", data=file_range(path, start, length), headers={
+            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, start, length), headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"bytes {start}-{start + length - 1}/{size}"})
             start += length
 
     def post_blobs(self, items: list[tuple[str, Path, int]]) -> None:
-        self._request("POST", "blobs", data=batch_body(items),
+        self._request("POST", "blobs", batch_digest((sha, size) for sha, _, size in items),
+                      data=batch_body(items),
                       headers={"Content-Type": "application/x-esmirror-blobs"})
 
     def chunks(self, sha: str, path: str) -> dict[str, Any]:
         """The chunk list of a file the secondary holds (app/core/delta.py)."""
-        return self._request("GET", f"chunks/{sha}", params={"path": path})
+        # the query is part of the route so that a signature covers it as sent
+        return self._request("GET", f"chunks/{sha}?{urlencode({'path': path})}")
 
     def post_delta(self, sha: str, body: Body) -> dict[str, Any]:
-        return self._request("POST", f"delta/{sha}", data=body,
+        # signed digest: the rebuilt file's own sha256, which the receiver verifies
+        return self._request("POST", f"delta/{sha}", sha, data=body,
                              headers={"Content-Type": "application/x-esmirror-delta"})
 
     def commit(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "commit", json=body)
+        data = json.dumps(body).encode("utf-8")
+        return self._request("POST", "commit", hashlib.sha256(data).hexdigest(), data=data,
+                             headers={"Content-Type": "application/json"})

@@ -24,8 +24,10 @@ from app.core.ledger import Ledger
 from app.core.manifest import HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import Settings
+from app.core.signing import Signer
 from app.core.state import read_json, stable_id, write_json
 
+from .client import tls_context
 from .push import LocalSet, PushResult, push
 
 __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
@@ -169,10 +171,11 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
             caller: str | None = "command line", history: bool = True,
             lock_timeout: float = -1) -> PublishReport:
     """One publish, now. Raises before sending anything when the master's own set is unfit."""
+    # configuration errors of the channel (ca-bundle.crt, shared_secret_file) stop the
+    # publish before anything is sent to any secondary
     for secondary in secondaries:
-        if secondary.ssl == "strict" and not settings.ca_bundle.is_file():
-            raise ConfigError(f"{secondary.name} is ssl=\"strict\" but {settings.ca_bundle} is "
-                              "missing; nothing was sent")
+        tls_context(secondary, settings)
+    Signer.from_settings(settings)
     observer = observer or Observer()
     if progress:
         observer = _AlsoProgress(observer, progress)

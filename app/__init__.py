@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
 
     from . import admin, errors, peer
     from .core.apply import WorkingDir
+    from .core.signing import Verifier
     from .ipfilter import IPFilter
 
     settings = settings or load_settings()
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.config.update(test_config)
     workdir = WorkingDir(settings)
     app.extensions["esmirror.workdir"] = workdir
+    app.extensions["esmirror.verifier"] = Verifier.from_settings(settings)  # None: unsigned pushes
     app.register_blueprint(peer.bp)
     app.register_blueprint(admin.bp)
     errors.register(app)

@@ -1,21 +1,24 @@
 """Push routes (SPEC §5): browse, manifest, blobs, commit. Thin: parse, call the core, answer."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from .core import PROTOCOL, __version__
 from .core.apply import CommitRequest, WorkingDir, check_room, room
 from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
-from .core.errors import BadRequest, LengthRequired, MirrorError, NotFound, TooLarge
+from .core.errors import BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized
 from .core.express import express_version, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
+from .core.signing import Verifier, batch_digest
 from .core.store import check_sha
 
 bp = Blueprint("peer", __name__)
@@ -46,6 +49,39 @@ def _room_for(length: int) -> None:
     workdir = _workdir()
     workdir.state_dir.mkdir(parents=True, exist_ok=True)
     check_room(workdir.state_dir, length, "this upload")
+
+
+def commit_json(body: bytes) -> Any:
+    """The commit body as JSON (its shape is CommitRequest.from_json's business); else 400."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise BadRequest("the commit body is not JSON; send {generation, master, base, files}") \
+            from None
+
+
+@bp.before_request
+def _verify_signature() -> None:
+    """With shared_secret_file set, every push route needs a good signature (401 otherwise).
+
+    Only headers are checked here; each view matches the body to the signed digest.
+    """
+    verifier: Verifier | None = current_app.extensions.get("esmirror.verifier")
+    if verifier is None:
+        return
+    query = request.query_string.decode("latin-1")
+    signed = verifier.verify(request.method, request.path + (f"?{query}" if query else ""),
+                             request.headers, request.headers.get("Content-Range", ""))
+    g.esmirror_signed_content = signed
+    # a blob or a delta is verified against its name while it streams: the name is its digest
+    if request.endpoint in ("peer.put_blob", "peer.post_delta") \
+            and signed != (request.view_args or {}).get("sha"):
+        raise Unauthorized(f"the signed digest of {request.method} {request.path} must be the "
+                           "sha256 in its name")
+
+
+def _signed_content() -> str | None:
+    return g.get("esmirror_signed_content")
 
 
 def identity() -> dict[str, Any]:
@@ -112,7 +148,10 @@ def put_blob(sha: str):  # type: ignore[no-untyped-def]
 def post_blobs():  # type: ignore[no-untyped-def]
     length = _body_length(_settings().max_upload_bytes)
     _room_for(length)
-    stored = _workdir().store.put_batch(request.stream, length)
+    signed = _signed_content()
+    check = None if signed is None else (
+        lambda frames: Verifier.check_body(signed, batch_digest(frames), "the batch's frame list"))
+    stored = _workdir().store.put_batch(request.stream, length, check)
     return jsonify({"stored": stored}), 201
 
 
@@ -154,9 +193,10 @@ def post_delta(sha: str):  # type: ignore[no-untyped-def]
 @bp.post("/commit")
 def commit():  # type: ignore[no-untyped-def]
     length = _body_length(min(MAX_COMMIT_BYTES, _settings().max_upload_bytes))
-    data = request.get_json(force=True, silent=True) if length else None
-    if data is None:
-        raise BadRequest("the commit body is not JSON; send {generation, master, base, files}")
+    body = request.get_data(cache=False) if length else b""
+    if _signed_content() is not None:
+        Verifier.check_body(_signed_content(), hashlib.sha256(body).hexdigest(), "the commit body")
+    data = commit_json(body)
     caller = request.environ.get("esmirror.client")
     try:
         commit_request = CommitRequest.from_json(data)

@@ -159,3 +159,10 @@ def stop_session(proc: subprocess.Popen, signum: int = 15) -> None:
         proc.wait(timeout=20)
     except ProcessLookupError:
         pass
+
+
+def tree_state(data_dir: Path) -> dict[str, str]:
+    """``tree`` minus what may change without the set or archive changing: the hash cache
+    and the signed-push nonce store."""
+    return {p: h for p, h in tree(data_dir).items()
+            if p != ".esmirror/hashcache.json" and not p.startswith(".esmirror/nonces/")}

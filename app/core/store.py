@@ -176,12 +176,16 @@ class BlobStore:
         self._publish(partial, sha)
         return True
 
-    def put_batch(self, stream: BinaryIO, length: int) -> list[str]:
+    def put_batch(self, stream: BinaryIO, length: int,
+                  check: Callable[[list[tuple[str, int]]], None] | None = None) -> list[str]:
         """Many small blobs in one body: frames of ``<sha256> <size>\\n<bytes>``.
 
-        All or nothing: blobs get their names only after every frame checked out.
+        All or nothing: blobs get their names only after every frame checked out,
+        and after ``check`` (given the frames' (sha256, size), e.g. to match a
+        signed digest) raised nothing.
         """
         done: list[tuple[Path, str]] = []
+        frames: list[tuple[str, int]] = []
         remaining = length
         try:
             while remaining:
@@ -201,8 +205,11 @@ class BlobStore:
                     hasher = hashlib.sha256()
                     copy_stream(stream, out, size, hasher)
                     _verify(hasher, sha, size)
+                frames.append((sha, size))
                 remaining -= size
                 crash_point("upload-batch-blob")
+            if check is not None:
+                check(frames)
             durable_flush([tmp for tmp, _ in done])
             crash_point("upload-batch-flushed")
             for tmp, sha in done:

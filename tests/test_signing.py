@@ -1,0 +1,240 @@
+"""Issue 4: signed pushes with shared_secret_file, on real receivers.
+
+Good pushes are accepted; a tampered body, a stale timestamp, a replayed nonce and
+a wrong key are refused with 401 and change nothing on the secondary.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+from agent.demo import Receiver, free_port, make_install
+from app.core.errors import ConfigError
+from app.core.signing import Signer, Verifier, batch_digest
+from conftest import VERSION, session_from, set_files, tree_state
+
+SECRET = "3f1c0e9a7b5d4e2f8a6c1b0d9e7f5a3c"
+SIGNED = {"shared_secret_file": "esmirror.secret"}
+
+
+def write_secret(install, secret: str = SECRET) -> None:
+    (install.etc_dir / "esmirror.secret").write_text(secret + "\n")
+
+
+@pytest.fixture
+def signed_fleet(fleet):
+    """A master and one secondary (gunicorn, 2 workers) that both hold the secret."""
+    f = fleet(1, server="gunicorn", secondary_ini={**SIGNED, "max_upload_bytes": "1M"},
+              master_ini=SIGNED, start=False)
+    write_secret(f.master)
+    write_secret(f.secondaries[0])
+    f.receivers[0].start()
+    return f
+
+
+def test_signed_publish_is_accepted_batches_parts_and_commit(signed_fleet):
+    f = signed_fleet
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["secondaries"][0]["state"] == "in-sync"
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    # the 3 MB index went in 1 MB parts (max_upload_bytes), each signed
+    (f.master.data_dir / "indexes" / "orthos-2024.idx").write_bytes(os.urandom(3 * 1024 * 1024))
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+
+
+def test_unsigned_master_gets_401_and_nothing_changes(signed_fleet):
+    f = signed_fleet
+    ini = f.master.etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text().replace("shared_secret_file = esmirror.secret\n", ""))
+    before = tree_state(f.secondaries[0].data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert result["state"] == "refused"
+    assert "401" in result["error"] and "shared_secret_file" in result["error"], result
+    assert tree_state(f.secondaries[0].data_dir) == before
+
+
+def test_wrong_key_gets_401_and_nothing_changes(signed_fleet):
+    f = signed_fleet
+    write_secret(f.master, "another secret of enough length")
+    before = tree_state(f.secondaries[0].data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    assert "bad signature" in report["secondaries"][0]["error"]
+    assert tree_state(f.secondaries[0].data_dir) == before
+
+
+# --- crafted requests: the receiver's checks one by one -------------------------
+
+@pytest.fixture
+def published(signed_fleet):
+    f = signed_fleet
+    assert f.publish()[0] == 0
+    return f, f.receivers[0].url, f.secondaries[0]
+
+
+def send(url: str, method: str, route: str, body: bytes = b"", content: str | None = None,
+         signer: Signer | None = None, headers: dict | None = None):
+    signer = signer or Signer(SECRET.encode())
+    content = content or hashlib.sha256(body).hexdigest()
+    signed = signer.headers(method, f"/{route}", content, (headers or {}).get("Content-Range", ""))
+    return session_from("127.0.0.1").request(method, f"{url}/{route}", data=body, timeout=20,
+                                             headers={**signed, **(headers or {})})
+
+
+def commit_body(secondary, **changes) -> bytes:
+    state = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())
+    files = list(state["applied"])
+    body = {"generation": state["generation"] + 1, "master": state["master"],
+            "base": state["digest"], "files": files, **changes}
+    return json.dumps(body).encode()
+
+
+def test_good_signed_request_is_answered(published):
+    _, url, _ = published
+    answer = send(url, "GET", "manifest")
+    assert answer.status_code == 200, answer.text
+
+
+def test_tampered_commit_body_is_refused(published):
+    f, url, secondary = published
+    before = tree_state(secondary.data_dir)
+    honest = commit_body(secondary)
+    tampered = commit_body(secondary, files=[e for e in json.loads(honest)["files"]
+                                             if e["path"] == "catalogs.xml"])
+    answer = send(url, "POST", "commit", tampered, content=hashlib.sha256(honest).hexdigest())
+    assert answer.status_code == 401, answer.text
+    assert "altered" in answer.json()["error"]
+    assert tree_state(secondary.data_dir) == before
+
+
+def test_tampered_batch_is_refused_and_no_blob_is_kept(published):
+    _, url, secondary = published
+    honest, evil = b"honest content", b"evil content"
+    h_sha, e_sha = (hashlib.sha256(x).hexdigest() for x in (honest, evil))
+    body = f"{e_sha} {len(evil)}\n".encode() + evil
+    before = tree_state(secondary.data_dir)
+    answer = send(url, "POST", "blobs", body, content=batch_digest([(h_sha, len(honest))]))
+    assert answer.status_code == 401, answer.text
+    assert "frame list" in answer.json()["error"]
+    assert not (secondary.data_dir / ".esmirror" / "blobs" / e_sha).exists()
+    assert tree_state(secondary.data_dir) == before
+    # the same batch, honestly signed, is stored: the refusal was the signature's
+    answer = send(url, "POST", "blobs", body, content=batch_digest([(e_sha, len(evil))]))
+    assert answer.status_code == 201, answer.text
+
+
+def test_blob_signed_for_another_name_is_refused(published):
+    _, url, secondary = published
+    data = b"some blob"
+    sha = hashlib.sha256(data).hexdigest()
+    answer = send(url, "PUT", f"blobs/{sha}", data, content="0" * 64)
+    assert answer.status_code == 401, answer.text
+    assert not (secondary.data_dir / ".esmirror" / "blobs" / sha).exists()
+
+
+def test_path_is_signed(published):
+    _, url, _ = published
+    signer = Signer(SECRET.encode())
+    headers = signer.headers("GET", "/browse")
+    answer = session_from("127.0.0.1").get(f"{url}/manifest", headers=headers, timeout=20)
+    assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("offset", [-3600, -301, 301, 86400])
+def test_timestamp_outside_the_window_is_refused(published, offset):
+    _, url, secondary = published
+    before = tree_state(secondary.data_dir)
+    signer = Signer(SECRET.encode(), clock=lambda: time.time() + offset)
+    answer = send(url, "POST", "commit", commit_body(secondary), signer=signer)
+    assert answer.status_code == 401, answer.text
+    assert "clock" in answer.json()["error"]
+    assert tree_state(secondary.data_dir) == before
+
+
+def test_replayed_request_is_refused_on_every_worker(published):
+    _, url, secondary = published
+    body = commit_body(secondary, base="0" * 64)  # a valid signature on a commit that fails later
+    headers = Signer(SECRET.encode()).headers("POST", "/commit", hashlib.sha256(body).hexdigest())
+    session = session_from("127.0.0.1")
+    first = session.post(f"{url}/commit", data=body, headers=headers, timeout=20)
+    assert first.status_code == 409, first.text  # got past the signature
+    before = tree_state(secondary.data_dir)
+    for _ in range(6):  # two gunicorn workers: replays land on both
+        again = session_from("127.0.0.1").post(f"{url}/commit", data=body, headers=headers,
+                                               timeout=20)
+        assert again.status_code == 401, again.text
+        assert "replayed" in again.json()["error"]
+    assert tree_state(secondary.data_dir) == before
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"X-Esmirror-Signature": "00", "X-Esmirror-Timestamp": "x", "X-Esmirror-Nonce": "0" * 32,
+     "X-Esmirror-Content-SHA256": "0" * 64},
+    {"X-Esmirror-Signature": "00", "X-Esmirror-Timestamp": "1", "X-Esmirror-Nonce": "../../x",
+     "X-Esmirror-Content-SHA256": "0" * 64},
+])
+def test_unsigned_or_malformed_signature_gets_401(published, headers):
+    _, url, secondary = published
+    before = tree_state(secondary.data_dir)
+    answer = session_from("127.0.0.1").post(f"{url}/commit", data=commit_body(secondary),
+                                            headers=headers, timeout=20)
+    assert answer.status_code == 401, answer.text
+    assert answer.json()["error"]
+    assert tree_state(secondary.data_dir) == before
+
+
+def test_ip_check_comes_first(published):
+    _, url, _ = published
+    answer = session_from("127.0.0.2").get(f"{url}/manifest", timeout=20)
+    assert answer.status_code == 403
+
+
+# --- configuration ---------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [None, "short"])
+def test_unusable_secret_file_is_a_config_error(tmp_path, content):
+    from app import create_app
+    from app.core.settings import load_settings
+
+    install = make_install(tmp_path / "s", {**SIGNED, "express_version": VERSION})
+    if content is not None:
+        write_secret(install, content)
+    with pytest.raises(ConfigError, match="shared_secret_file"):
+        create_app(load_settings(install.root))
+    with pytest.raises(ConfigError, match="shared_secret_file"):
+        Signer.from_settings(load_settings(install.root))
+
+
+def test_master_with_unreadable_secret_exits_2_and_sends_nothing(fleet):
+    f = fleet(1, master_ini=SIGNED)
+    before = tree_state(f.secondaries[0].data_dir)
+    rc, _, out = f.publish()
+    assert rc == 2, out
+    assert "shared_secret_file" in out
+    assert tree_state(f.secondaries[0].data_dir) == before
+
+
+def test_nonces_are_pruned_after_three_windows(tmp_path):
+    now = [1_000_000.0]
+    verifier = Verifier(SECRET.encode(), tmp_path / "nonces", window=10, clock=lambda: now[0])
+    signer = Signer(SECRET.encode(), clock=lambda: now[0])
+    headers = signer.headers("GET", "/manifest")
+    assert verifier.verify("GET", "/manifest", headers)
+    stored = list((tmp_path / "nonces").iterdir())
+    old = now[0] - 31
+    for path in stored:
+        os.utime(path, (old, old))
+    now[0] += 61
+    verifier.verify("GET", "/manifest", signer.headers("GET", "/manifest"))
+    assert headers["X-Esmirror-Nonce"] not in os.listdir(tmp_path / "nonces")

@@ -1,0 +1,201 @@
+"""Issue 4: TLS to secondaries exactly as SPEC §1, against real gunicorn HTTPS receivers.
+
+Certificates are made here: a CA with trustme, and a truly self-signed leaf with
+cryptography. The master's ``strict`` trusts its ca-bundle.crt and nothing else.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.demo import make_install, write_sample_set
+from conftest import VERSION, esmirror, set_files, tree
+
+
+def self_signed(folder: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A leaf certificate signed by its own key, valid for ``name``: (certfile, keyfile)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    certfile, keyfile = folder / "self-signed.pem", folder / "self-signed.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return certfile, keyfile
+
+
+def leaf(ca: trustme.CA, folder: Path, *names: str, **kwargs: object) -> tuple[Path, Path]:
+    cert = ca.issue_cert(*names, **kwargs)  # type: ignore[arg-type]
+    tag = "-".join(names) + ("-expired" if "not_after" in kwargs else "")
+    certfile, keyfile = folder / f"{tag}.pem", folder / f"{tag}.key"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return certfile, keyfile
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    bundle, other_bundle = folder / "ca.pem", folder / "other-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    other_ca.cert_pem.write_to_path(str(other_bundle))
+    yesterday = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    return {
+        "bundle": bundle, "other_bundle": other_bundle,
+        "good": leaf(ca, folder, "127.0.0.1", "localhost"),
+        "wrong_name": leaf(ca, folder, "es9.example.org"),
+        "expired": leaf(ca, folder, "127.0.0.1", not_before=yesterday - dt.timedelta(days=30),
+                        not_after=yesterday),
+        "self_signed": self_signed(folder),
+    }
+
+
+@pytest.fixture
+def https_pair(tmp_path, make_receiver):
+    """Start a gunicorn HTTPS secondary with a certificate; a master that mirrors to it."""
+
+    def build(cert: tuple[Path, Path], mode: str, bundle: Path | None):
+        secondary = make_install(tmp_path / "secondary",
+                                 {"allow_push": "127.0.0.1", "express_version": VERSION})
+        receiver = make_receiver(secondary, server="gunicorn",
+                                 extra=["--certfile", str(cert[0]), "--keyfile", str(cert[1]),
+                                        "--workers", "1"])
+        master = make_install(tmp_path / "master", {"express_version": VERSION},
+                              [("127.0.0.1", receiver.port, mode)])
+        write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+        if bundle is not None:
+            (master.etc_dir / "ca-bundle.crt").write_bytes(bundle.read_bytes())
+        return master, secondary
+
+    return build
+
+
+def publish(master, env=None):
+    return esmirror("publish", "--install-dir", str(master.root), "--json", env=env)
+
+
+def test_strict_with_the_ca_in_the_bundle_is_in_sync(https_pair, certs):
+    master, secondary = https_pair(certs["good"], "strict", certs["bundle"])
+    rc, report, out = publish(master)
+    assert rc == 0, out
+    assert report["secondaries"][0]["state"] == "in-sync"
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
+
+
+def test_strict_refuses_a_self_signed_certificate_and_sends_nothing(https_pair, certs):
+    master, secondary = https_pair(certs["self_signed"], "strict", certs["bundle"])
+    before = tree(secondary.data_dir)
+    rc, report, out = publish(master)
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert result["state"] != "in-sync"
+    assert "TLS to 127.0.0.1" in result["error"] and "self-signed" in result["error"], result
+    assert result["bytes_sent"] == 0
+    assert tree(secondary.data_dir) == before
+
+
+def test_strict_refuses_a_wrong_host_name(https_pair, certs):
+    master, secondary = https_pair(certs["wrong_name"], "strict", certs["bundle"])
+    before = tree(secondary.data_dir)
+    rc, report, out = publish(master)
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "not valid for the name 127.0.0.1" in error, error
+    assert tree(secondary.data_dir) == before
+
+
+def test_strict_reports_an_expired_certificate(https_pair, certs):
+    master, secondary = https_pair(certs["expired"], "strict", certs["bundle"])
+    before = tree(secondary.data_dir)
+    rc, report, out = publish(master)
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "expired" in error, error
+    assert tree(secondary.data_dir) == before
+
+
+def test_noverify_accepts_a_self_signed_certificate(https_pair, certs):
+    master, secondary = https_pair(certs["self_signed"], "noverify", None)
+    rc, report, out = publish(master)
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
+
+
+def test_environment_does_not_change_what_strict_trusts(https_pair, certs, tmp_path):
+    # ca-bundle.crt holds another CA; every variable that could point OpenSSL or
+    # requests at the right one is set: strict must still refuse
+    master, secondary = https_pair(certs["good"], "strict", certs["other_bundle"])
+    certdir = tmp_path / "certdir"
+    certdir.mkdir()
+    (certdir / "ca.pem").write_bytes(certs["bundle"].read_bytes())
+    env = {"REQUESTS_CA_BUNDLE": str(certs["bundle"]), "CURL_CA_BUNDLE": str(certs["bundle"]),
+           "SSL_CERT_FILE": str(certs["bundle"]), "SSL_CERT_DIR": str(certdir),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    before = tree(secondary.data_dir)
+    rc, report, out = publish(master, env=env)
+    assert rc == 1, out
+    assert "TLS to 127.0.0.1" in report["secondaries"][0]["error"]
+    assert tree(secondary.data_dir) == before
+    # and the other way round: the environment cannot take trust away either
+    (master.etc_dir / "ca-bundle.crt").write_bytes(certs["bundle"].read_bytes())
+    env.update(REQUESTS_CA_BUNDLE=str(certs["other_bundle"]),
+               SSL_CERT_FILE=str(certs["other_bundle"]))
+    rc, report, out = publish(master, env=env)
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a certificate\n"])
+def test_strict_without_a_usable_bundle_is_a_config_error_before_anything_is_sent(tmp_path, content):
+    # a listening socket stands in for the secondary: it must see no connection at all
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        master = make_install(tmp_path / "master", {"express_version": VERSION},
+                              [("127.0.0.1", port, "strict")])
+        write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+        if content is not None:
+            (master.etc_dir / "ca-bundle.crt").write_bytes(content)
+        rc, report, out = publish(master)
+        assert rc == 2, out
+        assert "ca-bundle.crt" in out and "strict" in out, out
+        listener.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def test_browse_strict_uses_the_install_bundle(https_pair, certs):
+    master, _ = https_pair(certs["good"], "strict", certs["bundle"])
+    port = master_port(master)
+    rc, info, out = esmirror("browse", f"127.0.0.1:{port}", "--ssl", "strict", "--json",
+                             "--install-dir", str(master.root))
+    assert rc == 0, out
+    assert info["express_version"] == VERSION
+    (master.etc_dir / "ca-bundle.crt").write_bytes(certs["other_bundle"].read_bytes())
+    rc, _, out = esmirror("browse", f"127.0.0.1:{port}", "--ssl", "strict",
+                          "--install-dir", str(master.root))
+    assert rc == 1 and "TLS to 127.0.0.1" in out, out
+
+
+def master_port(master) -> int:
+    from app.core.express import read_mirrors
+
+    return read_mirrors(master.etc_dir / "iserv-cfg.xml")[0].port
