@@ -162,7 +162,8 @@ def stop_session(proc: subprocess.Popen, signum: int = 15) -> None:
 
 
 def tree_state(data_dir: Path) -> dict[str, str]:
-    """``tree`` minus what may change without the set or archive changing: the hash cache
-    and the signed-push nonce store."""
+    """``tree`` minus what may change without the set or archive changing: the hash cache,
+    the signed-push nonce store and the audit log (refusals are recorded there)."""
     return {p: h for p, h in tree(data_dir).items()
-            if p != ".esmirror/hashcache.json" and not p.startswith(".esmirror/nonces/")}
+            if p != ".esmirror/hashcache.json"
+            and not p.startswith((".esmirror/nonces/", ".esmirror/audit.log"))}
