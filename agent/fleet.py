@@ -16,7 +16,7 @@ import filelock
 from app.core.apply import run_reload
 from app.core.audit import audit, now_iso
 from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
-from app.core.errors import ConfigError, InvalidSet, MirrorError
+from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries

@@ -9,20 +9,16 @@ import http.client
 import ipaddress
 import json
 import os
-import socket
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from agent.demo import Receiver, free_port, make_install
+from agent.demo import free_port, make_install
 from app.core.settings import parse_networks
 from app.ipfilter import client_address, parse_address
-from conftest import VERSION, session_from
+from conftest import VERSION, session_from, spawn_listening, stop_session
 
 TRUSTED = parse_networks("127.0.0.2 127.0.0.3 ::1")
 ALLOWED = "192.0.2.7"  # a documentation address: only ever a header value here
@@ -211,34 +207,21 @@ ProxyPassReverse /lizardtech/mirror {backend}/lizardtech/mirror
 """
         self.conf = root / "httpd.conf"
         self.conf.write_text(conf)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None  # the apache2 process once started
 
-    def start(self, wait: float = 20.0) -> "ApacheProxy":
+    def start(self) -> "ApacheProxy":
         assert APACHE
-        log = open(self.root / "stdout.log", "ab")
-        self.proc = subprocess.Popen([APACHE, "-f", str(self.conf), "-DFOREGROUND"], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"apache2 exited: {(self.root / 'error.log').read_text()[-2000:]}"
-                                   if (self.root / "error.log").exists() else "apache2 exited")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("apache2 did not start")
+        try:
+            self.proc = spawn_listening([APACHE, "-f", str(self.conf), "-DFOREGROUND"], self.port,
+                                        self.root / "stdout.log")
+        except RuntimeError as exc:
+            log = self.root / "error.log"
+            raise RuntimeError(f"{exc}\n{log.read_text()[-2000:] if log.exists() else ''}") from None
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
+        if self.proc is not None:
+            stop_session(self.proc)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agent.demo import Receiver, free_port, make_install
+from agent.demo import make_install
 from app.core.errors import ConfigError
 from app.core.signing import Signer, Verifier, batch_digest
 from conftest import VERSION, session_from, set_files, tree_state
