@@ -332,6 +332,14 @@ CASES += [
      "well-formed"),
     ("xml-wrong-root", catalogs_commit(b"<ImageServer/>"), 422, "CatalogConfig"),
     ("xml-binary", catalogs_commit(bytes(range(256)) * 8), 422, "catalogs.xml"),
+    # sub-file deltas
+    ("chunks-bad-sha", lambda t: request(t, "GET", "chunks/not-a-sha"), 400, "SHA-256"),
+    ("chunks-path-traversal", lambda t: request(t, "GET", f"chunks/{BAD_SHA}?path=../../../etc/passwd"),
+     404, "no file"),
+    ("chunks-absolute-path", lambda t: request(t, "GET", f"chunks/{BAD_SHA}?path=/etc/passwd"),
+     404, "no file"),
+    ("delta-garbage", lambda t: request(t, "POST", f"delta/{BAD_SHA}", b"garbage\n" * 10), 400,
+     "delta"),
     # routes
     ("route-unknown", lambda t: request(t, "GET", "nothing-here"), 404, "not found|Not Found"),
     ("route-wrong-method", lambda t: request(t, "DELETE", "commit"), 405, "Method Not Allowed"),

@@ -28,7 +28,7 @@ def write_secret(install, secret: str = SECRET) -> None:
 @pytest.fixture
 def signed_fleet(fleet):
     """A master and one secondary (gunicorn, 2 workers) that both hold the secret."""
-    f = fleet(1, server="gunicorn", secondary_ini={**SIGNED, "max_upload_bytes": "1M"},
+    f = fleet(1, server="gunicorn", secondary_ini={**SIGNED, "max_upload_bytes": "2M"},
               master_ini=SIGNED, start=False)
     write_secret(f.master)
     write_secret(f.secondaries[0])
@@ -36,15 +36,25 @@ def signed_fleet(fleet):
     return f
 
 
-def test_signed_publish_is_accepted_batches_parts_and_commit(signed_fleet):
+def test_signed_publish_is_accepted_batches_parts_delta_and_commit(signed_fleet):
     f = signed_fleet
+    big = f.master.data_dir / "indexes" / "huge.idx"
+    big.write_bytes(os.urandom(5 * 1024 * 1024))
     rc, report, out = f.publish()
     assert rc == 0, out
     assert report["secondaries"][0]["state"] == "in-sync"
     assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
-    # the 3 MB index went in 1 MB parts (max_upload_bytes), each signed
-    (f.master.data_dir / "indexes" / "orthos-2024.idx").write_bytes(os.urandom(3 * 1024 * 1024))
+    # a few bytes of the 5 MB index change: GET chunks?path=… and POST delta/<sha>, signed
+    with open(big, "r+b") as fh:
+        fh.seek(1024 * 1024)
+        fh.write(b"a small edit")
     (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["secondaries"][0]["bytes_sent"] < 1024 * 1024, report  # a delta, not the file
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    # a new 3 MB file goes in 2 MB parts (max_upload_bytes), each signed
+    (f.master.data_dir / "indexes" / "new.idx").write_bytes(os.urandom(3 * 1024 * 1024))
     rc, report, out = f.publish()
     assert rc == 0, out
     assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
@@ -142,12 +152,24 @@ def test_blob_signed_for_another_name_is_refused(published):
     assert not (secondary.data_dir / ".esmirror" / "blobs" / sha).exists()
 
 
-def test_path_is_signed(published):
-    _, url, _ = published
+def test_path_and_query_are_signed(published):
+    _, url, secondary = published
     signer = Signer(SECRET.encode())
     headers = signer.headers("GET", "/browse")
     answer = session_from("127.0.0.1").get(f"{url}/manifest", headers=headers, timeout=20)
     assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
+    sha = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())["applied"][0]
+    route = f"chunks/{sha['sha256']}?path={sha['path']}"
+    headers = signer.headers("GET", f"/{route}")
+    answer = session_from("127.0.0.1").get(f"{url}/{route}x", headers=headers, timeout=20)
+    assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
+
+
+def test_delta_signed_for_another_name_is_refused(published):
+    _, url, _ = published
+    answer = send(url, "POST", f"delta/{'a' * 64}", b"whatever", content="b" * 64)
+    assert answer.status_code == 401, answer.text
+    assert "sha256 in its name" in answer.json()["error"]
 
 
 @pytest.mark.parametrize("offset", [-3600, -301, 301, 86400])
