@@ -75,10 +75,12 @@ class RecordObserver(Observer):
             self._row(secondary).update(state="pushing", bytes_sent=0, files_sent=0, error=None)
             self.queue.save(self.record, durable=False)
 
-    def progress(self, secondary: Secondary, sent: int) -> None:
+    def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
         crash_point("agent-progress")  # tests kill the agent here: mid-publish
         with self.lock:
-            self._row(secondary)["bytes_sent"] += sent
+            row = self._row(secondary)
+            row["bytes_sent"] += sent
+            row["files_sent"] = max(row["files_sent"], files_sent)
             if time.monotonic() - self.last_write >= PROGRESS_EVERY:
                 self.last_write = time.monotonic()
                 self.queue.save(self.record, durable=False)

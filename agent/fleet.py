@@ -65,7 +65,8 @@ class Observer:
 
     def start(self, secondary: Secondary) -> None: ...
 
-    def progress(self, secondary: Secondary, sent: int) -> None: ...
+    def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
+        """``sent`` more bytes arrived; ``files_sent`` files so far on this secondary."""
 
     def done(self, secondary: Secondary, result: PushResult) -> None: ...
 
@@ -82,9 +83,9 @@ class _AlsoProgress(Observer):
     def start(self, secondary: Secondary) -> None:
         self.inner.start(secondary)
 
-    def progress(self, secondary: Secondary, sent: int) -> None:
+    def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
         self.callback(secondary, sent)
-        self.inner.progress(secondary, sent)
+        self.inner.progress(secondary, sent, files_sent)
 
     def done(self, secondary: Secondary, result: PushResult) -> None:
         self.inner.done(secondary, result)
@@ -247,8 +248,9 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
     local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
 
     def one(secondary: Secondary) -> PushResult:
+        live = PushResult(secondary.host, secondary.port)
         return push(secondary, settings, local, mine, full, dry_run,
-                    lambda n: observer.progress(secondary, n))
+                    lambda n: observer.progress(secondary, n, live.files_sent), live)
 
     results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
     if not dry_run:
@@ -300,8 +302,10 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
+                live = PushResult(secondary.host, secondary.port)
                 return push(secondary, settings, local, mine, False, False,
-                            lambda n: (observer.progress(secondary, n) if observer else None))
+                            lambda n: (observer.progress(secondary, n, live.files_sent)
+                                       if observer else None), live)
 
             done = fan_out(group, one, None, max_parallel, False, observer)
             _record(settings, done, generation, digest, "agent", mine["self"], "catch-up")

@@ -76,9 +76,13 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
 
 def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],
          full: bool = False, dry_run: bool = False,
-         progress: Callable[[int], None] | None = None) -> PushResult:
-    """Bring one secondary to exactly ``local``; never raises, the result says what happened."""
-    result = PushResult(secondary.host, secondary.port)
+         progress: Callable[[int], None] | None = None,
+         result: PushResult | None = None) -> PushResult:
+    """Bring one secondary to exactly ``local``; never raises, the result says what happened.
+
+    ``result``, when given, is filled as the push goes (a watcher reads files_sent live).
+    """
+    result = result or PushResult(secondary.host, secondary.port)
     client = None
     try:
         client = SecondaryClient(secondary, settings)

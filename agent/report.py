@@ -80,7 +80,7 @@ class ProgressBars(Observer):
         for bar in self.bars.values():
             bar.close()
 
-    def progress(self, secondary: Secondary, sent: int) -> None:
+    def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
         bar = self.bars.get(secondary)
         if bar is not None:
             with self.lock:

@@ -164,10 +164,14 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
 
 def test_agent_killed_mid_publish_loses_no_request(fleet, make_receiver, agents):
     f, master = master_fleet(fleet, make_receiver)
-    doomed = agents(f.master, env={"ESMIRROR_CRASH_AT": "agent-progress:1"})
+    doomed = agents(f.master, env={"ESMIRROR_CRASH_AT": "agent-progress:2"})
     request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
     assert doomed.wait_exit(90) != 0, doomed.output()  # killed while bytes were on the way
-    assert progress(master, request_id)["state"] == "running"
+    record = progress(master, request_id)
+    assert record["state"] == "running"
+    # what GET publish/<id> showed mid-publish: per-secondary bytes and files so far
+    moving = [s for s in record["secondaries"] if s["bytes_sent"] > 0]
+    assert moving and moving[0]["state"] == "pushing" and moving[0]["files_sent"] >= 1, record
 
     agents(f.master)  # restart
     record = wait_for("the restarted agent completes the publish",
