@@ -32,6 +32,7 @@ POINTS = [
     "upload-write:1", "upload-write:2", "upload-write:4", "upload-verified:1", "upload-stored:1",
     "upload-part:1", "upload-part:2", "upload-batch-blob:1", "upload-batch-blob:3",
     "upload-batch-flushed:1", "upload-batch-stored:1", "upload-batch-stored:3",
+    "upload-delta-rebuilt:1",
     # staging
     "stage:1", "stage:3", "stage:5", "staged:1",
     # journal written, then the switch file by file
@@ -49,6 +50,7 @@ def _sets(images: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
     catalogs = SAMPLE_CATALOGS.format(images=images).encode()
     a = {"catalogs.xml": catalogs, "indexes/orthos-2024.idx": rnd(3 * MIB),
          "indexes/mid.idx": rnd(MIB + MIB // 2), "overviews/basemap.ovr": rnd(64 * 1024),
+         "indexes/large.idx": rnd(5 * MIB),
          **{f"indexes/tile-{i}.idx": rnd(4096 + 1000 * i) for i in range(5)}}
     b = dict(a)
     b["catalogs.xml"] = catalogs.replace(b"</CatalogConfig>", b'  <Catalog name="extra">\n'
@@ -57,6 +59,8 @@ def _sets(images: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
     b["indexes/orthos-2024.idx"] = rnd(3 * MIB)
     b["indexes/mid.idx"] = rnd(MIB + MIB // 2)
     b["indexes/tile-1.idx"] = rnd(5000)
+    middle = 2 * MIB  # a large file changed inside travels as a delta against the old one
+    b["indexes/large.idx"] = a["indexes/large.idx"][:middle] + rnd(MIB) + a["indexes/large.idx"][middle + MIB:]
     del b["indexes/tile-2.idx"], b["overviews/basemap.ovr"]
     b["overviews"] = b"a file where a folder was"
     b.update({f"new/n-{i}.idx": rnd(2000 + i) for i in range(3)})

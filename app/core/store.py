@@ -121,6 +121,7 @@ class BlobStore:
                 _verify(hasher, sha, size)
                 out.flush()
                 os.fsync(out.fileno())
+            crash_point("upload-delta-rebuilt")
             self._publish(tmp, sha)
         except OSError as exc:
             raise self._no_room(exc, size) from None
