@@ -108,6 +108,8 @@ class BlobStore:
         size, wanted, consumed = delta.read_header(stream.readline)
         bases: list[BinaryIO] = []
         tmp = self._tmp_file(sha[:16])
+        from .apply import check_room  # (apply imports this module)
+        check_room(self.tmp, size, f"rebuilding {sha[:12]}… from a delta")  # the body is far smaller
         try:
             for base_sha, rel in wanted:
                 found = find_base(base_sha, rel)
