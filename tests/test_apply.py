@@ -330,3 +330,35 @@ def test_master_with_require_paths_refuses_to_publish_unreadable_paths(fleet, tm
     assert set_files(f.secondaries[0].data_dir) == {}
     rc, _, out = esmirror("publish", "--install-dir", str(f.master.root), "--force")
     assert rc == 0, out  # --force skips the master's own check, as for an invalid catalogs.xml
+
+
+def test_archive_keep_prunes_after_each_apply(fleet):
+    f = fleet(1, secondary_ini={"archive_keep": "2"})
+    data = f.master.data_dir
+    for step in range(4):
+        (data / "indexes" / "tile-0.idx").write_bytes(b"keep %d" % step)
+        assert f.publish()[0] == 0
+    assert [e["generation"] for e in archive_entries(f.secondaries[0])] == [3, 4]
+
+
+def test_stale_base_and_older_generation_get_409_and_change_nothing(fleet):
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-0.idx").write_bytes(b"generation 2")
+    assert f.publish()[0] == 0
+    url, secondary = f.receivers[0].url, f.secondaries[0]
+    owner = (f.master.data_dir / ".esmirror" / "self-id").read_text().strip()
+    manifest = requests.get(f"{url}/manifest", timeout=10).json()
+    files = [x for x in manifest["files"] if x["path"] != "indexes/tile-1.idx"]  # a removal
+    before = snapshot(secondary)
+    stale = requests.post(f"{url}/commit", timeout=30, json={
+        "generation": 3, "master": owner, "base": "0" * 64, "files": files})
+    assert stale.status_code == 409 and stale.json()["digest"] == manifest["digest"]
+    older = requests.post(f"{url}/commit", timeout=30, json={
+        "generation": 1, "master": owner, "base": manifest["digest"], "files": files})
+    assert older.status_code == 409 and "older than generation 2" in older.json()["error"]
+    assert snapshot(secondary) == before
+    ok = requests.post(f"{url}/commit", timeout=30, json={
+        "generation": 3, "master": owner, "base": manifest["digest"], "files": files})
+    assert ok.status_code == 200, ok.text
+    assert "indexes/tile-1.idx" not in set_files(secondary.data_dir)
