@@ -63,6 +63,7 @@ class RecordObserver(Observer):
 
     def begin(self) -> None:
         """The publish lock is ours: only now is the request running (until then it waits, queued)."""
+        log.info("publish %s asked by %s: running", self.record["id"], self.record.get("caller"))
         with self.lock:
             self.record.update(state="running", started=self.record.get("started") or now_iso(),
                                runs=int(self.record.get("runs") or 0) + 1, agent_pid=os.getpid())
@@ -197,7 +198,7 @@ class Agent:
             record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
             self.queue.save(record)
             return
-        log.info("publish %s asked by %s: starting", record["id"], record.get("caller"))
+        log.debug("publish %s asked by %s: starting", record["id"], record.get("caller"))
         try:
             report = publish(self.settings, targets, full=bool(options.get("full")),
                              force=bool(options.get("force")), canary=canary,
