@@ -77,14 +77,14 @@ class RecordObserver(Observer):
             self.queue.save(self.record, durable=False)
 
     def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
-        crash_point("agent-progress")  # tests kill the agent here: mid-publish
         with self.lock:
             row = self._row(secondary)
             row["bytes_sent"] += sent
             row["files_sent"] = max(row["files_sent"], files_sent)
-            if time.monotonic() - self.last_write >= PROGRESS_EVERY:
+            if self.last_write == 0.0 or time.monotonic() - self.last_write >= PROGRESS_EVERY:
                 self.last_write = time.monotonic()
                 self.queue.save(self.record, durable=False)
+        crash_point("agent-progress")  # tests kill the agent here: mid-publish, progress on disk
 
     def done(self, secondary: Secondary, result: PushResult) -> None:
         with self.lock:

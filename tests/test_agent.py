@@ -164,7 +164,7 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
 
 def test_agent_killed_mid_publish_loses_no_request(fleet, make_receiver, agents):
     f, master = master_fleet(fleet, make_receiver)
-    doomed = agents(f.master, env={"ESMIRROR_CRASH_AT": "agent-progress:2"})
+    doomed = agents(f.master, env={"ESMIRROR_CRASH_AT": "agent-progress:1"})
     request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
     assert doomed.wait_exit(90) != 0, doomed.output()  # killed while bytes were on the way
     record = progress(master, request_id)
