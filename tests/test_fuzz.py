@@ -177,3 +177,26 @@ def test_regression_nfc_and_case_collisions_are_one_file():
         Manifest.from_list([{"path": unicodedata.normalize("NFD", "Café.idx"), "sha256": "a" * 64,
                              "size": 1},
                             {"path": "café.idx", "sha256": "b" * 64, "size": 1}])
+
+
+# --- the client address: whatever a proxy header holds --------------------------------
+
+@FUZZ
+@given(peer=st.one_of(st.text(max_size=50), st.sampled_from(["127.0.0.2", "::1", "::ffff:127.0.0.2"])),
+       xff=st.one_of(st.none(), st.text(max_size=80),
+                     st.lists(st.sampled_from(["192.0.2.7", "[2001:db8::1]:80", "127.0.0.2", "x",
+                                               "", " ", "fe80::1%eth0", "1.2.3.4:5"]),
+                              max_size=5).map(", ".join)))
+def test_client_address_never_crashes(peer, xff):
+    import ipaddress
+
+    from app.core.settings import parse_networks
+    from app.ipfilter import client_address
+
+    environ = {"REMOTE_ADDR": peer}
+    if xff is not None:
+        environ["HTTP_X_FORWARDED_FOR"] = xff
+    got = client_address(environ, parse_networks("127.0.0.2 ::1"))
+    assert got is None or isinstance(got, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+    if got is not None and got.version == 6:
+        assert got.ipv4_mapped is None  # mapped addresses always come out as IPv4

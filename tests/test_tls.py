@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,51 @@ def test_strict_refuses_and_says_why_in_plain_words(https_pair, certs, cert, why
     assert "TLS to 127.0.0.1:" in result["error"] and why in result["error"], result
     assert result["bytes_sent"] == 0 and result["files_sent"] == 0
     assert tree(secondary.data_dir) == before  # the handshake failed: no request was made
+
+
+def test_strict_refusal_sends_not_one_byte_of_http(tmp_path, certs):
+    """A TLS listener that records what arrives after the handshake: under strict with a
+    self-signed certificate the master aborts the handshake, so no request ever arrives."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(*map(str, certs["self_signed"]))
+    handshakes_failed: list[str] = []
+    received: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(1.0)
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.settimeout(10)
+                    try:
+                        with server.wrap_socket(conn, server_side=True) as tls:
+                            received.append(tls.recv(65536))
+                    except (ssl.SSLError, OSError) as exc:
+                        handshakes_failed.append(str(exc))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        master = make_install(tmp_path / "master", {"express_version": VERSION},
+                              [("127.0.0.1", port, "strict")])
+        write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+        (master.etc_dir / "ca-bundle.crt").write_bytes(certs["bundle"].read_bytes())
+        try:
+            rc, report, out = publish(master)
+        finally:
+            stop.set()
+            thread.join(timeout=15)
+    assert rc == 1, out
+    assert "self-signed" in report["secondaries"][0]["error"]
+    assert handshakes_failed, "the master never tried the handshake"
+    assert received == [], received
 
 
 def test_noverify_accepts_a_self_signed_certificate(https_pair, certs):
