@@ -35,11 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.demo import Install, Receiver, free_port, make_install
-from app.core.manifest import HashCache, scan
+from app.core.manifest import RACY_SECONDS, HashCache, scan
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "10.1.0"
 MiB = 1024 * 1024
+# Both sides trust their hash caches only for files older than RACY_SECONDS; a set at
+# rest has none younger. Runs that follow a write wait this long first (not timed).
+SETTLE = RACY_SECONDS + 0.5
 EXCLUDES = ["--exclude=/.esmirror", "--exclude=/archive", "--exclude=/.rsync-backup"]
 CATALOGS = """<?xml version="1.0" encoding="UTF-8"?>
 <CatalogConfig>
@@ -377,6 +380,7 @@ class Bench:
         sent = []
         for rep in range(self.reps):
             self.say(f"  incremental, run {rep + 1}/{self.reps}")
+            time.sleep(SETTLE)  # the last run's writes leave the hash caches' racy window
             change_set(self.master.data_dir, self.shape, rep)
             report = self.publish(0, "incr")
             sent.append(report["secondaries"][0]["bytes_sent"])
@@ -385,7 +389,7 @@ class Bench:
             self.rsync(["guar0"], "incr", "rsync-guar")
             self.check_rsync(["plain0", "guar0"], "incr")
         self.results.extra["incr_bytes_sent"] = statistics.median(sent)
-        time.sleep(2.5)  # let the changed files leave the hash cache's racy window
+        time.sleep(SETTLE)
         # no-op
         for rep in range(self.reps):
             self.say(f"  no-op, run {rep + 1}/{self.reps}")

@@ -6,6 +6,7 @@ says were sent; never timings.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -45,6 +46,11 @@ def test_changed_middle_chunk_grown_shrunk_and_truncated_send_only_what_changed(
         fh.seek(3 * CHUNK_SIZE + 100)
         fh.write(os.urandom(1000))
     assert sent(publish_ok(f)) <= CHUNK_SIZE + SLACK
+    # the secondary noted the new file's chunk list while rebuilding it (for the next delta)
+    content = big.read_bytes()
+    noted = f.secondaries[0].data_dir / ".esmirror" / "chunks" / hashlib.sha256(content).hexdigest()
+    assert json.loads(noted.read_text())["chunks"] == [
+        hashlib.sha256(content[i:i + CHUNK_SIZE]).hexdigest() for i in range(0, BIG, CHUNK_SIZE)]
 
     # a change across a chunk boundary: the two chunks it touches
     with open(big, "r+b") as fh:

@@ -62,15 +62,20 @@ class ChunkIndex:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "chunks"
 
+    def cached(self, sha: str) -> list[str] | None:
+        try:
+            data = json.loads((self.dir / sha).read_text(encoding="ascii"))
+            if data.get("chunk_size") == CHUNK_SIZE:
+                return [str(c) for c in data["chunks"]]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            pass
+        return None
+
     def get(self, sha: str, path: Path) -> list[str] | None:
         """Chunk hashes of ``path``, which must hold content ``sha``; None if it does not."""
-        cached = self.dir / sha
-        try:
-            data = json.loads(cached.read_text(encoding="ascii"))
-            if data.get("chunk_size") == CHUNK_SIZE:
-                return list(data["chunks"])
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
+        cached = self.cached(sha)
+        if cached is not None:
+            return cached
         try:
             whole, chunks = chunk_hashes(path)
         except OSError:
@@ -238,13 +243,71 @@ def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, 
     return size, out, len(line)
 
 
+class _OutputChunks:
+    """The new file's chunk list, worked out while rebuilding, without hashing copied bytes:
+    a copied whole chunk has the hash the base's list gives it; only literal bytes are
+    hashed. Frames that do not line up with chunk boundaries make it give up (None)."""
+
+    def __init__(self, size: int, base_chunks: list[list[str] | None], base_sizes: list[int]) -> None:
+        self.size, self.base_chunks, self.base_sizes = size, base_chunks, base_sizes
+        self.chunks: list[str] | None = []
+        self.partial = hashlib.sha256()
+        self.partial_len = 0
+
+    def copy(self, at: int, index: int, offset: int, count: int) -> None:
+        listing = self.base_chunks[index]
+        ends_file = at + count == self.size and offset + count == self.base_sizes[index]
+        if self.chunks is None or listing is None or at % CHUNK_SIZE or offset % CHUNK_SIZE \
+                or (count % CHUNK_SIZE and not ends_file):
+            self.chunks = None
+            return
+        first = offset // CHUNK_SIZE
+        wanted = listing[first:first + -(-count // CHUNK_SIZE)]
+        if len(wanted) != -(-count // CHUNK_SIZE):
+            self.chunks = None
+            return
+        self.chunks += wanted
+
+    def start_literal(self, at: int) -> None:
+        if at % CHUNK_SIZE:
+            self.chunks = None
+
+    def literal(self, data: bytes) -> None:
+        if self.chunks is None:
+            return
+        view = memoryview(data)
+        while view:
+            take = min(CHUNK_SIZE - self.partial_len, len(view))
+            self.partial.update(view[:take])
+            self.partial_len += take
+            view = view[take:]
+            if self.partial_len == CHUNK_SIZE:
+                self.chunks.append(self.partial.hexdigest())
+                self.partial, self.partial_len = hashlib.sha256(), 0
+
+    def end_literal(self, at: int) -> None:
+        if self.chunks is not None and self.partial_len and at != self.size:
+            self.chunks = None  # a literal that stops inside a chunk, before the end
+
+    def result(self) -> list[str] | None:
+        if self.chunks is not None and self.partial_len:
+            self.chunks.append(self.partial.hexdigest())
+            self.partial_len = 0
+        return self.chunks
+
+
 def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: BinaryIO,
-            hasher: "hashlib._Hash", consumed: int) -> None:
+            hasher: "hashlib._Hash", consumed: int,
+            wrote: Callable[[int], None] = lambda n: None,
+            base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
     """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
 
     ``consumed`` bytes of the body (the header) were read already. Every frame is
-    bounds-checked; the caller verifies the whole-file hash.
+    bounds-checked; the caller verifies the whole-file hash. Returns the new file's
+    chunk list when it could be worked out for free (see _OutputChunks).
     """
+    sizes = [os.fstat(b.fileno()).st_size for b in bases]
+    listing = _OutputChunks(size, base_chunks or [None] * len(bases), sizes)
     remaining = length - consumed
     written = 0
     while written < size:
@@ -258,7 +321,9 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
             count = int(match.group(4))
             if count > remaining or written + count > size:
                 raise BadRequest(f"delta literal of {count} bytes runs past the body or the file")
-            _pump(stream.read, out, count, hasher)
+            listing.start_literal(written)
+            _pump(stream.read, out, count, hasher, wrote, listing.literal)
+            listing.end_literal(written + count)
             remaining -= count
         else:
             index, offset, count = int(match.group(1)), int(match.group(2)), int(match.group(3))
@@ -266,17 +331,23 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
                 raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
             src = bases[index]
             src.seek(offset)
-            _pump(src.read, out, count, hasher)
+            _pump(src.read, out, count, hasher, wrote)
+            listing.copy(written, index, offset, count)
         written += count
     if remaining:
         raise BadRequest(f"{remaining} bytes follow the last delta frame")
+    return listing.result()
 
 
-def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int, hasher: "hashlib._Hash") -> None:
+def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int, hasher: "hashlib._Hash",
+          wrote: Callable[[int], None], seen: Callable[[bytes], object] | None = None) -> None:
     while count:
         data = read(min(READ_BLOCK, count))
         if not data:
             raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")
         hasher.update(data)
         out.write(data)
+        wrote(len(data))
+        if seen is not None:
+            seen(data)
         count -= len(data)
