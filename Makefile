@@ -24,5 +24,8 @@ system-packages:
 test: system-packages setup
 	$(BIN)/python -m pytest
 
+bench: system-packages setup
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ VERSION = "10.1.0"
 MiB = 1024 * 1024
 # Both sides trust their hash caches only for files older than RACY_SECONDS; a set at
 # rest has none younger. Runs that follow a write wait this long first (not timed).
+# Every timed run (esmirror and rsync alike) starts with an untimed sync().
 SETTLE = RACY_SECONDS + 0.5
 EXCLUDES = ["--exclude=/.esmirror", "--exclude=/archive", "--exclude=/.rsync-backup"]
 CATALOGS = """<?xml version="1.0" encoding="UTF-8"?>
@@ -328,7 +330,19 @@ class Bench:
             argv += ["--delay-updates", "--backup", "--backup-dir=.rsync-backup", "--fsync"]
         return argv + [f"{self.master.data_dir}/", self.rsyncd.url(module)]
 
+    def at_rest(self) -> None:
+        """Untimed: what a set at rest has. Writes older than the hash caches' racy window,
+        each secondary scanned once since (the agent's status check does it every
+        check_interval), and nothing dirty in the page cache, so no run pays to flush
+        what an earlier one (rsync's unflushed copy, say) left behind."""
+        time.sleep(SETTLE)
+        for r in self.receivers:
+            if r.proc and r.proc.poll() is None:
+                urllib.request.urlopen(f"{r.url}/browse", timeout=600).read()
+        os.sync()
+
     def publish(self, index: int | None, case: str) -> dict[str, Any]:
+        os.sync()
         seconds, rss, out = run_rss(self.publish_argv(index))
         self.agent_rss = max(self.agent_rss, rss)
         report = json.loads(out)
@@ -354,6 +368,7 @@ class Bench:
             self.results.checks += 1
 
     def rsync(self, modules: list[str], case: str, tool: str) -> None:
+        os.sync()
         start = time.perf_counter()
         procs = [subprocess.Popen(self.rsync_argv(m)) for m in modules]
         for p in procs:
@@ -380,7 +395,7 @@ class Bench:
         sent = []
         for rep in range(self.reps):
             self.say(f"  incremental, run {rep + 1}/{self.reps}")
-            time.sleep(SETTLE)  # the last run's writes leave the hash caches' racy window
+            self.at_rest()
             change_set(self.master.data_dir, self.shape, rep)
             report = self.publish(0, "incr")
             sent.append(report["secondaries"][0]["bytes_sent"])
@@ -389,7 +404,7 @@ class Bench:
             self.rsync(["guar0"], "incr", "rsync-guar")
             self.check_rsync(["plain0", "guar0"], "incr")
         self.results.extra["incr_bytes_sent"] = statistics.median(sent)
-        time.sleep(SETTLE)
+        self.at_rest()
         # no-op
         for rep in range(self.reps):
             self.say(f"  no-op, run {rep + 1}/{self.reps}")
