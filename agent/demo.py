@@ -104,6 +104,7 @@ class Receiver:
         self.url = f"{scheme}://{shown}:{port}{DEFAULT_PREFIX}"
 
     def start(self, wait: float = 20.0) -> "Receiver":
+        self.stop()  # a second start must not orphan the first process
         bind = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         argv = [sys.executable, "-m", "agent", "serve", "--install-dir", str(self.install.root),
                 "--bind", bind, "--server", self.server, *self.extra]
