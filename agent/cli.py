@@ -34,6 +34,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def report_and_exit(report: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """One JSON document on stdout, or the human form; exit 0 only if the report is ok."""
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        show(report)
+    sys.exit(0 if report.ok else 1)
+
+
 install_dir_option = click.option(
     "--install-dir", envvar="ESMIRROR_INSTALL_DIR", type=click.Path(file_okay=False),
     help="Express Server install dir (holds ImageServer/); or set ESMIRROR_INSTALL_DIR.")
@@ -98,11 +107,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
         report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force,
                              canary=first, max_parallel=max_parallel,
                              stop_on_failure=stop_on_failure, observer=bars, caller=caller_name())
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        print_publish(report)
-    sys.exit(0 if report.ok else 1)
+    report_and_exit(report, as_json, print_publish)
 
 
 @main.command()
@@ -262,11 +267,7 @@ def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, f
     from .doctor import print_check, run_check
 
     report = run_check(install_dir, httpd_conf, env_sh, fix=fix)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        print_check(report)
-    sys.exit(0 if report.ok else 1)
+    report_and_exit(report, as_json, print_check)
 
 
 @main.command()
