@@ -5,6 +5,8 @@ Both sides compute it the same way, so the set digest (SPEC §2) agrees.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import os
@@ -22,13 +24,16 @@ RESERVED_TOP = ("archive", ".esmirror")  # never part of the set, on any side
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul",
                      *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10)),
                      "com¹", "com²", "com³", "lpt¹", "lpt²", "lpt³"}
-_FORBIDDEN_CHARS = set('<>:"|?*\\')
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A file modified this close to a scan may change again within the filesystem's
 # timestamp granularity without its mtime moving: never trust the cache for it.
 RACY_SECONDS = 2.0
+
+
+_BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\]')
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
 def path_problem(path: Any) -> str | None:
@@ -43,26 +48,36 @@ def path_problem(path: Any) -> str | None:
         return "not valid UTF-8"
     if len(encoded) > MAX_PATH_BYTES:
         return f"longer than {MAX_PATH_BYTES} bytes"
-    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+    if path.startswith("/") or _DRIVE_RE.match(path):
         return "absolute paths and drive letters are not allowed"
-    for char in path:
+    bad = _BAD_CHAR_RE.search(path)
+    if bad:
+        char = bad.group()
         if ord(char) < 32 or ord(char) == 127:
             return "control characters (NUL included) are not allowed"
-        if char in _FORBIDDEN_CHARS:
-            return ("a backslash is not allowed: separate folders with /" if char == "\\"
-                    else f"the character {char!r} is not allowed (Windows refuses it)")
+        return ("a backslash is not allowed: separate folders with /" if char == "\\"
+                else f"the character {char!r} is not allowed (Windows refuses it)")
     segments = path.split("/")
     if segments[0].casefold() in RESERVED_TOP:
         return f"{segments[0]}/ is esmirror's own and never part of the set"
     for segment in segments:
-        if segment in ("", ".", ".."):
-            return "empty, '.' and '..' segments are not allowed"
-        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            return f"a name longer than {MAX_SEGMENT_BYTES} bytes"
-        if segment[-1] in ". ":
-            return f"{segment!r} ends in a dot or a space (Windows drops them)"
-        if segment.split(".")[0].strip().casefold() in _WINDOWS_RESERVED:
-            return f"{segment!r} is a reserved name on Windows"
+        problem = _segment_problem(segment)
+        if problem:
+            return problem
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_problem(segment: str) -> str | None:
+    """One name's checks; cached, as a set repeats its folder names on every path."""
+    if segment in ("", ".", ".."):
+        return "empty, '.' and '..' segments are not allowed"
+    if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        return f"a name longer than {MAX_SEGMENT_BYTES} bytes"
+    if segment[-1] in ". ":
+        return f"{segment!r} ends in a dot or a space (Windows drops them)"
+    if segment.split(".")[0].strip().casefold() in _WINDOWS_RESERVED:
+        return f"{segment!r} is a reserved name on Windows"
     return None
 
 
@@ -183,18 +198,50 @@ def matches_any(path: str, patterns: Iterable[re.Pattern[str]]) -> bool:
 
 # --- hashing and scanning ------------------------------------------------------
 
-def hash_file(path: Path) -> str:
+def hash_file(path: str | Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-class HashCache:
-    """SHA-256 of files keyed by (size, mtime_ns, ctime_ns, inode): an unchanged file is not re-read."""
+def _chunk_digests(block: bytes, chunk_size: int) -> list[str]:
+    view = memoryview(block)
+    return [hashlib.sha256(view[i:i + chunk_size]).hexdigest() for i in range(0, len(view), chunk_size)]
 
-    def __init__(self, path: Path | None) -> None:
+
+def hash_chunks(path: str | Path, chunk_size: int) -> tuple[str, list[str]]:
+    """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk) in one read.
+
+    The chunk hashes run on a second thread while this one hashes the whole file
+    (hashlib lets go of the GIL), so on two cores both cost about what one does.
+    """
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    with open(path, "rb") as fh, cf.ThreadPoolExecutor(1) as pool:
+        pending = None
+        while block := fh.read(chunk_size * 4):
+            if pending is not None:
+                chunks += pending.result()
+            pending = pool.submit(_chunk_digests, block, chunk_size)
+            whole.update(block)
+        if pending is not None:
+            chunks += pending.result()
+    return whole.hexdigest(), chunks
+
+
+class HashCache:
+    """SHA-256 of files keyed by (size, mtime_ns, ctime_ns, inode): an unchanged file is not re-read.
+
+    With ``chunked = (min_size, chunk_size)``, a file of at least ``min_size`` that has
+    to be read anyway gets its chunk hashes in the same pass (kept in ``chunk_lists``,
+    in memory): the sub-file delta of a changed large file then needs no second read.
+    """
+
+    def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}
         self.dirty = False
+        self.chunked = chunked
+        self.chunk_lists: dict[str, tuple[str, int, list[str]]] = {}  # rel → (sha, chunk size, chunks)
         if path is not None:
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -203,12 +250,16 @@ class HashCache:
             except (OSError, ValueError):
                 pass  # a lost or torn cache only costs a re-read
 
-    def sha256(self, rel: str, full: Path, st: os.stat_result) -> str:
+    def sha256(self, rel: str, full: str | Path, st: os.stat_result) -> str:
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         cached = self.entries.get(rel)
         if cached and cached[:4] == key:
             return cached[4]
-        sha = hash_file(full)
+        if self.chunked and st.st_size >= self.chunked[0]:
+            sha, chunks = hash_chunks(full, self.chunked[1])
+            self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
+        else:
+            sha = hash_file(full)
         if time.time() - st.st_mtime > RACY_SECONDS:
             self.entries[rel] = key + [sha]
             self.dirty = True
@@ -237,15 +288,18 @@ class ScanResult:
     manifest: Manifest
     warnings: list[str]   # skipped symlinks and the like
     unsafe: list[str]     # "path: why" for files that break SPEC §2
+    # chunk hashes of large files read by this scan (HashCache ``chunked``)
+    chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
 
 
-def walk_files(data_dir: Path) -> Iterator[tuple[str, Path, os.stat_result | None]]:
+def walk_files(data_dir: Path) -> Iterator[tuple[str, str, os.stat_result | None]]:
     """Every entry under the working dir except archive/ and .esmirror/ (no symlinks followed).
 
     Yields (relative path, full path, stat) for regular files; stat is None for
-    symlinks and other non-regular entries, which are not part of a set.
+    symlinks and other non-regular entries, which are not part of a set. Full paths
+    are plain strings: a scan of thousands of files should not build a Path for each.
     """
-    stack = [(data_dir, "")]
+    stack = [(str(data_dir), "")]
     while stack:
         folder, rel_folder = stack.pop()
         try:
@@ -257,27 +311,29 @@ def walk_files(data_dir: Path) -> Iterator[tuple[str, Path, os.stat_result | Non
             if not rel_folder and entry.name.casefold() in RESERVED_TOP:
                 continue
             if entry.is_symlink():
-                yield rel, Path(entry.path), None
+                yield rel, entry.path, None
             elif entry.is_dir(follow_symlinks=False):
-                stack.append((Path(entry.path), rel + "/"))
+                stack.append((entry.path, rel + "/"))
             elif entry.is_file(follow_symlinks=False):
-                yield rel, Path(entry.path), entry.stat(follow_symlinks=False)
+                yield rel, entry.path, entry.stat(follow_symlinks=False)
             else:
-                yield rel, Path(entry.path), None
+                yield rel, entry.path, None
 
 
 def scan(data_dir: Path, cache: HashCache | None = None,
          include: Iterable[str] = ("**",), exclude: Iterable[str] = ()) -> ScanResult:
     """The configuration set now in ``data_dir``."""
     cache = cache or HashCache(None)
-    inc = [glob_to_regex(g) for g in include]
+    include, exclude = list(include), list(exclude)
+    # the default include ("**") matches everything: no pattern to test per file
+    inc = [] if "**" in include else [glob_to_regex(g) for g in include]
     exc = [glob_to_regex(g) for g in exclude]
     files: dict[str, FileEntry] = {}
     warnings: list[str] = []
     unsafe: list[str] = []
     seen: dict[str, str] = {}
     for rel, full, st in walk_files(data_dir):
-        if not matches_any(rel, inc) or matches_any(rel, exc):
+        if (inc and not matches_any(rel, inc)) or (exc and matches_any(rel, exc)):
             continue
         if st is None or not stat.S_ISREG(st.st_mode):
             warnings.append(f"{rel}: skipped, not a regular file (symlinks are never mirrored)")
@@ -295,4 +351,4 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         except FileNotFoundError:
             continue  # removed while scanning
     cache.save(files)
-    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe))
+    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists)
