@@ -16,6 +16,7 @@ import filelock
 from app.core.apply import run_reload
 from app.core.audit import audit, now_iso
 from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
+from app.core.delta import CHUNK_SIZE, DELTA_MIN
 from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
@@ -100,6 +101,11 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     """One publish at a time on this master: ``esmirror publish`` and the agent share it."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
+
+
+def master_hash_cache(settings: Settings) -> HashCache:
+    """The master's hash cache; large files it must read get their delta chunk hashes too."""
+    return HashCache(settings.state_dir / "hashcache.json", chunked=(DELTA_MIN, CHUNK_SIZE))
 
 
 DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
@@ -234,8 +240,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
         if not ok:
             raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
                                 f"{output.strip()}")
-    scanned = scan(settings.data_dir, HashCache(settings.state_dir / "hashcache.json"),
-                   settings.include, settings.exclude)
+    scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include, settings.exclude)
     if scanned.unsafe:
         raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
                          "or exclude them", scanned.unsafe)
@@ -245,7 +250,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
     if not dry_run:
         write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
                                   "published_at": now_iso()})
-    local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
+    local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"], scanned.chunk_lists)
 
     def one(secondary: Secondary) -> PushResult:
         live = PushResult(secondary.host, secondary.port)
@@ -280,8 +285,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
     try:
         ledger = Ledger(settings)
         entries = ledger.read()
-        scanned = scan(settings.data_dir, HashCache(settings.state_dir / "hashcache.json"),
-                       settings.include, settings.exclude)
+        scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include,
+                       settings.exclude)
         digest = scanned.manifest.digest
         todo: list[Secondary] = []
         for secondary in secondaries:
@@ -299,7 +304,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
             by_generation.setdefault(int(entries[secondary.name]["wanted_generation"]), []).append(secondary)
         results: list[PushResult] = []
         for generation, group in sorted(by_generation.items()):
-            local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"])
+            local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
+                             scanned.chunk_lists)
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
                 live = PushResult(secondary.host, secondary.port)

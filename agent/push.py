@@ -32,9 +32,15 @@ class LocalSet:
     root: Path
     generation: int
     master: str
+    # rel → (sha256, chunk size, chunk hashes) of large files the scan read (no re-read to plan a delta)
+    chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def chunks(self, rel: str, sha: str, chunk_size: int) -> list[str] | None:
+        known = self.chunk_lists.get(rel)
+        return known[2] if known and known[0] == sha and known[1] == chunk_size else None
 
 
 @dataclass
@@ -179,7 +185,8 @@ def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:
 
 
 def _send_delta(client: SecondaryClient, sha: str, path: Path, size: int, rel: str,
-                remote_files: list[dict[str, Any]], part_size: int) -> int | None:
+                remote_files: list[dict[str, Any]], part_size: int,
+                known: Callable[[int], list[str] | None] = lambda chunk_size: None) -> int | None:
     """Send one large file as a delta (app/core/delta.py); the bytes sent, or None to send
     it whole (no usable base there, too little in common, or the secondary could not
     rebuild it)."""
@@ -199,7 +206,7 @@ def _send_delta(client: SecondaryClient, sha: str, path: Path, size: int, rel: s
                                 chunk_size))
     if not bases:
         return None
-    ops = delta.plan(path, size, bases)
+    ops = delta.plan(path, size, bases, known(bases[0].chunk_size))
     length = delta.body_length(size, bases, ops)
     if delta.literal_bytes(ops) > size * 0.9 or length > part_size:
         return None
@@ -246,7 +253,8 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
     def send_large(item: tuple[str, Path, int, str]) -> tuple[int, int]:
         sha, path, size, rel = item
         if remote_files and size >= delta.DELTA_MIN:
-            sent = _send_delta(client, sha, path, size, rel, remote_files, part_size)
+            sent = _send_delta(client, sha, path, size, rel, remote_files, part_size,
+                               lambda chunk_size: local.chunks(rel, sha, chunk_size))
             if sent is not None:
                 return 1, sent
         client.put_blob(sha, path, size, part_size)

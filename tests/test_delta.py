@@ -152,3 +152,35 @@ def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
     answer = requests.post(f"{url}/delta/{target}", data=good, timeout=30)
     assert answer.status_code == 201, answer.text
     assert (blobs / target).read_bytes() == new
+
+
+def test_one_read_gives_the_file_hash_and_its_chunk_hashes(tmp_path):
+    """The master hashes a changed large file once; the delta plan uses those chunk hashes."""
+    from app.core.delta import Base, Copy, Literal, plan
+    from app.core.manifest import HashCache, scan
+
+    content = os.urandom(BIG)
+    (tmp_path / "big.idx").write_bytes(content)
+    cache = HashCache(None, chunked=(DELTA_MIN, CHUNK_SIZE))
+    result = scan(tmp_path, cache)
+    sha, chunk_size, chunks = result.chunk_lists["big.idx"]
+    assert sha == hashlib.sha256(content).hexdigest() == result.manifest.files["big.idx"].sha256
+    assert chunk_size == CHUNK_SIZE
+    assert chunks == [hashlib.sha256(content[i:i + CHUNK_SIZE]).hexdigest()
+                      for i in range(0, BIG, CHUNK_SIZE)]
+    # an old copy on the secondary that differs in chunk 2 only
+    old = chunks[:2] + ["0" * 64] + chunks[3:]
+    base = Base("1" * 64, "big.idx", tuple(old), CHUNK_SIZE)
+    expected = [Copy(0, 0, 2 * CHUNK_SIZE), Literal(2 * CHUNK_SIZE, CHUNK_SIZE),
+                Copy(0, 3 * CHUNK_SIZE, BIG - 3 * CHUNK_SIZE)]
+    assert plan(tmp_path / "big.idx", BIG, [base], chunks) == expected
+    assert plan(tmp_path / "big.idx", BIG, [base]) == expected  # reading the file itself
+    # a small file gets no chunk list; a file that changed size since is refused
+    (tmp_path / "small.dat").write_bytes(b"x" * 100)
+    assert "small.dat" not in scan(tmp_path, HashCache(None, chunked=(DELTA_MIN, CHUNK_SIZE))).chunk_lists
+    try:
+        plan(tmp_path / "big.idx", BIG + CHUNK_SIZE, [base], chunks)
+    except OSError as exc:
+        assert "changed size" in str(exc)
+    else:
+        raise AssertionError("a chunk list that does not fit the size was accepted")

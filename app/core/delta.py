@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
-from .manifest import SHA256_RE, path_problem
+from .manifest import SHA256_RE, hash_chunks, path_problem
 
 CHUNK_SIZE = 256 * 1024
 DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
@@ -43,13 +43,7 @@ _FRAME_RE = re.compile(rb"^(?:C (\d{1,4}) (\d{1,20}) (\d{1,20})|L (\d{1,20}))\n$
 
 def chunk_hashes(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
     """(SHA-256 of the file, SHA-256 of each chunk) in one read."""
-    whole = hashlib.sha256()
-    chunks = []
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_size):
-            whole.update(block)
-            chunks.append(hashlib.sha256(block).hexdigest())
-    return whole.hexdigest(), chunks
+    return hash_chunks(path, chunk_size)
 
 
 class ChunkIndex:
@@ -132,11 +126,13 @@ def pick_bases(rel: str, size: int, remote_files: list[dict[str, Any]]) -> list[
     return large[:2]
 
 
-def plan(path: Path, size: int, bases: list[Base]) -> list[Copy | Literal]:
-    """Frames that rebuild ``path`` from ``bases``: one read of the file, chunk by chunk.
+def plan(path: Path, size: int, bases: list[Base], chunks: list[str] | None = None) -> list[Copy | Literal]:
+    """Frames that rebuild ``path`` from ``bases``.
 
-    A chunk is copied from the same offset of the first base when it matches there
-    (the common case: a file changed in place), else from wherever it occurs.
+    ``chunks``: the file's chunk hashes when the scan worked them out already (in
+    the bases' chunk size); otherwise the file is read for them. A chunk is copied
+    from the same offset of the first base when it matches there (the common case:
+    a file changed in place), else from wherever it occurs.
     """
     where: dict[str, tuple[int, int]] = {}
     for index, base in enumerate(bases):
@@ -144,25 +140,23 @@ def plan(path: Path, size: int, bases: list[Base]) -> list[Copy | Literal]:
             where.setdefault(digest, (index, n * base.chunk_size))
     first = bases[0] if bases else None
     chunk_size = first.chunk_size if first else CHUNK_SIZE
+    if chunks is None:
+        _, chunks = chunk_hashes(path, chunk_size)
+    if len(chunks) != -(-size // chunk_size):
+        raise OSError(f"{path} changed size while being read")
     ops: list[Copy | Literal] = []
-    offset = 0
-    with open(path, "rb") as fh:
-        while offset < size:
-            block = fh.read(min(chunk_size, size - offset))
-            if not block:
-                raise OSError(f"{path} shrank while being read")
-            digest = hashlib.sha256(block).hexdigest()
-            n = offset // chunk_size
-            if first and n < len(first.chunks) and first.chunks[n] == digest:
-                op: Copy | Literal = Copy(0, offset, len(block))
-            elif digest in where:
-                op = Copy(where[digest][0], where[digest][1], len(block))
-            else:
-                op = Literal(offset, len(block))
-            merged = _merge(ops, op)
-            if merged is not None:
-                ops.append(merged)
-            offset += len(block)
+    for n, digest in enumerate(chunks):
+        offset = n * chunk_size
+        length = min(chunk_size, size - offset)
+        if first and n < len(first.chunks) and first.chunks[n] == digest:
+            op: Copy | Literal = Copy(0, offset, length)
+        elif digest in where:
+            op = Copy(where[digest][0], where[digest][1], length)
+        else:
+            op = Literal(offset, length)
+        merged = _merge(ops, op)
+        if merged is not None:
+            ops.append(merged)
     return ops
 
 
