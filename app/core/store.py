@@ -99,7 +99,7 @@ class Writeback:
         self.pending = 0
 
 
-def copy_stream(src: BinaryIO | Callable[[int], bytes], dst: BinaryIO, length: int,
+def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: BinaryIO, length: int,
                 hasher: "hashlib._Hash") -> None:
     """Copy exactly ``length`` bytes, hashing as they pass; a short body is an error."""
     read = src if callable(src) else src.read
@@ -115,6 +115,51 @@ def copy_stream(src: BinaryIO | Callable[[int], bytes], dst: BinaryIO, length: i
         writeback.wrote(len(chunk))
         crash_point("upload-write")
     writeback.kick()
+
+
+class BodyReader:
+    """A request body read in large blocks, handed out in pieces without copying.
+
+    A batch body is thousands of small frames; asking the WSGI server for each
+    header line and each few-KB blob makes some servers copy their whole read-ahead
+    buffer on every call (gunicorn's Body does, up to 1 MiB per call). Here the
+    server sees only ``CHUNK``-sized reads and the pieces are views of them.
+    """
+
+    def __init__(self, stream: BinaryIO, length: int) -> None:
+        self.stream = stream
+        self.left = length      # body bytes not yet read from the stream
+        self.buf = memoryview(b"")
+
+    def _fill(self) -> None:
+        if not self.buf and self.left:
+            data = self.stream.read(min(CHUNK, self.left))
+            self.left -= len(data)
+            if not data:
+                self.left = 0   # the body ended early; callers see a short read
+            self.buf = memoryview(data)
+
+    def read(self, size: int) -> memoryview:
+        """Up to ``size`` bytes (fewer only at a block's end); empty at the body's end."""
+        self._fill()
+        piece, self.buf = self.buf[:size], self.buf[size:]
+        return piece
+
+    def readline(self, limit: int) -> bytes:
+        """Up to and including the next newline, at most ``limit`` bytes."""
+        line = b""
+        while len(line) < limit:
+            self._fill()
+            if not self.buf:
+                break
+            head = self.buf[:limit - len(line)].tobytes()
+            end = head.find(b"\n")
+            take = len(head) if end < 0 else end + 1
+            line += head[:take]
+            self.buf = self.buf[take:]
+            if end >= 0:
+                break
+        return line
 
 
 class BlobStore:
@@ -259,9 +304,10 @@ class BlobStore:
         done: list[tuple[Path, str]] = []
         frames: list[tuple[str, int]] = []
         remaining = length
+        body = BodyReader(stream, length)
         try:
             while remaining:
-                header = stream.readline(min(MAX_BATCH_HEADER, remaining))
+                header = body.readline(min(MAX_BATCH_HEADER, remaining))
                 remaining -= len(header)
                 match = _BATCH_HEADER_RE.match(header)
                 if not match:
@@ -275,7 +321,7 @@ class BlobStore:
                 done.append((tmp, sha))
                 with open(tmp, "wb") as out:
                     hasher = hashlib.sha256()
-                    copy_stream(stream, out, size, hasher)
+                    copy_stream(body, out, size, hasher)
                     _verify(hasher, sha, size)
                 frames.append((sha, size))
                 remaining -= size
