@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 from typing import Any, Iterable, Iterator
@@ -19,6 +20,9 @@ from app.core.express import Secondary
 from app.core.settings import Settings
 from app.core.signing import EMPTY_SHA256, Signer, batch_digest
 
+RETRIES = 3                      # GETs only: nothing else is safe to send twice
+BACKOFF = 0.3                    # seconds, doubling: 0, 0.6, 1.2 between attempts
+RETRY_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 600.0  # a commit of a large set may spend minutes staging and flushing
 SEND_BLOCK = 1024 * 1024
@@ -76,7 +80,8 @@ class _TLSAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-def make_session(secondary: Secondary, settings: Settings, retries: int = 3) -> requests.Session:
+def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIES,
+                 signed: bool = False) -> requests.Session:
     session = requests.Session()
     # The environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not change what
     # "strict" trusts or where pushes go.
@@ -85,9 +90,16 @@ def make_session(secondary: Secondary, settings: Settings, retries: int = 3) -> 
     context = tls_context(secondary, settings)
     if session.verify is False:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    retry = Retry(total=retries, connect=retries, read=retries, status=retries,
-                  backoff_factor=0.3, allowed_methods=frozenset({"GET"}),
-                  status_forcelist=(502, 503, 504), raise_on_status=False)
+    if signed:
+        # A signed request carries a one-time nonce: resent unchanged after the secondary
+        # saw it, it is refused as replayed (401). Here only connecting is retried (the
+        # request never left); SecondaryClient re-signs and retries GETs itself.
+        retry = Retry(total=retries, connect=retries, read=0, status=0, other=0,
+                      backoff_factor=BACKOFF, raise_on_status=False)
+    else:
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                      backoff_factor=BACKOFF, allowed_methods=frozenset({"GET"}),
+                      status_forcelist=RETRY_STATUSES, raise_on_status=False)
     adapter = _TLSAdapter(context, max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -140,6 +152,13 @@ def _chain(exc: BaseException) -> Iterable[BaseException]:
         yield current
         stack += [current.__cause__, current.__context__, getattr(current, "reason", None),
                   *current.args]
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True when no connection was made (urllib3 already retried that): retrying more only
+    makes an unreachable secondary slower to report."""
+    return any(isinstance(e, (urllib3.exceptions.NewConnectionError,
+                              urllib3.exceptions.ConnectTimeoutError)) for e in _chain(exc))
 
 
 class Body:
@@ -215,8 +234,8 @@ class SecondaryClient:
     def __init__(self, secondary: Secondary, settings: Settings) -> None:
         self.secondary = secondary
         self.base = secondary.base_url + settings.prefix
-        self.session = make_session(secondary, settings)
         self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
+        self.session = make_session(secondary, settings, signed=self.signer is not None)
 
     def close(self) -> None:
         self.session.close()
@@ -227,14 +246,25 @@ class SecondaryClient:
         kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
         # a receiver never redirects: following one could carry the set to another host
         kwargs["allow_redirects"] = False
-        if self.signer is not None:
-            headers = kwargs.setdefault("headers", {})
-            headers.update(self.signer.headers(method, f"/{route}", content_sha256,
-                                               headers.get("Content-Range", "")))
-        try:
-            response = self.session.request(method, f"{self.base}/{route}", **kwargs)
-        except requests.exceptions.RequestException as exc:
-            raise RemoteError(describe_connection_error(self.secondary, exc), kind="unreachable") from None
+        # signed GETs are retried here, each attempt with a fresh signature (make_session)
+        attempts = 1 + (RETRIES if self.signer is not None and method == "GET" else 0)
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(BACKOFF * 2 ** (attempt - 1))
+            if self.signer is not None:
+                headers = kwargs.setdefault("headers", {})
+                headers.update(self.signer.headers(method, f"/{route}", content_sha256,
+                                                   headers.get("Content-Range", "")))
+            try:
+                response = self.session.request(method, f"{self.base}/{route}", **kwargs)
+            except requests.exceptions.RequestException as exc:
+                if attempt + 1 < attempts and not _never_connected(exc):
+                    continue  # e.g. the answer was lost: ask again
+                raise RemoteError(describe_connection_error(self.secondary, exc),
+                                  kind="unreachable") from None
+            if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
+                continue
+            break
         if response.status_code >= 400:
             try:
                 body = response.json()

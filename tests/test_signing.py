@@ -260,3 +260,80 @@ def test_nonces_are_pruned_after_three_windows(tmp_path):
     now[0] += 61
     verifier.verify("GET", "/manifest", signer.headers("GET", "/manifest"))
     assert headers["X-Esmirror-Nonce"] not in os.listdir(tmp_path / "nonces")
+
+
+class LosesFirstAnswer:
+    """A proxy on loopback that forwards each request to the receiver but, for the first
+    one, drops the receiver's answer and says 503 instead: a response lost on the way
+    back after the secondary saw (and recorded) the request's nonce."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target = target_port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.nonces: list[str] = []
+        self.answers: list[int] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import http.client
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data and len(data) < 65536:
+                    more = client.recv(65536)
+                    if not more:
+                        break
+                    data += more
+                head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+                method, path, _ = head[0].split(" ", 2)
+                headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+                self.nonces.append(headers.get("X-Esmirror-Nonce", ""))
+                upstream = http.client.HTTPConnection("127.0.0.1", self.target, timeout=10)
+                upstream.request(method, path, headers={k: v for k, v in headers.items()
+                                                        if k.lower() != "connection"})
+                answer = upstream.getresponse()
+                body = answer.read()
+                upstream.close()
+                if len(self.answers) == 0:
+                    status, body, ctype = 503, b"lost", "text/plain"
+                else:
+                    status, ctype = answer.status, answer.getheader("Content-Type", "")
+                self.answers.append(answer.status)
+                client.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: "
+                               f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_signed_get_whose_answer_was_lost_is_retried_with_a_new_signature(signed_fleet):
+    """Resent unchanged, the retry would reuse its nonce and be refused as replayed (401)."""
+    from agent.client import SecondaryClient
+    from app.core.express import Secondary
+    from app.core.settings import load_settings
+
+    f = signed_fleet
+    proxy = LosesFirstAnswer(f.receivers[0].port)
+    try:
+        client = SecondaryClient(Secondary("127.0.0.1", proxy.port), load_settings(f.master.root))
+        try:
+            info = client.browse()
+        finally:
+            client.close()
+    finally:
+        proxy.close()
+    assert info["express_version"] == VERSION
+    assert proxy.answers == [200, 200]  # the secondary answered both attempts
+    assert len(set(proxy.nonces)) == 2 and all(proxy.nonces), proxy.nonces
