@@ -80,6 +80,22 @@ class _TLSAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
+class _Retry(Retry):
+    """urllib3's Retry, except that a request that timed out is not sent again.
+
+    The read timeout is minutes, so a second wait of as long helps nobody; and a TLS
+    handshake with a port that really speaks plain HTTP (waitress) times out instead of
+    failing: retried, ``ssl="noverify"`` on an HTTP port took 42 s to report.
+    """
+
+    def increment(self, method: str | None = None, url: str | None = None, *args: Any,
+                  **kwargs: Any) -> Retry:
+        error = kwargs.get("error", args[1] if len(args) > 1 else None)
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            raise urllib3.exceptions.MaxRetryError(kwargs.get("_pool"), url or "", error) from error
+        return super().increment(method, url, *args, **kwargs)
+
+
 def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIES,
                  signed: bool = False) -> requests.Session:
     session = requests.Session()
@@ -94,10 +110,10 @@ def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIE
         # A signed request carries a one-time nonce: resent unchanged after the secondary
         # saw it, it is refused as replayed (401). Here only connecting is retried (the
         # request never left); SecondaryClient re-signs and retries GETs itself.
-        retry = Retry(total=retries, connect=retries, read=0, status=0, other=0,
+        retry = _Retry(total=retries, connect=retries, read=0, status=0, other=0,
                       backoff_factor=BACKOFF, raise_on_status=False)
     else:
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+        retry = _Retry(total=retries, connect=retries, read=retries, status=retries,
                       backoff_factor=BACKOFF, allowed_methods=frozenset({"GET"}),
                       status_forcelist=RETRY_STATUSES, raise_on_status=False)
     adapter = _TLSAdapter(context, max_retries=retry, pool_maxsize=8)
@@ -131,7 +147,11 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
         else:
             why = reason
         return f"TLS to {secondary.name} failed: {why}"
-    if isinstance(exc, requests.exceptions.Timeout):
+    if isinstance(exc, requests.exceptions.Timeout) or any(
+            isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in _chain(exc)):
+        if secondary.ssl != "none":
+            return (f"{secondary.name} did not answer in time over TLS; if that port speaks "
+                    "plain HTTP, set its ssl to none (is ssl set right?)")
         return f"{secondary.name} did not answer in time"
     if "refused" in text.lower():
         return f"cannot connect to {secondary.name}: connection refused (is esmirror running there?)"
@@ -258,7 +278,8 @@ class SecondaryClient:
             try:
                 response = self.session.request(method, f"{self.base}/{route}", **kwargs)
             except requests.exceptions.RequestException as exc:
-                if attempt + 1 < attempts and not _never_connected(exc):
+                if attempt + 1 < attempts and not _never_connected(exc) and \
+                        not isinstance(exc, requests.exceptions.Timeout):
                     continue  # e.g. the answer was lost: ask again
                 raise RemoteError(describe_connection_error(self.secondary, exc),
                                   kind="unreachable") from None

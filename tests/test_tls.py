@@ -231,3 +231,26 @@ def master_port(master) -> int:
     from app.core.express import read_mirrors
 
     return read_mirrors(master.etc_dir / "iserv-cfg.xml")[0].port
+
+
+def test_tls_to_a_plain_http_waitress_port_is_reported_after_one_handshake_timeout(
+        tmp_path, make_receiver):
+    """waitress never answers a TLS handshake (it waits for a request line): the publish
+    names the likely cause after one connect timeout (10 s), not after four (42 s)."""
+    import time
+
+    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1",
+                                                      "express_version": VERSION})
+    receiver = make_receiver(secondary, server="waitress")
+    master = make_install(tmp_path / "master", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "noverify")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    before = tree(secondary.data_dir)
+    started = time.monotonic()
+    rc, report, out = publish(master)
+    took = time.monotonic() - started
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "did not answer in time over TLS" in error and "ssl" in error, error
+    assert took < 30, f"took {took:.0f} s: the handshake timeout was retried"
+    assert tree(secondary.data_dir) == before
