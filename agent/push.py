@@ -184,9 +184,8 @@ def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:
     return todo
 
 
-def _send_delta(client: SecondaryClient, sha: str, path: Path, size: int, rel: str,
-                remote_files: list[dict[str, Any]], part_size: int,
-                known: Callable[[int], list[str] | None] = lambda chunk_size: None) -> int | None:
+def _send_delta(client: SecondaryClient, local: LocalSet, sha: str, size: int, rel: str,
+                remote_files: list[dict[str, Any]], part_size: int) -> int | None:
     """Send one large file as a delta (app/core/delta.py); the bytes sent, or None to send
     it whole (no usable base there, too little in common, or the secondary could not
     rebuild it)."""
@@ -206,7 +205,8 @@ def _send_delta(client: SecondaryClient, sha: str, path: Path, size: int, rel: s
                                 chunk_size))
     if not bases:
         return None
-    ops = delta.plan(path, size, bases, known(bases[0].chunk_size))
+    path = local.path(rel)
+    ops = delta.plan(path, size, bases, local.chunks(rel, sha, bases[0].chunk_size))
     length = delta.body_length(size, bases, ops)
     if delta.literal_bytes(ops) > size * 0.9 or length > part_size:
         return None
@@ -253,8 +253,7 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
     def send_large(item: tuple[str, Path, int, str]) -> tuple[int, int]:
         sha, path, size, rel = item
         if remote_files and size >= delta.DELTA_MIN:
-            sent = _send_delta(client, sha, path, size, rel, remote_files, part_size,
-                               lambda chunk_size: local.chunks(rel, sha, chunk_size))
+            sent = _send_delta(client, local, sha, size, rel, remote_files, part_size)
             if sent is not None:
                 return 1, sent
         client.put_blob(sha, path, size, part_size)

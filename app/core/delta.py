@@ -41,11 +41,6 @@ READ_BLOCK = 1024 * 1024
 _FRAME_RE = re.compile(rb"^(?:C (\d{1,4}) (\d{1,20}) (\d{1,20})|L (\d{1,20}))\n$")
 
 
-def chunk_hashes(path: Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
-    """(SHA-256 of the file, SHA-256 of each chunk) in one read."""
-    return hash_chunks(path, chunk_size)
-
-
 class ChunkIndex:
     """The secondary's chunk lists, cached by content (``.esmirror/chunks/<sha256>``).
 
@@ -71,7 +66,7 @@ class ChunkIndex:
         if cached is not None:
             return cached
         try:
-            whole, chunks = chunk_hashes(path)
+            whole, chunks = hash_chunks(path, CHUNK_SIZE)
         except OSError:
             return None
         if whole != sha:
@@ -141,7 +136,7 @@ def plan(path: Path, size: int, bases: list[Base], chunks: list[str] | None = No
     first = bases[0] if bases else None
     chunk_size = first.chunk_size if first else CHUNK_SIZE
     if chunks is None:
-        _, chunks = chunk_hashes(path, chunk_size)
+        _, chunks = hash_chunks(path, chunk_size)
     if len(chunks) != -(-size // chunk_size):
         raise OSError(f"{path} changed size while being read")
     ops: list[Copy | Literal] = []
