@@ -20,7 +20,7 @@ from app.core.express import Secondary
 from app.core.settings import Settings
 from app.core.signing import EMPTY_SHA256, Signer, batch_digest
 
-RETRIES = 3                      # GETs only: nothing else is safe to send twice
+RETRIES = 3                      # any request that never connected; else GETs only
 BACKOFF = 0.3                    # seconds, doubling: 0, 0.6, 1.2 between attempts
 RETRY_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT = 10.0
@@ -80,24 +80,7 @@ class _TLSAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-class _Retry(Retry):
-    """urllib3's Retry, except that a request that timed out is not sent again.
-
-    The read timeout is minutes, so a second wait of as long helps nobody; and a TLS
-    handshake with a port that really speaks plain HTTP (waitress) times out instead of
-    failing: retried, ``ssl="noverify"`` on an HTTP port took 42 s to report.
-    """
-
-    def increment(self, method: str | None = None, url: str | None = None, *args: Any,
-                  **kwargs: Any) -> Retry:
-        error = kwargs.get("error", args[1] if len(args) > 1 else None)
-        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
-            raise urllib3.exceptions.MaxRetryError(kwargs.get("_pool"), url or "", error) from error
-        return super().increment(method, url, *args, **kwargs)
-
-
-def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIES,
-                 signed: bool = False) -> requests.Session:
+def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIES) -> requests.Session:
     session = requests.Session()
     # The environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not change what
     # "strict" trusts or where pushes go.
@@ -106,16 +89,11 @@ def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIE
     context = tls_context(secondary, settings)
     if session.verify is False:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    if signed:
-        # A signed request carries a one-time nonce: resent unchanged after the secondary
-        # saw it, it is refused as replayed (401). Here only connecting is retried (the
-        # request never left); SecondaryClient re-signs and retries GETs itself.
-        retry = _Retry(total=retries, connect=retries, read=0, status=0, other=0,
-                      backoff_factor=BACKOFF, raise_on_status=False)
-    else:
-        retry = _Retry(total=retries, connect=retries, read=retries, status=retries,
-                      backoff_factor=BACKOFF, allowed_methods=frozenset({"GET"}),
-                      status_forcelist=RETRY_STATUSES, raise_on_status=False)
+    # urllib3 retries only failing to connect: nothing was sent, so even a signed request
+    # (one-time nonce) may go again as it is. Anything that may have reached the secondary
+    # is retried by SecondaryClient._request, GETs only, each attempt signed anew.
+    retry = Retry(total=retries, connect=retries, read=0, status=0, other=0,
+                  backoff_factor=BACKOFF, raise_on_status=False)
     adapter = _TLSAdapter(context, max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -147,8 +125,7 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
         else:
             why = reason
         return f"TLS to {secondary.name} failed: {why}"
-    if isinstance(exc, requests.exceptions.Timeout) or any(
-            isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in _chain(exc)):
+    if _timed_out(exc):
         if secondary.ssl != "none":
             return (f"{secondary.name} did not answer in time over TLS; if that port speaks "
                     "plain HTTP, set its ssl to none (is ssl set right?)")
@@ -172,6 +149,13 @@ def _chain(exc: BaseException) -> Iterable[BaseException]:
         yield current
         stack += [current.__cause__, current.__context__, getattr(current, "reason", None),
                   *current.args]
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A read timed out: the wait is minutes, or it was a TLS handshake with a port that
+    speaks plain HTTP (waitress never answers one); asking again helps neither."""
+    return isinstance(exc, requests.exceptions.Timeout) or any(
+        isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in _chain(exc))
 
 
 def _never_connected(exc: BaseException) -> bool:
@@ -255,7 +239,7 @@ class SecondaryClient:
         self.secondary = secondary
         self.base = secondary.base_url + settings.prefix
         self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
-        self.session = make_session(secondary, settings, signed=self.signer is not None)
+        self.session = make_session(secondary, settings)
 
     def close(self) -> None:
         self.session.close()
@@ -266,10 +250,10 @@ class SecondaryClient:
         kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
         # a receiver never redirects: following one could carry the set to another host
         kwargs["allow_redirects"] = False
-        # signed GETs are retried here, each attempt with a fresh signature (make_session)
-        attempts = 1 + (RETRIES if self.signer is not None and method == "GET" else 0)
+        # GETs are retried here (make_session), each attempt with a fresh signature
+        attempts = 1 + (RETRIES if method == "GET" else 0)
         for attempt in range(attempts):
-            if attempt:
+            if attempt > 1:
                 time.sleep(BACKOFF * 2 ** (attempt - 1))
             if self.signer is not None:
                 headers = kwargs.setdefault("headers", {})
@@ -278,8 +262,7 @@ class SecondaryClient:
             try:
                 response = self.session.request(method, f"{self.base}/{route}", **kwargs)
             except requests.exceptions.RequestException as exc:
-                if attempt + 1 < attempts and not _never_connected(exc) and \
-                        not isinstance(exc, requests.exceptions.Timeout):
+                if attempt + 1 < attempts and not _never_connected(exc) and not _timed_out(exc):
                     continue  # e.g. the answer was lost: ask again
                 raise RemoteError(describe_connection_error(self.secondary, exc),
                                   kind="unreachable") from None

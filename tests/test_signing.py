@@ -318,22 +318,32 @@ class LosesFirstAnswer:
         self.sock.close()
 
 
-def test_a_signed_get_whose_answer_was_lost_is_retried_with_a_new_signature(signed_fleet):
-    """Resent unchanged, the retry would reuse its nonce and be refused as replayed (401)."""
+def browse_through_a_proxy_that_loses_the_first_answer(f) -> tuple[dict, LosesFirstAnswer]:
     from agent.client import SecondaryClient
     from app.core.express import Secondary
     from app.core.settings import load_settings
 
-    f = signed_fleet
     proxy = LosesFirstAnswer(f.receivers[0].port)
     try:
         client = SecondaryClient(Secondary("127.0.0.1", proxy.port), load_settings(f.master.root))
         try:
-            info = client.browse()
+            return client.browse(), proxy
         finally:
             client.close()
     finally:
         proxy.close()
+
+
+def test_a_signed_get_whose_answer_was_lost_is_retried_with_a_new_signature(signed_fleet):
+    """Resent unchanged, the retry would reuse its nonce and be refused as replayed (401)."""
+    info, proxy = browse_through_a_proxy_that_loses_the_first_answer(signed_fleet)
     assert info["express_version"] == VERSION
     assert proxy.answers == [200, 200]  # the secondary answered both attempts
     assert len(set(proxy.nonces)) == 2 and all(proxy.nonces), proxy.nonces
+
+
+def test_an_unsigned_get_whose_answer_was_lost_is_retried_too(fleet):
+    info, proxy = browse_through_a_proxy_that_loses_the_first_answer(fleet(1, server="gunicorn"))
+    assert info["express_version"] == VERSION
+    assert proxy.answers == [200, 200]
+    assert proxy.nonces == ["", ""]  # nothing signed
