@@ -96,10 +96,11 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         check_peer(secondary, info, mine)
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest
+        there: Manifest | None = None  # its set, once parsed
         if info.get("digest") == want.digest and not full:
             # it holds exactly this set (the digest covers every path, hash and size): no
             # need to fetch and diff its manifest; the commit still records the generation
-            remote = {"digest": want.digest, "files": want.to_list()}
+            remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:
             remote = client.manifest()
         if dry_run:
@@ -111,7 +112,9 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             return result
         have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         base = remote["digest"]
-        check_room_there(secondary, info, remote, want, _to_send(want, have))
+        if there is None:
+            there = Manifest.from_list(remote.get("files", []))
+        check_room_there(secondary, info, there, want, _to_send(want, have))
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
             _upload(client, local, todo, part_size, result, progress,
@@ -160,13 +163,13 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
     return result
 
 
-def check_room_there(secondary: Secondary, info: dict[str, Any], remote: dict[str, Any],
+def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest,
                      want: Manifest, todo: dict[str, str]) -> None:
     """Refuse before sending a byte when the push cannot fit on the secondary's disk (its 507)."""
     free, reserve = info.get("free_bytes"), info.get("reserve_bytes") or 0
     if not isinstance(free, int) or not isinstance(reserve, int):
         return  # a receiver that does not say: it still answers 507 itself
-    need = room_needed(Manifest.from_list(remote.get("files", [])), want,
+    need = room_needed(there, want,
                        {sha: want.files[path].size for sha, path in todo.items()})
     if need + reserve > free:
         raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes "

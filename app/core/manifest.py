@@ -91,6 +91,9 @@ class FileEntry:
     size: int
 
 
+_ENTRY_KEYS = {"path", "sha256", "size"}
+
+
 @dataclass
 class Manifest:
     """path → :class:`FileEntry`; knows its digest and how it differs from another."""
@@ -125,8 +128,7 @@ class Manifest:
         seen: dict[str, str] = {}
         reasons: list[str] = []
         for index, item in enumerate(items):
-            if not isinstance(item, dict) or set(item) - {"path", "sha256", "size"} \
-                    or not {"path", "sha256", "size"} <= set(item):
+            if not isinstance(item, dict) or item.keys() != _ENTRY_KEYS:
                 raise BadRequest(f"files[{index}] must be an object with exactly path, sha256, size")
             path, sha, size = item["path"], item["sha256"], item["size"]
             if not isinstance(sha, str) or not SHA256_RE.match(sha):
