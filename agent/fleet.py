@@ -29,7 +29,7 @@ from app.core.signing import Signer
 from app.core.state import read_json, stable_id, write_json
 
 from .client import tls_context
-from .push import LocalSet, PushResult, push
+from .push import LocalSet, Opening, PushResult, push
 
 __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
            "resolve_canary", "publish", "catch_up", "publish_lock"]
@@ -235,29 +235,40 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
     if settings.require_paths and report.unreadable_paths() and not force:
         raise InvalidSet(f"{catalogs} names catalog Paths this master cannot read "
                          "(require_paths = true); nothing was sent", report.unreadable_paths())
-    if not dry_run:
-        ok, output = run_reload(settings)
-        if not ok:
-            raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
-                                f"{output.strip()}")
-    scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include, settings.exclude)
-    if scanned.unsafe:
-        raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
-                         "or exclude them", scanned.unsafe)
-    counter_path = settings.state_dir / "master.json"
-    counter = read_json(counter_path, {}) or {}
-    generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)
-    if not dry_run:
-        write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
-                                  "published_at": now_iso()})
-    local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"], scanned.chunk_lists)
+    # the first pushes browse their secondaries now, while this master reloads and scans
+    # (a read: nothing is sent before the set is known good); later ones browse in turn
+    first = [canary] if canary in secondaries else secondaries[:max_parallel or DEFAULT_MAX_PARALLEL]
+    openings = {secondary: Opening(secondary, settings) for secondary in first}
+    try:
+        if not dry_run:
+            ok, output = run_reload(settings)
+            if not ok:
+                raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
+                                    f"{output.strip()}")
+        scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include,
+                       settings.exclude)
+        if scanned.unsafe:
+            raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
+                             "or exclude them", scanned.unsafe)
+        counter_path = settings.state_dir / "master.json"
+        counter = read_json(counter_path, {}) or {}
+        generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)
+        if not dry_run:
+            write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
+                                      "published_at": now_iso()})
+        local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
+                         scanned.chunk_lists)
 
-    def one(secondary: Secondary) -> PushResult:
-        live = PushResult(secondary.host, secondary.port)
-        return push(secondary, settings, local, mine, full, dry_run,
-                    lambda n: observer.progress(secondary, n, live.files_sent), live)
+        def one(secondary: Secondary) -> PushResult:
+            live = PushResult(secondary.host, secondary.port)
+            return push(secondary, settings, local, mine, full, dry_run,
+                        lambda n: observer.progress(secondary, n, live.files_sent), live,
+                        openings.pop(secondary, None))
 
-    results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
+        results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
+    finally:
+        for opening in openings.values():  # not taken: the publish stopped, or the canary failed
+            opening.close()
     if not dry_run:
         _record(settings, results, generation, local.manifest.digest, caller, mine["self"], "publish")
     return PublishReport(generation, local.manifest.digest, len(local.manifest.files),

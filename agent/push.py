@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +65,28 @@ class PushResult:
         return dict(self.__dict__)
 
 
+class Opening:
+    """A push's first request sent early: the secondary is browsed while the master still
+    reloads and scans, so the two waits overlap (fleet.publish). push() takes it over;
+    one never taken must be closed."""
+
+    def __init__(self, secondary: Secondary, settings: Settings) -> None:
+        self.client = SecondaryClient(secondary, settings)
+        self.browsed: cf.Future[dict[str, Any]] = cf.Future()
+        # a daemon thread: a publish that stops early (invalid set, failed reload) must not
+        # wait at exit for a slow secondary's browse it no longer needs
+        threading.Thread(target=self._browse, name=f"browse {secondary.name}", daemon=True).start()
+
+    def _browse(self) -> None:
+        try:
+            self.browsed.set_result(self.client.browse())
+        except BaseException as exc:  # handed to push(), which reports it
+            self.browsed.set_exception(exc)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class Refused(MirrorError):
     """The secondary may not take this master's set (version, platform, owner)."""
 
@@ -83,16 +106,21 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
 def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],
          full: bool = False, dry_run: bool = False,
          progress: Callable[[int], None] | None = None,
-         result: PushResult | None = None) -> PushResult:
+         result: PushResult | None = None, opening: Opening | None = None) -> PushResult:
     """Bring one secondary to exactly ``local``; never raises, the result says what happened.
 
-    ``result``, when given, is filled as the push goes (a watcher reads files_sent live).
+    ``result``, when given, is filled as the push goes (a watcher reads files_sent live);
+    ``opening``, when given, has browsed the secondary already.
     """
     result = result or PushResult(secondary.host, secondary.port)
     client = None
     try:
-        client = SecondaryClient(secondary, settings)
-        info = client.browse()
+        if opening is not None:
+            client = opening.client
+            info = opening.browsed.result()
+        else:
+            client = SecondaryClient(secondary, settings)
+            info = client.browse()
         check_peer(secondary, info, mine)
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest

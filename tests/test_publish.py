@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pytest
 
+from agent.demo import make_install, write_sample_set
 from conftest import VERSION, esmirror, session_from, set_files, tree
 
 SERVERS = ["waitress", "gunicorn"]
@@ -144,3 +147,34 @@ def test_bodies_never_exceed_the_secondary_limit_large_files_go_in_parts(fleet):
     big = f.master.data_dir / "indexes" / "orthos-2024.idx"
     assert big.stat().st_size > 1024 * 1024
     assert report["secondaries"][0]["files_sent"] == 8
+
+
+def test_a_failing_master_reload_is_reported_at_once_while_a_secondary_stays_silent(tmp_path):
+    """Pushes may browse their secondaries while the master reloads and scans. When the
+    master's own step fails, publish must exit 1 at once, not wait for a secondary
+    that takes connections but never answers (a hung server: 600 s read timeout), and
+    must have sent it nothing but reads."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        master = make_install(tmp_path / "master", {"express_version": VERSION,
+                                                    "reload_command": "sh -c 'exit 4'"},
+                              [("127.0.0.1", port, "none")])
+        write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+        started = time.monotonic()
+        rc, _, out = esmirror("publish", "--install-dir", str(master.root), "--json", timeout=60)
+        took = time.monotonic() - started
+        assert rc == 1, out
+        assert "reload_command failed on this master; nothing was sent" in out
+        assert took < 20, f"took {took:.0f} s: the publish waited for the silent secondary"
+        listener.settimeout(1)
+        for _ in range(4):  # every connection it made (at most a few) carried one GET browse
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                break
+            with connection:
+                connection.settimeout(5)
+                request = connection.recv(65536)
+                assert request.startswith(b"GET /lizardtech/mirror/browse "), request[:200]
