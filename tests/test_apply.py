@@ -193,6 +193,26 @@ def test_archive_restore_brings_back_each_generation_and_clear_keeps_newest(flee
     assert set_files(secondary.data_dir) == set_files(data)
 
 
+def test_an_archive_entry_from_before_previous_json_still_restores(fleet):
+    """Entries made by earlier versions hold the replaced manifest inside archive.json."""
+    f = fleet(1)
+    secondary, data = f.secondaries[0], f.master.data_dir
+    assert f.publish()[0] == 0
+    first = set_files(data)
+    (data / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    assert f.publish()[0] == 0
+    [entry] = archive_entries(secondary)
+    folder = secondary.data_dir / "archive" / entry["id"]
+    record = json.loads((folder / "archive.json").read_text())
+    assert "previous" not in record  # listing the archive reads only this small record
+    record["previous"] = json.loads((folder / "previous.json").read_text())
+    (folder / "archive.json").write_text(json.dumps(record))
+    (folder / "previous.json").unlink()
+    rc, _, out = esmirror("archive", "restore", entry["id"], "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == first
+
+
 def test_archive_clear_keep_and_older_than_semantics(tmp_path):
     from agent.demo import make_install
 

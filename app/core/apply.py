@@ -48,6 +48,7 @@ from .store import CHUNK, BlobStore, durable_flush
 LOCK_TIMEOUT = 600.0
 ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
 _ARCHIVE_ID_RE = re.compile(r"^[0-9A-Za-z._-]{1,80}$")
+PREVIOUS_JSON = "previous.json"  # in an archive entry: the manifest of the set it replaced
 
 
 def room(path: Path) -> tuple[int, int]:
@@ -462,6 +463,9 @@ class WorkingDir:
                 archive_id = None
             else:
                 crash_point("archiving")
+                # the replaced set's manifest apart from the entry's own record (written last):
+                # listing the archive (every browse, every prune) then reads only small files
+                write_json(self.archive_dir / archive_id / PREVIOUS_JSON, current.to_list())
                 write_json(self.archive_dir / archive_id / "archive.json", {
                     "id": archive_id,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -469,7 +473,6 @@ class WorkingDir:
                     "generation": generation,
                     "master": master,
                     "files": sorted(archived),
-                    "previous": current.to_list(),
                     "previous_digest": current.digest,
                     "digest": new.digest,
                     **(about or {}),
@@ -551,20 +554,29 @@ class WorkingDir:
         return sorted(removed)
 
     def _entry(self, archive_id: str) -> dict[str, Any]:
+        """An archive entry's record, with ``previous``: the set its apply replaced."""
         meta = None
         if _ARCHIVE_ID_RE.match(archive_id) and archive_id not in (".", ".."):
             meta = read_json(self.archive_dir / archive_id / "archive.json")
-        if not isinstance(meta, dict) or not isinstance(meta.get("previous"), list):
+        previous = self._previous(archive_id, meta) if isinstance(meta, dict) else None
+        if previous is None:
             raise NotFound(f"there is no archive entry {archive_id!r} on this server; "
                            "'esmirror archive list' shows the entries")
-        return meta
+        return meta | {"previous": previous}
+
+    def _previous(self, archive_id: str, meta: dict[str, Any]) -> list[Any] | None:
+        # entries made before previous.json existed hold the list in archive.json
+        previous = meta.get("previous")
+        if previous is None:
+            previous = read_json(self.archive_dir / archive_id / PREVIOUS_JSON)
+        return previous if isinstance(previous, list) else None
 
     def _archived_content(self) -> dict[str, Path]:
         """sha256 → a file in the archive holding that content (from each entry's manifest)."""
         found: dict[str, Path] = {}
         for entry in self.archives():
             meta = read_json(self.archive_dir / entry["id"] / "archive.json") or {}
-            previous = {f.get("path"): f.get("sha256") for f in meta.get("previous") or []
+            previous = {f.get("path"): f.get("sha256") for f in self._previous(entry["id"], meta) or []
                         if isinstance(f, dict)}
             for rel in meta.get("files") or []:
                 sha = previous.get(rel)
