@@ -184,3 +184,36 @@ def test_one_read_gives_the_file_hash_and_its_chunk_hashes(tmp_path):
         assert "changed size" in str(exc)
     else:
         raise AssertionError("a chunk list that does not fit the size was accepted")
+
+
+def test_a_rebuild_hashes_on_a_second_thread_and_always_ends_it(tmp_path):
+    """The receiver hashes a rebuilt file beside writing it; a refused delta (wrong bytes,
+    broken frame) must still end that thread: gunicorn workers live for days."""
+    import io
+    import threading
+
+    import pytest
+
+    from app.core.errors import BadRequest
+    from app.core.store import BlobStore
+
+    data = os.urandom(BIG)
+    base = tmp_path / "big.idx"
+    base.write_bytes(data)
+    here = hashlib.sha256(data).hexdigest()
+    new = data[:100] + b"X" + data[101:]
+    target = hashlib.sha256(new).hexdigest()
+    head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "big.idx"}]}\n'
+            % (len(new), here)).encode()
+    store = BlobStore(tmp_path / "state")
+    bodies = {"hashes wrong": head + b"L 101\n" + new[:101] + f"C 0 100 {len(new) - 101}\n".encode(),
+              "garbage frame": head + b"L 101\n" + new[:101] + b"Z 1\n"}
+    for name, body in bodies.items():
+        with pytest.raises(BadRequest):
+            store.put_delta(target, io.BytesIO(body), len(body), lambda sha, rel: base)
+        assert not store.has(target), name
+        assert not [t for t in threading.enumerate() if t.name == "esmirror-hash"], name
+    good = head + b"L 101\n" + new[:101] + f"C 0 101 {len(new) - 101}\n".encode()
+    assert store.put_delta(target, io.BytesIO(good), len(good), lambda sha, rel: base) == len(new)
+    assert store.path(target).read_bytes() == new
+    assert not [t for t in threading.enumerate() if t.name == "esmirror-hash"]

@@ -27,10 +27,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
 from .manifest import SHA256_RE, hash_chunks, path_problem
+
+if TYPE_CHECKING:
+    from .store import BackgroundHash  # (store imports this module)
 
 CHUNK_SIZE = 256 * 1024
 DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
@@ -286,7 +289,7 @@ class _OutputChunks:
 
 
 def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: BinaryIO,
-            hasher: "hashlib._Hash", consumed: int,
+            hasher: "hashlib._Hash | BackgroundHash", consumed: int,
             wrote: Callable[[int], None] = lambda n: None,
             base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
     """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
@@ -328,7 +331,8 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
     return listing.result()
 
 
-def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int, hasher: "hashlib._Hash",
+def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int,
+          hasher: "hashlib._Hash | BackgroundHash",
           wrote: Callable[[int], None], seen: Callable[[bytes], object] | None = None) -> None:
     while count:
         data = read(min(READ_BLOCK, count))
