@@ -29,7 +29,7 @@ from app.core.signing import Signer
 from app.core.state import read_json, stable_id, write_json
 
 from .client import tls_context
-from .push import LocalSet, Opening, PushResult, push
+from .push import LocalSet, Opening, PushResult, ScanNews, push
 
 __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
            "resolve_canary", "publish", "catch_up", "publish_lock"]
@@ -236,17 +236,20 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
         raise InvalidSet(f"{catalogs} names catalog Paths this master cannot read "
                          "(require_paths = true); nothing was sent", report.unreadable_paths())
     # the first pushes browse their secondaries now, while this master reloads and scans
-    # (a read: nothing is sent before the set is known good); later ones browse in turn
+    # (reads only: nothing is sent before the set is known good); later ones in turn
     first = [canary] if canary in secondaries else secondaries[:max_parallel or DEFAULT_MAX_PARALLEL]
-    openings = {secondary: Opening(secondary, settings) for secondary in first}
+    news = ScanNews()
+    openings = {secondary: Opening(secondary, settings, news) for secondary in first}
     try:
         if not dry_run:
             ok, output = run_reload(settings)
             if not ok:
                 raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
                                     f"{output.strip()}")
-        scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include,
-                       settings.exclude)
+        cache = master_hash_cache(settings)
+        cache.on_read = news.reading_files
+        scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
+        news.done()  # openings that saw no file read: the set is likely the same, no manifest
         if scanned.unsafe:
             raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
                              "or exclude them", scanned.unsafe)
@@ -267,6 +270,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
 
         results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
     finally:
+        news.done()  # (a failed reload never scanned: let the openings go)
         for opening in openings.values():  # not taken: the publish stopped, or the canary failed
             opening.close()
     if not dry_run:

@@ -65,25 +65,66 @@ class PushResult:
         return dict(self.__dict__)
 
 
+class ScanNews:
+    """What the master's scan has found so far, for the openings waiting on it."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self.reading = False
+
+    def reading_files(self) -> None:
+        """A file changed since the last scan (it must be read): the set has likely changed."""
+        self.reading = True
+        self._decided.set()
+
+    def done(self) -> None:
+        self._decided.set()
+
+    def set_changed(self) -> bool:
+        """Wait for the first read or the end of the scan; True if files were being read."""
+        self._decided.wait()
+        return self.reading
+
+
 class Opening:
-    """A push's first request sent early: the secondary is browsed while the master still
-    reloads and scans, so the two waits overlap (fleet.publish). push() takes it over;
-    one never taken must be closed."""
+    """A push's first requests sent early, while the master still reloads and scans, so
+    the waits overlap (fleet.publish): ``browse``, then, once the scan is reading
+    changed files (the set differs, so a diff will be needed), ``manifest``. push()
+    takes it over; one never taken must be closed."""
 
-    def __init__(self, secondary: Secondary, settings: Settings) -> None:
+    def __init__(self, secondary: Secondary, settings: Settings, news: ScanNews) -> None:
         self.client = SecondaryClient(secondary, settings)
+        self.news = news
+        self.closed = False
         self.browsed: cf.Future[dict[str, Any]] = cf.Future()
+        self._manifest: cf.Future[dict[str, Any] | None] = cf.Future()
         # a daemon thread: a publish that stops early (invalid set, failed reload) must not
-        # wait at exit for a slow secondary's browse it no longer needs
-        threading.Thread(target=self._browse, name=f"browse {secondary.name}", daemon=True).start()
+        # wait at exit for a slow secondary's answer it no longer needs
+        threading.Thread(target=self._run, name=f"open {secondary.name}", daemon=True).start()
 
-    def _browse(self) -> None:
+    def _run(self) -> None:
+        manifest = None
         try:
-            self.browsed.set_result(self.client.browse())
-        except BaseException as exc:  # handed to push(), which reports it
-            self.browsed.set_exception(exc)
+            try:
+                self.browsed.set_result(self.client.browse())
+            except BaseException as exc:  # handed to push(), which reports it
+                self.browsed.set_exception(exc)
+                return
+            if self.news.set_changed() and not self.closed:
+                try:
+                    manifest = self.client.manifest()
+                except MirrorError:
+                    pass  # push() asks again and reports what fails
+        finally:
+            self._manifest.set_result(manifest)
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The secondary's manifest if it was fetched ahead; waits until the opening is
+        done with the connection."""
+        return self._manifest.result()
 
     def close(self) -> None:
+        self.closed = True
         self.client.close()
 
 
@@ -115,9 +156,11 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
     result = result or PushResult(secondary.host, secondary.port)
     client = None
     try:
+        fetched = None
         if opening is not None:
             client = opening.client
             info = opening.browsed.result()
+            fetched = opening.manifest()
         else:
             client = SecondaryClient(secondary, settings)
             info = client.browse()
@@ -130,7 +173,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             # need to fetch and diff its manifest; the commit still records the generation
             remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:
-            remote = client.manifest()
+            remote = fetched if fetched is not None else client.manifest()
         if dry_run:
             have = {f["sha256"] for f in remote.get("files", [])}
             todo = _to_send(want, set() if full else have)

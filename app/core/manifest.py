@@ -16,7 +16,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import BadRequest, InvalidSet
 
@@ -236,13 +236,16 @@ class HashCache:
     With ``chunked = (min_size, chunk_size)``, a file of at least ``min_size`` that has
     to be read anyway gets its chunk hashes in the same pass (kept in ``chunk_lists``,
     in memory): the sub-file delta of a changed large file then needs no second read.
+    ``on_read`` is called before each file it has to read (someone waiting for news).
     """
 
-    def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None) -> None:
+    def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None,
+                 on_read: Callable[[], object] | None = None) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}
         self.dirty = False
         self.chunked = chunked
+        self.on_read = on_read
         self.chunk_lists: dict[str, tuple[str, int, list[str]]] = {}  # rel → (sha, chunk size, chunks)
         if path is not None:
             try:
@@ -257,6 +260,8 @@ class HashCache:
         cached = self.entries.get(rel)
         if cached and cached[:4] == key:
             return cached[4]
+        if self.on_read is not None:
+            self.on_read()
         if self.chunked and st.st_size >= self.chunked[0]:
             sha, chunks = hash_chunks(full, self.chunked[1])
             self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
