@@ -113,8 +113,8 @@ class Opening:
             if self.news.set_changed() and not self.closed:
                 try:
                     manifest = self.client.manifest()
-                except MirrorError:
-                    pass  # push() asks again and reports what fails
+                except Exception:  # a fetch ahead of need: push() asks again and reports
+                    pass
         finally:
             self._manifest.set_result(manifest)
 
