@@ -27,13 +27,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
-from .manifest import SHA256_RE, hash_chunks, path_problem
-
-if TYPE_CHECKING:
-    from .store import BackgroundHash  # (store imports this module)
+from .manifest import SHA256_RE, BackgroundHash, hash_chunks, path_problem
 
 CHUNK_SIZE = 256 * 1024
 DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole

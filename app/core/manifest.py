@@ -5,13 +5,14 @@ Both sides compute it the same way, so the set digest (SPEC §2) agrees.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import hashlib
 import json
 import os
+import queue
 import re
 import stat
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -210,24 +211,58 @@ def _chunk_digests(block: bytes, chunk_size: int) -> list[str]:
     return [hashlib.sha256(view[i:i + chunk_size]).hexdigest() for i in range(0, len(view), chunk_size)]
 
 
+class BackgroundHash:
+    """SHA-256 fed on a second thread, so one stream's reads and writes overlap its hashing
+    (hashlib releases the GIL on large blocks).
+
+    The master hashing a changed large file (its chunk hashes meanwhile on this
+    thread) and the receiver rebuilding a delta (~40 % of the rebuild was hashing)
+    use it. Blocks handed to ``update`` must not change afterwards (bytes, or views
+    of bytes). At most ``depth`` blocks wait, so memory stays flat. Use as a context
+    manager: the thread always ends.
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        self._hash = hashlib.sha256()
+        self._blocks: queue.Queue[bytes | memoryview | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="esmirror-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._hash.update(block)
+
+    def update(self, block: bytes | memoryview) -> None:
+        self._blocks.put(block)
+
+    def hexdigest(self) -> str:
+        self._finish()
+        return self._hash.hexdigest()
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> "BackgroundHash":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._finish()
+
+
 def hash_chunks(path: str | Path, chunk_size: int) -> tuple[str, list[str]]:
     """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk) in one read.
 
-    The chunk hashes run on a second thread while this one hashes the whole file
-    (hashlib lets go of the GIL), so on two cores both cost about what one does.
+    The whole-file hash runs on a second thread while this one hashes the chunks, so
+    on two cores both cost about what one does.
     """
-    whole = hashlib.sha256()
     chunks: list[str] = []
-    with open(path, "rb") as fh, cf.ThreadPoolExecutor(1) as pool:
-        pending = None
+    with open(path, "rb") as fh, BackgroundHash() as whole:
         while block := fh.read(chunk_size * 4):
-            if pending is not None:
-                chunks += pending.result()
-            pending = pool.submit(_chunk_digests, block, chunk_size)
             whole.update(block)
-        if pending is not None:
-            chunks += pending.result()
-    return whole.hexdigest(), chunks
+            chunks += _chunk_digests(block, chunk_size)
+        return whole.hexdigest(), chunks
 
 
 class HashCache:

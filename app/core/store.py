@@ -9,11 +9,9 @@ import ctypes
 import errno
 import hashlib
 import os
-import queue
 import re
 import shutil
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import BinaryIO, Callable
 
 from .errors import BadRequest, Conflict, NoRoom
 from .faults import crash_point
-from .manifest import SHA256_RE
+from .manifest import SHA256_RE, BackgroundHash
 
 CHUNK = 1024 * 1024
 _BATCH_HEADER_RE = re.compile(rb"^([0-9a-f]{64}) (\d{1,20})\n$")
@@ -72,45 +70,6 @@ def _sync_file_range() -> Callable[..., int] | None:
 _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_EVERY = 8 * CHUNK
-
-
-class BackgroundHash:
-    """SHA-256 fed on a second thread, so one stream's reads and writes overlap its hashing
-    (hashlib releases the GIL on large blocks).
-
-    For a delta rebuild, the one large file on a push's critical path: there the
-    hashing was ~40 % of the rebuild. Blocks handed to ``update`` must not change
-    afterwards (bytes, or views of bytes). At most ``depth`` blocks wait, so memory
-    stays flat. Use as a context manager: the thread always ends.
-    """
-
-    def __init__(self, depth: int = 8) -> None:
-        self._hash = hashlib.sha256()
-        self._blocks: queue.Queue[bytes | memoryview | None] = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="esmirror-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (block := self._blocks.get()) is not None:
-            self._hash.update(block)
-
-    def update(self, block: bytes | memoryview) -> None:
-        self._blocks.put(block)
-
-    def hexdigest(self) -> str:
-        self._finish()
-        return self._hash.hexdigest()
-
-    def _finish(self) -> None:
-        if self._thread.is_alive():
-            self._blocks.put(None)
-            self._thread.join()
-
-    def __enter__(self) -> "BackgroundHash":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._finish()
 
 
 class Writeback:
