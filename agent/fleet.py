@@ -103,9 +103,10 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
 
 
-def master_hash_cache(settings: Settings) -> HashCache:
+def master_hash_cache(settings: Settings, on_read: Callable[[], object] | None = None) -> HashCache:
     """The master's hash cache; large files it must read get their delta chunk hashes too."""
-    return HashCache(settings.state_dir / "hashcache.json", chunked=(DELTA_MIN, CHUNK_SIZE))
+    return HashCache(settings.state_dir / "hashcache.json", chunked=(DELTA_MIN, CHUNK_SIZE),
+                     on_read=on_read)
 
 
 DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
@@ -246,9 +247,8 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             if not ok:
                 raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
                                     f"{output.strip()}")
-        cache = master_hash_cache(settings)
-        cache.on_read = news.reading_files
-        scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
+        scanned = scan(settings.data_dir, master_hash_cache(settings, news.reading_files),
+                       settings.include, settings.exclude)
         news.done()  # openings that saw no file read: the set is likely the same, no manifest
         if scanned.unsafe:
             raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "

@@ -80,7 +80,7 @@ class ScanNews:
     def done(self) -> None:
         self._decided.set()
 
-    def set_changed(self) -> bool:
+    def wait_changed(self) -> bool:
         """Wait for the first read or the end of the scan; True if files were being read."""
         self._decided.wait()
         return self.reading
@@ -110,7 +110,7 @@ class Opening:
             except BaseException as exc:  # handed to push(), which reports it
                 self.browsed.set_exception(exc)
                 return
-            if self.news.set_changed() and not self.closed:
+            if self.news.wait_changed() and not self.closed:
                 try:
                     manifest = self.client.manifest()
                 except Exception:  # a fetch ahead of need: push() asks again and reports
