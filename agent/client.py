@@ -80,7 +80,7 @@ class _TLSAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIES) -> requests.Session:
+def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
     session = requests.Session()
     # The environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not change what
     # "strict" trusts or where pushes go.
@@ -92,7 +92,7 @@ def make_session(secondary: Secondary, settings: Settings, retries: int = RETRIE
     # urllib3 retries only failing to connect: nothing was sent, so even a signed request
     # (one-time nonce) may go again as it is. Anything that may have reached the secondary
     # is retried by SecondaryClient._request, GETs only, each attempt signed anew.
-    retry = Retry(total=retries, connect=retries, read=0, status=0, other=0,
+    retry = Retry(total=RETRIES, connect=RETRIES, read=0, status=0, other=0,
                   backoff_factor=BACKOFF, raise_on_status=False)
     adapter = _TLSAdapter(context, max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
