@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape
 
 from app.core.errors import ConfigError
 from app.core.express import read_lt_is_user
-from app.core.settings import Network, Settings
+from app.core.settings import PUSH_ROUTES, Network, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
 APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service")
@@ -119,6 +119,7 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
         "install_dir": install, "install_dir_py": repr(install), "env_sh": str(settings.env_sh),
         "user": account, "group": _group_of(account), "home": str(settings.image_server),
         "venv": venv_dir, "prefix": settings.prefix, "prefix_re": re.escape(settings.prefix),
+        "push_routes": "|".join(PUSH_ROUTES),
         "home_opt": apache_word(f"home={settings.image_server}"),
         "python_home_opt": apache_word(f"python-home={venv_dir}"),
         "wsgi_file": apache_word(str(out_dir / "esmirror.wsgi")), "max_upload_bytes": str(settings.max_upload_bytes),

@@ -11,10 +11,9 @@ import json
 import re
 from typing import Any, Callable, Iterable
 
-from .core.settings import Network, Settings
+from .core.settings import PUSH_ROUTES, Network, Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-PUSH_ROUTES = ("manifest", "blobs", "chunks", "delta", "commit")  # browse is both push and admin
 _PORT_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d+$")
 
 

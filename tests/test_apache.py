@@ -219,6 +219,32 @@ Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
     assert "Segmentation" not in httpd.log() and "undefined symbol" not in httpd.log()
 
 
+def test_delta_through_mod_wsgi_when_the_master_is_only_in_allow_push(world, tmp_path):
+    """chunks/ and delta/ are push routes: httpd must let allow_push reach them, not only allow_admin.
+
+    The master (127.0.0.1) is left out of allow_admin, as a master on another host is.
+    """
+    port = free_port()
+    secondary = secondary_for(world, "delta-secondary", {"allow_admin": "127.0.0.9"})
+    out = render(secondary, world["base"] / "delta-rendered", "--venv", str(world["venv"]))
+    httpd = Httpd(world["base"] / "httpd-delta", port, f"""WSGISocketPrefix {world['base']}/httpd-delta/run/wsgi
+Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
+    master = master_for(tmp_path, port)
+    big = master.data_dir / "indexes" / "orthos-2024.idx"
+    big.write_bytes(os.urandom(6 * 1024 * 1024))  # above the delta threshold (4 MiB)
+    try:
+        httpd.start()
+        publish_owned_by(master, secondary, world["user"], httpd.log)
+        with open(big, "r+b") as fh:  # one chunk rewritten in place, same size
+            fh.seek(3 * 1024 * 1024)
+            fh.write(os.urandom(256 * 1024))
+        report = publish_owned_by(master, secondary, world["user"], httpd.log)
+        # the rebuilt file went as a delta: about the changed chunk, not the whole 6 MiB
+        assert report["secondaries"][0]["bytes_sent"] < 1024 * 1024, report
+    finally:
+        httpd.stop()
+
+
 def _exec_start(unit: str) -> list[str]:
     line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
     return shlex.split(line.split("=", 1)[1])

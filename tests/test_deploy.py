@@ -44,11 +44,14 @@ def test_apache_files_carry_user_from_env_sh_prefix_lists_venv(tmp_path):
     assert "Require ip 127.0.0.1 ::1\n" in wsgi  # allow_admin (default) on the prefix
     assert "Require ip 192.0.2.10 2001:db8::/32\n" in wsgi  # allow_push on push routes
     assert "Require ip 192.0.2.10 2001:db8::/32 127.0.0.1 ::1\n" in wsgi  # browse: both
+    # every push route, chunks/ and delta/ included, is opened to allow_push by httpd too
+    assert '<LocationMatch "^/es/mirror/(manifest|blobs|chunks|delta|commit)(/|$)">' in wsgi
     entry = out / "esmirror.wsgi"
     py_compile.compile(str(entry), doraise=True)
     assert repr(str(install.root)) in entry.read_text()
     proxy = (out / "esmirror-proxy.conf").read_text()
     assert "ProxyPass http://127.0.0.1:9191/es/mirror" in proxy
+    assert '<LocationMatch "^/es/mirror/(manifest|blobs|chunks|delta|commit)(/|$)">' in proxy
     unit = (out / "esmirror-receiver.service").read_text()
     assert "User=daemon\n" in unit
     assert ("ExecStart=/opt/esmirror/venv/bin/esmirror serve --install-dir "

@@ -18,6 +18,9 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PREFIX = "/lizardtech/mirror"
+# the routes allow_push opens (browse is both push and admin); httpd's rendered
+# Require lines and the receiver's own filter both come from this one list
+PUSH_ROUTES = ("manifest", "blobs", "chunks", "delta", "commit")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
