@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import ssl
 import time
 from pathlib import Path
@@ -273,7 +274,7 @@ class SecondaryClient:
             try:
                 body = response.json()
             except ValueError:
-                body = {"error": response.text[:300].strip() or response.reason}
+                body = {"error": _not_from_esmirror(response)}
             if not isinstance(body, dict):
                 body = {"error": str(body)[:300]}
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
@@ -328,3 +329,14 @@ class SecondaryClient:
         data = json.dumps(body).encode("utf-8")
         return self._request("POST", "commit", hashlib.sha256(data).hexdigest(), data=data,
                              headers={"Content-Type": "application/json"})
+
+
+def _not_from_esmirror(response: requests.Response) -> str:
+    """An error body that is not the receiver's JSON: the web server in front answered
+    (httpd's Require, IIS's ipSecurity, a proxy). Its page title, not its HTML."""
+    text = response.text
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    summary = " ".join((title.group(1) if title else text[:200]).split()) or response.reason
+    return (f"{summary!r}: the web server (httpd, IIS, a proxy or the WSGI server) answered, not "
+            "the esmirror receiver; check that server's rules and limits for this route (esmirror "
+            "deploy renders them)")

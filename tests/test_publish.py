@@ -1,8 +1,10 @@
 """Issue 2 end to end: a master publishes to secondaries on real waitress and gunicorn servers."""
 from __future__ import annotations
 
+import http.server
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -178,3 +180,40 @@ def test_a_failing_master_reload_is_reported_at_once_while_a_secondary_stays_sil
                 connection.settimeout(5)
                 request = connection.recv(65536)
                 assert request.startswith(b"GET /lizardtech/mirror/browse "), request[:200]
+
+
+def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
+    """httpd or IIS refusing a route answers with its own HTML page: publish says who
+    answered and shows the page's title, not the HTML."""
+    page = (b'<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n'
+            b"<title>403 Forbidden</title>\n</head><body>\n<h1>Forbidden</h1>\n"
+            b"<p>You don't have permission to access this resource.</p>\n</body></html>\n")
+
+    class Httpd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(403)
+            self.send_header("Content-Type", "text/html; charset=iso-8859-1")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Httpd)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        master = make_install(tmp_path / "master", {"express_version": VERSION},
+                              [("127.0.0.1", server.server_port, "none")])
+        write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+        rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert report["secondaries"][0]["state"] == "refused", error
+    assert "answered 403 to GET browse: '403 Forbidden': the web server" in error, error
+    assert "not the esmirror receiver" in error and "<" not in error, error
