@@ -27,7 +27,7 @@ except ImportError:  # Windows: no Unix accounts; IIS's app pool account is docu
 from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
-from app.core.settings import Settings, load_settings
+from app.core.settings import PUSH_ROUTES, Settings, load_settings
 
 # where distributions keep the main config, tried in order when --httpd-conf is not given
 DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
@@ -72,6 +72,7 @@ class HttpdConfig:
     user: Directive | None = None
     daemons: list[WsgiDaemon] = field(default_factory=list)
     script_aliases: list[Directive] = field(default_factory=list)
+    location_matches: list[Directive] = field(default_factory=list)  # <LocationMatch "regex">
     problems: list[tuple[str, Where | None]] = field(default_factory=list)
 
 
@@ -162,8 +163,13 @@ class _Reader:
             text = line.strip()
             if not text or text.startswith("#") or text.startswith("</"):
                 continue
-            if text.startswith("<"):
-                continue  # sections (<VirtualHost>, <IfModule>…) are read as if active
+            if text.startswith("<"):  # sections (<VirtualHost>, <IfModule>…) are read as if active
+                name, rest = (text.rstrip(">").split(None, 1) + [""])[:2]
+                if name.lower() == "<locationmatch" and rest.strip():
+                    where = Where(str(path), number)
+                    regex = rest.strip().strip('"')
+                    self.config.location_matches.append(Directive(name[1:], [regex], rest, where))
+                continue
             name, rest = (text.split(None, 1) + [""])[:2]
             where = Where(str(path), number)
             key = name.lower()
@@ -342,6 +348,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
     if httpd is not None:
         _check_wsgi_code(report, httpd, account)
         _check_mount(report, httpd, settings)
+        _check_push_routes(report, httpd, settings)
     return report
 
 
@@ -359,6 +366,25 @@ def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) ->
                        directive.where,
                        fix=f"change the WSGIScriptAlias at {directive.where} to {settings.prefix}, or set "
                            f"prefix = {alias} in {settings.ini_path} on every server")
+
+
+def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
+    """A <LocationMatch> that opens push routes to allow_push must open all of them: one left
+    to the prefix's allow_admin is refused by httpd (403) to a master on another host."""
+    for section in httpd.location_matches:
+        try:
+            pattern = re.compile(section.args[0])
+        except re.error:
+            continue  # httpd itself refuses to start on it
+        opened = [r for r in PUSH_ROUTES if pattern.search(f"{settings.prefix}/{r}/x")]
+        if opened and len(opened) < len(PUSH_ROUTES):
+            left = [r for r in PUSH_ROUTES if r not in opened]
+            report.add("error", "push-routes", f"<LocationMatch> opens {', '.join(opened)} to the "
+                       f"masters but not {', '.join(left)}: httpd refuses a master outside "
+                       "allow_admin there (403), so publishes that change a large file fail",
+                       section.where,
+                       fix=f"render the Apache files again (esmirror deploy apache), or make the "
+                           f"<LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
 
 
 def _apache_users(httpd: HttpdConfig) -> list[tuple[str, str, Where]]:

@@ -280,3 +280,26 @@ def test_wsgi_mount_at_another_path_than_the_prefix_is_reported(tmp_path):
         f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /lizardtech/mirror {entry}\n")
     rc, report, text = check(root, conf, "--json")
     assert rc == 0, text
+
+
+def test_a_push_route_block_that_leaves_routes_to_allow_admin_is_reported(tmp_path):
+    """An older or hand-written <LocationMatch> for manifest|blobs|commit only: httpd then
+    refuses chunks/ and delta/ to a master outside allow_admin."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    entry = tmp_path / "esmirror.wsgi"
+    entry.write_text("from app.wsgi import application\n")
+    snippet = conf.parent / "conf-enabled" / "esmirror.conf"
+    mount = f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /lizardtech/mirror {entry}\n"
+    snippet.write_text(mount + '<LocationMatch "^/lizardtech/mirror/(manifest|blobs|commit)(/|$)">\n'
+                       "    Require ip 192.0.2.10\n</LocationMatch>\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1, text
+    [bad] = [f for f in report["findings"] if f["level"] == "error"]
+    assert bad["topic"] == "push-routes" and bad["line"] == 3, bad
+    assert "not chunks, delta" in bad["message"] and "esmirror deploy apache" in bad["fix"]
+    snippet.write_text(mount + '<LocationMatch "^/lizardtech/mirror/(manifest|blobs|chunks|delta|commit)(/|$)">\n'
+                       "    Require ip 192.0.2.10\n</LocationMatch>\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text
