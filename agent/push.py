@@ -174,14 +174,13 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:
             remote = fetched if fetched is not None else client.manifest()
+        have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         if dry_run:
-            have = {f["sha256"] for f in remote.get("files", [])}
-            todo = _to_send(want, set() if full else have)
+            todo = _to_send(want, have)
             result.files_sent = len(todo)
             result.bytes_sent = sum(want.files[p].size for p in todo.values())
             result.state = "dry-run"
             return result
-        have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         base = remote["digest"]
         if there is None:
             there = Manifest.from_list(remote.get("files", []))

@@ -111,6 +111,14 @@ def test_dry_run_sends_nothing(fleet):
     assert report["secondaries"][0]["state"] == "dry-run"
     assert report["secondaries"][0]["files_sent"] == 8
     assert set_files(f.secondaries[0].data_dir) == {}
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    before = set_files(f.secondaries[0].data_dir)
+    rc, report, out = f.publish("--dry-run")  # what would go: the one changed file
+    assert rc == 0 and (report["secondaries"][0]["files_sent"], report["secondaries"][0]["bytes_sent"]) == (1, 7), out
+    rc, report, out = f.publish("--dry-run", "--full")  # --full: everything again
+    assert rc == 0 and report["secondaries"][0]["files_sent"] == 8, out
+    assert set_files(f.secondaries[0].data_dir) == before
 
 
 def test_full_resends_every_byte(fleet):
