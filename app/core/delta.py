@@ -27,10 +27,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
 from .manifest import SHA256_RE, BackgroundHash, hash_chunks, path_problem
+
+if TYPE_CHECKING:  # (store imports this module)
+    from .store import BlobWriter
 
 CHUNK_SIZE = 256 * 1024
 DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
@@ -285,9 +288,8 @@ class _OutputChunks:
         return self.chunks
 
 
-def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: BinaryIO,
+def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: "BlobWriter",
             hasher: "hashlib._Hash | BackgroundHash", consumed: int,
-            wrote: Callable[[int], None] = lambda n: None,
             base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
     """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
 
@@ -311,7 +313,7 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
             if count > remaining or written + count > size:
                 raise BadRequest(f"delta literal of {count} bytes runs past the body or the file")
             listing.start_literal(written)
-            _pump(stream.read, out, count, hasher, wrote, listing.literal)
+            _pump(stream.read, out, count, hasher, listing.literal)
             listing.end_literal(written + count)
             remaining -= count
         else:
@@ -320,7 +322,7 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
                 raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
             src = bases[index]
             src.seek(offset)
-            _pump(src.read, out, count, hasher, wrote)
+            _pump(src.read, out, count, hasher)
             listing.copy(written, index, offset, count)
         written += count
     if remaining:
@@ -328,16 +330,15 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
     return listing.result()
 
 
-def _pump(read: Callable[[int], bytes], out: BinaryIO, count: int,
+def _pump(read: Callable[[int], bytes], out: "BlobWriter", count: int,
           hasher: "hashlib._Hash | BackgroundHash",
-          wrote: Callable[[int], None], seen: Callable[[bytes], object] | None = None) -> None:
+          seen: Callable[[bytes], object] | None = None) -> None:
     while count:
         data = read(min(READ_BLOCK, count))
         if not data:
             raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")
         hasher.update(data)
         out.write(data)
-        wrote(len(data))
         if seen is not None:
             seen(data)
         count -= len(data)

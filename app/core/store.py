@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -99,12 +100,111 @@ class Writeback:
         self.pending = 0
 
 
-def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: BinaryIO, length: int,
-                hasher: "hashlib._Hash") -> None:
+DIRECT_MIN = 4 * 1024 * 1024  # smaller blobs go through the page cache (see BlobWriter)
+_DIRECT_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class BlobWriter:
+    """A new blob's bytes on their way to disk: ``write``, then ``done`` (all handed to the
+    OS) or ``finish`` (done, and durable).
+
+    A blob of at least ``DIRECT_MIN`` is written past the page cache (Linux
+    ``O_DIRECT``, from one page-aligned 1 MiB buffer; the tail padded to a block, then
+    cut back): it is made durable at once anyway, and every new page-cache page has to
+    be allocated first. On this project's VM, writing 150 MiB into fresh page-cache
+    pages took 0.44 s, through O_DIRECT 0.19 s; a delta rebuild inside the benchmark
+    went from ~230 to ~130 ms. Smaller blobs, appended parts, other systems and
+    filesystems that refuse ``O_DIRECT`` (tmpfs) go through the page cache, with
+    ``Writeback`` starting the disk writes early.
+    """
+
+    def __init__(self, path: Path, size: int, append: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0) | (os.O_APPEND if append else os.O_TRUNC)
+        self.direct = False  # our aligned buffer in front of the fd
+        self._odirect = False  # and the fd in O_DIRECT mode (a refused write turns it off)
+        self.size = 0
+        if _O_DIRECT and size >= DIRECT_MIN and not append:
+            try:
+                self.fd = os.open(path, flags | _O_DIRECT, 0o666)
+                self.direct = self._odirect = True
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        if self.direct:
+            self._buffer = mmap.mmap(-1, CHUNK)
+            self._filled = 0
+        else:
+            self.fd = os.open(path, flags, 0o666)
+            self._file = os.fdopen(self.fd, "ab" if append else "wb", closefd=False)
+            self._writeback = Writeback(self._file)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if not self.direct:
+            self._file.write(data)
+            self._writeback.wrote(len(data))
+            return
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHUNK - self._filled)
+            self._buffer[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == CHUNK:
+                self._write_buffer(CHUNK)
+
+    def _write_buffer(self, length: int) -> None:
+        try:
+            written = os.write(self.fd, memoryview(self._buffer)[:length])
+        except OSError as exc:
+            if not (self._odirect and exc.errno == errno.EINVAL):
+                raise
+            # the device wants a larger alignment than ours: the page cache after all
+            import fcntl
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            self._odirect = False
+            written = os.write(self.fd, memoryview(self._buffer)[:length])
+        if written != length:
+            raise OSError(errno.EIO, f"short write to a new blob ({written} of {length} bytes)")
+        self._filled = 0
+
+    def done(self) -> None:
+        """Every byte written handed to the OS (not yet durable)."""
+        if not self.direct:
+            self._writeback.kick()
+        elif self._filled and not self._odirect:
+            self._write_buffer(self._filled)
+        elif self._filled:  # O_DIRECT writes whole blocks: the tail padded, then cut back
+            padded = -(-self._filled // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            self._buffer[self._filled:padded] = bytes(padded - self._filled)
+            self._write_buffer(padded)
+            os.ftruncate(self.fd, self.size)  # (a blob written this way starts at byte 0)
+
+    def finish(self) -> None:
+        """Every byte written, on disk."""
+        self.done()
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.direct:
+            self._buffer.close()
+        else:
+            self._file.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: BlobWriter, length: int,
+                hasher: "hashlib._Hash | BackgroundHash") -> None:
     """Copy exactly ``length`` bytes, hashing as they pass; a short body is an error."""
     read = src if callable(src) else src.read
     remaining = length
-    writeback = Writeback(dst)
     while remaining:
         chunk = read(min(CHUNK, remaining))
         if not chunk:
@@ -112,9 +212,7 @@ def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: Bina
         hasher.update(chunk)
         dst.write(chunk)
         remaining -= len(chunk)
-        writeback.wrote(len(chunk))
         crash_point("upload-write")
-    writeback.kick()
 
 
 class BodyReader:
@@ -188,12 +286,10 @@ class BlobStore:
         check_sha(sha)
         tmp = self._tmp_file(sha[:16])
         try:
-            with open(tmp, "wb") as out:
-                hasher = hashlib.sha256()
+            with BlobWriter(tmp, length) as out, BackgroundHash() as hasher:
                 copy_stream(stream, out, length, hasher)
                 _verify(hasher, sha, length)
-                out.flush()
-                os.fsync(out.fileno())
+                out.finish()
             crash_point("upload-verified")
             self._publish(tmp, sha)
             crash_point("upload-stored")
@@ -226,16 +322,13 @@ class BlobStore:
                     raise Conflict(f"delta base {rel} ({base_sha[:12]}…) is not on this server; "
                                    "send the whole file", missing_base=base_sha)
                 bases.append(open(found, "rb"))
-            with open(tmp, "wb") as out, BackgroundHash() as hasher:
-                writeback = Writeback(out)
+            with BlobWriter(tmp, size) as out, BackgroundHash() as hasher:
                 chunks = delta.rebuild(stream, length, size, bases, out, hasher, consumed,
-                                       writeback.wrote, [index.cached(b) for b, _ in wanted])
-                writeback.kick()
+                                       [index.cached(b) for b, _ in wanted])
                 _verify(hasher, sha, size)
                 if chunks is not None:  # the next delta of this file needs no re-read here
                     index.save(sha, chunks)
-                out.flush()
-                os.fsync(out.fileno())
+                out.finish()
             crash_point("upload-delta-rebuilt")
             self._publish(tmp, sha)
         except OSError as exc:
@@ -273,8 +366,9 @@ class BlobStore:
         if start + length > total:
             raise BadRequest(f"part ends at byte {start + length}, past the blob size {total}")
         try:
-            with open(partial, "ab") as out:
+            with BlobWriter(partial, length, append=True) as out:
                 copy_stream(stream, out, length, hashlib.sha256())
+                out.done()
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise self._no_room(exc, length) from None
@@ -318,10 +412,11 @@ class BlobStore:
                     raise BadRequest(f"blob {sha[:12]}… claims {size} bytes but the body has {remaining} left")
                 tmp = self._tmp_file(sha[:16])
                 done.append((tmp, sha))
-                with open(tmp, "wb") as out:
+                with BlobWriter(tmp, size) as out:
                     hasher = hashlib.sha256()
                     copy_stream(body, out, size, hasher)
                     _verify(hasher, sha, size)
+                    out.done()
                 frames.append((sha, size))
                 remaining -= size
                 crash_point("upload-batch-blob")
