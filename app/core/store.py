@@ -286,7 +286,8 @@ class BlobStore:
         check_sha(sha)
         tmp = self._tmp_file(sha[:16])
         try:
-            with BlobWriter(tmp, length) as out, BackgroundHash() as hasher:
+            # a few uploads run at once: each keeps at most 2 blocks waiting for its hash thread
+            with BlobWriter(tmp, length) as out, BackgroundHash(depth=2) as hasher:
                 copy_stream(stream, out, length, hasher)
                 _verify(hasher, sha, length)
                 out.finish()
