@@ -187,8 +187,9 @@ def test_one_read_gives_the_file_hash_and_its_chunk_hashes(tmp_path):
 
 
 def test_a_rebuild_hashes_on_a_second_thread_and_always_ends_it(tmp_path):
-    """The receiver hashes a rebuilt file beside writing it; a refused delta (wrong bytes,
-    broken frame) must still end that thread: gunicorn workers live for days."""
+    """The receiver hashes a rebuilt file, and writes it (O_DIRECT), on threads of their
+    own; a refused delta (wrong bytes, broken frame) must still end both: gunicorn workers
+    live for days."""
     import io
     import threading
 
@@ -212,8 +213,9 @@ def test_a_rebuild_hashes_on_a_second_thread_and_always_ends_it(tmp_path):
         with pytest.raises(BadRequest):
             store.put_delta(target, io.BytesIO(body), len(body), lambda sha, rel: base)
         assert not store.has(target), name
-        assert not [t for t in threading.enumerate() if t.name == "esmirror-hash"], name
+        assert not [t for t in threading.enumerate()
+                    if t.name in ("esmirror-hash", "esmirror-write")], name
     good = head + b"L 101\n" + new[:101] + f"C 0 101 {len(new) - 101}\n".encode()
     assert store.put_delta(target, io.BytesIO(good), len(good), lambda sha, rel: base) == len(new)
     assert store.path(target).read_bytes() == new
-    assert not [t for t in threading.enumerate() if t.name == "esmirror-hash"]
+    assert not [t for t in threading.enumerate() if t.name in ("esmirror-hash", "esmirror-write")]
