@@ -242,15 +242,17 @@ class BlobWriter:
 
 
 def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: BlobWriter, length: int,
-                hasher: "hashlib._Hash | BackgroundHash") -> None:
-    """Copy exactly ``length`` bytes, hashing as they pass; a short body is an error."""
+                hasher: "hashlib._Hash | BackgroundHash | None") -> None:
+    """Copy exactly ``length`` bytes, hashing as they pass (unless ``hasher`` is None); a
+    short body is an error."""
     read = src if callable(src) else src.read
     remaining = length
     while remaining:
         chunk = read(min(CHUNK, remaining))
         if not chunk:
             raise BadRequest(f"the body ended {remaining} bytes early (expected {length} bytes)")
-        hasher.update(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
         dst.write(chunk)
         remaining -= len(chunk)
         crash_point("upload-write")
@@ -408,8 +410,10 @@ class BlobStore:
         if start + length > total:
             raise BadRequest(f"part ends at byte {start + length}, past the blob size {total}")
         try:
+            # no hash per part: a hash cannot carry over to the next request; the whole
+            # file is hashed from disk when the last part lands
             with BlobWriter(partial, length, append=True) as out:
-                copy_stream(stream, out, length, hashlib.sha256())
+                copy_stream(stream, out, length, None)
                 out.done()
         except OSError as exc:
             partial.unlink(missing_ok=True)
