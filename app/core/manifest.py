@@ -37,10 +37,20 @@ _BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\]')
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
+# Paths checked lately, per process: a receiver checks the same few thousand paths on every
+# browse and commit (the set's manifest, its own scan); a bounded cache keeps memory flat.
+PATHS_CACHED = 16384
+
+
 def path_problem(path: Any) -> str | None:
     """Why ``path`` may not be in a set (SPEC §2), or ``None`` when it is safe."""
     if not isinstance(path, str):
         return "a path must be a string"
+    return _path_problem(path)
+
+
+@functools.lru_cache(maxsize=PATHS_CACHED)
+def _path_problem(path: str) -> str | None:
     if not path:
         return "empty path"
     try:
@@ -82,6 +92,7 @@ def _segment_problem(segment: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=PATHS_CACHED)
 def collision_key(path: str) -> str:
     return unicodedata.normalize("NFC", path).casefold()
 
