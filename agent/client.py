@@ -325,6 +325,12 @@ class SecondaryClient:
         return self._request("POST", f"delta/{sha}", sha, data=body,
                              headers={"Content-Type": "application/x-esmirror-delta"})
 
+    def post_delta_stream(self, blocks: Iterator[bytes]) -> dict[str, Any]:
+        """A delta made while the file is read (delta.stream_blocks): sent chunked, as it
+        comes; the answer names the sha256 the secondary stored it under."""
+        return self._request("POST", "delta", data=blocks,
+                             headers={"Content-Type": "application/x-esmirror-delta"})
+
     def commit(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode("utf-8")
         return self._request("POST", "commit", hashlib.sha256(data).hexdigest(), data=data,

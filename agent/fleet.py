@@ -22,7 +22,7 @@ from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger
-from app.core.manifest import HashCache, scan
+from app.core.manifest import ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import Settings
 from app.core.signing import Signer
@@ -103,7 +103,8 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
 
 
-def master_hash_cache(settings: Settings, on_read: Callable[[], object] | None = None) -> HashCache:
+def master_hash_cache(settings: Settings,
+                      on_read: Callable[[ChunkFeed | None], object] | None = None) -> HashCache:
     """The master's hash cache; large files it must read get their delta chunk hashes too."""
     return HashCache(settings.state_dir / "hashcache.json", chunked=(DELTA_MIN, CHUNK_SIZE),
                      on_read=on_read)
@@ -240,7 +241,9 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
     # (reads only: nothing is sent before the set is known good); later ones in turn
     first = [canary] if canary in secondaries else secondaries[:max_parallel or DEFAULT_MAX_PARALLEL]
     news = ScanNews()
-    openings = {secondary: Opening(secondary, settings, news) for secondary in first}
+    # and, on a real incremental publish, start sending changed large files as they are read
+    ahead = None if dry_run or full else mine
+    openings = {secondary: Opening(secondary, settings, news, ahead) for secondary in first}
     try:
         if not dry_run:
             ok, output = run_reload(settings)

@@ -5,13 +5,13 @@ import concurrent.futures as cf
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from app.core.apply import room_needed
 from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
-from app.core.manifest import Manifest
+from app.core.manifest import ChunkFeed, Manifest
 from app.core.settings import Settings
 
 from .client import Body, SecondaryClient
@@ -71,14 +71,37 @@ class ScanNews:
     def __init__(self) -> None:
         self._decided = threading.Event()
         self.reading = False
+        self._large: list[ChunkFeed] = []
+        self._over = False
+        self._changed = threading.Condition()
 
-    def reading_files(self) -> None:
-        """A file changed since the last scan (it must be read): the set has likely changed."""
+    def reading_files(self, feed: ChunkFeed | None = None) -> None:
+        """A file changed since the last scan (it must be read): the set has likely changed.
+        ``feed``: it is a large file whose chunk hashes come as the scan reads it."""
         self.reading = True
         self._decided.set()
+        if feed is not None:
+            with self._changed:
+                self._large.append(feed)
+                self._changed.notify_all()
 
     def done(self) -> None:
         self._decided.set()
+        with self._changed:
+            self._over = True
+            self._changed.notify_all()
+
+    def large_files(self) -> Iterator[ChunkFeed]:
+        """Each changed large file as the scan starts reading it, until the scan is done."""
+        n = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: n < len(self._large) or self._over)
+                ready, over = self._large[n:], self._over
+            yield from ready
+            n += len(ready)
+            if over and n == len(self._large):
+                return
 
     def wait_changed(self) -> bool:
         """Wait for the first read or the end of the scan; True if files were being read."""
@@ -90,17 +113,55 @@ class Opening:
     """A push's first requests sent early, while the master still reloads and scans, so
     the waits overlap (fleet.publish): ``browse``, then, once the scan is reading
     changed files (the set differs, so a diff will be needed), ``manifest``. push()
-    takes it over; one never taken must be closed."""
+    takes it over; one never taken must be closed.
 
-    def __init__(self, secondary: Secondary, settings: Settings, news: ScanNews) -> None:
+    With ``mine`` (this master's identity), a changed large file also goes ahead as a
+    streamed delta against its previous content while the scan reads it, so the
+    secondary rebuilds it while the master hashes instead of after (app/core/delta.py);
+    push() counts what arrived and sends only the rest. The scan's reload and checks
+    of catalogs.xml have passed by then; if the publish still stops (an unsafe path),
+    such a blob waits unused in the secondary's blob store until its next commit.
+    """
+
+    def __init__(self, secondary: Secondary, settings: Settings, news: ScanNews,
+                 mine: dict[str, Any] | None = None) -> None:
         self.client = SecondaryClient(secondary, settings)
         self.news = news
         self.closed = False
         self.browsed: cf.Future[dict[str, Any]] = cf.Future()
         self._manifest: cf.Future[dict[str, Any] | None] = cf.Future()
-        # a daemon thread: a publish that stops early (invalid set, failed reload) must not
+        self._ahead: dict[str, int] = {}  # sha256 → bytes sent, of large files sent during the scan
+        self._ahead_thread: threading.Thread | None = None
+        # daemon threads: a publish that stops early (invalid set, failed reload) must not
         # wait at exit for a slow secondary's answer it no longer needs
         threading.Thread(target=self._run, name=f"open {secondary.name}", daemon=True).start()
+        if mine is not None and self.client.signer is None:  # (a stream has no digest to sign)
+            self._ahead_thread = threading.Thread(target=self._send_ahead, name=f"ahead {secondary.name}",
+                                                  args=(secondary, settings, mine), daemon=True)
+            self._ahead_thread.start()
+
+    def _send_ahead(self, secondary: Secondary, settings: Settings, mine: dict[str, Any]) -> None:
+        client = None
+        try:
+            for feed in self.news.large_files():
+                if self.closed:
+                    return
+                check_peer(secondary, self.browsed.result(), mine)
+                client = client or SecondaryClient(secondary, settings)
+                sent = _stream_delta(client, feed, lambda: self.closed)
+                if sent is not None:
+                    self._ahead[sent[0]] = sent[1]
+        except Exception:  # a head start only: push() sends whatever did not arrive, and reports
+            pass
+        finally:
+            if client is not None:
+                client.close()
+
+    def sent_ahead(self) -> dict[str, int]:
+        """sha256 → bytes of the large files the secondary received during the scan."""
+        if self._ahead_thread is not None:
+            self._ahead_thread.join()
+        return dict(self._ahead)
 
     def _run(self) -> None:
         manifest = None
@@ -175,6 +236,12 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         else:
             remote = fetched if fetched is not None else client.manifest()
         have = set() if full else {f["sha256"] for f in remote.get("files", [])}
+        if opening is not None and not full and not dry_run:
+            for sha, size in opening.sent_ahead().items():
+                if sha in want.hashes() and sha not in have:
+                    have.add(sha)
+                    result.files_sent += 1
+                    result.bytes_sent += size
         if dry_run:
             todo = _to_send(want, have)
             result.files_sent = len(todo)
@@ -290,6 +357,37 @@ def _send_delta(client: SecondaryClient, local: LocalSet, sha: str, size: int, r
             return None
         raise
     return length
+
+
+def _stream_delta(client: SecondaryClient, feed: ChunkFeed,
+                  stop: Callable[[], bool]) -> tuple[str, int] | None:
+    """Send a changed large file as a delta against its previous content while the scan
+    reads it; (sha256, bytes sent) once the secondary holds it, None when it has no
+    such base or cannot take a stream (an older receiver, a web server that refuses
+    chunked bodies): push() then sends it the ordinary way."""
+    try:
+        answer = client.chunks(feed.previous_sha, feed.rel)
+    except RemoteError:
+        return None
+    listing, chunk_size = answer.get("chunks"), answer.get("chunk_size")
+    if not isinstance(listing, list) or chunk_size != feed.chunk_size:
+        return None
+    base = delta.Base(feed.previous_sha, feed.rel, tuple(map(str, listing)), chunk_size)
+    sent = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal sent
+        for block in delta.stream_blocks(feed, base, stop):
+            sent += len(block)
+            yield block
+
+    try:
+        answer = client.post_delta_stream(counted())
+    except RemoteError:
+        return None
+    if feed.sha is None or answer.get("sha256") != feed.sha:
+        return None
+    return feed.sha, sent
 
 
 def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,

@@ -186,7 +186,47 @@ def chunks(sha: str):  # type: ignore[no-untyped-def]
 def post_delta(sha: str):  # type: ignore[no-untyped-def]
     length = _body_length(_settings().max_upload_bytes)
     _room_for(length)
-    size = _workdir().store.put_delta(sha, request.stream, length, _find_content)
+    _, size = _workdir().store.put_delta(sha, request.stream, length, _find_content)
+    return jsonify({"sha256": sha, "size": size, "complete": True}), 201
+
+
+class _ChunkedInput:
+    """A chunked body as the server passes it on: a body cut off or badly chunked (the
+    master stopped mid-stream) is the server's own exception (gunicorn's NoMoreData, an
+    OSError); here it becomes a 400, not a 500 with a traceback in the log."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        return self._guarded(self._stream.read, size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._guarded(self._stream.readline, size)
+
+    @staticmethod
+    def _guarded(method: Any, size: int) -> bytes:
+        try:
+            return method(size)
+        except OSError as exc:
+            raise BadRequest(f"the streamed body broke off ({exc.__class__.__name__}); nothing "
+                             "was kept") from None
+
+
+@bp.post("/delta")
+def post_delta_stream():  # type: ignore[no-untyped-def]
+    """A delta streamed while the master still reads the file (app/core/delta.py)."""
+    if _signed_content() is not None:
+        raise Unauthorized("a streamed delta carries no signable digest; a signing master sends "
+                           "POST delta/<sha256>")
+    length = request.content_length  # a server that de-chunks first (waitress) counts it
+    if length is None and not request.environ.get("wsgi.input_terminated"):
+        raise LengthRequired("this web server does not pass chunked request bodies on; the master "
+                             "sends the delta with a length instead")
+    if length is not None:
+        _body_length(_settings().max_upload_bytes)
+    sha, size = _workdir().store.put_delta(None, _ChunkedInput(request.stream), None,  # type: ignore[arg-type]
+                                           _find_content)
     return jsonify({"sha256": sha, "size": size, "complete": True}), 201
 
 

@@ -8,6 +8,7 @@ unreadable to any other account.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shlex
@@ -241,6 +242,18 @@ Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
         report = publish_owned_by(master, secondary, world["user"], httpd.log)
         # the rebuilt file went as a delta: about the changed chunk, not the whole 6 MiB
         assert report["secondaries"][0]["bytes_sent"] < 1024 * 1024, report
+
+        # a streamed delta (chunked, as the master sends one during its scan) reaches the app
+        # through mod_wsgi (WSGIChunkedRequest On) and rebuilds: here, a copy of the file itself
+        content = big.read_bytes()
+        sha = hashlib.sha256(content).hexdigest()
+        body = [f'{{"size": {len(content)}, "bases": [{{"sha256": "{sha}", "path": '
+                f'"indexes/orthos-2024.idx"}}]}}\n'.encode(), f"C 0 0 {len(content)}\n".encode(),
+                f"E {sha}\n".encode()]
+        streamed = session_from("127.0.0.1").post(f"http://127.0.0.1:{port}{PREFIX}/delta",
+                                                  data=iter(body), timeout=30)
+        assert streamed.status_code == 201, streamed.text
+        assert streamed.json()["sha256"] == sha
     finally:
         httpd.stop()
 

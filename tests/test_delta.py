@@ -6,14 +6,24 @@ says were sent; never timings.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import time
+from pathlib import Path
 
 import requests
 
+from agent.demo import make_install
+from agent.fleet import master_hash_cache, master_identity
+from agent.push import Opening, ScanNews
+from app import create_app
 from app.core.delta import CHUNK_SIZE, DELTA_MIN
-from conftest import session_from, set_files
+from app.core.express import select_secondaries
+from app.core.manifest import scan
+from app.core.settings import load_settings
+from conftest import VERSION, session_from, set_files
 
 MiB = 1024 * 1024
 BIG = DELTA_MIN + 2 * MiB + 1234   # not a whole number of chunks
@@ -104,16 +114,19 @@ def test_full_sends_every_byte_without_deltas(fleet):
                                if p.is_file() and ".esmirror" not in p.parts)
 
 
+def _big_file_published(f) -> tuple[str, bytes, str, Path]:
+    """A large file on master and secondary: (receiver URL, its bytes, its sha256, the blob store)."""
+    data = os.urandom(BIG)
+    (f.master.data_dir / "indexes" / "big.idx").write_bytes(data)
+    publish_ok(f)
+    return (f.receivers[0].url, data, hashlib.sha256(data).hexdigest(),
+            f.secondaries[0].data_dir / ".esmirror" / "blobs")
+
+
 def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
     """Bad or lying delta bodies are refused (400/409), never a 500, and store nothing."""
     f = fleet(1, secondary_ini={"allow_admin": "127.0.0.9"})  # chunks/delta are push routes
-    big = f.master.data_dir / "indexes" / "big.idx"
-    data = os.urandom(BIG)
-    big.write_bytes(data)
-    publish_ok(f)
-    url = f.receivers[0].url
-    here = hashlib.sha256(data).hexdigest()
-    blobs = f.secondaries[0].data_dir / ".esmirror" / "blobs"
+    url, data, here, blobs = _big_file_published(f)
 
     chunks = requests.get(f"{url}/chunks/{here}", params={"path": "indexes/big.idx"}, timeout=30)
     assert chunks.status_code == 200, chunks.text
@@ -216,6 +229,103 @@ def test_a_rebuild_hashes_on_a_second_thread_and_always_ends_it(tmp_path):
         assert not [t for t in threading.enumerate()
                     if t.name in ("esmirror-hash", "esmirror-write")], name
     good = head + b"L 101\n" + new[:101] + f"C 0 101 {len(new) - 101}\n".encode()
-    assert store.put_delta(target, io.BytesIO(good), len(good), lambda sha, rel: base) == len(new)
+    assert store.put_delta(target, io.BytesIO(good), len(good), lambda sha, rel: base) == (target, len(new))
     assert store.path(target).read_bytes() == new
     assert not [t for t in threading.enumerate() if t.name in ("esmirror-hash", "esmirror-write")]
+
+
+def _settled(path) -> None:
+    """Date a file back so the master's hash cache keeps its hash (it skips files written
+    in the last seconds): a later change is then a change of known content."""
+    old = time.time() - 60
+    os.utime(path, (old, old))
+
+
+def test_a_changed_large_file_goes_ahead_as_a_stream_while_the_master_reads_it(fleet):
+    """gunicorn passes a chunked body on as it comes: the secondary rebuilds the file
+    while the master's scan is still reading it, and the push sends only the rest."""
+    f = fleet(1, server="gunicorn")
+    big = f.master.data_dir / "indexes" / "big.idx"
+    big.write_bytes(os.urandom(BIG))
+    _settled(big)
+    publish_ok(f)
+    with open(big, "r+b") as fh:
+        fh.seek(5 * CHUNK_SIZE + 10)
+        fh.write(os.urandom(100))
+    content = big.read_bytes()
+    sha = hashlib.sha256(content).hexdigest()
+
+    # the publish's own steps: an opening per secondary hears of the file as the scan reads it
+    settings = load_settings(f.master.root)
+    (secondary,) = select_secondaries(settings)
+    news = ScanNews()
+    opening = Opening(secondary, settings, news, master_identity(settings))
+    try:
+        scanned = scan(settings.data_dir, master_hash_cache(settings, news.reading_files))
+        news.done()
+        ahead = opening.sent_ahead()
+    finally:
+        news.done()
+        opening.close()
+    assert scanned.manifest.files["indexes/big.idx"].sha256 == sha
+    assert sha in ahead and ahead[sha] <= CHUNK_SIZE + SLACK, ahead
+    assert (f.secondaries[0].data_dir / ".esmirror" / "blobs" / sha).read_bytes() == content
+
+    # a publish after one more change: against the secondary's live copy, both changed chunks
+    with open(big, "r+b") as fh:
+        fh.seek(9 * CHUNK_SIZE)
+        fh.write(os.urandom(100))
+    assert sent(publish_ok(f)) <= 2 * CHUNK_SIZE + SLACK
+
+
+def test_the_streamed_delta_route_keeps_only_a_file_that_hashes_to_its_last_line(fleet, tmp_path):
+    f = fleet(1, server="gunicorn")
+    url, data, here, blobs = _big_file_published(f)
+    new = data[:100] + b"X" + data[101:]
+    target = hashlib.sha256(new).hexdigest()
+    head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "indexes/big.idx"}]}\n'
+            % (len(new), here)).encode()
+    frames = b"L 101\n" + new[:101] + f"C 0 101 {len(new) - 101}\n".encode()
+
+    def chunked(body: bytes):
+        return iter([body[i:i + 65536] for i in range(0, len(body), 65536)])  # no length: chunked
+
+    cases = {
+        "names another hash": (head + frames + b"E " + here.encode() + b"\n", 400),
+        "no last line": (head + frames, 400),
+        "bytes after the last line": (head + frames + b"E " + target.encode() + b"\nmore", 400),
+        "a frame of no bytes": (head + b"C 0 0 0\n" * 50, 400),
+        "literal past the file": (head + f"L {len(new) + 1}\n".encode() + b"x", 400),
+    }
+    for name, (body, status) in cases.items():
+        answer = requests.post(f"{url}/delta", data=chunked(body), timeout=30)
+        assert answer.status_code == status, (name, answer.status_code, answer.text)
+        assert "error" in answer.json(), name
+        assert not (blobs / target).exists(), name
+
+    def broken_off():  # the master stops mid-stream (its publish was stopped)
+        yield head + b"L 101\n" + new[:50]
+        raise OSError("stopped")
+
+    try:
+        requests.post(f"{url}/delta", data=broken_off(), timeout=30)
+    except requests.ConnectionError:
+        pass
+    answer = requests.post(f"{url}/delta", data=chunked(head + frames + b"E " + target.encode() + b"\n"),
+                           timeout=30)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["sha256"] == target
+    assert (blobs / target).read_bytes() == new
+    assert not list((blobs.parent / "tmp").iterdir())  # the broken-off body left nothing behind
+    assert "Traceback" not in (tmp_path / "secondary1.log").read_text()
+
+
+def test_a_server_that_does_not_pass_chunked_bodies_gets_411_and_the_master_sends_a_length(tmp_path):
+    install = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    client = create_app(load_settings(install.root)).test_client()
+    # a body without a length, from a server that does not say where it ends (wsgiref, say)
+    answer = client.post("/delta", input_stream=io.BytesIO(b"{}\n"),
+                         headers={"Transfer-Encoding": "chunked"}, environ_base={"REMOTE_ADDR": "127.0.0.1"},
+                         environ_overrides={"wsgi.input_terminated": False})
+    assert answer.status_code == 411, answer.text
+    assert "chunked" in answer.json["error"]

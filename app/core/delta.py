@@ -18,11 +18,20 @@ Body of ``POST delta/<sha256>`` (``Content-Type: application/x-esmirror-delta``)
 * frames until ``size`` bytes are described, in file order:
   ``C <base index> <offset> <length>\\n`` copies bytes of a base;
   ``L <length>\\n`` is followed by that many literal bytes.
+
+``POST delta`` (no name) is the same body *streamed* while the master is still
+reading the file (chunked transfer encoding, so no Content-Length): the master
+sends frames as its scan hashes each chunk, so the secondary rebuilds while the
+master reads instead of after. The file's SHA-256 is known only at the end, so
+the body ends with ``E <sha256>\\n`` and the rebuilt file is kept under that name
+only if it hashes to it. A server that cannot pass chunked bodies answers 411 and
+the master sends the delta the ordinary way.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
-from .manifest import SHA256_RE, BackgroundHash, hash_chunks, path_problem
+from .manifest import SHA256_RE, BackgroundHash, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
     from .store import BlobWriter
@@ -42,6 +51,8 @@ MAX_BASES = 4
 CACHE_ENTRIES = 256               # chunk lists kept on a secondary, newest first
 READ_BLOCK = 1024 * 1024
 _FRAME_RE = re.compile(rb"^(?:C (\d{1,4}) (\d{1,20}) (\d{1,20})|L (\d{1,20}))\n$")
+_END_RE = re.compile(rb"^E ([0-9a-f]{64})\n$")
+FOLLOW_TIMEOUT = 60.0             # a streamed delta gives up when the master's scan stalls this long
 
 
 class ChunkIndex:
@@ -210,6 +221,51 @@ def body_blocks(path: Path, size: int, bases: list[Base], ops: list[Copy | Liter
                     left -= len(data)
 
 
+def stream_blocks(feed: "ChunkFeed", base: Base, stop: Callable[[], bool]) -> Iterator[bytes]:
+    """The body of ``POST delta``, made while the scan reads the file (``feed``): a copy of
+    each chunk ``base`` holds, the bytes of the others, and at the end the file's sha256.
+
+    Literal bytes are read again from the file (from the page cache: the scan just
+    read them); if the file changes meanwhile, the secondary's check of the whole
+    file refuses the result. ``stop()`` true aborts the body (the publish stopped).
+    """
+    yield header(feed.size, [base])
+    where: dict[str, int] = {}
+    for n, digest in enumerate(base.chunks):
+        where.setdefault(digest, n * base.chunk_size)
+    run: Copy | None = None   # copies are merged while they continue each other
+    with open(feed.path, "rb") as fh:
+        for n, digest in enumerate(feed.follow(FOLLOW_TIMEOUT)):
+            if stop():
+                raise OSError(f"the publish stopped while sending {feed.rel}")
+            offset = n * base.chunk_size
+            length = min(base.chunk_size, feed.size - offset)
+            if length <= 0:
+                raise OSError(f"{feed.rel} grew while being read")
+            same = n < len(base.chunks) and base.chunks[n] == digest
+            source = offset if same else where.get(digest)
+            if source is not None:
+                if run is not None and run.offset + run.length == source:
+                    run = Copy(0, run.offset, run.length + length)
+                    continue
+                if run is not None:
+                    yield frame_header(run)
+                run = Copy(0, source, length)
+                continue
+            if run is not None:
+                yield frame_header(run)
+                run = None
+            data = os.pread(fh.fileno(), length, offset)
+            if len(data) != length:
+                raise OSError(f"{feed.rel} shrank while being read")
+            yield frame_header(Literal(offset, length)) + data
+    if run is not None:
+        yield frame_header(run)
+    if feed.sha is None:
+        raise OSError(f"reading {feed.rel} failed")
+    yield f"E {feed.sha}\n".encode()
+
+
 # --- the secondary's side ----------------------------------------------------------
 
 def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, str]], int]:
@@ -288,21 +344,23 @@ class _OutputChunks:
         return self.chunks
 
 
-def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out: "BlobWriter",
+def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryIO], out: "BlobWriter",
             hasher: "hashlib._Hash | BackgroundHash", consumed: int,
             base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
     """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
 
-    ``consumed`` bytes of the body (the header) were read already. Every frame is
-    bounds-checked; the caller verifies the whole-file hash. Returns the new file's
-    chunk list when it could be worked out for free (see _OutputChunks).
+    ``consumed`` bytes of the body (the header) were read already; ``length`` is None
+    for a streamed body, which its frames bound (each describes at least one byte of
+    the file; see read_end). Every frame is bounds-checked; the caller verifies the
+    whole-file hash. Returns the new file's chunk list when it could be worked out
+    for free (see _OutputChunks).
     """
     sizes = [os.fstat(b.fileno()).st_size for b in bases]
     listing = _OutputChunks(size, base_chunks or [None] * len(bases), sizes)
-    remaining = length - consumed
+    remaining: float = length - consumed if length is not None else math.inf
     written = 0
     while written < size:
-        line = stream.readline(min(64, remaining))
+        line = stream.readline(int(min(64, remaining)))
         remaining -= len(line)
         match = _FRAME_RE.match(line)
         if not match:
@@ -310,6 +368,8 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
                              "'C <base> <offset> <length>\\n' or 'L <length>\\n'")
         if match.group(4) is not None:
             count = int(match.group(4))
+            if not count:
+                raise BadRequest(f"delta frame at byte {written} of the file describes no bytes")
             if count > remaining or written + count > size:
                 raise BadRequest(f"delta literal of {count} bytes runs past the body or the file")
             listing.start_literal(written)
@@ -318,6 +378,8 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
             remaining -= count
         else:
             index, offset, count = int(match.group(1)), int(match.group(2)), int(match.group(3))
+            if not count:
+                raise BadRequest(f"delta frame at byte {written} of the file describes no bytes")
             if index >= len(bases) or written + count > size:
                 raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
             src = bases[index]
@@ -325,9 +387,19 @@ def rebuild(stream: BinaryIO, length: int, size: int, bases: list[BinaryIO], out
             _pump(src.read, out, count, hasher)
             listing.copy(written, index, offset, count)
         written += count
-    if remaining:
+    if length is not None and remaining:
         raise BadRequest(f"{remaining} bytes follow the last delta frame")
     return listing.result()
+
+
+def read_end(stream: BinaryIO) -> str:
+    """The sha256 a streamed delta ends with (``E <sha256>\\n``), after which the body must end."""
+    match = _END_RE.match(stream.readline(80))
+    if not match:
+        raise BadRequest("a streamed delta ends, after its last frame, with 'E <sha256>\\n'")
+    if stream.read(1):
+        raise BadRequest("bytes follow the end of a streamed delta")
+    return match.group(1).decode()
 
 
 def _pump(read: Callable[[int], bytes], out: "BlobWriter", count: int,

@@ -262,18 +262,70 @@ class BackgroundHash:
         self._finish()
 
 
-def hash_chunks(path: str | Path, chunk_size: int) -> tuple[str, list[str]]:
+class ChunkFeed:
+    """The chunk hashes of one large file while a scan works them out, for another thread
+    to act on as they come (the master's early delta, agent/push.py) instead of after
+    the whole scan. Followers never slow the scan: it only appends and notifies.
+    """
+
+    def __init__(self, rel: str, path: str, size: int, chunk_size: int, previous_sha: str) -> None:
+        self.rel, self.path, self.size, self.chunk_size = rel, path, size, chunk_size
+        self.previous_sha = previous_sha  # the content the scan saw last time, likely on the secondaries
+        self.chunks: list[str] = []
+        self.sha: str | None = None       # the whole file's, once read to the end
+        self.ended = False
+        self._cond = threading.Condition()
+
+    def add(self, digests: list[str]) -> None:
+        with self._cond:
+            self.chunks += digests
+            self._cond.notify_all()
+
+    def end(self, sha: str | None) -> None:
+        """The file was read (``sha``), or reading it failed (None)."""
+        with self._cond:
+            self.sha, self.ended = sha, True
+            self._cond.notify_all()
+
+    def follow(self, timeout: float) -> Iterator[str]:
+        """Each chunk's hash in order, waiting for the scan; stops at the end of the file.
+
+        Raises TimeoutError when the scan stalls for ``timeout`` seconds.
+        """
+        n = 0
+        while True:
+            with self._cond:
+                if n == len(self.chunks) and not self.ended and \
+                        not self._cond.wait_for(lambda: n < len(self.chunks) or self.ended, timeout):
+                    raise TimeoutError(f"the scan of {self.rel} stalled")
+                ready, ended = self.chunks[n:], self.ended
+            yield from ready
+            n += len(ready)
+            if ended and n == len(self.chunks):
+                return
+
+
+def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None) -> tuple[str, list[str]]:
     """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk) in one read.
 
     The whole-file hash runs on a second thread while this one hashes the chunks, so
-    on two cores both cost about what one does.
+    on two cores both cost about what one does. ``feed`` hears of each block's chunks.
     """
     chunks: list[str] = []
-    with open(path, "rb") as fh, BackgroundHash() as whole:
-        while block := fh.read(chunk_size * 4):
-            whole.update(block)
-            chunks += _chunk_digests(block, chunk_size)
-        return whole.hexdigest(), chunks
+    sha = None
+    try:
+        with open(path, "rb") as fh, BackgroundHash() as whole:
+            while block := fh.read(chunk_size * 4):
+                whole.update(block)
+                digests = _chunk_digests(block, chunk_size)
+                chunks += digests
+                if feed is not None:
+                    feed.add(digests)
+            sha = whole.hexdigest()
+            return sha, chunks
+    finally:
+        if feed is not None:
+            feed.end(sha)
 
 
 class HashCache:
@@ -282,11 +334,13 @@ class HashCache:
     With ``chunked = (min_size, chunk_size)``, a file of at least ``min_size`` that has
     to be read anyway gets its chunk hashes in the same pass (kept in ``chunk_lists``,
     in memory): the sub-file delta of a changed large file then needs no second read.
-    ``on_read`` is called before each file it has to read (someone waiting for news).
+    ``on_read`` is called before each file it has to read (someone waiting for news),
+    with a :class:`ChunkFeed` when that file is a large one whose earlier content the
+    cache knew.
     """
 
     def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None,
-                 on_read: Callable[[], object] | None = None) -> None:
+                 on_read: Callable[[ChunkFeed | None], object] | None = None) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}
         self.dirty = False
@@ -306,10 +360,13 @@ class HashCache:
         cached = self.entries.get(rel)
         if cached and cached[:4] == key:
             return cached[4]
+        feed = None
+        if self.chunked and st.st_size >= self.chunked[0] and cached and len(cached) == 5:
+            feed = ChunkFeed(rel, str(full), st.st_size, self.chunked[1], str(cached[4]))
         if self.on_read is not None:
-            self.on_read()
+            self.on_read(feed)
         if self.chunked and st.st_size >= self.chunked[0]:
-            sha, chunks = hash_chunks(full, self.chunked[1])
+            sha, chunks = hash_chunks(full, self.chunked[1], feed)
             self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
         else:
             sha = hash_file(full)

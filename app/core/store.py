@@ -343,22 +343,24 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
         return length
 
-    def put_delta(self, sha: str, stream: BinaryIO, length: int,
-                  find_base: Callable[[str, str], Path | None]) -> int:
+    def put_delta(self, sha: str | None, stream: BinaryIO, length: int | None,
+                  find_base: Callable[[str, str], Path | None]) -> tuple[str, int]:
         """Rebuild a large blob from a delta body (app/core/delta.py) and this server's own copies.
 
         ``find_base(sha256, path)`` locates a base here. Kept only if every byte written
-        hashes to ``sha``, like any blob. Returns the file's size.
+        hashes to ``sha``, like any blob. A streamed delta (``length`` None) names no
+        ``sha`` up front: its body ends with it. Returns the blob's sha256 and size.
         """
         from . import delta
 
-        check_sha(sha)
+        if sha is not None:
+            check_sha(sha)
         size, wanted, consumed = delta.read_header(stream.readline)
         index = delta.ChunkIndex(self.blobs.parent)
         bases: list[BinaryIO] = []
-        tmp = self._tmp_file(sha[:16])
+        tmp = self._tmp_file(sha[:16] if sha else "delta")
         from .apply import check_room  # (apply imports this module)
-        check_room(self.tmp, size, f"rebuilding {sha[:12]}… from a delta")  # the body is far smaller
+        check_room(self.tmp, size, f"rebuilding {(sha or 'a file')[:12]}… from a delta")  # the body is far smaller
         try:
             for base_sha, rel in wanted:
                 found = find_base(base_sha, rel)
@@ -369,6 +371,8 @@ class BlobStore:
             with BlobWriter(tmp, size) as out, BackgroundHash() as hasher:
                 chunks = delta.rebuild(stream, length, size, bases, out, hasher, consumed,
                                        [index.cached(b) for b, _ in wanted])
+                if sha is None:
+                    sha = delta.read_end(stream)
                 _verify(hasher, sha, size)
                 if chunks is not None:  # the next delta of this file needs no re-read here
                     index.save(sha, chunks)
@@ -381,7 +385,7 @@ class BlobStore:
             for fh in bases:
                 fh.close()
             tmp.unlink(missing_ok=True)
-        return size
+        return sha, size
 
     def _no_room(self, exc: OSError, length: int) -> OSError | NoRoom:
         """A full disk while storing is a 507 with the numbers; other I/O errors stay as they are."""
