@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from app.core.apply import prune_empty_dirs
 from app.core.catalogs import validate_catalogs
 from app.core.errors import ConfigError, InvalidSet
 from app.core.express import read_mirrors
@@ -213,3 +214,15 @@ def test_large_blobs_bypass_the_page_cache_and_keep_every_byte(tmp_path):
     finally:
         for place in places[1:]:
             shutil.rmtree(place, ignore_errors=True)
+
+
+def test_folders_left_empty_go_nested_ones_too_but_never_inside_archive_or_state(tmp_path):
+    for folder in ("a/b/c", "keep/empty", "archive/x/empty", ".esmirror/tmp", "Archive/y"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "keep" / "catalog.idx").write_bytes(b"x")
+    prune_empty_dirs(tmp_path, ("archive", ".esmirror"))
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "keep" / "empty").exists() and (tmp_path / "keep" / "catalog.idx").exists()
+    # esmirror's own folders (any case on a case-blind disk) are not the set's to prune
+    assert (tmp_path / "archive" / "x" / "empty").is_dir() and (tmp_path / ".esmirror" / "tmp").is_dir()
+    assert (tmp_path / "Archive" / "y").is_dir()

@@ -172,6 +172,14 @@ def test_delta_signed_for_another_name_is_refused(published):
     assert "sha256 in its name" in answer.json()["error"]
 
 
+def test_a_streamed_delta_is_refused_when_signing_is_on(published):
+    """A stream's sha256 comes at its end, so there is no digest to sign up front."""
+    _, url, _ = published
+    answer = send(url, "POST", "delta", b"whatever")
+    assert answer.status_code == 401, answer.text
+    assert "streamed delta" in answer.json()["error"]
+
+
 @pytest.mark.parametrize("offset", [-3600, -301, 301, 86400])
 def test_timestamp_outside_the_window_is_refused(published, offset):
     _, url, secondary = published

@@ -213,15 +213,16 @@ def _remove_empty_tree(folder: Path) -> None:
 
 def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
     """Folders left empty in the working directory are removed (SPEC §2)."""
-    for folder, dirs, files in os.walk(root, topdown=False):
-        path = Path(folder)
-        if path == root:
-            continue
-        rel_top = path.relative_to(root).parts[0]
-        if rel_top.casefold() in skip_top:
-            continue
+    folders = []
+    for folder, dirs, _ in os.walk(root):
+        if folder == str(root):
+            # never walked: the archive and the state dir can hold far more files than the set
+            dirs[:] = [d for d in dirs if d.casefold() not in skip_top]
+        else:
+            folders.append(folder)
+    for folder in reversed(folders):  # deepest first, so a parent left empty goes too
         try:
-            path.rmdir()
+            os.rmdir(folder)
         except OSError:
             pass  # not empty
 

@@ -108,11 +108,14 @@ _ENTRY_KEYS = {"path", "sha256", "size"}
 
 @dataclass
 class Manifest:
-    """path → :class:`FileEntry`; knows its digest and how it differs from another."""
+    """path → :class:`FileEntry`; knows its digest and how it differs from another.
+
+    Built whole and never changed afterwards: its digest is worked out once.
+    """
 
     files: dict[str, FileEntry] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
         for path in sorted(self.files, key=lambda p: p.encode("utf-8")):
