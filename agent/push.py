@@ -146,13 +146,17 @@ class Opening:
             for feed in self.news.large_files():
                 if self.closed:
                     return
-                check_peer(secondary, self.browsed.result(), mine)
+                try:
+                    check_peer(secondary, self.browsed.result(), mine)
+                except Exception:  # unreachable or refused: push() reports it
+                    return
                 client = client or SecondaryClient(secondary, settings)
-                sent = _stream_delta(client, feed, lambda: self.closed)
+                try:
+                    sent = _stream_delta(client, feed, lambda: self.closed)
+                except Exception:  # a head start only: push() sends whatever did not arrive
+                    continue
                 if sent is not None:
                     self._ahead[sent[0]] = sent[1]
-        except Exception:  # a head start only: push() sends whatever did not arrive, and reports
-            pass
         finally:
             if client is not None:
                 client.close()
