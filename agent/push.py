@@ -377,11 +377,14 @@ def _stream_delta(client: SecondaryClient, feed: ChunkFeed,
     if not isinstance(listing, list) or chunk_size != feed.chunk_size:
         return None
     base = delta.Base(feed.previous_sha, feed.rel, tuple(map(str, listing)), chunk_size)
+    digests = delta.first_difference(feed, base)
+    if digests is None:  # rewritten with the same bytes: nothing to send
+        return None
     sent = 0
 
     def counted() -> Iterator[bytes]:
         nonlocal sent
-        for block in delta.stream_blocks(feed, base, stop):
+        for block in delta.stream_blocks(feed, base, digests, stop):
             sent += len(block)
             yield block
 

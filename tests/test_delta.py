@@ -19,9 +19,9 @@ from agent.demo import make_install
 from agent.fleet import master_hash_cache, master_identity
 from agent.push import Opening, ScanNews
 from app import create_app
-from app.core.delta import CHUNK_SIZE, DELTA_MIN
+from app.core.delta import CHUNK_SIZE, DELTA_MIN, Base, first_difference
 from app.core.express import select_secondaries
-from app.core.manifest import scan
+from app.core.manifest import ChunkFeed, HashCache, hash_chunks, scan
 from app.core.settings import load_settings
 from conftest import VERSION, session_from, set_files
 
@@ -329,3 +329,44 @@ def test_a_server_that_does_not_pass_chunked_bodies_gets_411_and_the_master_send
                          environ_overrides={"wsgi.input_terminated": False})
     assert answer.status_code == 411, answer.text
     assert "chunked" in answer.json["error"]
+
+
+def hash_chunks_of(path, content: bytes):
+    path.write_bytes(content)
+    return hash_chunks(path, CHUNK_SIZE)
+
+
+def test_a_stream_starts_only_at_the_first_chunk_that_differs_from_the_base(tmp_path):
+    old = os.urandom(10 * CHUNK_SIZE + 5)
+    path = tmp_path / "big.idx"
+    old_sha, old_chunks = hash_chunks_of(path, old)
+    base = Base(old_sha, "big.idx", tuple(old_chunks), CHUNK_SIZE)
+
+    def follow(content: bytes):
+        feed = ChunkFeed("big.idx", str(path), len(content), CHUNK_SIZE, old_sha)
+        path.write_bytes(content)
+        hash_chunks(path, CHUNK_SIZE, feed)  # as the scan would, before anyone follows
+        return first_difference(feed, base)
+
+    assert follow(old) is None  # rewritten with the same bytes: nothing to send
+    changed = old[:4 * CHUNK_SIZE] + b"x" + old[4 * CHUNK_SIZE + 1:]
+    assert list(follow(changed)) == hash_chunks_of(path, changed)[1]  # every chunk, from the first
+    cut = old[:6 * CHUNK_SIZE]
+    assert list(follow(cut)) == old_chunks[:6]
+
+
+def test_a_racy_file_is_read_again_but_its_content_is_the_base_of_the_next_delta(tmp_path):
+    """The hash cache never trusts a file modified within RACY_SECONDS, yet its hash is the
+    file's latest content: what the secondaries got, so the next delta's base."""
+    data = tmp_path / "data"
+    data.mkdir()
+    big = data / "big.idx"
+    big.write_bytes(os.urandom(DELTA_MIN))   # just written: racy
+    feeds = []
+    cache_file = tmp_path / "hashcache.json"
+    first = scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE), feeds.append)).manifest
+    big.write_bytes(os.urandom(DELTA_MIN))   # changed again, as racy
+    second = scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE), feeds.append)).manifest
+    assert feeds[0] is None  # never seen before: no base
+    assert feeds[1] is not None and feeds[1].previous_sha == first.files["big.idx"].sha256
+    assert second.files["big.idx"].sha256 == hashlib.sha256(big.read_bytes()).hexdigest()

@@ -30,6 +30,7 @@ the master sends the delta the ordinary way.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -221,9 +222,26 @@ def body_blocks(path: Path, size: int, bases: list[Base], ops: list[Copy | Liter
                     left -= len(data)
 
 
-def stream_blocks(feed: "ChunkFeed", base: Base, stop: Callable[[], bool]) -> Iterator[bytes]:
-    """The body of ``POST delta``, made while the scan reads the file (``feed``): a copy of
-    each chunk ``base`` holds, the bytes of the others, and at the end the file's sha256.
+def first_difference(feed: ChunkFeed, base: Base) -> Iterator[str] | None:
+    """Follow the scan of ``feed`` until a chunk differs from ``base`` (a stream is worth
+    starting); then every chunk hash, from the first. None when the file turns out to
+    hold exactly the base's content: nothing to send."""
+    seen: list[str] = []
+    digests = feed.follow(FOLLOW_TIMEOUT)
+    for digest in digests:
+        seen.append(digest)
+        if len(seen) > len(base.chunks) or base.chunks[len(seen) - 1] != digest:
+            return itertools.chain(seen, digests)
+    if len(seen) == len(base.chunks):
+        return None  # every chunk the same, the last one too, so the same length
+    return iter(seen)  # the base's first chunks only: the file was cut short
+
+
+def stream_blocks(feed: ChunkFeed, base: Base, digests: Iterator[str],
+                  stop: Callable[[], bool]) -> Iterator[bytes]:
+    """The body of ``POST delta``, made while the scan reads the file (``feed``, whose chunk
+    hashes come in ``digests``): a copy of each chunk ``base`` holds, the bytes of the
+    others, and at the end the file's sha256.
 
     Literal bytes are read again from the file (from the page cache: the scan just
     read them); if the file changes meanwhile, the secondary's check of the whole
@@ -235,7 +253,7 @@ def stream_blocks(feed: "ChunkFeed", base: Base, stop: Callable[[], bool]) -> It
         where.setdefault(digest, n * base.chunk_size)
     run: Copy | None = None   # copies are merged while they continue each other
     with open(feed.path, "rb") as fh:
-        for n, digest in enumerate(feed.follow(FOLLOW_TIMEOUT)):
+        for n, digest in enumerate(digests):
             if stop():
                 raise OSError(f"the publish stopped while sending {feed.rel}")
             offset = n * base.chunk_size

@@ -31,6 +31,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A file modified this close to a scan may change again within the filesystem's
 # timestamp granularity without its mtime moving: never trust the cache for it.
 RACY_SECONDS = 2.0
+UNTRUSTED_KEY = [-1, -1, -1, -1]
 
 
 _BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\]')
@@ -373,9 +374,10 @@ class HashCache:
             self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
         else:
             sha = hash_file(full)
-        if time.time() - st.st_mtime > RACY_SECONDS:
-            self.entries[rel] = key + [sha]
-            self.dirty = True
+        # a racy file's hash is kept under a key no stat matches: read again next time, but
+        # its content is known as the file's latest (the base of its next delta)
+        self.entries[rel] = (key if time.time() - st.st_mtime > RACY_SECONDS else UNTRUSTED_KEY) + [sha]
+        self.dirty = True
         return sha
 
     def save(self, keep: Iterable[str]) -> None:
