@@ -10,6 +10,7 @@ debris, and the next publish must bring all three in sync.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.demo import SAMPLE_CATALOGS
+from app.core.store import BlobWriter
 from conftest import set_files
 
 MIB = 1024 * 1024
@@ -306,3 +308,18 @@ def test_gunicorn_worker_killed_mid_commit_is_recovered_by_the_next_request(flee
         assert rc == 0, (point, out)
         assert set_files(secondary.data_dir) == _digests(new)
         current = new
+
+
+def test_a_direct_write_cut_short_by_a_full_disk_ends_as_no_room_not_as_an_io_error(tmpfs, tmp_path):
+    """A write the disk can only take part of returns short; the next one says ENOSPC (the
+    upload's 507). Treating the short write itself as an error made it a 500."""
+    disk = tmp_path / "disk"
+    tmpfs(disk, "4m")
+    with open(disk / "filler", "wb") as fh:
+        fh.write(b"\0" * (2 * MIB + MIB // 2))  # 1.5 MiB left: the second 1 MiB write is cut short
+    with pytest.raises(OSError) as raised:
+        with BlobWriter(disk / "blob", 8 * MIB) as out:
+            for _ in range(8):
+                out.write(os.urandom(MIB))
+            out.finish()
+    assert raised.value.errno == errno.ENOSPC, raised.value

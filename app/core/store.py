@@ -186,18 +186,27 @@ class BlobWriter:
                 self._free.put(buffer)
 
     def _write(self, buffer: mmap.mmap, length: int) -> None:
+        view = memoryview(buffer)[:length]
+        while view:
+            # a write cut short (the disk filled up meanwhile) goes on: the next one says why
+            # (ENOSPC: the upload's 507)
+            written = self._write_some(view)
+            if written <= 0:
+                raise OSError(errno.EIO, f"a write to a new blob wrote nothing ({len(view)} bytes left)")
+            view = view[written:]
+
+    def _write_some(self, view: memoryview) -> int:
         try:
-            written = os.write(self.fd, memoryview(buffer)[:length])
+            return os.write(self.fd, view)
         except OSError as exc:
             if not (self._odirect and exc.errno == errno.EINVAL):
                 raise
-            # the device wants a larger alignment than ours: the page cache after all
+            # the device wants a larger alignment than ours (or a short write left the rest
+            # unaligned): the page cache after all
             import fcntl
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
             self._odirect = False
-            written = os.write(self.fd, memoryview(buffer)[:length])
-        if written != length:
-            raise OSError(errno.EIO, f"short write to a new blob ({written} of {length} bytes)")
+            return os.write(self.fd, view)
 
     def _stop(self) -> None:
         if self._thread is not None:
