@@ -52,6 +52,7 @@ class PushResult:
     error: str | None = None
     bytes_sent: int = 0
     files_sent: int = 0
+    files_ahead: int = 0    # of files_sent: large files streamed while the master was scanning
     generation: int | None = None
     digest: str | None = None
     archive_id: str | None = None
@@ -245,6 +246,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
                 if sha in want.hashes() and sha not in have:
                     have.add(sha)
                     result.files_sent += 1
+                    result.files_ahead += 1
                     result.bytes_sent += size
         if dry_run:
             todo = _to_send(want, have)

@@ -278,6 +278,21 @@ def test_a_changed_large_file_goes_ahead_as_a_stream_while_the_master_reads_it(f
     assert sent(publish_ok(f)) <= 2 * CHUNK_SIZE + SLACK
 
 
+def test_a_publish_streams_a_changed_large_file_ahead_under_either_server(fleet):
+    for server in ("gunicorn", "waitress"):  # waitress de-chunks the body before the app sees it
+        f = fleet(1, server=server)
+        big = f.master.data_dir / "indexes" / "big.idx"
+        big.write_bytes(os.urandom(BIG))
+        _settled(big)
+        publish_ok(f)
+        with open(big, "r+b") as fh:
+            fh.seek(2 * CHUNK_SIZE + 1)
+            fh.write(os.urandom(100))
+        (only,) = publish_ok(f)["secondaries"]
+        assert only["files_ahead"] == 1 and only["bytes_sent"] <= CHUNK_SIZE + SLACK, (server, only)
+        f.stop()
+
+
 def test_the_streamed_delta_route_keeps_only_a_file_that_hashes_to_its_last_line(fleet, tmp_path):
     f = fleet(1, server="gunicorn")
     url, data, here, blobs = _big_file_published(f)
