@@ -11,7 +11,7 @@ from app.core.apply import room_needed
 from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
-from app.core.manifest import ChunkFeed, Manifest
+from app.core.manifest import ChunkFeed, Growing, Manifest
 from app.core.settings import Settings
 
 from .client import Body, SecondaryClient
@@ -72,9 +72,7 @@ class ScanNews:
     def __init__(self) -> None:
         self._decided = threading.Event()
         self.reading = False
-        self._large: list[ChunkFeed] = []
-        self._over = False
-        self._changed = threading.Condition()
+        self._large: Growing[ChunkFeed] = Growing()
 
     def reading_files(self, feed: ChunkFeed | None = None) -> None:
         """A file changed since the last scan (it must be read): the set has likely changed.
@@ -82,27 +80,15 @@ class ScanNews:
         self.reading = True
         self._decided.set()
         if feed is not None:
-            with self._changed:
-                self._large.append(feed)
-                self._changed.notify_all()
+            self._large.add([feed])
 
     def done(self) -> None:
         self._decided.set()
-        with self._changed:
-            self._over = True
-            self._changed.notify_all()
+        self._large.close()
 
     def large_files(self) -> Iterator[ChunkFeed]:
         """Each changed large file as the scan starts reading it, until the scan is done."""
-        n = 0
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: n < len(self._large) or self._over)
-                ready, over = self._large[n:], self._over
-            yield from ready
-            n += len(ready)
-            if over and n == len(self._large):
-                return
+        return self._large.follow()
 
     def wait_changed(self) -> bool:
         """Wait for the first read or the end of the scan; True if files were being read."""
@@ -242,8 +228,9 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             remote = fetched if fetched is not None else client.manifest()
         have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         if opening is not None and not full and not dry_run:
+            wanted = want.hashes()
             for sha, size in opening.sent_ahead().items():
-                if sha in want.hashes() and sha not in have:
+                if sha in wanted and sha not in have:
                     have.add(sha)
                     result.files_sent += 1
                     result.files_ahead += 1

@@ -241,17 +241,23 @@ def _settled(path) -> None:
     os.utime(path, (old, old))
 
 
-def test_a_changed_large_file_goes_ahead_as_a_stream_while_the_master_reads_it(fleet):
-    """gunicorn passes a chunked body on as it comes: the secondary rebuilds the file
-    while the master's scan is still reading it, and the push sends only the rest."""
-    f = fleet(1, server="gunicorn")
+def _published_then_changed(f, at: int) -> Path:
+    """A large file, settled and published, then 100 bytes of it rewritten at ``at``."""
     big = f.master.data_dir / "indexes" / "big.idx"
     big.write_bytes(os.urandom(BIG))
     _settled(big)
     publish_ok(f)
     with open(big, "r+b") as fh:
-        fh.seek(5 * CHUNK_SIZE + 10)
+        fh.seek(at)
         fh.write(os.urandom(100))
+    return big
+
+
+def test_a_changed_large_file_goes_ahead_as_a_stream_while_the_master_reads_it(fleet):
+    """gunicorn passes a chunked body on as it comes: the secondary rebuilds the file
+    while the master's scan is still reading it, and the push sends only the rest."""
+    f = fleet(1, server="gunicorn")
+    big = _published_then_changed(f, 5 * CHUNK_SIZE + 10)
     content = big.read_bytes()
     sha = hashlib.sha256(content).hexdigest()
 
@@ -281,13 +287,7 @@ def test_a_changed_large_file_goes_ahead_as_a_stream_while_the_master_reads_it(f
 def test_a_publish_streams_a_changed_large_file_ahead_under_either_server(fleet):
     for server in ("gunicorn", "waitress"):  # waitress de-chunks the body before the app sees it
         f = fleet(1, server=server)
-        big = f.master.data_dir / "indexes" / "big.idx"
-        big.write_bytes(os.urandom(BIG))
-        _settled(big)
-        publish_ok(f)
-        with open(big, "r+b") as fh:
-            fh.seek(2 * CHUNK_SIZE + 1)
-            fh.write(os.urandom(100))
+        _published_then_changed(f, 2 * CHUNK_SIZE + 1)
         (only,) = publish_ok(f)["secondaries"]
         assert only["files_ahead"] == 1 and only["bytes_sent"] <= CHUNK_SIZE + SLACK, (server, only)
         f.stop()

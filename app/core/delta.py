@@ -144,30 +144,41 @@ def plan(path: Path, size: int, bases: list[Base], chunks: list[str] | None = No
     from the same offset of the first base when it matches there (the common case:
     a file changed in place), else from wherever it occurs.
     """
-    where: dict[str, tuple[int, int]] = {}
-    for index, base in enumerate(bases):
-        for n, digest in enumerate(base.chunks):
-            where.setdefault(digest, (index, n * base.chunk_size))
-    first = bases[0] if bases else None
-    chunk_size = first.chunk_size if first else CHUNK_SIZE
+    where = _locations(bases)
+    chunk_size = bases[0].chunk_size if bases else CHUNK_SIZE
     if chunks is None:
         _, chunks = hash_chunks(path, chunk_size)
     if len(chunks) != -(-size // chunk_size):
         raise OSError(f"{path} changed size while being read")
     ops: list[Copy | Literal] = []
     for n, digest in enumerate(chunks):
-        offset = n * chunk_size
-        length = min(chunk_size, size - offset)
-        if first and n < len(first.chunks) and first.chunks[n] == digest:
-            op: Copy | Literal = Copy(0, offset, length)
-        elif digest in where:
-            op = Copy(where[digest][0], where[digest][1], length)
-        else:
-            op = Literal(offset, length)
-        merged = _merge(ops, op)
+        merged = _merge(ops, _chunk_op(n, digest, size, chunk_size, bases, where))
         if merged is not None:
             ops.append(merged)
     return ops
+
+
+def _locations(bases: list[Base]) -> dict[str, tuple[int, int]]:
+    """Where each chunk hash first occurs among ``bases``: (base index, offset)."""
+    where: dict[str, tuple[int, int]] = {}
+    for index, base in enumerate(bases):
+        for n, digest in enumerate(base.chunks):
+            where.setdefault(digest, (index, n * base.chunk_size))
+    return where
+
+
+def _chunk_op(n: int, digest: str, size: int, chunk_size: int, bases: list[Base],
+              where: dict[str, tuple[int, int]]) -> Copy | Literal:
+    """Chunk ``n`` of the new file: copied from the same offset of the first base when it
+    matches there (the common case: a file changed in place), else from wherever it
+    occurs, else sent."""
+    offset = n * chunk_size
+    length = min(chunk_size, size - offset)
+    if bases and n < len(bases[0].chunks) and bases[0].chunks[n] == digest:
+        return Copy(0, offset, length)
+    if digest in where:
+        return Copy(where[digest][0], where[digest][1], length)
+    return Literal(offset, length)
 
 
 def _merge(ops: list[Copy | Literal], op: Copy | Literal) -> Copy | Literal | None:
@@ -227,7 +238,7 @@ def first_difference(feed: ChunkFeed, base: Base) -> Iterator[str] | None:
     starting); then every chunk hash, from the first. None when the file turns out to
     hold exactly the base's content: nothing to send."""
     seen: list[str] = []
-    digests = feed.follow(FOLLOW_TIMEOUT)
+    digests = feed.chunks.follow(FOLLOW_TIMEOUT)
     for digest in digests:
         seen.append(digest)
         if len(seen) > len(base.chunks) or base.chunks[len(seen) - 1] != digest:
@@ -248,37 +259,28 @@ def stream_blocks(feed: ChunkFeed, base: Base, digests: Iterator[str],
     file refuses the result. ``stop()`` true aborts the body (the publish stopped).
     """
     yield header(feed.size, [base])
-    where: dict[str, int] = {}
-    for n, digest in enumerate(base.chunks):
-        where.setdefault(digest, n * base.chunk_size)
-    run: Copy | None = None   # copies are merged while they continue each other
+    where = _locations([base])
+    pending: list[Copy | Literal] = []   # a copy, held while the next chunks continue it
     with open(feed.path, "rb") as fh:
         for n, digest in enumerate(digests):
             if stop():
                 raise OSError(f"the publish stopped while sending {feed.rel}")
-            offset = n * base.chunk_size
-            length = min(base.chunk_size, feed.size - offset)
-            if length <= 0:
+            if n * base.chunk_size >= feed.size:
                 raise OSError(f"{feed.rel} grew while being read")
-            same = n < len(base.chunks) and base.chunks[n] == digest
-            source = offset if same else where.get(digest)
-            if source is not None:
-                if run is not None and run.offset + run.length == source:
-                    run = Copy(0, run.offset, run.length + length)
-                    continue
-                if run is not None:
-                    yield frame_header(run)
-                run = Copy(0, source, length)
+            op = _chunk_op(n, digest, feed.size, base.chunk_size, [base], where)
+            if isinstance(op, Copy):
+                merged = _merge(pending, op)
+                if merged is not None:
+                    yield from map(frame_header, pending)
+                    pending = [merged]
                 continue
-            if run is not None:
-                yield frame_header(run)
-                run = None
-            data = os.pread(fh.fileno(), length, offset)
-            if len(data) != length:
+            yield from map(frame_header, pending)
+            pending = []
+            data = os.pread(fh.fileno(), op.length, op.offset)
+            if len(data) != op.length:
                 raise OSError(f"{feed.rel} shrank while being read")
-            yield frame_header(Literal(offset, length)) + data
-    if run is not None:
-        yield frame_header(run)
+            yield frame_header(op) + data
+    yield from map(frame_header, pending)
     if feed.sha is None:
         raise OSError(f"reading {feed.rel} failed")
     yield f"E {feed.sha}\n".encode()

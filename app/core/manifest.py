@@ -17,7 +17,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from .errors import BadRequest, InvalidSet
 
@@ -32,6 +32,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # timestamp granularity without its mtime moving: never trust the cache for it.
 RACY_SECONDS = 2.0
 UNTRUSTED_KEY = [-1, -1, -1, -1]
+T = TypeVar("T")
 
 
 _BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\]')
@@ -266,47 +267,56 @@ class BackgroundHash:
         self._finish()
 
 
+class Growing(Generic[T]):
+    """A list one thread appends to and others follow as it grows, until it is closed.
+    Followers never slow the writer: it only appends and notifies."""
+
+    def __init__(self) -> None:
+        self.items: list[T] = []
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def add(self, items: Iterable[T]) -> None:
+        with self._cond:
+            self.items += items
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def follow(self, timeout: float | None = None) -> Iterator[T]:
+        """Every item in order, waiting for more until closed; TimeoutError when nothing
+        comes for ``timeout`` seconds."""
+        n = 0
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: n < len(self.items) or self.closed, timeout):
+                    raise TimeoutError(f"nothing new for {timeout} s")
+                ready, closed = self.items[n:], self.closed
+            yield from ready
+            n += len(ready)
+            if closed and n == len(self.items):
+                return
+
+
 class ChunkFeed:
     """The chunk hashes of one large file while a scan works them out, for another thread
     to act on as they come (the master's early delta, agent/push.py) instead of after
-    the whole scan. Followers never slow the scan: it only appends and notifies.
+    the whole scan.
     """
 
     def __init__(self, rel: str, path: str, size: int, chunk_size: int, previous_sha: str) -> None:
         self.rel, self.path, self.size, self.chunk_size = rel, path, size, chunk_size
         self.previous_sha = previous_sha  # the content the scan saw last time, likely on the secondaries
-        self.chunks: list[str] = []
+        self.chunks: Growing[str] = Growing()
         self.sha: str | None = None       # the whole file's, once read to the end
-        self.ended = False
-        self._cond = threading.Condition()
-
-    def add(self, digests: list[str]) -> None:
-        with self._cond:
-            self.chunks += digests
-            self._cond.notify_all()
 
     def end(self, sha: str | None) -> None:
         """The file was read (``sha``), or reading it failed (None)."""
-        with self._cond:
-            self.sha, self.ended = sha, True
-            self._cond.notify_all()
-
-    def follow(self, timeout: float) -> Iterator[str]:
-        """Each chunk's hash in order, waiting for the scan; stops at the end of the file.
-
-        Raises TimeoutError when the scan stalls for ``timeout`` seconds.
-        """
-        n = 0
-        while True:
-            with self._cond:
-                if n == len(self.chunks) and not self.ended and \
-                        not self._cond.wait_for(lambda: n < len(self.chunks) or self.ended, timeout):
-                    raise TimeoutError(f"the scan of {self.rel} stalled")
-                ready, ended = self.chunks[n:], self.ended
-            yield from ready
-            n += len(ready)
-            if ended and n == len(self.chunks):
-                return
+        self.sha = sha
+        self.chunks.close()
 
 
 def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None) -> tuple[str, list[str]]:
@@ -324,7 +334,7 @@ def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None
                 digests = _chunk_digests(block, chunk_size)
                 chunks += digests
                 if feed is not None:
-                    feed.add(digests)
+                    feed.chunks.add(digests)
             sha = whole.hexdigest()
             return sha, chunks
     finally:
