@@ -23,6 +23,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     from . import admin, errors, peer
     from .core.apply import WorkingDir
     from .core.signing import Verifier
+    from .gunicorn_body import GunicornBody
     from .ipfilter import IPFilter
 
     settings = settings or load_settings()
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         if note:
             log.warning("%s: %s", settings.data_dir, note)
 
-    app.wsgi_app = IPFilter(app.wsgi_app, settings)  # type: ignore[method-assign]
+    app.wsgi_app = IPFilter(GunicornBody(app.wsgi_app), settings)  # type: ignore[method-assign]
     return app
 
 
