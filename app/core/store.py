@@ -73,6 +73,7 @@ def _sync_file_range() -> Callable[..., int] | None:
 _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_EVERY = 8 * CHUNK
+KICK_MIN = CHUNK  # smaller blobs start no disk write of their own (BlobWriter.done)
 
 
 class Writeback:
@@ -217,7 +218,11 @@ class BlobWriter:
     def done(self) -> None:
         """Every byte written handed to the OS (not yet durable)."""
         if not self.direct:
-            self._writeback.kick()
+            # a small blob is left to the one flush that follows (a batch's sync()): starting
+            # each one's disk write on its own made 2,000 files of 32 KB plus that sync cost
+            # 0.12-0.16 s of CPU instead of 0.06-0.08 s, and finish no sooner
+            if self.size >= KICK_MIN:
+                self._writeback.kick()
             return
         cut = False
         if self._filled:  # O_DIRECT writes whole blocks: the tail is padded, then cut back
