@@ -226,3 +226,42 @@ def test_folders_left_empty_go_nested_ones_too_but_never_inside_archive_or_state
     # esmirror's own folders (any case on a case-blind disk) are not the set's to prune
     assert (tmp_path / "archive" / "x" / "empty").is_dir() and (tmp_path / ".esmirror" / "tmp").is_dir()
     assert (tmp_path / "Archive" / "y").is_dir()
+
+
+def test_a_commit_tells_the_hash_cache_what_it_put_so_the_next_scan_reads_nothing(tmp_path):
+    """Every file a commit puts was verified on the way in. Before this, the first browse or
+    commit after a full push re-read the whole set on the secondary. Blobs uploaded more
+    than RACY_SECONDS before the commit are trusted at once; one written just now is
+    read again next time, like any racy file."""
+    import io
+
+    from agent.demo import make_install, write_sample_set
+    from app.core.apply import CommitRequest, WorkingDir
+    from app.core.manifest import UNTRUSTED_KEY
+
+    master = tmp_path / "master"
+    master.mkdir()
+    write_sample_set(master, tmp_path / "images", big_mb=1)
+    (master / "indexes" / "fresh.idx").write_bytes(b"uploaded a moment ago")
+    wanted = scan(master).manifest
+    install = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1"})
+    workdir = WorkingDir(load_settings(str(install.root)))
+    earlier = time.time() - 60
+    for path, entry in wanted.files.items():
+        with open(master / path, "rb") as fh:
+            workdir.store.put(entry.sha256, fh, entry.size)
+        if path != "indexes/fresh.idx":  # the rest came in a minute ago
+            os.utime(workdir.store.path(entry.sha256), (earlier, earlier))
+    workdir.commit(CommitRequest(1, "m1", workdir.scan().manifest.digest, wanted))
+
+    cache = HashCache(workdir.state_dir / "hashcache.json")
+    assert set(cache.entries) == set(wanted.files)
+    assert cache.entries["indexes/fresh.idx"][:4] == UNTRUSTED_KEY
+    # trusted: a poisoned hash in the cache is what the next scan reports, so it read nothing
+    cache.entries["indexes/tile-1.idx"][4] = "f" * 64
+    cache.dirty = True
+    cache.save(wanted.files)
+    again = workdir.scan().manifest
+    assert again.files["indexes/tile-1.idx"].sha256 == "f" * 64
+    assert again.files["indexes/fresh.idx"].sha256 == wanted.files["indexes/fresh.idx"].sha256
+    assert again.files["catalogs.xml"].sha256 == wanted.files["catalogs.xml"].sha256

@@ -40,7 +40,7 @@ import filelock
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
-from .manifest import HashCache, Manifest, ScanResult, diff, scan
+from .manifest import HashCache, Manifest, ScanResult, diff, scan, settled
 from .settings import Settings
 from .state import read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, durable_flush
@@ -495,8 +495,26 @@ class WorkingDir:
         prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
         self.store.clear(older_than=started)
         self.prune_archive(self.settings.archive_keep)
+        self._remember_hashes(new, puts)  # last: dropping the blobs' names changed the files' ctime
         return CommitResult(generation or 0, new.digest, archive_id,
                             len(change.added), len(change.changed), len(change.removed), warnings)
+
+    def _remember_hashes(self, new: Manifest, puts: list[str]) -> None:
+        """Tell the hash cache what the files just put hold (every byte was verified on the
+        way in). Else the next browse or commit re-reads them all: after a full push, the
+        whole set. Files written in the last seconds are read again anyway, as in any scan."""
+        stats = {}
+        for path in puts:
+            try:
+                stats[path] = os.stat(self.data_dir / path)
+            except OSError:
+                continue  # gone already: the next scan says so
+        if not any(settled(st) for st in stats.values()):
+            return  # (an incremental push, typically: nothing to gain)
+        cache = HashCache(self.state_dir / "hashcache.json")
+        for path, st in stats.items():
+            cache.remember(path, st, new.files[path].sha256)
+        cache.save(new.files)
 
     def _os_failure(self, during: str, exc: OSError) -> MirrorError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -342,6 +342,13 @@ def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None
             feed.end(sha)
 
 
+def settled(st: os.stat_result) -> bool:
+    """Written long enough ago that a change from now on moves its mtime: its hash can be
+    trusted while its stat stays the same (a file written within the clock's resolution of
+    being read could change again and keep the same stat)."""
+    return time.time() - st.st_mtime > RACY_SECONDS
+
+
 class HashCache:
     """SHA-256 of files keyed by (size, mtime_ns, ctime_ns, inode): an unchanged file is not re-read.
 
@@ -384,11 +391,17 @@ class HashCache:
             self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
         else:
             sha = hash_file(full)
+        self.remember(rel, st, sha)
+        return sha
+
+    def remember(self, rel: str, st: os.stat_result, sha: str) -> None:
+        """``rel``, as ``st`` shows it, holds content ``sha`` (read just now, or verified when
+        written): the next scan need not read it while its stat stays the same."""
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         # a racy file's hash is kept under a key no stat matches: read again next time, but
         # its content is known as the file's latest (the base of its next delta)
-        self.entries[rel] = (key if time.time() - st.st_mtime > RACY_SECONDS else UNTRUSTED_KEY) + [sha]
+        self.entries[rel] = (key if settled(st) else UNTRUSTED_KEY) + [sha]
         self.dirty = True
-        return sha
 
     def save(self, keep: Iterable[str]) -> None:
         keep = set(keep)
