@@ -147,8 +147,23 @@ def run_reload(settings: Settings) -> tuple[bool, str]:
     return True, output
 
 
+class _Folders:
+    """The folders one commit has made or found: each is made once, not once per file
+    (a full push puts 2,000 files into a few dozen folders)."""
+
+    def __init__(self, *known: Path) -> None:
+        self.known = set(known)
+
+    def make(self, folder: Path) -> None:
+        if folder not in self.known:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.known.add(folder)
+
+    def forget(self) -> None:
+        self.known.clear()
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
@@ -284,26 +299,34 @@ class WorkingDir:
         except filelock.Timeout:
             return None  # a commit is running in another worker: its journal is live
 
-    def _paths(self, journal: dict[str, Any], op: dict[str, Any]) -> tuple[Path, Path, Path]:
-        return (self.data_dir / op["path"],
-                self.staging_dir / journal["tx"] / op["staged"] if op["staged"] else Path(),
-                self.archive_dir / journal["archive_id"] / "files" / op["path"])
+    def _staged(self, journal: dict[str, Any], op: dict[str, Any]) -> Path:
+        return self.staging_dir / journal["tx"] / op["staged"] if op["staged"] else Path()
 
-    def _forward(self, journal: dict[str, Any], op: dict[str, Any]) -> None:
-        work, staged, arch = self._paths(journal, op)
+    def _archived(self, journal: dict[str, Any], op: dict[str, Any]) -> Path:
+        return self.archive_dir / journal["archive_id"] / "files" / op["path"]
+
+    def _paths(self, journal: dict[str, Any], op: dict[str, Any]) -> tuple[Path, Path, Path]:
+        return self.data_dir / op["path"], self._staged(journal, op), self._archived(journal, op)
+
+    def _forward(self, journal: dict[str, Any], op: dict[str, Any], folders: _Folders) -> None:
+        work = self.data_dir / op["path"]
         if op["kind"] == "remove":
             if work.exists():
-                arch.parent.mkdir(parents=True, exist_ok=True)
+                arch = self._archived(journal, op)
+                folders.make(arch.parent)
                 os.replace(work, arch)
                 crash_point("switch-remove")
             return
         if op["existed"]:
+            arch = self._archived(journal, op)
+            folders.make(arch.parent)
             _link_or_copy(work, arch)
             crash_point("switch-archive")
         if work.is_dir():  # a folder of the old set gives way to a file: its files went first
             _remove_empty_tree(work)  # anything still in it (not part of the set) stops the switch
-        work.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, work)
+            folders.forget()          # (and folders known under it are gone)
+        folders.make(work.parent)
+        os.replace(self._staged(journal, op), work)
         crash_point("switch-put")
 
     def _rollback(self, journal: dict[str, Any]) -> None:
@@ -374,13 +397,14 @@ class WorkingDir:
         here = {e.sha256: p for p, e in current.files.items()}
         puts = change.added + change.changed
         needed = {new.files[p].sha256 for p in puts}
-        missing = sorted(s for s in needed if s not in here and not self.store.has(s))
+        stored = {s for s in needed if self.store.has(s)}  # one look each (commits hold the lock)
+        missing = sorted(s for s in needed if s not in here and s not in stored)
         if missing:
             raise Conflict(f"{len(missing)} blob(s) of the set were never uploaded", missing=missing)
 
         def source(path: str) -> Path:
             sha = new.files[path].sha256
-            return self.store.path(sha) if self.store.has(sha) else self.data_dir / here[sha]
+            return self.store.path(sha) if sha in stored else self.data_dir / here[sha]
 
         warnings: list[str] = []
         if CATALOGS_XML in puts:
@@ -405,7 +429,7 @@ class WorkingDir:
         stage = self.staging_dir / tx
         stage.mkdir(parents=True)
         linked: set[str] = set()
-        copies = [p for p in puts if not self.store.has(new.files[p].sha256)]
+        copies = [p for p in puts if new.files[p].sha256 not in stored]
         try:
             check_room(self.state_dir, sum(new.files[p].size for p in copies), "staging the set")
         except NoRoom:
@@ -417,7 +441,7 @@ class WorkingDir:
             for index, path in enumerate(puts):
                 sha = new.files[path].sha256
                 staged = stage / str(index)
-                if self.store.has(sha) and sha not in linked:
+                if sha in stored and sha not in linked:
                     _link_or_copy(self.store.path(sha), staged)
                     linked.add(sha)
                 else:
@@ -450,8 +474,9 @@ class WorkingDir:
         try:
             write_json(self.journal_path, journal)
             crash_point("journal")
+            folders = _Folders()
             for op in ops:
-                self._forward(journal, op)
+                self._forward(journal, op, folders)
             journal["phase"] = "switched"
             write_json(self.journal_path, journal)
             crash_point("switched")
