@@ -151,8 +151,8 @@ class _Folders:
     """The folders one commit has made or found: each is made once, not once per file
     (a full push puts 2,000 files into a few dozen folders)."""
 
-    def __init__(self, *known: Path) -> None:
-        self.known = set(known)
+    def __init__(self) -> None:
+        self.known: set[Path] = set()
 
     def make(self, folder: Path) -> None:
         if folder not in self.known:
