@@ -109,9 +109,13 @@ class Receiver:
         argv = [sys.executable, "-m", "agent", "serve", "--install-dir", str(self.install.root),
                 "--bind", bind, "--server", self.server, *self.extra]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self.env or {})},
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(self.env or {})},
+                                         start_new_session=True)
+        finally:
+            if self.log:
+                out.close()  # type: ignore[union-attr]  # the child has its own copy
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

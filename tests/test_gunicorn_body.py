@@ -61,10 +61,11 @@ def probe(tmp_path: Path) -> Iterator[int]:
     (tmp_path / "probe_app.py").write_text(PROBE)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
-                             "--worker-class", "gthread", "--threads", "2", "--workers", "1",
-                             "probe_app:app"], env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "gunicorn.log", "wb"))
+    with open(tmp_path / "gunicorn.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
+                                 "--worker-class", "gthread", "--threads", "2", "--workers", "1",
+                                 "probe_app:app"], env=env, cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
