@@ -22,7 +22,7 @@ from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger
-from app.core.manifest import ChunkFeed, HashCache, scan
+from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import Settings
 from app.core.signing import Signer
@@ -106,7 +106,7 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
 def master_hash_cache(settings: Settings,
                       on_read: Callable[[ChunkFeed | None], object] | None = None) -> HashCache:
     """The master's hash cache; large files it must read get their delta chunk hashes too."""
-    return HashCache(settings.state_dir / "hashcache.json", chunked=(DELTA_MIN, CHUNK_SIZE),
+    return HashCache(settings.state_dir / HASH_CACHE_FILE, chunked=(DELTA_MIN, CHUNK_SIZE),
                      on_read=on_read)
 
 

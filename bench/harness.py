@@ -39,7 +39,7 @@ from typing import Any
 import agent
 import app
 from agent.demo import Install, Receiver, free_port, make_install
-from app.core.manifest import RACY_SECONDS, HashCache, scan
+from app.core.manifest import HASH_CACHE_FILE, RACY_SECONDS, HashCache, scan
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "10.1.0"
@@ -334,7 +334,7 @@ class Bench:
         self.receiver_rss = 0
         self.agent_rss = 0
         # warm the master's hash cache as a master at rest has it
-        scan(self.master.data_dir, HashCache(self.master.data_dir / ".esmirror" / "hashcache.json"))
+        scan(self.master.data_dir, HashCache(self.master.data_dir / ".esmirror" / HASH_CACHE_FILE))
 
     def teardown(self) -> Path:
         for r in getattr(self, "receivers", []):

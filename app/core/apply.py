@@ -40,7 +40,7 @@ import filelock
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
-from .manifest import HashCache, Manifest, ScanResult, diff, scan, settled
+from .manifest import HASH_CACHE_FILE, HashCache, Manifest, ScanResult, diff, scan, settled
 from .settings import Settings
 from .state import read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, durable_flush
@@ -270,7 +270,7 @@ class WorkingDir:
 
     def scan(self) -> ScanResult:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return scan(self.data_dir, HashCache(self.state_dir / "hashcache.json"))
+        return scan(self.data_dir, HashCache(self.state_dir / HASH_CACHE_FILE))
 
     # --- recovery ------------------------------------------------------------
     def recover(self) -> str | None:
@@ -536,7 +536,7 @@ class WorkingDir:
                 continue  # gone already: the next scan says so
         if not any(settled(st) for st in stats.values()):
             return  # (an incremental push, typically: nothing to gain)
-        cache = HashCache(self.state_dir / "hashcache.json")
+        cache = HashCache(self.state_dir / HASH_CACHE_FILE)
         for path, st in stats.items():
             cache.remember(path, st, new.files[path].sha256)
         cache.save(new.files)

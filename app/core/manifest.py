@@ -32,6 +32,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # timestamp granularity without its mtime moving: never trust the cache for it.
 RACY_SECONDS = 2.0
 UNTRUSTED_KEY = [-1, -1, -1, -1]
+HASH_CACHE_FILE = "hashcache.json"  # in a state dir: the master's and each secondary's
 T = TypeVar("T")
 
 
@@ -349,6 +350,10 @@ def settled(st: os.stat_result) -> bool:
     return time.time() - st.st_mtime > RACY_SECONDS
 
 
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 class HashCache:
     """SHA-256 of files keyed by (size, mtime_ns, ctime_ns, inode): an unchanged file is not re-read.
 
@@ -377,9 +382,8 @@ class HashCache:
                 pass  # a lost or torn cache only costs a re-read
 
     def sha256(self, rel: str, full: str | Path, st: os.stat_result) -> str:
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         cached = self.entries.get(rel)
-        if cached and cached[:4] == key:
+        if cached and cached[:4] == _stat_key(st):
             return cached[4]
         feed = None
         if self.chunked and st.st_size >= self.chunked[0] and cached and len(cached) == 5:
@@ -397,10 +401,9 @@ class HashCache:
     def remember(self, rel: str, st: os.stat_result, sha: str) -> None:
         """``rel``, as ``st`` shows it, holds content ``sha`` (read just now, or verified when
         written): the next scan need not read it while its stat stays the same."""
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         # a racy file's hash is kept under a key no stat matches: read again next time, but
         # its content is known as the file's latest (the base of its next delta)
-        self.entries[rel] = (key if settled(st) else UNTRUSTED_KEY) + [sha]
+        self.entries[rel] = (_stat_key(st) if settled(st) else UNTRUSTED_KEY) + [sha]
         self.dirty = True
 
     def save(self, keep: Iterable[str]) -> None:
