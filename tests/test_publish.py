@@ -52,6 +52,42 @@ def test_first_publish_then_change_add_delete_then_noop(fleet, server):
         assert s["bytes_sent"] == 0 and s["files_sent"] == 0
 
 
+
+def test_a_commit_can_say_unchanged_instead_of_listing_the_set_again(fleet):
+    """What a no-op publish sends: ``"unchanged": true`` for the set the secondary holds
+    (its ``base``), so the whole list is neither sent nor parsed again."""
+    f = fleet(1)
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    secondary = f.secondaries[0]
+    before = set_files(secondary.data_dir)
+    url = f.receivers[0].url
+    session = session_from("127.0.0.1")
+    info = session.get(f"{url}/browse", timeout=10).json()
+    body = {"generation": info["generation"] + 1, "master": info["master"], "base": info["digest"]}
+
+    wrong = session.post(f"{url}/commit", json={**body, "base": "0" * 64, "unchanged": True}, timeout=30)
+    assert wrong.status_code == 409, wrong.text
+    assert wrong.json()["digest"] == info["digest"]  # what the master needs to diff again
+    for bad in ({**body, "unchanged": True, "files": []}, {**body, "unchanged": False}):
+        answer = session.post(f"{url}/commit", json=bad, timeout=30)
+        assert answer.status_code == 400, answer.text
+        assert "unchanged" in answer.json()["error"]
+    assert session.get(f"{url}/browse", timeout=10).json()["generation"] == info["generation"]
+
+    answer = session.post(f"{url}/commit", json={**body, "unchanged": True}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["digest"] == info["digest"]
+    assert session.get(f"{url}/browse", timeout=10).json()["generation"] == info["generation"] + 1
+    assert set_files(secondary.data_dir) == before
+
+    # the next no-op publish (generation + 2 on the master) is recorded the same way
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["secondaries"][0]["state"] == "in-sync"
+    assert session.get(f"{url}/browse", timeout=10).json()["generation"] == report["generation"]
+    assert set_files(secondary.data_dir) == before
+
 def test_one_secondary_down_fails_only_that_one(fleet):
     f = fleet(2)
     f.receivers[1].stop()

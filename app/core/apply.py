@@ -87,18 +87,20 @@ def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int]) -> 
 
 @dataclass(frozen=True)
 class CommitRequest:
-    """``POST commit``: make this exact set live."""
+    """``POST commit``: make this exact set live. ``manifest`` None (``"unchanged": true``
+    instead of ``files``): the set is the one held here, ``base``; the commit records
+    the generation without the master sending, and this server parsing, the whole list."""
 
     generation: int
     master: str
     base: str
-    manifest: Manifest
+    manifest: Manifest | None
 
     @classmethod
     def from_json(cls, data: Any) -> "CommitRequest":
         if not isinstance(data, dict):
             raise BadRequest("the commit body must be a JSON object {generation, master, base, files}")
-        unknown = set(data) - {"generation", "master", "base", "files"}
+        unknown = set(data) - {"generation", "master", "base", "files", "unchanged"}
         if unknown:
             raise BadRequest(f"unknown field(s) in commit: {', '.join(sorted(unknown))}")
         generation, master, base = data.get("generation"), data.get("master"), data.get("base")
@@ -108,8 +110,14 @@ class CommitRequest:
             raise BadRequest("'master' must be the pushing master's id (letters and digits)")
         if not isinstance(base, str) or len(base) > 64:
             raise BadRequest("'base' must be the digest of the set the master saw here")
+        if "unchanged" in data:
+            if data["unchanged"] is not True or "files" in data:
+                raise BadRequest("'unchanged' is true, and then there is no 'files': the set is "
+                                 "the one this server holds ('base')")
+            return cls(generation, master, base, None)
         if "files" not in data:
-            raise BadRequest("'files' is missing: a commit lists the whole set")
+            raise BadRequest("'files' is missing: a commit lists the whole set "
+                             "(or says \"unchanged\": true)")
         return cls(generation, master, base, Manifest.from_list(data["files"]))
 
 
@@ -380,7 +388,8 @@ class WorkingDir:
         if request.base != current.digest:
             raise Conflict("this server's set changed since the master looked (base digest differs); "
                            "fetch the manifest again", digest=current.digest)
-        return self._apply(current, request.manifest, request.generation, request.master, state)
+        new = current if request.manifest is None else request.manifest
+        return self._apply(current, new, request.generation, request.master, state)
 
     def _apply(self, current: Manifest, new: Manifest, generation: int | None, master: str | None,
                state: dict[str, Any], about: dict[str, Any] | None = None) -> CommitResult:
