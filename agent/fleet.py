@@ -16,7 +16,7 @@ import filelock
 from app.core.apply import run_reload
 from app.core.audit import audit, now_iso
 from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
-from app.core.delta import CHUNK_SIZE, DELTA_MIN
+from app.core.delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
@@ -105,9 +105,10 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
 
 def master_hash_cache(settings: Settings,
                       on_read: Callable[[ChunkFeed | None], object] | None = None) -> HashCache:
-    """The master's hash cache; large files it must read get their delta chunk hashes too."""
+    """The master's hash cache; large files it must read get their delta chunk hashes too
+    (kept by content, so the next change of a file hashes only its changed chunks)."""
     return HashCache(settings.state_dir / HASH_CACHE_FILE, chunked=(DELTA_MIN, CHUNK_SIZE),
-                     on_read=on_read)
+                     on_read=on_read, chunk_index=ChunkIndex(settings.state_dir))
 
 
 DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
@@ -263,7 +264,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
                                       "published_at": now_iso()})
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                         scanned.chunk_lists)
+                         scanned.chunk_lists, ChunkIndex(settings.state_dir))
 
         def one(secondary: Secondary) -> PushResult:
             live = PushResult(secondary.host, secondary.port)
@@ -323,7 +324,7 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         results: list[PushResult] = []
         for generation, group in sorted(by_generation.items()):
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                             scanned.chunk_lists)
+                             scanned.chunk_lists, ChunkIndex(settings.state_dir))
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
                 live = PushResult(secondary.host, secondary.port)

@@ -35,6 +35,7 @@ class LocalSet:
     master: str
     # rel → (sha256, chunk size, chunk hashes) of large files the scan read (no re-read to plan a delta)
     chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
+    chunk_index: delta.ChunkIndex | None = None  # where the scan keeps them for the next change
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -42,6 +43,14 @@ class LocalSet:
     def chunks(self, rel: str, sha: str, chunk_size: int) -> list[str] | None:
         known = self.chunk_lists.get(rel)
         return known[2] if known and known[0] == sha and known[1] == chunk_size else None
+
+    def distrust_chunks(self, rel: str, sha: str) -> None:
+        """A delta planned from this file's chunk list failed the secondary's whole-file
+        check: the list may hold a hash kept on a CRC-32 that matched by chance. Drop it,
+        here and on disk, so the next plan (and the next scan) reads the file again."""
+        self.chunk_lists.pop(rel, None)
+        if self.chunk_index is not None:
+            self.chunk_index.forget(sha)
 
 
 @dataclass
@@ -360,6 +369,8 @@ def _send_delta(client: SecondaryClient, local: LocalSet, sha: str, size: int, r
         client.post_delta(sha, Body(length, delta.body_blocks(path, size, bases, ops)))
     except RemoteError as exc:
         if exc.http_status in (400, 404, 405, 409):  # e.g. its copy changed: send the whole file
+            if exc.http_status == 400:  # the rebuilt file did not hash to its name
+                local.distrust_chunks(rel, sha)
             return None
         raise
     return length

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import requests
@@ -83,6 +84,55 @@ def test_changed_middle_chunk_grown_shrunk_and_truncated_send_only_what_changed(
         fh.truncate(DELTA_MIN // 2)
     assert sent(publish_ok(f)) == DELTA_MIN // 2
 
+
+
+def test_the_master_hashes_again_only_the_chunks_whose_crc32_changed(tmp_path):
+    old = os.urandom(10 * CHUNK_SIZE + 5)
+    path = tmp_path / "big.idx"
+    path.write_bytes(old)
+    sha, chunks, crcs = hash_chunks(path, CHUNK_SIZE, with_crc=True)
+    assert sha == hashlib.sha256(old).hexdigest()
+    assert crcs == [zlib.crc32(old[i:i + CHUNK_SIZE]) for i in range(0, len(old), CHUNK_SIZE)]
+
+    new = bytearray(old)
+    new[3 * CHUNK_SIZE + 7] ^= 1
+    path.write_bytes(new)
+    truth = [hashlib.sha256(new[i:i + CHUNK_SIZE]).hexdigest() for i in range(0, len(new), CHUNK_SIZE)]
+    # previous hashes replaced by markers: the ones kept unhashed show through
+    marked = [f"{n:064x}" for n in range(len(chunks))]
+    new_sha, got, _ = hash_chunks(path, CHUNK_SIZE, previous=(marked, crcs))
+    assert new_sha == hashlib.sha256(new).hexdigest()
+    # chunk 3 changed; the last (short) chunk is always hashed
+    assert got == [truth[n] if n in (3, 10) else marked[n] for n in range(11)]
+    assert hash_chunks(path, CHUNK_SIZE, previous=(chunks, crcs))[1] == truth
+
+
+def test_a_chunk_hash_kept_on_a_chance_crc32_match_costs_one_whole_send_never_a_wrong_file(fleet):
+    """CRC-32 can match by chance: the master then lists a changed chunk as unchanged. The
+    secondary refuses the rebuilt file (whole-file hash), the file goes whole, and the
+    master drops the list, so the next change is a small delta again."""
+    f = fleet(1)
+    big = f.master.data_dir / "indexes" / "big.idx"
+    old = os.urandom(BIG)
+    big.write_bytes(old)
+    publish_ok(f)
+    kept = f.master.data_dir / ".esmirror" / "chunks" / hashlib.sha256(old).hexdigest()
+    listing = json.loads(kept.read_text())
+    assert len(listing["crc32"]) == len(listing["chunks"])
+
+    # the next content changes chunk 5; make the kept CRC-32 of chunk 5 collide with it
+    new = bytearray(old)
+    new[5 * CHUNK_SIZE:5 * CHUNK_SIZE + 100] = os.urandom(100)
+    listing["crc32"][5] = zlib.crc32(new[5 * CHUNK_SIZE:6 * CHUNK_SIZE])
+    kept.write_text(json.dumps(listing))
+    big.write_bytes(new)
+    assert sent(publish_ok(f)) >= BIG  # exact on the secondary (publish_ok), sent whole
+    assert not (kept.parent / hashlib.sha256(new).hexdigest()).exists()  # the wrong list is gone
+
+    with open(big, "r+b") as fh:
+        fh.seek(2 * CHUNK_SIZE)
+        fh.write(os.urandom(10))
+    assert sent(publish_ok(f)) <= CHUNK_SIZE + SLACK
 
 def test_a_new_file_reuses_chunks_of_another_file_on_the_secondary(fleet):
     f = fleet(1)
@@ -348,7 +398,7 @@ def test_a_server_that_does_not_pass_chunked_bodies_gets_411_and_the_master_send
 
 def hash_chunks_of(path, content: bytes):
     path.write_bytes(content)
-    return hash_chunks(path, CHUNK_SIZE)
+    return hash_chunks(path, CHUNK_SIZE)[:2]
 
 
 def test_a_stream_starts_only_at_the_first_chunk_that_differs_from_the_base(tmp_path):

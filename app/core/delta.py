@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
@@ -57,7 +58,9 @@ FOLLOW_TIMEOUT = 60.0             # a streamed delta gives up when the master's 
 
 
 class ChunkIndex:
-    """The secondary's chunk lists, cached by content (``.esmirror/chunks/<sha256>``).
+    """Chunk lists cached by content (``.esmirror/chunks/<sha256>``): the secondary's, for
+    ``GET chunks``, and the master's, which also keep each chunk's CRC-32 so the next
+    change of a file hashes only the chunks that changed (manifest.hash_chunks).
 
     Keyed by the file's SHA-256, so an entry is true forever for that content; a file
     changed behind our back only makes a delta fail its whole-file check.
@@ -66,14 +69,28 @@ class ChunkIndex:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "chunks"
 
-    def cached(self, sha: str) -> list[str] | None:
+    def _load(self, sha: str) -> dict[str, Any] | None:
         try:
             data = json.loads((self.dir / sha).read_text(encoding="ascii"))
-            if data.get("chunk_size") == CHUNK_SIZE:
-                return [str(c) for c in data["chunks"]]
-        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            if data.get("chunk_size") == CHUNK_SIZE and isinstance(data.get("chunks"), list):
+                return data
+        except (OSError, ValueError, AttributeError):
             pass
         return None
+
+    def cached(self, sha: str) -> list[str] | None:
+        data = self._load(sha)
+        return [str(c) for c in data["chunks"]] if data else None
+
+    def previous(self, sha: str) -> tuple[list[str], list[int]] | None:
+        """Chunk hashes and CRC-32s of content ``sha``, when both were kept (the master's)."""
+        data = self._load(sha)
+        if data is None:
+            return None
+        chunks, crcs = data["chunks"], data.get("crc32")
+        if not isinstance(crcs, list) or len(crcs) != len(chunks):
+            return None
+        return [str(c) for c in chunks], [c if isinstance(c, int) else -1 for c in crcs]
 
     def get(self, sha: str, path: Path) -> list[str] | None:
         """Chunk hashes of ``path``, which must hold content ``sha``; None if it does not."""
@@ -81,7 +98,7 @@ class ChunkIndex:
         if cached is not None:
             return cached
         try:
-            whole, chunks = hash_chunks(path, CHUNK_SIZE)
+            whole, chunks, _ = hash_chunks(path, CHUNK_SIZE)
         except OSError:
             return None
         if whole != sha:
@@ -89,17 +106,24 @@ class ChunkIndex:
         self.save(sha, chunks)
         return chunks
 
-    def save(self, sha: str, chunks: list[str]) -> None:
+    def save(self, sha: str, chunks: list[str], crcs: list[int] | None = None) -> None:
+        data: dict[str, Any] = {"chunk_size": CHUNK_SIZE, "chunks": chunks}
+        if crcs:
+            data["crc32"] = crcs
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f"{sha}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"chunk_size": CHUNK_SIZE, "chunks": chunks}), encoding="ascii")
+            tmp = self.dir / f"{sha}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(json.dumps(data), encoding="ascii")
             os.replace(tmp, self.dir / sha)
             entries = sorted(os.scandir(self.dir), key=lambda e: e.stat().st_mtime, reverse=True)
             for old in entries[CACHE_ENTRIES:]:
                 os.unlink(old.path)
         except OSError:
             pass  # a cache: costs a re-read next time
+
+    def forget(self, sha: str) -> None:
+        """Drop a list found wrong (a delta built from it failed the whole-file check)."""
+        (self.dir / sha).unlink(missing_ok=True)
 
 
 # --- the master's side ----------------------------------------------------------
@@ -147,7 +171,7 @@ def plan(path: Path, size: int, bases: list[Base], chunks: list[str] | None = No
     where = _locations(bases)
     chunk_size = bases[0].chunk_size if bases else CHUNK_SIZE
     if chunks is None:
-        _, chunks = hash_chunks(path, chunk_size)
+        _, chunks, _ = hash_chunks(path, chunk_size)
     if len(chunks) != -(-size // chunk_size):
         raise OSError(f"{path} changed size while being read")
     ops: list[Copy | Literal] = []

@@ -15,11 +15,15 @@ import stat
 import threading
 import time
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from .errors import BadRequest, InvalidSet
+
+if TYPE_CHECKING:  # (delta imports this module)
+    from .delta import ChunkIndex
 
 RESERVED_TOP = ("archive", ".esmirror")  # never part of the set, on any side
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul",
@@ -223,9 +227,30 @@ def hash_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _chunk_digests(block: bytes, chunk_size: int) -> list[str]:
+# the chunk hashes and CRC-32s of a file's last content (ChunkIndex.previous)
+PreviousChunks = tuple[list[str], list[int]]
+
+
+def _chunk_digests(block: bytes, chunk_size: int, first: int, crcs: list[int] | None,
+                   previous: PreviousChunks | None) -> list[str]:
+    """SHA-256 of each chunk of ``block`` (chunks ``first``, ``first`` + 1, …), with its CRC-32
+    appended to ``crcs`` when given. A full chunk whose CRC-32 is the one ``previous`` has
+    at its place (never the last one there) takes the SHA-256 listed there unhashed."""
     view = memoryview(block)
-    return [hashlib.sha256(view[i:i + chunk_size]).hexdigest() for i in range(0, len(view), chunk_size)]
+    digests = []
+    for n, at in enumerate(range(0, len(view), chunk_size), first):
+        piece = view[at:at + chunk_size]
+        if crcs is None:
+            digests.append(hashlib.sha256(piece).hexdigest())
+            continue
+        crc = zlib.crc32(piece)
+        crcs.append(crc)
+        if previous is not None and n < len(previous[1]) - 1 and len(piece) == chunk_size \
+                and previous[1][n] == crc:
+            digests.append(previous[0][n])
+        else:
+            digests.append(hashlib.sha256(piece).hexdigest())
+    return digests
 
 
 class BackgroundHash:
@@ -320,24 +345,36 @@ class ChunkFeed:
         self.chunks.close()
 
 
-def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None) -> tuple[str, list[str]]:
-    """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk) in one read.
+def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None,
+                previous: PreviousChunks | None = None,
+                with_crc: bool = False) -> tuple[str, list[str], list[int]]:
+    """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk, CRC-32 of each chunk) in
+    one read; the CRC-32s only ``with_crc`` or given ``previous``.
 
     The whole-file hash runs on a second thread while this one hashes the chunks, so
     on two cores both cost about what one does. ``feed`` hears of each block's chunks.
+
+    ``previous`` (the master's lists for the file's last content): a chunk whose CRC-32
+    is unchanged keeps its SHA-256 without hashing it again. CRC-32 runs ~2.3× faster
+    than SHA-256 here, so a 150 MB index with 1 MiB changed costs the CRC pass and four
+    chunk hashes instead of a second SHA-256 pass. A CRC-32 that matches by chance
+    (2^-32 per changed chunk) names a wrong chunk: the secondary's whole-file check
+    refuses the rebuilt file, and the master sends that file whole and drops the list
+    (agent/push.py).
     """
     chunks: list[str] = []
+    crcs: list[int] | None = [] if with_crc or previous is not None else None
     sha = None
     try:
         with open(path, "rb") as fh, BackgroundHash() as whole:
             while block := fh.read(chunk_size * 4):
                 whole.update(block)
-                digests = _chunk_digests(block, chunk_size)
+                digests = _chunk_digests(block, chunk_size, len(chunks), crcs, previous)
                 chunks += digests
                 if feed is not None:
                     feed.chunks.add(digests)
             sha = whole.hexdigest()
-            return sha, chunks
+            return sha, chunks, crcs or []
     finally:
         if feed is not None:
             feed.end(sha)
@@ -362,16 +399,20 @@ class HashCache:
     in memory): the sub-file delta of a changed large file then needs no second read.
     ``on_read`` is called before each file it has to read (someone waiting for news),
     with a :class:`ChunkFeed` when that file is a large one whose earlier content the
-    cache knew.
+    cache knew. With ``chunk_index`` (the master's), those chunk lists are kept on disk
+    by content with their CRC-32s, so the next change of the file hashes only the
+    chunks that changed (hash_chunks).
     """
 
     def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None,
-                 on_read: Callable[[ChunkFeed | None], object] | None = None) -> None:
+                 on_read: Callable[[ChunkFeed | None], object] | None = None,
+                 chunk_index: "ChunkIndex | None" = None) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}
         self.dirty = False
         self.chunked = chunked
         self.on_read = on_read
+        self.chunk_index = chunk_index
         self.chunk_lists: dict[str, tuple[str, int, list[str]]] = {}  # rel → (sha, chunk size, chunks)
         if path is not None:
             try:
@@ -391,8 +432,13 @@ class HashCache:
         if self.on_read is not None:
             self.on_read(feed)
         if self.chunked and st.st_size >= self.chunked[0]:
-            sha, chunks = hash_chunks(full, self.chunked[1], feed)
+            index = self.chunk_index
+            previous = index.previous(str(cached[4])) if index and cached and len(cached) == 5 else None
+            sha, chunks, crcs = hash_chunks(full, self.chunked[1], feed, previous,
+                                            with_crc=index is not None)
             self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
+            if index is not None:
+                index.save(sha, chunks, crcs)
         else:
             sha = hash_file(full)
         self.remember(rel, st, sha)
