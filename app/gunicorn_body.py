@@ -71,6 +71,29 @@ class SocketBody:
         self.left -= got
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """Body bytes straight into ``buffer`` (``recv_into``: no copy in Python, the blob
+        writer hands its own buffers); 0 once the body has ended."""
+        want = min(len(buffer), self.left)
+        if not want:
+            return 0
+        if self._pos < len(self._buf):  # what was received ahead goes first
+            piece = self._take(want)
+            buffer[:len(piece)] = piece
+            got = len(piece)
+        elif self.failed:
+            return 0
+        else:
+            try:
+                got = self._sock.recv_into(buffer, want)
+            except OSError:
+                got = 0
+            if not got:
+                self.failed = True  # where the next request starts is unknown: close
+                return 0
+        self.left -= got
+        return got
+
     def readline(self, size: int | None = -1) -> bytes:
         limit = self.left if size is None or size < 0 else min(size, self.left)
         pieces: list[bytes] = []

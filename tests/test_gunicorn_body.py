@@ -178,3 +178,23 @@ def test_socket_body_reads_exact_sizes_lines_and_an_early_end():
         b.shutdown(socket.SHUT_WR)  # 3 of the announced bytes never come
         assert body.read() == b"ird1234" and body.failed
         assert body.read(5) == b"" and body.readline() == b""
+
+    # readinto (the blob writer's path): what came ahead first, then the socket, no further
+    # than the body, 0 at its end
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"CDEFGHxyz")  # "xyz" belongs to the next request
+        body = SocketBody(a, b"AB", 8)
+        space = bytearray(16)
+        assert body.readinto(memoryview(space)[:5]) == 2 and space[:2] == b"AB"
+        got = 0
+        while got < 6:  # a recv may return less than asked
+            n = body.readinto(memoryview(space)[2 + got:16])
+            assert n > 0
+            got += n
+        assert space[:8] == b"ABCDEFGH" and body.left == 0
+        assert body.readinto(memoryview(space)) == 0 and not body.failed
+        assert a.recv(3) == b"xyz"
+        b.shutdown(socket.SHUT_WR)
+        cut = SocketBody(a, b"", 4)
+        assert cut.readinto(memoryview(space)) == 0 and cut.failed

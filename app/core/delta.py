@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest
-from .manifest import SHA256_RE, BackgroundHash, ChunkFeed, hash_chunks, path_problem
+from .manifest import SHA256_RE, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
     from .store import BlobWriter
@@ -389,9 +389,8 @@ class _OutputChunks:
 
 
 def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryIO], out: "BlobWriter",
-            hasher: "hashlib._Hash | BackgroundHash", consumed: int,
-            base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
-    """Write the new file to ``out`` from the frames of ``stream``, hashing every byte written.
+            consumed: int, base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
+    """Write the new file to ``out`` (which hashes every byte written) from the frames of ``stream``.
 
     ``consumed`` bytes of the body (the header) were read already; ``length`` is None
     for a streamed body, which its frames bound (each describes at least one byte of
@@ -417,7 +416,7 @@ def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryI
             if count > remaining or written + count > size:
                 raise BadRequest(f"delta literal of {count} bytes runs past the body or the file")
             listing.start_literal(written)
-            _pump(stream.read, out, count, hasher, listing.literal)
+            _pump(stream, out, count, listing.literal)
             listing.end_literal(written + count)
             remaining -= count
         else:
@@ -428,7 +427,7 @@ def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryI
                 raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
             src = bases[index]
             src.seek(offset)
-            _pump(src.read, out, count, hasher)
+            _pump(src, out, count)
             listing.copy(written, index, offset, count)
         written += count
     if length is not None and remaining:
@@ -446,15 +445,7 @@ def read_end(stream: BinaryIO) -> str:
     return match.group(1).decode()
 
 
-def _pump(read: Callable[[int], bytes], out: "BlobWriter", count: int,
-          hasher: "hashlib._Hash | BackgroundHash",
-          seen: Callable[[bytes], object] | None = None) -> None:
-    while count:
-        data = read(min(READ_BLOCK, count))
-        if not data:
-            raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")
-        hasher.update(data)
-        out.write(data)
-        if seen is not None:
-            seen(data)
-        count -= len(data)
+def _pump(source: BinaryIO, out: "BlobWriter", count: int,
+          seen: Callable[[memoryview | bytes], object] | None = None) -> None:
+    if out.receive(source, count, seen) < count:
+        raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")

@@ -259,23 +259,30 @@ class BackgroundHash:
 
     The master hashing a changed large file (its chunk hashes meanwhile on this
     thread) and the receiver rebuilding a delta (~40 % of the rebuild was hashing)
-    use it. Blocks handed to ``update`` must not change afterwards (bytes, or views
-    of bytes). At most ``depth`` blocks wait, so memory stays flat. Use as a context
-    manager: the thread always ends.
+    use it. A block handed to ``update`` must not change until hashed: bytes, or a
+    view of a buffer that ``done`` (called once it is hashed) gives back. At most
+    ``depth`` blocks wait, so memory stays flat. Use as a context manager: the
+    thread always ends.
     """
 
     def __init__(self, depth: int = 8) -> None:
         self._hash = hashlib.sha256()
-        self._blocks: queue.Queue[bytes | memoryview | None] = queue.Queue(depth)
+        self._blocks: queue.Queue[tuple[bytes | memoryview, Callable[[], object] | None] | None] = \
+            queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="esmirror-hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (block := self._blocks.get()) is not None:
-            self._hash.update(block)
+        while (item := self._blocks.get()) is not None:
+            block, done = item
+            try:
+                self._hash.update(block)
+            finally:
+                if done is not None:
+                    done()
 
-    def update(self, block: bytes | memoryview) -> None:
-        self._blocks.put(block)
+    def update(self, block: bytes | memoryview, done: Callable[[], object] | None = None) -> None:
+        self._blocks.put((block, done))
 
     def hexdigest(self) -> str:
         self._finish()

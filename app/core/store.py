@@ -108,9 +108,26 @@ _DIRECT_ALIGN = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+class _Lease:
+    """A buffer out with the hash thread and the writer thread: free again once both are done."""
+
+    def __init__(self, buffer: mmap.mmap, free: "queue.Queue[mmap.mmap]") -> None:
+        self.buffer, self._free = buffer, free
+        self._holders = 2
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._free.put(self.buffer)
+
+
 class BlobWriter:
-    """A new blob's bytes on their way to disk: ``write``, then ``done`` (all handed to the
-    OS) or ``finish`` (done, and durable).
+    """A new blob's bytes on their way to disk: ``receive`` or ``write``, then ``done`` (all
+    handed to the OS) or ``finish`` (done, and durable). With a ``hasher``, every byte
+    written is hashed too, in order; ``done`` before reading its digest.
 
     A blob of at least ``DIRECT_MIN`` is written past the page cache (Linux
     ``O_DIRECT``): it is made durable at once anyway, and every new page-cache page has
@@ -119,17 +136,22 @@ class BlobWriter:
     went from ~230 to ~130 ms. Blocks go through page-aligned 1 MiB buffers to a thread
     of their own, so the disk write of one overlaps receiving the next (an O_DIRECT
     write returns only once the device has the bytes); the tail is padded to a whole
-    block, then cut back. Smaller blobs, appended parts, other systems and filesystems
-    that refuse ``O_DIRECT`` go through the page cache, with ``Writeback`` starting the
-    disk writes early.
+    block, then cut back. ``receive`` reads a source that has ``readinto`` (a request
+    body, a base file) straight into those buffers, and a full buffer goes to the
+    hasher's thread and the writer's at once, coming back when both are done: no
+    copy in Python. Smaller blobs, appended parts, other systems and filesystems that
+    refuse ``O_DIRECT`` go through the page cache, with ``Writeback`` starting the disk
+    writes early.
     """
 
-    BUFFERS = 3  # one filling, one being written, one spare
+    BUFFERS = 4  # one filling, the others with the hash thread and the writer thread
 
-    def __init__(self, path: Path, size: int, append: bool = False) -> None:
+    def __init__(self, path: Path, size: int, append: bool = False,
+                 hasher: "hashlib._Hash | BackgroundHash | None" = None) -> None:
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0) | (os.O_APPEND if append else os.O_TRUNC)
         self.direct = False
         self.size = 0
+        self.hasher = hasher
         if _O_DIRECT and size >= DIRECT_MIN and not append:
             try:
                 self.fd = os.open(path, flags | _O_DIRECT, 0o666)
@@ -142,7 +164,7 @@ class BlobWriter:
             self._free: queue.Queue[mmap.mmap] = queue.Queue()
             for _ in range(self.BUFFERS):
                 self._free.put(mmap.mmap(-1, CHUNK))
-            self._full: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
+            self._full: queue.Queue[tuple[mmap.mmap, int, Callable[[], None]] | None] = queue.Queue()
             self._error: Exception | None = None
             self._buffer = self._free.get()
             self._filled = 0
@@ -155,8 +177,11 @@ class BlobWriter:
             self._writeback = Writeback(self._file)
 
     def write(self, data: bytes | memoryview) -> None:
+        """Bytes that must not change afterwards (they may be hashed on another thread)."""
         self.size += len(data)
         if not self.direct:
+            if self.hasher is not None:
+                self.hasher.update(data)
             self._file.write(data)
             self._writeback.wrote(len(data))
             return
@@ -169,22 +194,62 @@ class BlobWriter:
             if self._filled == CHUNK:
                 self._hand_over(CHUNK)
 
-    def _hand_over(self, length: int) -> None:
+    def receive(self, source: "BinaryIO | BodyReader", count: int,
+                seen: Callable[[memoryview | bytes], object] | None = None) -> int:
+        """Up to ``count`` bytes of ``source`` into the blob; how many there were (fewer only
+        when the source ended). ``seen`` is shown each piece as it passes."""
+        readinto = getattr(source, "readinto", None) if self.direct else None
+        left = count
+        while left:
+            if readinto is None:
+                piece: memoryview | bytes = source.read(min(CHUNK, left))
+                if not piece:
+                    break
+                self.write(piece)
+            else:
+                space = memoryview(self._buffer)[self._filled:self._filled + min(CHUNK - self._filled, left)]
+                got = readinto(space) or 0
+                if got <= 0:
+                    break
+                piece = space[:got]
+                self._filled += got
+                self.size += got
+            if seen is not None:
+                seen(piece)
+            left -= len(piece)
+            if readinto is not None and self._filled == CHUNK:
+                self._hand_over(CHUNK)
+            crash_point("upload-write")
+        return count - left
+
+    def _hand_over(self, length: int, real: int | None = None) -> None:
+        """The current buffer (``length`` bytes to write, of which ``real`` are the blob's)
+        to the writer thread, and to the hasher; the next buffer once one is free."""
         if self._error is not None:
             raise self._error
-        self._full.put((self._buffer, length))
+        lease = _Lease(self._buffer, self._free)
+        if self.hasher is None:
+            lease.release()
+        else:
+            block = memoryview(self._buffer)[:length if real is None else real]
+            if isinstance(self.hasher, BackgroundHash):
+                self.hasher.update(block, lease.release)
+            else:
+                self.hasher.update(block)
+                lease.release()
+        self._full.put((self._buffer, length, lease.release))
         self._buffer, self._filled = self._free.get(), 0
 
     def _run(self) -> None:
         while (item := self._full.get()) is not None:
-            buffer, length = item
+            buffer, length, release = item
             try:
                 if self._error is None:
                     self._write(buffer, length)
             except Exception as exc:  # raised in the request's thread; buffers keep coming back
                 self._error = exc
             finally:
-                self._free.put(buffer)
+                release()
 
     def _write(self, buffer: mmap.mmap, length: int) -> None:
         view = memoryview(buffer)[:length]
@@ -216,7 +281,7 @@ class BlobWriter:
             self._thread = None
 
     def done(self) -> None:
-        """Every byte written handed to the OS (not yet durable)."""
+        """Every byte written handed to the OS (not yet durable), and to the hasher."""
         if not self.direct:
             # a small blob is left to the one flush that follows (a batch's sync()): starting
             # each one's disk write on its own made 2,000 files of 32 KB plus that sync cost
@@ -229,7 +294,7 @@ class BlobWriter:
             padded = -(-self._filled // _DIRECT_ALIGN) * _DIRECT_ALIGN
             self._buffer[self._filled:padded] = bytes(padded - self._filled)
             cut = padded != self._filled
-            self._hand_over(padded)
+            self._hand_over(padded, self._filled)
         self._stop()
         if self._error is not None:
             raise self._error
@@ -253,23 +318,6 @@ class BlobWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def copy_stream(src: "BinaryIO | BodyReader | Callable[[int], bytes]", dst: BlobWriter, length: int,
-                hasher: "hashlib._Hash | BackgroundHash | None") -> None:
-    """Copy exactly ``length`` bytes, hashing as they pass (unless ``hasher`` is None); a
-    short body is an error."""
-    read = src if callable(src) else src.read
-    remaining = length
-    while remaining:
-        chunk = read(min(CHUNK, remaining))
-        if not chunk:
-            raise BadRequest(f"the body ended {remaining} bytes early (expected {length} bytes)")
-        if hasher is not None:
-            hasher.update(chunk)
-        dst.write(chunk)
-        remaining -= len(chunk)
-        crash_point("upload-write")
 
 
 class BodyReader:
@@ -346,8 +394,9 @@ class BlobStore:
         tmp = self._tmp_file(sha[:16])
         try:
             # a few uploads run at once: each keeps at most 2 blocks waiting for its hash thread
-            with BlobWriter(tmp, length) as out, BackgroundHash(depth=2) as hasher:
-                copy_stream(stream, out, length, hasher)
+            with BackgroundHash(depth=2) as hasher, BlobWriter(tmp, length, hasher=hasher) as out:
+                _received_all(out.receive(stream, length), length)
+                out.done()
                 _verify(hasher, sha, length)
                 out.finish()
             crash_point("upload-verified")
@@ -384,11 +433,12 @@ class BlobStore:
                     raise Conflict(f"delta base {rel} ({base_sha[:12]}…) is not on this server; "
                                    "send the whole file", missing_base=base_sha)
                 bases.append(open(found, "rb"))
-            with BlobWriter(tmp, size) as out, BackgroundHash() as hasher:
-                chunks = delta.rebuild(stream, length, size, bases, out, hasher, consumed,
+            with BackgroundHash() as hasher, BlobWriter(tmp, size, hasher=hasher) as out:
+                chunks = delta.rebuild(stream, length, size, bases, out, consumed,
                                        [index.cached(b) for b, _ in wanted])
                 if sha is None:
                     sha = delta.read_end(stream)
+                out.done()
                 _verify(hasher, sha, size)
                 if chunks is not None:  # the next delta of this file needs no re-read here
                     index.save(sha, chunks)
@@ -433,7 +483,7 @@ class BlobStore:
             # no hash per part: a hash cannot carry over to the next request; the whole
             # file is hashed from disk when the last part lands
             with BlobWriter(partial, length, append=True) as out:
-                copy_stream(stream, out, length, None)
+                _received_all(out.receive(stream, length), length)
                 out.done()
         except OSError as exc:
             partial.unlink(missing_ok=True)
@@ -483,11 +533,11 @@ class BlobStore:
                     raise BadRequest(f"blob {sha[:12]}… claims {size} bytes but the body has {remaining} left")
                 tmp = self._tmp_file(sha[:16], folder_made=True)
                 done.append((tmp, sha))
-                with BlobWriter(tmp, size) as out:
-                    hasher = hashlib.sha256()
-                    copy_stream(body, out, size, hasher)
-                    _verify(hasher, sha, size)
+                hasher = hashlib.sha256()
+                with BlobWriter(tmp, size, hasher=hasher) as out:
+                    _received_all(out.receive(body, size), size)
                     out.done()
+                    _verify(hasher, sha, size)
                 frames.append((sha, size))
                 remaining -= size
                 crash_point("upload-batch-blob")
@@ -535,6 +585,11 @@ class BlobStore:
 def check_sha(sha: str) -> None:
     if not SHA256_RE.match(sha):
         raise BadRequest(f"{sha[:80]!r} is not a SHA-256 (64 lowercase hex digits)")
+
+
+def _received_all(got: int, length: int) -> None:
+    if got < length:
+        raise BadRequest(f"the body ended {length - got} bytes early (expected {length} bytes)")
 
 
 def _verify(hasher: "hashlib._Hash | BackgroundHash", sha: str, size: int) -> None:
