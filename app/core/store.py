@@ -109,11 +109,11 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class _Lease:
-    """A buffer out with the hash thread and the writer thread: free again once both are done."""
+    """A buffer out with the writer thread (and the hash thread): free again once all are done."""
 
-    def __init__(self, buffer: mmap.mmap, free: "queue.Queue[mmap.mmap]") -> None:
+    def __init__(self, buffer: mmap.mmap, free: "queue.Queue[mmap.mmap]", holders: int) -> None:
         self.buffer, self._free = buffer, free
-        self._holders = 2
+        self._holders = holders
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -227,16 +227,12 @@ class BlobWriter:
         to the writer thread, and to the hasher; the next buffer once one is free."""
         if self._error is not None:
             raise self._error
-        lease = _Lease(self._buffer, self._free)
-        if self.hasher is None:
-            lease.release()
-        else:
-            block = memoryview(self._buffer)[:length if real is None else real]
-            if isinstance(self.hasher, BackgroundHash):
-                self.hasher.update(block, lease.release)
-            else:
-                self.hasher.update(block)
-                lease.release()
+        block, hasher = memoryview(self._buffer)[:length if real is None else real], self.hasher
+        lease = _Lease(self._buffer, self._free, holders=2 if isinstance(hasher, BackgroundHash) else 1)
+        if isinstance(hasher, BackgroundHash):
+            hasher.update(block, lease.release)
+        elif hasher is not None:
+            hasher.update(block)
         self._full.put((self._buffer, length, lease.release))
         self._buffer, self._filled = self._free.get(), 0
 
