@@ -173,6 +173,20 @@ def _big_file_published(f) -> tuple[str, bytes, str, Path]:
             f.secondaries[0].data_dir / ".esmirror" / "blobs")
 
 
+def test_a_large_file_that_arrived_whole_gets_its_chunk_list_from_the_next_scan_that_reads_it(fleet):
+    """The secondary's first browse after the upload reads the new file anyway (it was
+    written seconds ago); it keeps the file's chunk list then, so the first delta
+    against it does not wait for a second read of the whole file."""
+    f = fleet(1)
+    url, data, here, blobs = _big_file_published(f)
+    listing = blobs.parent / "chunks" / here
+    assert requests.get(f"{url}/browse", timeout=30).status_code == 200
+    assert json.loads(listing.read_text())["chunks"] == hash_chunks(f.master.data_dir / "indexes" / "big.idx",
+                                                                    CHUNK_SIZE)[1]
+    assert requests.get(f"{url}/chunks/{here}", params={"path": "indexes/big.idx"},
+                        timeout=30).json()["chunks"][-1] == hashlib.sha256(data[-(BIG % CHUNK_SIZE):]).hexdigest()
+
+
 def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
     """Bad or lying delta bodies are refused (400/409), never a 500, and store nothing."""
     f = fleet(1, secondary_ini={"allow_admin": "127.0.0.9"})  # chunks/delta are push routes

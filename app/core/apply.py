@@ -38,6 +38,7 @@ from typing import Any
 import filelock
 
 from .catalogs import CATALOGS_XML, validate_catalogs
+from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
 from .manifest import HASH_CACHE_FILE, HashCache, Manifest, ScanResult, diff, scan, settled
@@ -278,7 +279,8 @@ class WorkingDir:
 
     def scan(self) -> ScanResult:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return scan(self.data_dir, HashCache(self.state_dir / HASH_CACHE_FILE))
+        return scan(self.data_dir, HashCache(self.state_dir / HASH_CACHE_FILE, (DELTA_MIN, CHUNK_SIZE),
+                                             chunk_index=ChunkIndex(self.state_dir), fill_gaps=True))
 
     # --- recovery ------------------------------------------------------------
     def recover(self) -> str | None:

@@ -409,17 +409,24 @@ class HashCache:
     cache knew. With ``chunk_index`` (the master's), those chunk lists are kept on disk
     by content with their CRC-32s, so the next change of the file hashes only the
     chunks that changed (hash_chunks).
+
+    ``fill_gaps`` (a secondary's, with ``chunk_index``): a large file read anyway gets
+    its chunk list only when the index has none for the file's previous content, that
+    is when it arrived whole. A file rebuilt from a delta came with its list
+    (BlobStore.put_delta). So the first delta after a whole upload does not wait for
+    ``GET chunks`` to read the file a second time.
     """
 
     def __init__(self, path: Path | None, chunked: tuple[int, int] | None = None,
                  on_read: Callable[[ChunkFeed | None], object] | None = None,
-                 chunk_index: "ChunkIndex | None" = None) -> None:
+                 chunk_index: "ChunkIndex | None" = None, fill_gaps: bool = False) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}
         self.dirty = False
         self.chunked = chunked
         self.on_read = on_read
         self.chunk_index = chunk_index
+        self.fill_gaps = fill_gaps
         self.chunk_lists: dict[str, tuple[str, int, list[str]]] = {}  # rel → (sha, chunk size, chunks)
         if path is not None:
             try:
@@ -433,17 +440,23 @@ class HashCache:
         cached = self.entries.get(rel)
         if cached and cached[:4] == _stat_key(st):
             return cached[4]
-        feed = None
-        if self.chunked and st.st_size >= self.chunked[0] and cached and len(cached) == 5:
-            feed = ChunkFeed(rel, str(full), st.st_size, self.chunked[1], str(cached[4]))
+        chunked = self.chunked if self.chunked and st.st_size >= self.chunked[0] else None
+        known = str(cached[4]) if cached and len(cached) == 5 else None  # the content it had
+        feed = ChunkFeed(rel, str(full), st.st_size, chunked[1], known) if chunked and known else None
         if self.on_read is not None:
             self.on_read(feed)
-        if self.chunked and st.st_size >= self.chunked[0]:
-            index = self.chunk_index
-            previous = index.previous(str(cached[4])) if index and cached and len(cached) == 5 else None
-            sha, chunks, crcs = hash_chunks(full, self.chunked[1], feed, previous,
+        index = self.chunk_index
+        if chunked and self.fill_gaps and index is not None:
+            if known is not None and index.cached(known) is not None:
+                sha = hash_file(full)  # (rebuilt from a delta, which left the new list)
+            else:
+                sha, chunks, _ = hash_chunks(full, chunked[1])
+                index.save(sha, chunks)
+        elif chunked:
+            previous = index.previous(known) if index and known else None
+            sha, chunks, crcs = hash_chunks(full, chunked[1], feed, previous,
                                             with_crc=index is not None)
-            self.chunk_lists[rel] = (sha, self.chunked[1], chunks)
+            self.chunk_lists[rel] = (sha, chunked[1], chunks)
             if index is not None:
                 index.save(sha, chunks, crcs)
         else:
