@@ -323,3 +323,37 @@ def test_a_direct_write_cut_short_by_a_full_disk_ends_as_no_room_not_as_an_io_er
                 out.write(os.urandom(MIB))
             out.finish()
     assert raised.value.errno == errno.ENOSPC, raised.value
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="O_DIRECT is Linux's")
+def test_a_device_that_refuses_direct_writes_mid_blob_gets_them_through_the_page_cache(tmp_path, monkeypatch):
+    """Some devices and filesystems take O_DIRECT at open and refuse its writes (EINVAL: an
+    alignment larger than ours). No such device can be made on this machine, so the refusal
+    is injected: the first direct write fails as the kernel would fail it. The blob must
+    still be whole and right, written through the page cache from then on."""
+    import app.core.store as store
+
+    real_write, refused = os.write, []
+
+    def write(fd: int, data) -> int:
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    try:  # a filesystem that refuses O_DIRECT at open (an older tmpfs) takes the other path
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT at open")
+    monkeypatch.setattr(store.os, "write", write)
+    content = os.urandom(6 * MIB + 123)  # not a whole number of blocks: the tail is padded, then cut
+    hasher = hashlib.sha256()
+    with BlobWriter(tmp_path / "blob", len(content), hasher=hasher) as out:
+        assert out.direct  # this machine's filesystem takes O_DIRECT at open
+        out.write(content[:MIB // 2])
+        out.write(content[MIB // 2:])
+        out.finish()
+    assert refused == [MIB]  # one direct write refused, every later one went through the page cache
+    assert (tmp_path / "blob").read_bytes() == content
+    assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
