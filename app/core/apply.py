@@ -300,14 +300,22 @@ class WorkingDir:
         return message
 
     def recover_if_interrupted(self) -> str | None:
-        """Recover now if a commit died with its journal (and no live commit holds the lock)."""
-        if not self.journal_path.exists():
+        """Recover now if a commit died (its journal, or the staging folder of one killed
+        before its journal) and no live commit holds the lock."""
+        if not self.journal_path.exists() and not self._staging_left():
             return None
         try:
             with self.lock(timeout=0):
                 return self.recover()
         except filelock.Timeout:
-            return None  # a commit is running in another worker: its journal is live
+            return None  # a commit is running in another worker: its journal and staging are live
+
+    def _staging_left(self) -> bool:
+        try:
+            with os.scandir(self.staging_dir) as entries:
+                return any(True for _ in entries)
+        except OSError:
+            return False
 
     def _staged(self, journal: dict[str, Any], op: dict[str, Any]) -> Path:
         return self.staging_dir / journal["tx"] / op["staged"] if op["staged"] else Path()
