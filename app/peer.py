@@ -191,12 +191,14 @@ def post_delta(sha: str):  # type: ignore[no-untyped-def]
 
 
 class _ChunkedInput:
-    """A chunked body as the server passes it on: a body cut off or badly chunked (the
+    """A chunked body as the server passes it on, held to ``max_upload_bytes`` like any
+    other body (waitress counts a chunked body itself, gunicorn does not): the master
+    then sends the file the ordinary way, in parts. A body cut off or badly chunked (the
     master stopped mid-stream) is the server's own exception (gunicorn's NoMoreData, an
     OSError); here it becomes a 400, not a 500 with a traceback in the log."""
 
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream, self._limit, self._read = stream, limit, 0
 
     def read(self, size: int = -1) -> bytes:
         return self._guarded(self._stream.read, size)
@@ -204,13 +206,17 @@ class _ChunkedInput:
     def readline(self, size: int = -1) -> bytes:
         return self._guarded(self._stream.readline, size)
 
-    @staticmethod
-    def _guarded(method: Any, size: int) -> bytes:
+    def _guarded(self, method: Any, size: int) -> bytes:
         try:
-            return method(size)
+            data: bytes = method(size)
         except OSError as exc:
             raise BadRequest(f"the streamed body broke off ({exc.__class__.__name__}); nothing "
                              "was kept") from None
+        self._read += len(data)
+        if self._read > self._limit:
+            raise TooLarge(f"streamed body over this server's limit of {self._limit} bytes "
+                           "(max_upload_bytes); nothing was kept", limit=self._limit)
+        return data
 
 
 @bp.post("/delta")
@@ -225,8 +231,8 @@ def post_delta_stream():  # type: ignore[no-untyped-def]
                              "sends the delta with a length instead")
     if length is not None:
         _body_length(_settings().max_upload_bytes)
-    sha, size = _workdir().store.put_delta(None, _ChunkedInput(request.stream), None,  # type: ignore[arg-type]
-                                           _find_content)
+    chunked = _ChunkedInput(request.stream, _settings().max_upload_bytes)
+    sha, size = _workdir().store.put_delta(None, chunked, None, _find_content)  # type: ignore[arg-type]
     return jsonify({"sha256": sha, "size": size, "complete": True}), 201
 
 

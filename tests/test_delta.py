@@ -357,6 +357,25 @@ def test_a_publish_streams_a_changed_large_file_ahead_under_either_server(fleet)
         f.stop()
 
 
+def test_a_stream_over_the_upload_limit_is_refused_by_the_server_and_the_file_goes_in_parts(fleet, tmp_path):
+    """A large file rewritten through and through streams as one long literal. Over
+    max_upload_bytes, waitress itself answers 413 (plain text, not our JSON) while the
+    body is still coming; the master drops the head start and sends the file whole, in
+    parts the limit allows."""
+    for server in ("waitress", "gunicorn"):
+        f = fleet(1, server=server, secondary_ini={"max_upload_bytes": "2M"})
+        big = f.master.data_dir / "indexes" / "big.idx"
+        big.write_bytes(os.urandom(6 * MiB))
+        _settled(big)
+        publish_ok(f)
+        big.write_bytes(os.urandom(6 * MiB))  # every chunk changed
+        (only,) = publish_ok(f)["secondaries"]
+        assert only["files_ahead"] == 0, (server, only)
+        assert 6 * MiB <= only["bytes_sent"] < 7 * MiB, (server, only)
+        assert "Traceback" not in (tmp_path / "secondary1.log").read_text(), server
+        f.stop()
+
+
 def test_the_streamed_delta_route_keeps_only_a_file_that_hashes_to_its_last_line(fleet, tmp_path):
     f = fleet(1, server="gunicorn")
     url, data, here, blobs = _big_file_published(f)
