@@ -5,7 +5,7 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pyth
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test setup system-packages bench clean
+.PHONY: demo test setup system-packages bench bench-apache clean
 
 $(BIN)/esmirror: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: system-packages setup
 
 bench: system-packages setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# root only: the full push behind the rendered Apache templates, beside gunicorn and rsync
+bench-apache: system-packages setup
+	$(BIN)/python -m bench.apache $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
