@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from agent.client import FileSpan
 from agent.demo import make_install, write_sample_set
 from conftest import VERSION, esmirror, session_from, set_files, tree
 
@@ -193,6 +194,42 @@ def test_bodies_never_exceed_the_secondary_limit_large_files_go_in_parts(fleet):
     big = f.master.data_dir / "indexes" / "orthos-2024.idx"
     assert big.stat().st_size > 1024 * 1024
     assert report["secondaries"][0]["files_sent"] == 8
+
+
+@pytest.mark.parametrize("through", ["sendfile", "TLS-style reads"])
+def test_a_file_range_goes_out_exactly_and_a_file_cut_short_is_named(tmp_path, through):
+    """Large files leave the master as FileSpans (sendfile over plain HTTP, reads over
+    TLS): the range sent is the range asked for, and a file that shrank since it was
+    scanned is an error that says so, not a short body the secondary waits on."""
+    data = os.urandom(300_000)
+    index = tmp_path / "orthos.idx"
+    index.write_bytes(data)
+    plain, peer = socket.socketpair()
+    # a socket.socket subclass, as ssl.SSLSocket is, takes the read-and-send path
+    sock = plain if through == "sendfile" else _NotPlainSocket(fileno=plain.detach())
+    got = bytearray()
+    reader = threading.Thread(target=lambda: _read_all(peer, got), daemon=True)
+    reader.start()
+    try:
+        FileSpan(index, 1000, 250_000).send_to(sock)
+        with pytest.raises(OSError, match=r"request body was 99000 bytes, not the 100000 "
+                                           r"announced \(a file changed while being sent\)"):
+            FileSpan(index, 201_000, 100_000).send_to(sock)
+    finally:
+        sock.close()
+        reader.join(10)
+        peer.close()
+    assert not reader.is_alive()
+    assert bytes(got) == data[1000:251_000] + data[201_000:]
+
+
+class _NotPlainSocket(socket.socket):
+    pass
+
+
+def _read_all(sock: socket.socket, into: bytearray) -> None:
+    while block := sock.recv(65536):
+        into += block
 
 
 def test_a_failing_master_reload_is_reported_at_once_while_a_secondary_stays_silent(tmp_path):
