@@ -106,6 +106,9 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
 
 def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
     """Plain words for TLS and network failures."""
+    for candidate in _chain(exc):
+        if isinstance(candidate, ChangedWhileSent):  # raised while urllib3 sent the body
+            return f"sending to {secondary.name} stopped: {candidate}"
     text = str(exc)
     reason = None
     for candidate in _chain(exc):
@@ -189,14 +192,18 @@ class Body:
         for block in self._blocks:
             sent += len(block)
             yield block
-        if sent != self.len:
-            raise _changed_while_sent(sent, self.len)
+        if sent != self.len:  # the secondary would wait for the rest
+            raise ChangedWhileSent(f"a request body was {sent} bytes, not the {self.len} announced "
+                                   "(a file changed while being sent); publish again")
 
 
-def _changed_while_sent(sent: int, announced: int) -> OSError:
-    # the secondary would wait for the rest
-    return OSError(f"request body was {sent} bytes, not the {announced} announced "
-                   "(a file changed while being sent); publish again")
+class ChangedWhileSent(OSError):
+    """A file held fewer bytes than the scan found when they were sent."""
+
+    @classmethod
+    def file(cls, path: Path, start: int, length: int, got: int) -> "ChangedWhileSent":
+        return cls(f"{path} changed while being sent (bytes {start}-{start + length - 1} were "
+                   f"asked for, {got} were there); publish again once it is written")
 
 
 class FileSpan:
@@ -220,11 +227,11 @@ class FileSpan:
                 sent = sock.sendfile(fh, self.start, self.length)
             else:
                 sent = 0
-                for block in file_blocks(fh, self.start, self.length):
+                for block in file_blocks(fh, self.path, self.start, self.length):
                     sock.sendall(block)
                     sent += len(block)
         if sent != self.length:
-            raise _changed_while_sent(sent, self.length)
+            raise ChangedWhileSent.file(self.path, self.start, self.length, sent)
 
 
 _SENDFILE = hasattr(os, "sendfile") and os.name == "posix"
@@ -258,13 +265,15 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
-def file_blocks(fh: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+def file_blocks(fh: BinaryIO, path: Path, start: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of an open file from ``start``, in ``SEND_BLOCK`` pieces."""
     fh.seek(start)
-    while length > 0:
-        block = fh.read(min(SEND_BLOCK, length))
+    left = length
+    while left > 0:
+        block = fh.read(min(SEND_BLOCK, left))
         if not block:
-            return
-        length -= len(block)
+            raise ChangedWhileSent.file(path, start, length, length - left)
+        left -= len(block)
         yield block
 
 
@@ -288,7 +297,7 @@ def batch_body(items: list[tuple[str, Path, int]]) -> Body:
             pending.append(head)
             have += len(head)
             with open(path, "rb") as fh:
-                for data in file_blocks(fh, 0, size):
+                for data in file_blocks(fh, path, 0, size):
                     pending.append(data)
                     have += len(data)
                     if have >= SEND_BLOCK:

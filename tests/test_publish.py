@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent.client import FileSpan
+from agent.client import ChangedWhileSent, FileSpan
 from agent.demo import make_install, write_sample_set
 from conftest import VERSION, esmirror, session_from, set_files, tree
 
@@ -212,8 +212,8 @@ def test_a_file_range_goes_out_exactly_and_a_file_cut_short_is_named(tmp_path, t
     reader.start()
     try:
         FileSpan(index, 1000, 250_000).send_to(sock)
-        with pytest.raises(OSError, match=r"request body was 99000 bytes, not the 100000 "
-                                           r"announced \(a file changed while being sent\)"):
+        with pytest.raises(ChangedWhileSent, match=r"orthos.idx changed while being sent \(bytes "
+                                                   r"201000-300999 were asked for, 99000 were there\)"):
             FileSpan(index, 201_000, 100_000).send_to(sock)
     finally:
         sock.close()
@@ -221,6 +221,59 @@ def test_a_file_range_goes_out_exactly_and_a_file_cut_short_is_named(tmp_path, t
         peer.close()
     assert not reader.is_alive()
     assert bytes(got) == data[1000:251_000] + data[201_000:]
+
+
+def test_a_large_file_cut_short_while_it_is_sent_says_which_file_and_what_to_do(tmp_path):
+    """The file shrinks while sendfile is pushing it to a (slow) secondary: the publish
+    names the file and says to publish again, instead of a bare connection error."""
+    from agent.client import SecondaryClient
+    from app.core.errors import RemoteError
+    from app.core.express import Secondary
+    from app.core.settings import load_settings
+
+    index = tmp_path / "orthos.idx"
+    index.write_bytes(os.urandom(32 * 1024 * 1024))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    body_started, cut = threading.Event(), threading.Event()
+
+    def slow_secondary() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            seen = b""
+            while b"\r\n\r\n" not in seen or len(seen) < 65536:  # headers and 64 KiB of body
+                seen += conn.recv(65536)
+            body_started.set()
+            cut.wait(30)
+            while conn.recv(1 << 20):  # until the master gives up on this body
+                pass
+
+    server = threading.Thread(target=slow_secondary, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    client = SecondaryClient(Secondary("127.0.0.1", port),
+                             load_settings(make_install(tmp_path / "master").root))
+    try:
+        def cut_when_sending() -> None:
+            body_started.wait(30)
+            os.truncate(index, 1024 * 1024)
+            cut.set()
+
+        cutter = threading.Thread(target=cut_when_sending, daemon=True)
+        cutter.start()
+        with pytest.raises(RemoteError) as caught:
+            client.put_blob("0" * 64, index, 32 * 1024 * 1024, 64 * 1024 * 1024)
+        cutter.join(30)
+    finally:
+        client.close()
+        server.join(30)
+        listener.close()
+    message = str(caught.value)
+    assert message.startswith(f"sending to 127.0.0.1:{port} stopped: "), message
+    assert f"{index} changed while being sent" in message
+    assert "publish again once it is written" in message
+    assert not server.is_alive()
 
 
 class _NotPlainSocket(socket.socket):
