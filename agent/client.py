@@ -210,9 +210,9 @@ class FileSpan:
     """A byte range of a file, as one block of a ``Body``.
 
     Over plain HTTP our connections hand it to sendfile(2): the bytes go from the
-    page cache to the socket without being copied through Python, which was most
-    of the master's CPU in a full push. Over TLS (the kernel does not encrypt here)
-    it is read and sent in ``SEND_BLOCK`` pieces.
+    page cache to the socket without being copied through Python (a third of the
+    agent's CPU in a fan-out of the bench's set). Over TLS (the kernel does not
+    encrypt here) it is read and sent in ``SEND_BLOCK`` pieces.
     """
 
     def __init__(self, path: Path, start: int, length: int) -> None:
