@@ -121,6 +121,29 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
     assert (tmp_path / "seen-catalogs.xml").read_text() == new_catalogs
 
 
+def test_new_files_take_their_place_even_over_a_symlink_the_scan_skips(fleet, tmp_path):
+    """Files new to a secondary are linked into place straight from its blob store at the
+    switch. A symlink standing where one goes (never mirrored, so not in the scan) gives
+    way to the file, as a staged file's rename would make it; what it pointed to stays."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not part of any set")
+    os.symlink(outside, secondary.data_dir / "indexes" / "b-new.idx")
+    for name in ("a-new.idx", "b-new.idx", "c-new.idx"):
+        (f.master.data_dir / "indexes" / name).write_bytes(f"new file {name}".encode())
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    placed = secondary.data_dir / "indexes" / "b-new.idx"
+    assert not placed.is_symlink() and placed.read_bytes() == b"new file b-new.idx"
+    assert outside.read_bytes() == b"not part of any set"
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+    leftovers = [p.name for p in (secondary.data_dir / ".esmirror").rglob("*")
+                 if p.is_file() and p.parent.name in ("blobs", "staging", "tmp")]
+    assert leftovers == []
+
+
 def test_failing_reload_on_master_stops_the_publish(fleet, tmp_path):
     command, flag = _reload_script(tmp_path)
     flag.write_text("fail")

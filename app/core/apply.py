@@ -172,11 +172,14 @@ class _Folders:
         self.known.clear()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """A hard link, or a copy where the filesystem has none; True for a link."""
     try:
         os.link(src, dst)
+        return True
     except OSError:
         shutil.copy2(src, dst)
+        return False
 
 
 def _copy_verified(src: Path, dst: Path, sha: str) -> None:
@@ -344,7 +347,14 @@ class WorkingDir:
             _remove_empty_tree(work)  # anything still in it (not part of the set) stops the switch
             folders.forget()          # (and folders known under it are gone)
         folders.make(work.parent)
-        os.replace(self._staged(journal, op), work)
+        if op.get("blob"):  # a new file, linked straight from the blob store
+            try:
+                os.link(self.store.path(op["blob"]), work)
+            except FileExistsError:  # a stray file the scan does not list: replaced, as below
+                os.unlink(work)
+                os.link(self.store.path(op["blob"]), work)
+        else:
+            os.replace(self._staged(journal, op), work)
         crash_point("switch-put")
 
     def _rollback(self, journal: dict[str, Any]) -> None:
@@ -357,6 +367,10 @@ class WorkingDir:
                         _remove_empty_tree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(arch, work)
+            elif op.get("blob"):  # a new file linked from the blob store: undone if it was
+                blob = self.store.path(op["blob"])
+                if work.is_file() and blob.is_file() and os.path.samefile(work, blob):
+                    work.unlink()
             elif staged.exists():  # never switched: drop a half-made archive link
                 if op["existed"]:  # (only then is there one; the path may even be a file's child)
                     arch.unlink(missing_ok=True)
@@ -443,7 +457,10 @@ class WorkingDir:
             self._record(generation, master, new, None)
             return result
 
-        # stage: link each blob once, copy what is used twice or already lives here
+        # stage: link each blob once, copy what is used twice or already lives here. A file
+        # new here whose blob was uploaded is not staged: the switch links it straight from
+        # the blob store (one link instead of a link and a rename; the blob is durable since
+        # its upload), once a first link showed this filesystem has them.
         tx = uuid.uuid4().hex[:12]
         stage = self.staging_dir / tx
         stage.mkdir(parents=True)
@@ -456,12 +473,17 @@ class WorkingDir:
             raise
         ops: list[dict[str, Any]] = []
         written: list[Path] = []
+        links_work: bool | None = None  # known after the first link
         try:
             for index, path in enumerate(puts):
                 sha = new.files[path].sha256
                 staged = stage / str(index)
+                if sha in stored and sha not in linked and path not in current.files and links_work:
+                    linked.add(sha)
+                    ops.append({"kind": "put", "path": path, "staged": "", "blob": sha, "existed": False})
+                    continue
                 if sha in stored and sha not in linked:
-                    _link_or_copy(self.store.path(sha), staged)
+                    links_work = _link_or_copy(self.store.path(sha), staged)
                     linked.add(sha)
                 else:
                     _copy_verified(source(path), staged, sha)
