@@ -348,11 +348,12 @@ class WorkingDir:
             folders.forget()          # (and folders known under it are gone)
         folders.make(work.parent)
         if op.get("blob"):  # a new file, linked straight from the blob store
+            blob = self.store.path(op["blob"])
             try:
-                os.link(self.store.path(op["blob"]), work)
+                os.link(blob, work)
             except FileExistsError:  # a stray file the scan does not list: replaced, as below
                 os.unlink(work)
-                os.link(self.store.path(op["blob"]), work)
+                os.link(blob, work)
         else:
             os.replace(self._staged(journal, op), work)
         crash_point("switch-put")
@@ -478,13 +479,12 @@ class WorkingDir:
             for index, path in enumerate(puts):
                 sha = new.files[path].sha256
                 staged = stage / str(index)
-                if sha in stored and sha not in linked and path not in current.files and links_work:
-                    linked.add(sha)
-                    ops.append({"kind": "put", "path": path, "staged": "", "blob": sha, "existed": False})
-                    continue
                 if sha in stored and sha not in linked:
-                    links_work = _link_or_copy(self.store.path(sha), staged)
                     linked.add(sha)
+                    if links_work and path not in current.files:
+                        ops.append({"kind": "put", "path": path, "staged": "", "blob": sha, "existed": False})
+                        continue
+                    links_work = _link_or_copy(self.store.path(sha), staged)
                 else:
                     _copy_verified(source(path), staged, sha)
                 written.append(staged)
