@@ -5,10 +5,12 @@ One place maps errors to exit codes: 0 success, 1 the operation failed,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -32,6 +34,35 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
     return wrapper
+
+
+@contextlib.contextmanager
+def start_up() -> Iterator[None]:
+    """Around a command's imports: what they make lives as long as the process.
+
+    requests, lxml, click and the core make ~100k objects (modules, classes, functions)
+    that the cyclic collector would walk again and again: while they are made, in every
+    later full collection, and at exit. On a 2-core VM that was 60-90 ms of a 0.4 s no-op
+    publish. The collector is off while they are made; gc.freeze() then keeps them out of
+    its sight for good (the use its documentation names). Nothing is lost: they were never
+    garbage.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def run() -> None:
+    """``esmirror`` as a program (the console script, ``python -m agent``)."""
+    try:
+        main(prog_name="esmirror")
+    finally:
+        # Spare the interpreter's last collections at exit a walk over everything made
+        # since start_up(): the process is ending, so it all goes anyway.
+        gc.freeze()
 
 
 def report_and_exit(report: Any, as_json: bool, show: Callable[[Any], None]) -> None:
@@ -96,9 +127,10 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
             force: bool, canary: str | None, max_parallel: int | None, stop_on_failure: bool,
             as_json: bool) -> None:
     """Validate, reload and push this master's set to its secondaries."""
-    from .fleet import publish as run_publish
-    from .fleet import resolve_canary, select_secondaries
-    from .report import ProgressBars, caller_name, print_publish
+    with start_up():
+        from .fleet import publish as run_publish
+        from .fleet import resolve_canary, select_secondaries
+        from .report import ProgressBars, caller_name, print_publish
 
     settings = settings_from(install_dir)
     targets = select_secondaries(settings, secondaries)
@@ -155,8 +187,9 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
 @handle_errors
 def status(install_dir: str | None, as_json: bool) -> None:
     """On the master: each secondary's state now; exit 0 only if all are in sync."""
-    from .report import print_status
-    from .status import live_status
+    with start_up():
+        from .report import print_status
+        from .status import live_status
 
     report = live_status(settings_from(install_dir))
     if as_json:
@@ -172,7 +205,8 @@ def status(install_dir: str | None, as_json: bool) -> None:
 @handle_errors
 def agent(install_dir: str | None, verbose: bool) -> None:
     """The push agent: runs publish requests from the web endpoint and catches secondaries up."""
-    from .daemon import run_agent
+    with start_up():
+        from .daemon import run_agent
 
     run_agent(settings_from(install_dir), verbose)
 

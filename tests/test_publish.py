@@ -351,3 +351,20 @@ def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
     assert report["secondaries"][0]["state"] == "refused", error
     assert "answered 403 to GET browse: '403 Forbidden': the web server" in error, error
     assert "not the esmirror receiver" in error and "<" not in error, error
+
+
+def test_the_collector_is_back_on_after_a_command_start_up_even_one_that_failed():
+    """start_up() turns the cyclic collector off while a command imports; the long-running
+    agent goes through it too, so it must never stay off (memory would only grow)."""
+    import gc
+
+    from agent.cli import start_up
+
+    assert gc.isenabled()
+    with start_up():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ImportError):
+        with start_up():
+            import agent.no_such_module  # noqa: F401
+    assert gc.isenabled()
