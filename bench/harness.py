@@ -48,6 +48,9 @@ MiB = 1024 * 1024
 # rest has none younger. Runs that follow a write wait this long first (not timed).
 # Every timed run (esmirror and rsync alike) starts with an untimed sync().
 SETTLE = RACY_SECONDS + 0.5
+# What `esmirror publish` runs before any work (agent/cli.py): Python's start-up and the
+# command's imports. Timed beside each no-op, it is the floor no change to the work can cut.
+START_UP = "from agent.cli import start_up\nwith start_up():\n    import agent.fleet, agent.report"
 EXCLUDES = ["--exclude=/.esmirror", "--exclude=/archive", "--exclude=/.rsync-backup"]
 CATALOGS = """<?xml version="1.0" encoding="UTF-8"?>
 <CatalogConfig>
@@ -453,6 +456,7 @@ class Bench:
             report = self.publish(0, "noop")
             if report["secondaries"][0]["bytes_sent"] != 0:
                 raise BenchError("no-op: a publish with nothing changed sent file bytes")
+            self.results.add("noop", "start-up", run_timed([self.python, "-c", START_UP])[0])
             self.rsync(["plain0"], "noop", "rsync")
             self.rsync(["guar0"], "noop", "rsync-guar")
         self.results.extra["noop_upstream_bytes"] = self.noop_upstream()
@@ -518,6 +522,10 @@ def table(results: Results) -> list[str]:
                  f"no-op: {x['noop_upstream_bytes'] / 1024:.0f} KiB upstream = "
                  f"{100 * x['noop_upstream_bytes'] / x['set_bytes']:.3f}% of the "
                  f"{x['set_bytes'] / 1e6:.0f} MB set (target < 1%)")
+    start_up, rsync_noop = results.median("noop", "start-up"), results.median("noop", "rsync")
+    if start_up and rsync_noop:
+        lines.append(f"no-op: esmirror's start-up alone (Python + what `publish` imports) "
+                     f"{start_up:.2f} s = {start_up / rsync_noop:.2f}× rsync's whole no-op")
     lines.append(f"peak RSS: receiver {x['receiver_peak_rss'] / MiB:.0f} MiB (target ≤ 100), "
                  f"agent {x['agent_peak_rss'] / MiB:.0f} MiB (target ≤ 150)")
     return lines
