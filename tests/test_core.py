@@ -265,3 +265,48 @@ def test_a_commit_tells_the_hash_cache_what_it_put_so_the_next_scan_reads_nothin
     assert again.files["indexes/tile-1.idx"].sha256 == "f" * 64
     assert again.files["indexes/fresh.idx"].sha256 == wanted.files["indexes/fresh.idx"].sha256
     assert again.files["catalogs.xml"].sha256 == wanted.files["catalogs.xml"].sha256
+
+
+def _dirty_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("Dirty:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_flushing_a_push_leaves_what_is_dirty_on_other_filesystems_alone(tmp_path):
+    """Many files are made durable by flushing their filesystem, not the whole machine: a
+    push must not wait for what another program left dirty on another disk."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from app.core.store import FSYNC_AT_MOST, durable_flush
+
+    shm = Path("/dev/shm")
+    if not sys.platform.startswith("linux") or not shm.is_dir():
+        pytest.skip("needs Linux and a tmpfs at /dev/shm")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip(f"{tmp_path} is on the same filesystem as /dev/shm")
+    pushed = Path(tempfile.mkdtemp(prefix="esmirror-flush-", dir=shm))
+    files = []
+    try:
+        for i in range(FSYNC_AT_MOST + 8):
+            files.append(pushed / f"blob{i}")
+            files[-1].write_bytes(b"x" * 4096)
+        other = tmp_path / "someone-elses-big-write"
+        with open(other, "wb") as fh:  # written, never flushed: dirty pages on the disk
+            for _ in range(64):
+                fh.write(b"\xa5" * (1 << 20))
+        before = _dirty_bytes()
+        if before < 48 << 20:
+            pytest.skip(f"the kernel wrote the data back at once (Dirty: {before >> 20} MiB)")
+        durable_flush(files)
+        after = _dirty_bytes()
+        other.unlink()  # its dirty pages go without being written
+    finally:
+        shutil.rmtree(pushed)
+    assert after >= before // 2, (f"flushing {len(files)} files on /dev/shm flushed the disk "
+                                  f"too: Dirty {before >> 20} MiB -> {after >> 20} MiB")
