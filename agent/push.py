@@ -450,7 +450,11 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
         client.put_blob(sha, path, size, part_size)
         return 1, size
 
-    jobs = [(send_large, item) for item in larges] + [(send_batch, b) for b in batches]
+    # Batches first: each is one thread creating its files one by one on the secondary
+    # (CPU and metadata), while large files are bandwidth and disk writes that overlap
+    # them and fill the slots that free up. Large files first had the batches queue behind
+    # them and end the push alone: fan-out to 3, 8 rounds alternating, faster in all 8.
+    jobs = [(send_batch, b) for b in batches] + [(send_large, item) for item in larges]
     with cf.ThreadPoolExecutor(UPLOAD_THREADS) as pool:
         futures = [pool.submit(fn, arg) for fn, arg in jobs]
         try:
