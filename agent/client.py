@@ -106,15 +106,12 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
 
 def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
     """Plain words for TLS and network failures."""
-    for candidate in _chain(exc):
-        if isinstance(candidate, ChangedWhileSent):  # raised while urllib3 sent the body
-            return f"sending to {secondary.name} stopped: {candidate}"
+    changed = _wrapped(exc, ChangedWhileSent)  # raised while urllib3 sent the body
+    if changed is not None:
+        return f"sending to {secondary.name} stopped: {changed}"
     text = str(exc)
-    reason = None
-    for candidate in _chain(exc):
-        if isinstance(candidate, ssl.SSLCertVerificationError):
-            reason = candidate.verify_message or str(candidate)
-            break
+    unverified = _wrapped(exc, ssl.SSLCertVerificationError)
+    reason = (getattr(unverified, "verify_message", None) or str(unverified)) if unverified else None
     if reason or isinstance(exc, requests.exceptions.SSLError):
         reason = reason or text
         low = reason.lower()
@@ -157,18 +154,23 @@ def _chain(exc: BaseException) -> Iterable[BaseException]:
                   *current.args]
 
 
+def _wrapped(exc: BaseException, *types: type[BaseException]) -> BaseException | None:
+    """The first exception of one of ``types`` in ``exc``'s chain, or None."""
+    return next((e for e in _chain(exc) if isinstance(e, types)), None)
+
+
 def _timed_out(exc: BaseException) -> bool:
     """A read timed out: the wait is minutes, or it was a TLS handshake with a port that
     speaks plain HTTP (waitress never answers one); asking again helps neither."""
-    return isinstance(exc, requests.exceptions.Timeout) or any(
-        isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in _chain(exc))
+    return isinstance(exc, requests.exceptions.Timeout) or \
+        _wrapped(exc, urllib3.exceptions.ReadTimeoutError) is not None
 
 
 def _never_connected(exc: BaseException) -> bool:
     """True when no connection was made (urllib3 already retried that): retrying more only
     makes an unreachable secondary slower to report."""
-    return any(isinstance(e, (urllib3.exceptions.NewConnectionError,
-                              urllib3.exceptions.ConnectTimeoutError)) for e in _chain(exc))
+    return _wrapped(exc, urllib3.exceptions.NewConnectionError,
+                    urllib3.exceptions.ConnectTimeoutError) is not None
 
 
 class Body:

@@ -251,8 +251,8 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             if not ok:
                 raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
                                     f"{output.strip()}")
-        scanned = scan(settings.data_dir, master_hash_cache(settings, news.reading_files),
-                       settings.include, settings.exclude)
+        cache = master_hash_cache(settings, news.reading_files)
+        scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
         news.done()  # openings that saw no file read: the set is likely the same, no manifest
         if scanned.unsafe:
             raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
@@ -264,7 +264,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
                                       "published_at": now_iso()})
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                         scanned.chunk_lists, ChunkIndex(settings.state_dir))
+                         scanned.chunk_lists, cache.chunk_index)
 
         def one(secondary: Secondary) -> PushResult:
             live = PushResult(secondary.host, secondary.port)
@@ -304,8 +304,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
     try:
         ledger = Ledger(settings)
         entries = ledger.read()
-        scanned = scan(settings.data_dir, master_hash_cache(settings), settings.include,
-                       settings.exclude)
+        cache = master_hash_cache(settings)
+        scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
         digest = scanned.manifest.digest
         todo: list[Secondary] = []
         for secondary in secondaries:
@@ -324,7 +324,7 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         results: list[PushResult] = []
         for generation, group in sorted(by_generation.items()):
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                             scanned.chunk_lists, ChunkIndex(settings.state_dir))
+                             scanned.chunk_lists, cache.chunk_index)
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
                 live = PushResult(secondary.host, secondary.port)
