@@ -1,14 +1,14 @@
 """Admin routes (SPEC §5): archive management, publish requests and this server's status."""
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, render_template, request
 
 from .core.apply import WorkingDir
 from .core.audit import audit, now_iso
-from .core.errors import BadRequest, ConfigError, Conflict
+from .core.errors import BadRequest, ConfigError, Conflict, LengthRequired, untrusted_json
 from .core.express import Secondary, read_mirrors, resolve_canary, select_secondaries
 from .core.ledger import agent_pulse, fleet_status
 from .core.publishes import PublishQueue, parse_options
@@ -35,6 +35,8 @@ def archive_clear():  # type: ignore[no-untyped-def]
         older = float(args["older_than"]) if "older_than" in args else None
     except ValueError:
         raise BadRequest("keep and older_than must be numbers") from None
+    if (keep is not None and keep < 0) or (older is not None and not 0 <= older < math.inf):
+        raise BadRequest("keep and older_than must be 0 or more (older_than in days)")
     everything = args.get("all") in ("1", "true", "yes")
     if keep is None and older is None and not everything:
         raise BadRequest("say what to clear: ?keep=N, ?older_than=DAYS or ?all=1")
@@ -78,14 +80,17 @@ def _targets(settings: Settings, options: dict[str, Any]) -> list[Secondary]:
 @bp.post("/publish")
 def publish_request():  # type: ignore[no-untyped-def]
     settings = _settings()
+    if request.content_length is None and "Transfer-Encoding" in request.headers:
+        # a server that passes chunked bodies on uncounted (gunicorn) would show an empty
+        # body here: a publish to every secondary instead of the ones the body names
+        raise LengthRequired("send the publish request with a Content-Length header; chunked "
+                             "bodies are not accepted")
     body = request.get_data(cache=False, as_text=False) if request.content_length else b""
     if len(body) > 64 * 1024:
         raise BadRequest("a publish request is a small JSON object; this body is too large")
-    try:
-        data = json.loads(body) if body.strip() else {}
-    except ValueError:
-        raise BadRequest("the publish body is not JSON; send {} or {\"secondaries\": [...], "
-                         "\"canary\": ..., \"max_parallel\": N, \"stop_on_failure\": true}") from None
+    data = untrusted_json(body, "the publish body is not JSON; send {} or {\"secondaries\": [...], "
+                          "\"canary\": ..., \"max_parallel\": N, \"stop_on_failure\": true}") \
+        if body.strip() else {}
     options = parse_options(data)
     targets = _targets(settings, options)
     caller = request.environ.get("esmirror.client")

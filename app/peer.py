@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from .core.apply import CommitRequest, WorkingDir, check_room, room
 from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
-from .core.errors import BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized
+from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,
+                          untrusted_json)
 from .core.express import express_version, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
@@ -23,7 +23,7 @@ from .core.store import check_sha
 
 bp = Blueprint("peer", __name__)
 MAX_COMMIT_BYTES = 256 * 1024 * 1024  # a manifest of a few million files
-_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
 
 
 def _settings() -> Settings:
@@ -53,11 +53,7 @@ def _room_for(length: int) -> None:
 
 def commit_json(body: bytes) -> Any:
     """The commit body as JSON (its shape is CommitRequest.from_json's business); else 400."""
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise BadRequest("the commit body is not JSON; send {generation, master, base, files}") \
-            from None
+    return untrusted_json(body, "the commit body is not JSON; send {generation, master, base, files}")
 
 
 @bp.before_request
@@ -195,7 +191,8 @@ class _ChunkedInput:
     other body (waitress counts a chunked body itself, gunicorn does not): the master
     then sends the file the ordinary way, in parts. A body cut off or badly chunked (the
     master stopped mid-stream) is the server's own exception (gunicorn's NoMoreData, an
-    OSError); here it becomes a 400, not a 500 with a traceback in the log."""
+    OSError, or its chunk parser's InvalidChunkSize and kin, which are not); here it
+    becomes a 400, not a 500 with a traceback in the log."""
 
     def __init__(self, stream: Any, limit: int) -> None:
         self._stream, self._limit, self._read = stream, limit, 0
@@ -209,7 +206,7 @@ class _ChunkedInput:
     def _guarded(self, method: Any, size: int) -> bytes:
         try:
             data: bytes = method(size)
-        except OSError as exc:
+        except Exception as exc:  # whatever the server raises reading a body: the body is bad
             raise BadRequest(f"the streamed body broke off ({exc.__class__.__name__}); nothing "
                              "was kept") from None
         self._read += len(data)

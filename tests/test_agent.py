@@ -1,6 +1,7 @@
 """Issue 6: the publish endpoint and the push agent, end to end on real servers and processes."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -104,7 +105,8 @@ def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
     url = f"{master.url}/publish"
     for body, words in ((b"{not json", "not JSON"), (b'{"canary": 5}', "canary"),
                         (b'{"secondaries": ["elsewhere.example"]}', "not in the Mirrors list"),
-                        (b'{"max_parallel": 0}', "max_parallel"), (b'{"colour": 1}', "unknown field")):
+                        (b'{"max_parallel": 0}', "max_parallel"), (b'{"colour": 1}', "unknown field"),
+                        (b"[" * 30_000, "not JSON")):
         answer = web.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
         assert answer.status_code == 400, (body, answer.text)
         assert words in answer.json()["error"]
@@ -118,6 +120,19 @@ def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
     assert "not a master" in on_secondary.json()["error"]
     assert not (f.master.data_dir / ".esmirror" / "queue").exists() or \
         not list((f.master.data_dir / ".esmirror" / "queue").glob("*.json"))
+
+
+def test_a_chunked_publish_request_is_refused_not_read_as_empty(fleet, make_receiver):
+    """gunicorn hands a chunked body on uncounted: read as empty, it queued a publish to every
+    secondary instead of the one the body names."""
+    f = fleet(2, master_ini=FAST_AGENT, start=False)
+    master = make_receiver(f.master, server="gunicorn")
+    body = json.dumps({"secondaries": [f"127.0.0.1:{f.receivers[0].port}"]}).encode()
+    answer = http().post(f"{master.url}/publish", data=iter([body]), timeout=10)
+    assert answer.status_code == 411, answer.text
+    assert "Content-Length" in answer.json()["error"]
+    queue = f.master.data_dir / ".esmirror" / "queue"
+    assert not queue.exists() or not list(queue.glob("*.json"))
 
 
 def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_receiver, agents):

@@ -310,3 +310,13 @@ def test_flushing_a_push_leaves_what_is_dirty_on_other_filesystems_alone(tmp_pat
         shutil.rmtree(pushed)
     assert after >= before // 2, (f"flushing {len(files)} files on /dev/shm flushed the disk "
                                   f"too: Dirty {before >> 20} MiB -> {after >> 20} MiB")
+
+
+def test_a_file_inside_a_name_the_set_has_as_a_file_is_unsafe(tmp_path):
+    """Linux holds A.idx (a file) beside a.idx/ (a folder); Windows, macOS and the commit cannot."""
+    (tmp_path / "A.idx").write_bytes(b"a file")
+    (tmp_path / "a.idx").mkdir()
+    (tmp_path / "a.idx" / "x.idx").write_bytes(b"inside what Windows sees as that file")
+    result = scan(tmp_path)
+    assert result.unsafe == ["a.idx/x.idx: inside 'A.idx', which the set also has as a file"]
+    assert set(result.manifest.files) == {"A.idx"}

@@ -207,6 +207,10 @@ CASES += [
     ("path-duplicate", lambda t: request(t, "POST", "commit", t.commit_with(t.entry("dup.idx"),
                                                                             t.entry("dup.idx"))),
      422, "same file"),
+    ("path-inside-a-file", lambda t: request(t, "POST", "commit", t.commit_with(
+        t.entry("catalogs.xml/evil.idx"))), 422, "inside 'catalogs.xml'"),
+    ("path-inside-a-file-other-case", lambda t: request(t, "POST", "commit", t.commit_with(
+        t.entry("x.idx"), t.entry("X.IDX/evil.idx"))), 422, "inside 'x.idx'"),
     # blobs
     ("blob-hash-mismatch", lambda t: request(t, "PUT", f"blobs/{BAD_SHA}", b"something else"),
      400, "hash to"),
@@ -219,6 +223,8 @@ CASES += [
                                                {"Content-Range": "bytes=0-0"}), 400, "Content-Range"),
     ("blob-range-wrong-length", lambda t: request(t, "PUT", f"blobs/{BAD_SHA}", b"xyz",
                                                   {"Content-Range": "bytes 0-9/100"}), 400, "covers"),
+    ("blob-range-huge-numbers", lambda t: request(t, "PUT", f"blobs/{BAD_SHA}", b"x", {
+        "Content-Range": "bytes 0-0/" + "9" * 4400}), 400, "Content-Range"),
     ("blob-range-past-total", lambda t: request(t, "PUT", f"blobs/{BAD_SHA}", b"xyz",
                                                 {"Content-Range": "bytes 0-2/2"}), 400, "past"),
     ("blob-range-last-part-wrong-hash", lambda t: request(t, "PUT", f"blobs/{BAD_SHA}", b"xyz",
@@ -270,6 +276,11 @@ CASES += [
      400, "generation"),
     ("json-generation-negative", lambda t: request(t, "POST", "commit", t.commit(generation=-1)),
      400, "generation"),
+    # the generation names the archive entry's folder: an absurd one used to break the
+    # commit's rollback and leave the receiver answering 500 until its journal was removed
+    ("json-generation-huge", lambda t: request(t, "POST", "commit", t.commit(
+        generation=10**250, files=[f for f in t.state["applied"] if f["path"] != "indexes/tile-1.idx"])),
+     400, "generation"),
     ("json-generation-bool", lambda t: request(t, "POST", "commit", t.commit(generation=True)),
      400, "generation"),
     ("json-master-path", lambda t: request(t, "POST", "commit", t.commit(master="../../x")),
@@ -293,6 +304,8 @@ CASES += [
         {**t.entry("x.idx"), "size": 1.5})), 400, "size"),
     ("json-file-size-bool", lambda t: request(t, "POST", "commit", t.commit_with(
         {**t.entry("x.idx"), "size": False})), 400, "size"),
+    ("json-file-size-not-its-content", lambda t: request(t, "POST", "commit", t.commit_with(
+        {**t.entry("x.idx"), "size": t.size(t.known_sha) + 1})), 422, "sizes do not match"),
     ("json-file-not-object", lambda t: request(t, "POST", "commit", t.commit_with("x.idx")),
      400, "files["),
     # huge manifests
@@ -340,6 +353,20 @@ CASES += [
      404, "no file"),
     ("delta-garbage", lambda t: request(t, "POST", f"delta/{BAD_SHA}", b"garbage\n" * 10), 400,
      "delta"),
+    ("delta-deep-nesting", lambda t: request(t, "POST", f"delta/{BAD_SHA}", b"[" * 30_000 + b"\n"),
+     400, "delta body starts"),
+    ("delta-copy-past-the-base", lambda t: request(t, "POST", f"delta/{BAD_SHA}", json.dumps(
+        {"size": 10, "bases": [{"sha256": t.known_sha, "path": "catalogs.xml"}]}).encode()
+        + b"\nC 0 99999999999999999999 10\n"), 400, "runs past"),
+    # gunicorn passes a chunked body on and its chunk parser raises while the app reads;
+    # waitress reads the chunks itself and refuses them before the app
+    ("delta-streamed-bad-chunk-size", lambda t: raw(
+        t.url, "POST {prefix}/delta HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n", b"zz\r\nabc\r\n0\r\n\r\n"), 400, "broke off|Bad Request|chunk"),
+    ("delta-streamed-chunk-without-crlf", lambda t: raw(
+        t.url, "POST {prefix}/delta HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n", b"5\r\nhelloXX3\r\nabc\r\n0\r\n\r\n"), 400,
+     "broke off|Bad Request|chunk"),
     # routes
     ("route-unknown", lambda t: request(t, "GET", "nothing-here"), 404, "not found|Not Found"),
     ("route-wrong-method", lambda t: request(t, "DELETE", "commit"), 405, "Method Not Allowed"),

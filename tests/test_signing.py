@@ -213,6 +213,8 @@ def test_replayed_request_is_refused_on_every_worker(published):
      "X-Esmirror-Content-SHA256": "0" * 64},
     {"X-Esmirror-Signature": "00", "X-Esmirror-Timestamp": "1", "X-Esmirror-Nonce": "../../x",
      "X-Esmirror-Content-SHA256": "0" * 64},
+    {"X-Esmirror-Signature": "\u00e9" * 64, "X-Esmirror-Timestamp": "1", "X-Esmirror-Nonce": "0" * 32,
+     "X-Esmirror-Content-SHA256": "0" * 64},  # (hmac.compare_digest refuses non-ASCII text)
 ])
 def test_unsigned_or_malformed_signature_gets_401(published, headers):
     _, url, secondary = published

@@ -86,6 +86,9 @@ def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int]) -> 
             + sum(size for sha, size in uploading.items() if sha not in used))
 
 
+MAX_GENERATION = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class CommitRequest:
     """``POST commit``: make this exact set live. ``manifest`` None (``"unchanged": true``
@@ -105,8 +108,10 @@ class CommitRequest:
         if unknown:
             raise BadRequest(f"unknown field(s) in commit: {', '.join(sorted(unknown))}")
         generation, master, base = data.get("generation"), data.get("master"), data.get("base")
-        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
-            raise BadRequest("'generation' must be a whole number, 0 or more")
+        if not isinstance(generation, int) or isinstance(generation, bool) \
+                or not 0 <= generation <= MAX_GENERATION:
+            # (capped: it names the archive entry's folder, which an absurd number cannot)
+            raise BadRequest(f"'generation' must be a whole number from 0 to {MAX_GENERATION}")
         if not isinstance(master, str) or not 1 <= len(master) <= 128 or not master.isalnum():
             raise BadRequest("'master' must be the pushing master's id (letters and digits)")
         if not isinstance(base, str) or len(base) > 64:
@@ -431,10 +436,21 @@ class WorkingDir:
         here = {e.sha256: p for p, e in current.files.items()}
         puts = change.added + change.changed
         needed = {new.files[p].sha256 for p in puts}
-        stored = {s for s in needed if self.store.has(s)}  # one look each (commits hold the lock)
+        sizes = {s: self.store.size(s) for s in needed}  # one look each (commits hold the lock)
+        stored = {s for s, size in sizes.items() if size is not None}
         missing = sorted(s for s in needed if s not in here and s not in stored)
         if missing:
             raise Conflict(f"{len(missing)} blob(s) of the set were never uploaded", missing=missing)
+        # a content has one size: a set that says otherwise would be recorded as what it is not
+        wrong = []
+        for path in puts:
+            entry = new.files[path]
+            size = sizes[entry.sha256] if entry.sha256 in stored else current.files[here[entry.sha256]].size
+            if size != entry.size:
+                wrong.append(f"{path}: the set says {entry.size} bytes; its content "
+                             f"({entry.sha256[:12]}…) is {size} bytes")
+        if wrong:
+            raise InvalidSet("the set's sizes do not match its contents; nothing was changed", wrong)
 
         def source(path: str) -> Path:
             sha = new.files[path].sha256

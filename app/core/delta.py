@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
-from .errors import BadRequest
+from .errors import BadRequest, untrusted_json
 from .manifest import SHA256_RE, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
@@ -315,8 +315,10 @@ def stream_blocks(feed: ChunkFeed, base: Base, digests: Iterator[str],
 def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, str]], int]:
     """(size, [(base sha256, base path)], bytes read) from the body's first line; bad input is a 400."""
     line = readline(MAX_HEADER)
+    shape = ("a delta body starts with one line of JSON {size, bases: [{sha256, path}]} "
+             f"of at most {MAX_HEADER} bytes")
+    data = untrusted_json(line, shape)
     try:
-        data = json.loads(line)
         size, bases = data["size"], data["bases"]
         assert isinstance(size, int) and not isinstance(size, bool) and size >= 0
         assert isinstance(bases, list) and len(bases) <= MAX_BASES
@@ -326,8 +328,7 @@ def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, 
             assert isinstance(sha, str) and SHA256_RE.match(sha) and isinstance(rel, str)
             out.append((sha, rel))
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise BadRequest("a delta body starts with one line of JSON {size, bases: [{sha256, path}]} "
-                         f"of at most {MAX_HEADER} bytes") from None
+        raise BadRequest(shape) from None
     for _, rel in out:
         problem = path_problem(rel)
         if problem:
@@ -423,8 +424,9 @@ def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryI
             index, offset, count = int(match.group(1)), int(match.group(2)), int(match.group(3))
             if not count:
                 raise BadRequest(f"delta frame at byte {written} of the file describes no bytes")
-            if index >= len(bases) or written + count > size:
-                raise BadRequest(f"delta copy from base {index} runs past the file or names no base")
+            if index >= len(bases) or written + count > size or offset + count > sizes[index]:
+                raise BadRequest(f"delta copy from base {index} runs past the file or that base, "
+                                 "or names no base")
             src = bases[index]
             src.seek(offset)
             _pump(src, out, count)

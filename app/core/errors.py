@@ -7,6 +7,7 @@ never decide it themselves.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -86,3 +87,12 @@ class RemoteError(MirrorError):
     def __init__(self, message: str, status: int | None = None, **details: Any) -> None:
         super().__init__(message, **details)
         self.http_status = status
+
+
+def untrusted_json(data: bytes | str, what: str) -> Any:
+    """``data`` (a request body or part of one) as JSON; anything else, absurdly deep
+    nesting included (RecursionError), is the client's error: BadRequest(``what``)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise BadRequest(what) from None

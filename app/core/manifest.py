@@ -104,6 +104,24 @@ def collision_key(path: str) -> str:
     return unicodedata.normalize("NFC", path).casefold()
 
 
+def inside_files(seen: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """(path, why) for each path of a set that lies inside another of its paths, as if
+    that file were a folder: no filesystem can hold both. ``seen``: collision key → path."""
+    as_file: dict[str, str | None] = {}  # folder → the path that names it as a file, if any
+    for path in seen.values():
+        folder = path.rpartition("/")[0]
+        if not folder:
+            continue
+        if folder not in as_file:  # (a set has few folders: each is looked up once)
+            parts = folder.split("/")
+            as_file[folder] = next((outer for depth in range(1, len(parts) + 1)
+                                    if (outer := seen.get(collision_key("/".join(parts[:depth]))))
+                                    is not None), None)
+        outer = as_file[folder]
+        if outer is not None:
+            yield path, f"inside {outer!r}, which the set also has as a file"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
@@ -168,6 +186,7 @@ class Manifest:
                 continue
             seen[key] = path
             files[path] = FileEntry(sha, size)
+        reasons += [f"{path!r}: {why}" for path, why in inside_files(seen)]
         if reasons:
             raise InvalidSet("the set has unsafe paths; nothing was changed", reasons)
         return cls(files)
@@ -557,5 +576,8 @@ def scan(data_dir: Path, cache: HashCache | None = None,
             files[rel] = FileEntry(cache.sha256(rel, full, st), st.st_size)
         except FileNotFoundError:
             continue  # removed while scanning
+    for rel, why in inside_files(seen):  # (only where names differ by case: A.idx, a.idx/x)
+        unsafe.append(f"{rel}: {why}")
+        files.pop(rel, None)
     cache.save(files)
     return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists)

@@ -185,7 +185,8 @@ class Verifier:
             raise Unauthorized(f"{H_CONTENT} must be a SHA-256 (64 lowercase hex digits)")
         expected = _mac(self.secret, canonical(method, path, content_range, content,
                                                timestamp, nonce))
-        if not hmac.compare_digest(expected, signature.strip().lower()):
+        given = signature.strip().lower()
+        if not given.isascii() or not hmac.compare_digest(expected, given):
             raise Unauthorized("bad signature: the master's shared_secret_file is not the same as "
                                "this server's, or the request was altered on the way")
         now = self.clock()

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -396,7 +397,15 @@ class BlobStore:
         return self.blobs / sha
 
     def has(self, sha: str) -> bool:
-        return self.path(sha).is_file()
+        return self.size(sha) is not None
+
+    def size(self, sha: str) -> int | None:
+        """The stored blob's size in bytes; None when it is not here."""
+        try:
+            st = os.stat(self.path(sha))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def _tmp_file(self, label: str, folder_made: bool = False) -> Path:
         if not folder_made:
