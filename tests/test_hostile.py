@@ -302,6 +302,8 @@ CASES += [
         {**t.entry("x.idx"), "size": -1})), 400, "size"),
     ("json-file-size-float", lambda t: request(t, "POST", "commit", t.commit_with(
         {**t.entry("x.idx"), "size": 1.5})), 400, "size"),
+    ("json-file-size-absurd", lambda t: request(t, "POST", "commit", t.commit_with(
+        {**t.entry("x.idx"), "size": 10**4000})), 400, "size"),
     ("json-file-size-bool", lambda t: request(t, "POST", "commit", t.commit_with(
         {**t.entry("x.idx"), "size": False})), 400, "size"),
     ("json-file-size-not-its-content", lambda t: request(t, "POST", "commit", t.commit_with(
@@ -353,6 +355,8 @@ CASES += [
      404, "no file"),
     ("delta-garbage", lambda t: request(t, "POST", f"delta/{BAD_SHA}", b"garbage\n" * 10), 400,
      "delta"),
+    ("delta-size-absurd", lambda t: request(t, "POST", f"delta/{BAD_SHA}", json.dumps(
+        {"size": 10**4000, "bases": []}).encode() + b"\n"), 400, "delta body starts"),
     ("delta-deep-nesting", lambda t: request(t, "POST", f"delta/{BAD_SHA}", b"[" * 30_000 + b"\n"),
      400, "delta body starts"),
     ("delta-copy-past-the-base", lambda t: request(t, "POST", f"delta/{BAD_SHA}", json.dumps(

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .errors import BadRequest, untrusted_json
-from .manifest import SHA256_RE, ChunkFeed, hash_chunks, path_problem
+from .manifest import MAX_FILE_SIZE, SHA256_RE, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
     from .store import BlobWriter
@@ -320,7 +320,7 @@ def read_header(readline: Callable[[int], bytes]) -> tuple[int, list[tuple[str, 
     data = untrusted_json(line, shape)
     try:
         size, bases = data["size"], data["bases"]
-        assert isinstance(size, int) and not isinstance(size, bool) and size >= 0
+        assert isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_FILE_SIZE
         assert isinstance(bases, list) and len(bases) <= MAX_BASES
         out = []
         for base in bases:

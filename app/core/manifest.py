@@ -31,6 +31,7 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul",
                      "com¹", "com²", "com³", "lpt¹", "lpt²", "lpt³"}
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
+MAX_FILE_SIZE = 2**63 - 1  # what any filesystem's offsets can hold
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A file modified this close to a scan may change again within the filesystem's
 # timestamp granularity without its mtime moving: never trust the cache for it.
@@ -173,8 +174,9 @@ class Manifest:
             path, sha, size = item["path"], item["sha256"], item["size"]
             if not isinstance(sha, str) or not SHA256_RE.match(sha):
                 raise BadRequest(f"files[{index}]: sha256 must be 64 lowercase hex digits")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise BadRequest(f"files[{index}]: size must be a whole number of bytes, 0 or more")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
+                raise BadRequest(f"files[{index}]: size must be a whole number of bytes, "
+                                 f"0 to {MAX_FILE_SIZE}")
             problem = path_problem(path)
             if problem:
                 reasons.append(f"{path!r}: {problem}")
