@@ -10,15 +10,16 @@ import ssl
 import time
 from pathlib import Path
 from urllib.parse import urlencode
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from app.core.errors import ConfigError, RemoteError
+from app.core.errors import ConfigError, MirrorError, RemoteError
 from app.core.express import Secondary
+from app.core.manifest import SHA256_RE, Manifest
 from app.core.settings import Settings
 from app.core.signing import EMPTY_SHA256, Signer, batch_digest
 
@@ -351,12 +352,11 @@ class SecondaryClient:
         if response.status_code >= 400:
             try:
                 body = response.json()
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = {"error": _not_from_esmirror(response)}
-            if not isinstance(body, dict):
-                body = {"error": str(body)[:300]}
+            body = _error_body(body)
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
-                              f"{route}: {body.get('error', '')}", status=response.status_code,
+                              f"{route}: {body['error']}", status=response.status_code,
                               body=body)
         if response.is_redirect:
             raise RemoteError(f"{self.secondary.name} answered {method} {route} with a redirect to "
@@ -364,15 +364,39 @@ class SecondaryClient:
                               "redirects: check the host, port, ssl mode and prefix")
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RemoteError(f"{self.secondary.name} answered {method} {route} with something "
                               f"that is not JSON; is {self.base} an esmirror receiver?") from None
 
+    def _answer(self, what: str, answer: Any) -> dict[str, Any]:
+        """A JSON answer checked against what a receiver of this version sends: a wrong
+        shape fails this secondary, in words, instead of a traceback later."""
+        if not isinstance(answer, dict):
+            raise self._unexpected(what, f"a JSON {type(answer).__name__}, not an object")
+        for key, (fits, meant) in ANSWERS[what].items():
+            if key in answer and not fits(answer[key]):
+                raise self._unexpected(what, f"{key} = {_one_line(repr(answer[key]), 60)}, not {meant}")
+        return answer
+
+    def _unexpected(self, what: str, detail: str) -> RemoteError:
+        return RemoteError(f"{self.secondary.name} answered {what} with {detail}; is {self.base} an "
+                           "esmirror receiver of this version?", kind="bad-answer")
+
     def browse(self) -> dict[str, Any]:
-        return self._request("GET", "browse")
+        return self._answer("browse", self._request("GET", "browse"))
 
     def manifest(self) -> dict[str, Any]:
-        return self._request("GET", "manifest")
+        answer = self._answer("manifest", self._request("GET", "manifest"))
+        for key in ("digest", "files"):
+            if key not in answer:
+                raise self._unexpected("manifest", f"no {key}")
+        try:
+            Manifest.from_list(answer["files"])
+        except MirrorError as exc:  # its words, not the master's: the set *there* is wrong
+            reasons = getattr(exc, "reasons", [])[:5]
+            raise self._unexpected("manifest", "; ".join([f"a set this master cannot use ({exc.message})",
+                                                          *map(_one_line, reasons)])) from None
+        return answer
 
     def put_blob(self, sha: str, path: Path, size: int, part_size: int) -> None:
         """One file, streamed; above ``part_size`` in parts with Content-Range."""
@@ -396,7 +420,7 @@ class SecondaryClient:
     def chunks(self, sha: str, path: str) -> dict[str, Any]:
         """The chunk list of a file the secondary holds (app/core/delta.py)."""
         # the query is part of the route so that a signature covers it as sent
-        return self._request("GET", f"chunks/{sha}?{urlencode({'path': path})}")
+        return self._answer("chunks", self._request("GET", f"chunks/{sha}?{urlencode({'path': path})}"))
 
     def post_delta(self, sha: str, body: Body) -> dict[str, Any]:
         # signed digest: the rebuilt file's own sha256, which the receiver verifies
@@ -411,8 +435,78 @@ class SecondaryClient:
 
     def commit(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode("utf-8")
-        return self._request("POST", "commit", hashlib.sha256(data).hexdigest(), data=data,
-                             headers={"Content-Type": "application/json"})
+        answer = self._answer("commit", self._request("POST", "commit", hashlib.sha256(data).hexdigest(),
+                                                      data=data, headers={"Content-Type": "application/json"}))
+        if "digest" not in answer:
+            raise self._unexpected("commit", "no digest")
+        return answer
+
+
+MIN_PART = 1024 * 1024  # a secondary that takes less per request would need a request per KiB
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _sha(value: Any) -> bool:
+    return isinstance(value, str) and bool(SHA256_RE.match(value))
+
+
+def _text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# answer → field → (check, what it must be); fields a receiver may leave out are not required
+ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "browse": {
+        "protocol": (_whole, "a protocol number"),
+        "express_version": (_text_or_none, "text"), "platform": (_text_or_none, "text"),
+        "generation": (lambda v: v is None or _whole(v), "a generation"),
+        "digest": (_text_or_none, "a digest"), "master": (_text_or_none, "a master id"),
+        "warnings": (_texts, "a list of texts"), "archive_bytes": (_whole, "a byte count"),
+        "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
+        "free_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a byte count"),
+        "reserve_bytes": (_whole, "a byte count"),
+    },
+    "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list")},
+    "chunks": {"chunk_size": (_whole, "a byte count"),
+               "chunks": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},
+    "commit": {"generation": (lambda v: v is None or _whole(v), "a generation"),
+               "digest": (_sha, "a SHA-256"), "archive_id": (_text_or_none, "an archive id"),
+               "warnings": (_texts, "a list of texts")},
+}
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    """A secondary's words as one line of at most ``limit`` characters (they end up in a
+    one-line report and the ledger)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def unforeseen(secondary: Secondary, doing: str, exc: Exception) -> str:
+    """The one line for an exception nothing foresaw, so it fails one secondary, not all."""
+    return (f"{secondary.name}: the {doing} stopped on {exc.__class__.__name__}: {_one_line(exc)}; "
+            "this is an esmirror bug, please report it")
+
+
+def _error_body(body: Any) -> dict[str, Any]:
+    """An error answer's JSON, kept only as far as it has the receiver's shape: ``error`` one
+    line, ``reasons`` texts, ``missing`` SHA-256s; other fields as they came."""
+    if not isinstance(body, dict):
+        return {"error": _one_line(body)}
+    body = dict(body)
+    body["error"] = _one_line(body.get("error") or "(no error message)")
+    reasons = body.get("reasons")
+    body["reasons"] = [_one_line(r) for r in reasons[:20]] if isinstance(reasons, list) else []
+    if "missing" in body and not (isinstance(body["missing"], list) and all(map(_sha, body["missing"]))):
+        del body["missing"]
+    return body
 
 
 def _not_from_esmirror(response: requests.Response) -> str:

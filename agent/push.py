@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from app.core import PROTOCOL
 from app.core.apply import room_needed
 from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
@@ -14,7 +15,7 @@ from app.core.express import Secondary
 from app.core.manifest import ChunkFeed, Growing, Manifest
 from app.core.settings import Settings
 
-from .client import Body, SecondaryClient
+from .client import Body, SecondaryClient, unforeseen
 
 SMALL_FILE = 1024 * 1024          # files up to this size travel in batches
 BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
@@ -194,7 +195,11 @@ class Refused(MirrorError):
 
 
 def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any]) -> None:
-    """The browse check: same Express Server version and platform, not owned by another master."""
+    """The browse check: same protocol, Express Server version and platform, not owned by
+    another master."""
+    if info.get("protocol") != PROTOCOL:
+        raise Refused(f"{secondary.name} speaks esmirror protocol {info.get('protocol')!r} but this "
+                      f"master speaks {PROTOCOL}; install the same esmirror version on both")
     for key, label in (("express_version", "Express Server version"), ("platform", "platform")):
         if info.get(key) != mine[key]:
             raise Refused(f"{secondary.name} runs {label} {info.get(key)!r} but this master runs "
@@ -274,6 +279,10 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
                     have = {f["sha256"] for f in remote.get("files", [])} if not full else have
                 else:
                     raise
+        if answer["digest"] != want.digest:
+            raise RemoteError(f"{secondary.name} answered the commit with set {answer['digest'][:12]}… "
+                              f"but was sent {want.digest[:12]}…; see what it holds with 'esmirror "
+                              f"browse {secondary.name}' and publish again")
         result.state = "in-sync"
         result.generation = answer.get("generation")
         result.digest = answer.get("digest")
@@ -295,6 +304,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         result.error = exc.message
     except OSError as exc:
         result.error = f"reading {exc.filename or 'a file'} on this master failed: {exc.strerror}"
+    except Exception as exc:  # a bug meeting an answer nobody foresaw: fail this secondary, not all
+        result.error = unforeseen(secondary, "push", exc)
     finally:
         if client is not None:
             client.close()
@@ -353,9 +364,8 @@ def _send_delta(client: SecondaryClient, local: LocalSet, sha: str, size: int, r
                 continue
             raise
         listing, chunk_size = answer.get("chunks"), answer.get("chunk_size")
-        if not isinstance(listing, list) or not isinstance(chunk_size, int) or chunk_size <= 0 \
-                or (bases and chunk_size != bases[0].chunk_size):
-            continue
+        if not isinstance(listing, list) or chunk_size != delta.CHUNK_SIZE:
+            continue  # (chunked another way: the master would hash the file that way too)
         bases.append(delta.Base(candidate["sha256"], candidate["path"], tuple(map(str, listing)),
                                 chunk_size))
     if not bases:

@@ -9,7 +9,7 @@ from app.core.express import Secondary, select_secondaries
 from app.core.ledger import Ledger, fleet_status
 from app.core.settings import Settings
 
-from .client import SecondaryClient
+from .client import SecondaryClient, unforeseen
 from .push import Refused, check_peer
 
 
@@ -29,6 +29,9 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
         return
     except MirrorError as exc:  # a strict secondary without ca-bundle.crt, say
         ledger.record_unreachable(secondary, exc.message, refused=True)
+        return
+    except Exception as exc:  # a bug meeting an answer nobody foresaw: this secondary, not all
+        ledger.record_unreachable(secondary, unforeseen(secondary, "check", exc), refused=True)
         return
     finally:
         if client is not None:
