@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import json
+import os
 import sys
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail("\n  ".join([exc.message, *reasons]), exc.exit_code)
         except OSError as exc:
             fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors and the like: click reports them (exit 2)
+        except Exception as exc:  # a bug: one line for the operator; the traceback on request
+            if os.environ.get("ESMIRROR_TRACEBACK"):
+                raise
+            fail(f"unexpected {exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}; this is "
+                 "an esmirror bug, please report it (ESMIRROR_TRACEBACK=1 shows where)", 1)
     return wrapper
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from app.core.errors import ConfigError
-from app.core.express import read_lt_is_user
+from app.core.express import parse_port, read_lt_is_user
 from app.core.settings import PUSH_ROUTES, Network, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
@@ -111,9 +111,13 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
     out_dir = out_dir.resolve()
     venv_dir = str(Path(venv or sys.prefix).absolute())
     host, _, port = backend.rpartition(":")
-    if not port.isdigit() or not ipaddress.ip_address(host.strip("[]")).is_loopback:
-        raise ConfigError(f"--backend {backend}: gunicorn must listen on a loopback HOST:PORT "
-                          "so only httpd reaches it")
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if parse_port(port) is None or not loopback or (":" in host and not host.startswith("[")):
+        raise ConfigError(f"--backend {backend}: gunicorn must listen on a loopback IP:PORT "
+                          "([::1]:PORT for IPv6) so only httpd reaches it")
     install = str(settings.install_dir)
     values = {
         "install_dir": install, "install_dir_py": repr(install), "env_sh": str(settings.env_sh),

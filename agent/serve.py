@@ -5,6 +5,7 @@ from typing import Any
 
 from app import make_wsgi
 from app.core.errors import ConfigError
+from app.core.express import host_problem, parse_port
 from app.core.settings import Settings
 
 
@@ -18,9 +19,10 @@ WAITRESS_RECV_BYTES = 1024 * 1024
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = parse_port(port)
+    if not sep or not host or number is None or host_problem(host):
         raise ConfigError(f"--bind {bind!r} is not HOST:PORT (use [::1]:8080 for IPv6)")
-    return host, int(port)
+    return host, number
 
 
 def run_server(settings: Settings, bind: str, server: str, certfile: str | None = None,

@@ -39,7 +39,7 @@ import filelock
 
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
-from .errors import BadRequest, Conflict, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
+from .errors import BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
 from .manifest import HASH_CACHE_FILE, HashCache, Manifest, ScanResult, diff, scan, settled
 from .settings import Settings
@@ -257,6 +257,18 @@ def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
             os.rmdir(folder)
         except OSError:
             pass  # not empty
+
+
+def _created(name: str, meta: dict[str, Any]) -> str:
+    """When an archive entry was made: its record's word, else its name's timestamp."""
+    try:
+        when = dt.datetime.fromisoformat(meta["created"])
+    except (KeyError, TypeError, ValueError):
+        try:
+            when = dt.datetime.strptime(name[:23], "%Y%m%dT%H%M%S.%fZ")
+        except ValueError:
+            when = dt.datetime.now(dt.timezone.utc)  # unknown: never "older than"
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).isoformat()
 
 
 class WorkingDir:
@@ -625,14 +637,20 @@ class WorkingDir:
         entries = []
         if self.archive_dir.is_dir():
             for child in sorted(self.archive_dir.iterdir()):
-                meta = read_json(child / "archive.json") if child.is_dir() else None
-                if not meta:
+                if not child.is_dir() or not (child / "archive.json").exists():
                     continue
+                try:
+                    meta = read_json(child / "archive.json")
+                except Damaged:
+                    meta = None
                 size = sum(f.stat().st_size for f in (child / "files").rglob("*") if f.is_file())
+                if not isinstance(meta, dict):  # listed, so that it can be cleared
+                    meta = {"damaged": "archive.json cannot be read"}
+                # the folder's own name, never what the record says: clear removes this folder
                 entries.append({k: meta.get(k) for k in
-                                ("id", "created", "generation", "replaced_generation", "master", "files",
-                                 "restored_from")}
-                               | {"bytes": size})
+                                ("created", "generation", "replaced_generation", "master", "files",
+                                 "restored_from", "damaged")}
+                               | {"id": child.name, "created": _created(child.name, meta), "bytes": size})
         return entries
 
     def prune_archive(self, keep: int) -> list[str]:

@@ -81,6 +81,11 @@ class NoRoom(MirrorError):
     status = 507
 
 
+class Damaged(MirrorError, ValueError):
+    """One of esmirror's own records cannot be read back (a ValueError too, for callers
+    that skip what they cannot parse)."""
+
+
 class RemoteError(MirrorError):
     """A secondary could not be reached or answered with an error (agent side)."""
 

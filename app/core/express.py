@@ -1,6 +1,7 @@
 """Express Server's own files: the ``Mirrors`` list of ``iserv-cfg.xml``, ``LT_IS_USER`` of ``env.sh``."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -37,6 +38,31 @@ class Secondary:
         return f"{scheme}://{host}:{self.port}"
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def parse_port(text: str) -> int | None:
+    """A TCP port, 1-65535, in ASCII digits (``isdigit`` alone also takes '²' and '١٢'); else None."""
+    text = text.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536:
+        return int(text)
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a host name, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return ("neither an IP address nor a host name (dot-separated labels of 1-63 letters, "
+                "digits and '-'; no scheme, port or brackets)")
+    return None
+
+
 def parse_secondary_spec(text: str, ssl: str = "none") -> Secondary:
     """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) as given on the command line."""
     host, port = text, "80"
@@ -46,11 +72,12 @@ def parse_secondary_spec(text: str, ssl: str = "none") -> Secondary:
             port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = parse_port(port)
+    if not host or number is None or host_problem(host):
         raise ConfigError(f"{text!r} is not HOST[:PORT]")
     if ssl not in TLS_MODES:
         raise ConfigError(f"--ssl {ssl!r}: use one of {', '.join(TLS_MODES)}")
-    return Secondary(host, int(port), ssl)
+    return Secondary(host, number, ssl)
 
 
 def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
@@ -76,9 +103,12 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         host = (element.get("host") or "").strip()
         if not host:
             raise ConfigError(f'{where}: <Secondary> needs host="…"')
+        if host_problem(host):
+            raise ConfigError(f"{where}: host={host!r} is {host_problem(host)}")
         port_text = (element.get("port") or "80").strip()
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"{where}: port={port_text!r} is not a port number (1-65535)")
+        port = parse_port(port_text)
+        if port is None:
+            raise ConfigError(f"{where}: port={port_text[:20]!r} is not a port number (1-65535)")
         ssl, strictness = element.get("ssl"), element.get("sslstrictness")
         if ssl is not None and strictness is not None and ssl.strip() != strictness.strip():
             raise ConfigError(
@@ -86,7 +116,7 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         mode = (ssl if ssl is not None else strictness if strictness is not None else "none").strip()
         if mode not in TLS_MODES:
             raise ConfigError(f"{where}: TLS mode {mode!r}: use one of {', '.join(TLS_MODES)}")
-        secondary = Secondary(host, int(port_text), mode)
+        secondary = Secondary(host, port, mode)
         if secondary in secondaries:
             raise ConfigError(f"{where}: {secondary.name} is listed twice")
         secondaries.append(secondary)

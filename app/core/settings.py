@@ -146,9 +146,18 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError("must be more than 0")
+    if not 0 < value < 10**9:  # (refuses inf and nan too; 10^9 s is 31 years)
+        raise ValueError("must be a number of seconds more than 0 and under 10^9")
     return value
+
+
+def _parse_command(text: str) -> str:
+    """A command line, checked now: a quote left open or a NUL byte fails at load, not at reload."""
+    command = text.strip()
+    if "\0" in command:
+        raise ValueError("holds a NUL byte")
+    shlex.split(command, posix=os.name != "nt")  # ValueError: "No closing quotation"
+    return command
 
 
 _PARSERS: dict[str, Any] = {
@@ -157,7 +166,7 @@ _PARSERS: dict[str, Any] = {
     "trusted_proxies": parse_networks,
     "prefix": _parse_prefix,
     "express_version": str.strip,
-    "reload_command": str.strip,
+    "reload_command": _parse_command,
     "reload_timeout": _parse_float,
     "shared_secret_file": str.strip,
     "archive_keep": _parse_int,
@@ -188,7 +197,10 @@ def load_settings(install_dir: str | os.PathLike[str] | None = None, **overrides
         raise ConfigError(
             "no install dir: pass --install-dir or set ESMIRROR_INSTALL_DIR "
             "to the folder that holds ImageServer/")
-    root = Path(chosen).expanduser().resolve()
+    try:
+        root = Path(chosen).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:  # a symlink loop, a NUL byte, ~nobody
+        raise ConfigError(f"install dir {chosen!r}: {exc}") from None
     if not (root / "ImageServer").is_dir():
         raise ConfigError(f"{root} has no ImageServer/ folder: is it an Express Server install dir?")
     values: dict[str, Any] = {}

@@ -26,6 +26,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -36,6 +37,7 @@ from .settings import Settings
 SCHEME = "esmirror-hmac-sha256-v1"
 WINDOW = 300  # seconds of clock difference tolerated between master and secondary
 MIN_SECRET_BYTES = 16
+MAX_SECRET_BYTES = 4096
 H_SIGNATURE = "X-Esmirror-Signature"
 H_TIMESTAMP = "X-Esmirror-Timestamp"
 H_NONCE = "X-Esmirror-Nonce"
@@ -50,7 +52,11 @@ def secret_path(settings: Settings) -> Path | None:
     """The secret file; a relative name is taken inside ``ImageServer/etc/``."""
     if not settings.shared_secret_file:
         return None
-    path = Path(settings.shared_secret_file).expanduser()
+    try:
+        path = Path(settings.shared_secret_file).expanduser()
+    except RuntimeError as exc:  # ~someone who does not exist
+        raise ConfigError(f"shared_secret_file {settings.shared_secret_file!r}: {exc}; fix it in "
+                          f"{settings.ini_path}") from None
     return path if path.is_absolute() else settings.etc_dir / path
 
 
@@ -61,10 +67,18 @@ def read_secret(settings: Settings) -> bytes | None:
     if path is None:
         return None
     try:
-        secret = path.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(f"shared_secret_file {path}: cannot read it ({exc.strerror}); "
-                          f"fix the path in {settings.ini_path} or the file's permissions") from None
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or /dev/zero would hang the read
+            raise ConfigError(f"shared_secret_file {path} is not a regular file; point it at the "
+                              f"secret file in {settings.ini_path}")
+        with open(path, "rb") as fh:
+            secret = fh.read(MAX_SECRET_BYTES + 1).strip()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"shared_secret_file {path}: cannot read it "
+                          f"({getattr(exc, 'strerror', None) or exc}); fix the path in "
+                          f"{settings.ini_path} or the file's permissions") from None
+    if len(secret) > MAX_SECRET_BYTES:
+        raise ConfigError(f"shared_secret_file {path} holds more than {MAX_SECRET_BYTES} bytes; a "
+                          "secret is a short random string (e.g. 'openssl rand -hex 32')")
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"shared_secret_file {path} holds {len(secret)} bytes; use at least "
                           f"{MIN_SECRET_BYTES} random bytes (e.g. 'openssl rand -hex 32'), the same "

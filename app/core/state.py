@@ -7,6 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .errors import Damaged
+
 
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,10 +30,15 @@ def write_json(path: Path, data: Any, durable: bool = True) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """One of esmirror's records; ``default`` when there is none, Damaged when it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise Damaged(f"{path} is damaged ({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]}); "
+                      "it is esmirror's own record: move it aside and run the command again",
+                      path=str(path)) from None
 
 
 def fsync_dir(path: Path) -> None:

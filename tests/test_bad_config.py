@@ -1,0 +1,122 @@
+"""Bad configuration and damaged records: one line naming the file or setting and what to do,
+exit 2 for configuration (1 for a failed operation), never a traceback (SPEC §4)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.demo import make_install
+from conftest import esmirror
+
+MIRRORS = [("127.0.0.1", 1, "none")]
+
+
+def install_with(tmp_path: Path, ini: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 port: str = "1"):
+    install = make_install(tmp_path / "install", ini or {}, MIRRORS)
+    cfg = install.etc_dir / "iserv-cfg.xml"
+    cfg.write_text(cfg.read_text().replace('host="127.0.0.1" port="1"', f'host="{host}" port="{port}"'))
+    return install
+
+
+def one_line_error(rc: int, out: str, code: int, *words: str) -> None:
+    assert rc == code, out
+    assert "Traceback" not in out, out
+    assert out.startswith("esmirror: "), out
+    assert all(w in out for w in words), (words, out)
+
+
+@pytest.mark.parametrize("host,port,words", [
+    ("127.0.0.1", "\u00b2", ["port="]),                    # isdigit() says yes, int() says no
+    ("127.0.0.1", "\u0661\u0662", ["port="]),              # Arabic-Indic 12: not a port either
+    ("127.0.0.1", "9" * 5000, ["port="]),
+    ("a..b", "80", ["host=", "neither an IP address nor a host name"]),
+    ("a" * 64 + ".example", "80", ["host="]),
+    ("http://127.0.0.1", "80", ["host="]),
+])
+def test_a_mirrors_entry_that_is_not_a_host_and_port_is_a_configuration_error(tmp_path, host, port, words):
+    install = install_with(tmp_path, host=host, port=port)
+    rc, _, out = esmirror("publish", "--dry-run", "--install-dir", str(install.root))
+    one_line_error(rc, out, 2, "iserv-cfg.xml:", *words)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("reload_command", '"unbalanced', ["reload_command", "No closing quotation"]),
+    ("reload_timeout", "inf", ["reload_timeout"]),
+    ("retry_max", "nan", ["retry_max"]),
+    ("check_interval", "1e300", ["check_interval"]),
+])
+def test_a_setting_that_cannot_work_is_refused_when_read(tmp_path, key, value, words):
+    install = install_with(tmp_path, {key: value})
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))
+    one_line_error(rc, out, 2, "esmirror.ini", *words)
+
+
+@pytest.mark.parametrize("secret,words", [
+    ("/dev/zero", ["not a regular file"]),
+    ("~no-such-user-here/secret", ["shared_secret_file"]),
+])
+def test_a_secret_file_that_is_no_file_is_a_configuration_error(tmp_path, secret, words):
+    install = install_with(tmp_path, {"shared_secret_file": secret})
+    rc, _, out = esmirror("publish", "--dry-run", "--install-dir", str(install.root), timeout=30)
+    one_line_error(rc, out, 2, *words)
+
+
+def test_an_install_dir_in_a_symlink_loop_is_a_configuration_error(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(tmp_path / "a"))
+    one_line_error(rc, out, 2, "install dir")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["browse", "127.0.0.1:\u00b2"], ["HOST[:PORT]"]),
+    (["serve", "--bind", "[:::1]:18080"], ["--bind"]),
+    (["deploy", "apache", "--backend", "localhost:8081"], ["--backend"]),
+    (["deploy", "apache", "--backend", "::1:8081"], ["--backend"]),
+])
+def test_a_command_line_address_that_is_not_one_is_a_usage_error(tmp_path, argv, words):
+    install = install_with(tmp_path)
+    rc, _, out = esmirror(*argv, "--install-dir", str(install.root), timeout=30)
+    one_line_error(rc, out, 2, *words)
+
+
+def _archive_entry(install, name: str, record: str | None) -> Path:
+    entry = install.data_dir / "archive" / name
+    (entry / "files").mkdir(parents=True)
+    (entry / "files" / "old.idx").write_bytes(b"replaced once")
+    if record is not None:
+        (entry / "archive.json").write_text(record)
+    return entry
+
+
+def test_archive_clear_removes_the_entry_folder_never_what_its_record_names(tmp_path):
+    install = install_with(tmp_path)
+    keep = install.root / "ImageServer" / "etc"
+    record = json.dumps({"id": "../../../etc", "created": "2026-01-01T00:00:00+00:00", "files": []})
+    entry = _archive_entry(install, "20260101T000000.000000Z-g1-abcdef", record)
+    rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
+    assert rc == 0, out
+    assert not entry.exists() and keep.is_dir() and (keep / "iserv-cfg.xml").is_file()
+
+
+def test_a_damaged_archive_record_is_listed_and_can_be_cleared(tmp_path):
+    install = install_with(tmp_path)
+    entry = _archive_entry(install, "20260101T000000.000000Z-g1-abcdef", '{"id": "half-writ')
+    rc, listing, out = esmirror("archive", "list", "--json", "--install-dir", str(install.root))
+    assert rc == 0 and "Traceback" not in out, out
+    assert [e["id"] for e in listing["archive"]] == [entry.name] and listing["archive"][0]["damaged"]
+    rc, _, out = esmirror("archive", "clear", "--older-than", "1", "--install-dir", str(install.root))
+    assert rc == 0 and not entry.exists(), out
+
+
+def test_a_damaged_record_is_named_with_what_to_do(tmp_path):
+    install = install_with(tmp_path)
+    ledger = install.data_dir / ".esmirror" / "ledger.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_bytes(b"\xff\xfe not json")
+    rc, _, out = esmirror("status", "--install-dir", str(install.root), timeout=60)
+    one_line_error(rc, out, 1, str(ledger), "damaged", "move it aside")
