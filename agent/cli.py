@@ -33,7 +33,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             reasons = getattr(exc, "reasons", None) or []
             fail("\n  ".join([exc.message, *reasons]), exc.exit_code)
         except OSError as exc:
-            fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
+            fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors and the like: click reports them (exit 2)
         except Exception as exc:  # a bug: one line for the operator; the traceback on request
@@ -104,7 +104,7 @@ def main() -> None:
               show_default=True)
 @click.option("--certfile", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (gunicorn).")
 @click.option("--keyfile", type=click.Path(dir_okay=False, exists=True), help="TLS key (gunicorn).")
-@click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="gunicorn worker processes.")
 @handle_errors
 def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
           keyfile: str | None, workers: int) -> None:

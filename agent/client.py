@@ -344,8 +344,11 @@ class SecondaryClient:
             except requests.exceptions.RequestException as exc:
                 if attempt + 1 < attempts and not _never_connected(exc) and not _timed_out(exc):
                     continue  # e.g. the answer was lost: ask again
-                raise RemoteError(describe_connection_error(self.secondary, exc),
-                                  kind="unreachable") from None
+                message = describe_connection_error(self.secondary, exc)
+                if route == "commit" and not _never_connected(exc):
+                    message += ("; the commit's answer was lost, so the set may be live there: "
+                                "'esmirror status' shows what it holds")
+                raise RemoteError(message, kind="unreachable") from None
             if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
                 continue
             break

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import make_wsgi
-from app.core.errors import ConfigError
+from app.core.errors import ConfigError, MirrorError
 from app.core.express import host_problem, parse_port
 from app.core.settings import Settings
 
@@ -39,12 +39,16 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # waitress refuses a body of exactly its limit; one byte more leaves the
         # limit to the app, which answers 413 with a JSON message naming it
 
-        waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
-                       recv_bytes=WAITRESS_RECV_BYTES,
-                       max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600,
-                       # waitress would drop X-Forwarded-For from untrusted peers itself; the
-                       # app's own trusted_proxies logic decides who the caller is.
-                       trusted_proxy=None, clear_untrusted_proxy_headers=False)
+        try:
+            waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
+                           recv_bytes=WAITRESS_RECV_BYTES,
+                           max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600,
+                           # waitress would drop X-Forwarded-For from untrusted peers itself; the
+                           # app's own trusted_proxies logic decides who the caller is.
+                           trusted_proxy=None, clear_untrusted_proxy_headers=False)
+        except OSError as exc:  # binding: the port is taken, or the address is not this host's
+            raise MirrorError(f"cannot listen on {bind}: {exc.strerror or exc}; is another server "
+                              "using that port, and is the address one of this host's?") from None
         return
     from gunicorn.app.base import BaseApplication
 

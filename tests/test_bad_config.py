@@ -120,3 +120,37 @@ def test_a_damaged_record_is_named_with_what_to_do(tmp_path):
     ledger.write_bytes(b"\xff\xfe not json")
     rc, _, out = esmirror("status", "--install-dir", str(install.root), timeout=60)
     one_line_error(rc, out, 1, str(ledger), "damaged", "move it aside")
+
+
+@pytest.mark.parametrize("ini_text,words", [
+    ("[esmirror]\narchive_keep\n", ["esmirror.ini:2", "'archive_keep' is not 'key = value'"]),
+    ("[DEFAULT]\narchive_keep = x\n", ["[DEFAULT]", "[esmirror]"]),
+    ("[esmirror]\nprefix = /lizardtech/../mirror\n", ["prefix"]),
+])
+def test_an_ini_file_written_wrong_is_named_by_line(tmp_path, ini_text, words):
+    install = install_with(tmp_path)
+    (install.etc_dir / "esmirror.ini").write_text(ini_text)
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))
+    one_line_error(rc, out, 2, *words)
+
+
+def test_a_reload_command_that_is_a_folder_is_named(tmp_path):
+    from app.core.apply import run_reload
+    from app.core.settings import load_settings
+
+    install = install_with(tmp_path, {"reload_command": str(tmp_path)})
+    ok, output = run_reload(load_settings(install.root))
+    assert not ok and "reload_command" in output and "cannot be run" in output, output
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path):
+    import socket
+
+    install = install_with(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _, out = esmirror("serve", "--bind", f"127.0.0.1:{port}", "--install-dir",
+                              str(install.root), timeout=30)
+    one_line_error(rc, out, 1, f"cannot listen on 127.0.0.1:{port}")

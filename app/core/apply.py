@@ -151,6 +151,8 @@ def run_reload(settings: Settings) -> tuple[bool, str]:
                               timeout=settings.reload_timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         return False, f"reload_command {argv[0]!r} was not found"
+    except OSError as exc:  # a folder, a file that is not executable
+        return False, f"reload_command {argv[0]!r} cannot be run: {exc.strerror}"
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"") + (exc.stderr or b"")
         return False, (f"reload_command timed out after {settings.reload_timeout:g} s\n"

@@ -123,7 +123,7 @@ class Settings:
 
 def _parse_prefix(text: str) -> str:
     prefix = "/" + text.strip().strip("/")
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", prefix):
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", prefix) or {".", ".."} & set(prefix.split("/")):
         raise ValueError(f"{text!r} is not a URL path like /lizardtech/mirror")
     return prefix
 
@@ -221,6 +221,10 @@ def _read_ini(ini: Path) -> dict[str, Any]:
         parser.read_string(text, source=str(ini))
     except configparser.MissingSectionHeaderError as exc:
         raise ConfigError(f"{ini}:{exc.lineno}: the first line must be the section header [esmirror]") from None
+    except configparser.ParsingError as exc:  # lines that are no "key = value"
+        lineno = exc.errors[0][0]
+        line = text.splitlines()[lineno - 1].strip() if lineno <= len(text.splitlines()) else ""
+        raise ConfigError(f"{ini}:{lineno}: {line!r} is not 'key = value'") from None
     except configparser.Error as exc:
         lineno = getattr(exc, "lineno", None)
         where = f"{ini}:{lineno}" if lineno else str(ini)
@@ -229,6 +233,8 @@ def _read_ini(ini: Path) -> dict[str, Any]:
     if extra:
         raise ConfigError(f"{ini}: unknown section [{extra[0]}]; esmirror reads only [esmirror]")
     values: dict[str, Any] = {}
+    if parser.defaults():  # keys under [DEFAULT] would be silently ignored
+        raise ConfigError(f"{ini}: settings under [DEFAULT]; put them under [esmirror]")
     if not parser.has_section("esmirror"):
         return values
     for key, raw in parser.items("esmirror"):
