@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -320,3 +323,30 @@ def test_a_file_inside_a_name_the_set_has_as_a_file_is_unsafe(tmp_path):
     result = scan(tmp_path)
     assert result.unsafe == ["a.idx/x.idx: inside 'A.idx', which the set also has as a file"]
     assert set(result.manifest.files) == {"A.idx"}
+
+
+@pytest.mark.parametrize("pattern,path,matches", [
+    ("*_*_*.tmp", "a_b_c.tmp", True),
+    ("*_*_*.tmp", "a_b.tmp", False),
+    ("*a*a*ab", "xaayaab", True),
+    ("*.i?x*", "tile.idx.bak", True),
+    ("d*/*.idx", "data/tile.idx", True),
+    ("d*/*.idx", "data/more/tile.idx", False),
+    ("*a*b", "a/b", False),
+])
+def test_globs_with_several_stars_match_as_before(pattern, path, matches):
+    from app.core.manifest import glob_to_regex
+
+    assert bool(glob_to_regex(pattern).match(path)) is matches
+
+
+def test_a_glob_with_many_stars_against_a_long_name_ends(tmp_path):
+    """Compiled star by star, this exclude backtracked exponentially: publish spun for minutes."""
+    (tmp_path / ("a" * 120)).write_bytes(b"x")
+    (tmp_path / ("a" * 60 + "b")).write_bytes(b"x")
+    code = ("import sys; from pathlib import Path; from app.core.manifest import scan; "
+            "print(sorted(scan(Path(sys.argv[1]), exclude=['*a*a*a*a*a*a*a*a*ab']).manifest.files))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr(["a" * 120])
