@@ -1,6 +1,7 @@
 """``esmirror demo`` and the pieces tests reuse: make Express-shaped installs, run receivers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,9 +86,19 @@ def write_sample_set(data_dir: Path, images: Path, big_mb: int = 8) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different free ports: all are held open while they are picked (one picked
+    and closed at a time, the kernel may hand the same port out twice)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 class Receiver:
@@ -157,7 +168,7 @@ def run_demo(keep: bool = False) -> int:
     from .report import print_publish
 
     base = Path(tempfile.mkdtemp(prefix="esmirror-demo-"))
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     secondaries = [make_install(base / f"secondary{i + 1}",
                                 {"allow_push": "127.0.0.1", "express_version": "10.1.0"})
                    for i in range(2)]

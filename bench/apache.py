@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from agent.demo import Receiver, free_port, make_install
+from agent.demo import Receiver, free_ports, make_install
 from app.core.manifest import HASH_CACHE_FILE, HashCache, scan
 
 from .harness import EXCLUDES, REPO, STANDARD, VERSION, RsyncDaemon, compile_sources, make_set, set_digest
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace, base: Path, user: str, harness, running: list
     account = pwd.getpwnam(user)
     world = {"base": base, "user": user, "uid": account.pw_uid, "gid": account.pw_gid, "venv": venv}
     make_set(base / "set", base / "images", STANDARD)
-    ports = {name: free_port() for name in ("mod_wsgi", "mod_proxy", "backend", "gunicorn")}
+    ports = dict(zip(("mod_wsgi", "mod_proxy", "backend", "gunicorn"), free_ports(4)))
 
     wsgi = harness.secondary_for(world, "mod_wsgi", {})
     rendered = harness.render(wsgi, base / "rendered-wsgi", "--venv", str(venv))

@@ -38,7 +38,7 @@ from typing import Any
 
 import agent
 import app
-from agent.demo import Install, Receiver, free_port, make_install
+from agent.demo import Install, Receiver, free_port, free_ports, make_install
 from app.core.manifest import HASH_CACHE_FILE, RACY_SECONDS, HashCache, scan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,7 +318,7 @@ class Bench:
 
     # setup
     def setup(self, master_data: Path, images: Path) -> None:
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = free_ports(3)
         root = self.base / self.server
         shutil.rmtree(root, ignore_errors=True)
         self.secondaries = [make_install(root / f"secondary{i}", {

@@ -13,7 +13,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from agent.demo import Install, Receiver, free_port, make_install, write_sample_set
+from agent.demo import Install, Receiver, free_port, free_ports, make_install, write_sample_set
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "10.1.0"
@@ -43,7 +43,7 @@ def fleet(tmp_path: Path) -> Iterator[Callable[..., "Fleet"]]:
 
     def build(count: int = 2, server: str = "waitress", secondary_ini: dict | None = None,
               master_ini: dict | None = None, start: bool = True) -> Fleet:
-        ports = [free_port() for _ in range(count)]
+        ports = free_ports(count)
         secondaries = []
         for i in range(count):
             ini = {"allow_push": "127.0.0.1", "express_version": VERSION, **(secondary_ini or {})}
