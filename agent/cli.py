@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from app.core.errors import ConfigError, MirrorError
+from app.core.errors import ConfigError, MirrorError, one_line
 from app.core.settings import Settings, load_settings
 
 
@@ -39,8 +39,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug: one line for the operator; the traceback on request
             if os.environ.get("ESMIRROR_TRACEBACK"):
                 raise
-            fail(f"unexpected {exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}; this is "
-                 "an esmirror bug, please report it (ESMIRROR_TRACEBACK=1 shows where)", 1)
+            fail(f"unexpected {exc.__class__.__name__}: {one_line(exc)}; this is an esmirror bug, "
+                 "please report it (ESMIRROR_TRACEBACK=1 shows where)", 1)
     return wrapper
 
 

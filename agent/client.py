@@ -17,7 +17,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from app.core.errors import ConfigError, MirrorError, RemoteError
+from app.core.errors import ConfigError, MirrorError, RemoteError, one_line
 from app.core.express import Secondary
 from app.core.manifest import SHA256_RE, Manifest
 from app.core.settings import Settings
@@ -378,7 +378,7 @@ class SecondaryClient:
             raise self._unexpected(what, f"a JSON {type(answer).__name__}, not an object")
         for key, (fits, meant) in ANSWERS[what].items():
             if key in answer and not fits(answer[key]):
-                raise self._unexpected(what, f"{key} = {_one_line(repr(answer[key]), 60)}, not {meant}")
+                raise self._unexpected(what, f"{key} = {one_line(repr(answer[key]), 60)}, not {meant}")
         return answer
 
     def _unexpected(self, what: str, detail: str) -> RemoteError:
@@ -388,18 +388,20 @@ class SecondaryClient:
     def browse(self) -> dict[str, Any]:
         return self._answer("browse", self._request("GET", "browse"))
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> tuple[dict[str, Any], Manifest]:
+        """The set the secondary holds: its answer as sent (the file list, for picking delta
+        bases) and parsed, checked as any set from outside is."""
         answer = self._answer("manifest", self._request("GET", "manifest"))
         for key in ("digest", "files"):
             if key not in answer:
                 raise self._unexpected("manifest", f"no {key}")
         try:
-            Manifest.from_list(answer["files"])
+            parsed = Manifest.from_list(answer["files"])
         except MirrorError as exc:  # its words, not the master's: the set *there* is wrong
             reasons = getattr(exc, "reasons", [])[:5]
             raise self._unexpected("manifest", "; ".join([f"a set this master cannot use ({exc.message})",
-                                                          *map(_one_line, reasons)])) from None
-        return answer
+                                                          *map(one_line, reasons)])) from None
+        return answer, parsed
 
     def put_blob(self, sha: str, path: Path, size: int, part_size: int) -> None:
         """One file, streamed; above ``part_size`` in parts with Content-Range."""
@@ -452,6 +454,10 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _whole_or_none(value: Any) -> bool:
+    return value is None or _whole(value)
+
+
 def _texts(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -469,7 +475,7 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "browse": {
         "protocol": (_whole, "a protocol number"),
         "express_version": (_text_or_none, "text"), "platform": (_text_or_none, "text"),
-        "generation": (lambda v: v is None or _whole(v), "a generation"),
+        "generation": (_whole_or_none, "a generation"),
         "digest": (_text_or_none, "a digest"), "master": (_text_or_none, "a master id"),
         "warnings": (_texts, "a list of texts"), "archive_bytes": (_whole, "a byte count"),
         "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
@@ -479,22 +485,15 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list")},
     "chunks": {"chunk_size": (_whole, "a byte count"),
                "chunks": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},
-    "commit": {"generation": (lambda v: v is None or _whole(v), "a generation"),
+    "commit": {"generation": (_whole_or_none, "a generation"),
                "digest": (_sha, "a SHA-256"), "archive_id": (_text_or_none, "an archive id"),
                "warnings": (_texts, "a list of texts")},
 }
 
 
-def _one_line(text: Any, limit: int = 300) -> str:
-    """A secondary's words as one line of at most ``limit`` characters (they end up in a
-    one-line report and the ledger)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 1] + "…"
-
-
 def unforeseen(secondary: Secondary, doing: str, exc: Exception) -> str:
     """The one line for an exception nothing foresaw, so it fails one secondary, not all."""
-    return (f"{secondary.name}: the {doing} stopped on {exc.__class__.__name__}: {_one_line(exc)}; "
+    return (f"{secondary.name}: the {doing} stopped on {exc.__class__.__name__}: {one_line(exc)}; "
             "this is an esmirror bug, please report it")
 
 
@@ -502,11 +501,11 @@ def _error_body(body: Any) -> dict[str, Any]:
     """An error answer's JSON, kept only as far as it has the receiver's shape: ``error`` one
     line, ``reasons`` texts, ``missing`` SHA-256s; other fields as they came."""
     if not isinstance(body, dict):
-        return {"error": _one_line(body)}
+        return {"error": one_line(body)}
     body = dict(body)
-    body["error"] = _one_line(body.get("error") or "(no error message)")
+    body["error"] = one_line(body.get("error") or "(no error message)")
     reasons = body.get("reasons")
-    body["reasons"] = [_one_line(r) for r in reasons[:20]] if isinstance(reasons, list) else []
+    body["reasons"] = [one_line(r) for r in reasons[:20]] if isinstance(reasons, list) else []
     if "missing" in body and not (isinstance(body["missing"], list) and all(map(_sha, body["missing"]))):
         del body["missing"]
     return body

@@ -126,7 +126,7 @@ class Opening:
         self.news = news
         self.closed = False
         self.browsed: cf.Future[dict[str, Any]] = cf.Future()
-        self._manifest: cf.Future[dict[str, Any] | None] = cf.Future()
+        self._manifest: cf.Future[tuple[dict[str, Any], Manifest] | None] = cf.Future()
         self._ahead: dict[str, int] = {}  # sha256 → bytes sent, of large files sent during the scan
         self._ahead_thread: threading.Thread | None = None
         # daemon threads: a publish that stops early (invalid set, failed reload) must not
@@ -180,9 +180,9 @@ class Opening:
         finally:
             self._manifest.set_result(manifest)
 
-    def manifest(self) -> dict[str, Any] | None:
-        """The secondary's manifest if it was fetched ahead; waits until the opening is
-        done with the connection."""
+    def manifest(self) -> tuple[dict[str, Any], Manifest] | None:
+        """The secondary's manifest (as sent, and parsed) if it was fetched ahead; waits
+        until the opening is done with the connection."""
         return self._manifest.result()
 
     def close(self) -> None:
@@ -233,13 +233,12 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         check_peer(secondary, info, mine)
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest
-        there: Manifest | None = None  # its set, once parsed
         if info.get("digest") == want.digest and not full:
             # it holds exactly this set (the digest covers every path, hash and size): no
             # need to fetch and diff its manifest; the commit still records the generation
             remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:
-            remote = fetched if fetched is not None else client.manifest()
+            remote, there = fetched if fetched is not None else client.manifest()
         have = set() if full else {f["sha256"] for f in remote.get("files", [])}
         if opening is not None and not full and not dry_run:
             wanted = want.hashes()
@@ -256,8 +255,6 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             result.state = "dry-run"
             return result
         base = remote["digest"]
-        if there is None:
-            there = Manifest.from_list(remote.get("files", []))
         check_room_there(secondary, info, there, want, _to_send(want, have))
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
@@ -274,7 +271,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
                 if "missing" in body:  # blobs lost on the way (a restarted secondary, say)
                     have -= set(body["missing"])
                 elif "digest" in body:  # its set moved since we looked: diff again
-                    remote = client.manifest()
+                    remote, _ = client.manifest()
                     base = remote["digest"]
                     have = {f["sha256"] for f in remote.get("files", [])} if not full else have
                 else:

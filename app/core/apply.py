@@ -650,7 +650,7 @@ class WorkingDir:
                     meta = {"damaged": "archive.json cannot be read"}
                 # the folder's own name, never what the record says: clear removes this folder
                 entries.append({k: meta.get(k) for k in
-                                ("created", "generation", "replaced_generation", "master", "files",
+                                ("generation", "replaced_generation", "master", "files",
                                  "restored_from", "damaged")}
                                | {"id": child.name, "created": _created(child.name, meta), "bytes": size})
         return entries

@@ -94,6 +94,13 @@ class RemoteError(MirrorError):
         self.http_status = status
 
 
+def one_line(text: Any, limit: int = 300) -> str:
+    """Words from elsewhere (a secondary's answer, an exception) as one line of at most
+    ``limit`` characters: they end up in one-line reports, messages and the ledger."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def untrusted_json(data: bytes | str, what: str) -> Any:
     """``data`` (a request body or part of one) as JSON; anything else, absurdly deep
     nesting included (RecursionError), is the client's error: BadRequest(``what``)."""

@@ -103,8 +103,9 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         host = (element.get("host") or "").strip()
         if not host:
             raise ConfigError(f'{where}: <Secondary> needs host="…"')
-        if host_problem(host):
-            raise ConfigError(f"{where}: host={host!r} is {host_problem(host)}")
+        problem = host_problem(host)
+        if problem:
+            raise ConfigError(f"{where}: host={host!r} is {problem}")
         port_text = (element.get("port") or "80").strip()
         port = parse_port(port_text)
         if port is None:

@@ -115,7 +115,7 @@ class Settings:
         return self.etc_dir / "esmirror.ini"
 
     def reload_argv(self) -> list[str]:
-        return shlex.split(self.reload_command, posix=os.name != "nt")
+        return command_argv(self.reload_command)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -151,12 +151,17 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def command_argv(command: str) -> list[str]:
+    """A command line as the argv it runs; ValueError for an open quote ("No closing quotation")."""
+    return shlex.split(command, posix=os.name != "nt")
+
+
 def _parse_command(text: str) -> str:
     """A command line, checked now: a quote left open or a NUL byte fails at load, not at reload."""
     command = text.strip()
     if "\0" in command:
         raise ValueError("holds a NUL byte")
-    shlex.split(command, posix=os.name != "nt")  # ValueError: "No closing quotation"
+    command_argv(command)
     return command
 
 

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import Damaged
+from .errors import Damaged, one_line
 
 
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
@@ -36,7 +36,7 @@ def read_json(path: Path, default: Any = None) -> Any:
     except FileNotFoundError:
         return default
     except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
-        raise Damaged(f"{path} is damaged ({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]}); "
+        raise Damaged(f"{path} is damaged ({exc.__class__.__name__}: {one_line(exc, 120)}); "
                       "it is esmirror's own record: move it aside and run the command again",
                       path=str(path)) from None
 
