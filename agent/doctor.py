@@ -28,6 +28,7 @@ from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Settings, load_settings
+from app.core.signing import read_secret, secret_path
 
 # where distributions keep the main config, tried in order when --httpd-conf is not given
 DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
@@ -328,6 +329,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         report.add("warning", "user", "no Unix accounts here: User/LT_IS_USER and permissions are not "
                    "checked; the IIS app pool's account needs Modify on var\\data (deploy/iis/README.md)")
         _check_mirrors(report, settings)
+        _check_secret(report, settings, None)
         _check_catalogs(report, settings, None)
         return report
     env_path = Path(env_sh) if env_sh else settings.env_sh
@@ -342,6 +344,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
     _check_users(report, httpd, env_user)
     account = _account(report, env_user)
     _check_mirrors(report, settings)
+    _check_secret(report, settings, account)
     _check_catalogs(report, settings, account)
     if account is not None:
         _check_working_dir(report, settings, account)
@@ -481,6 +484,34 @@ def _check_mirrors(report: CheckReport, settings: Settings) -> None:
                    fix=f"put the PEM certificates (concatenated) that sign those servers in {bundle}")
     else:
         report.add("ok", "ca-bundle", f"{bundle} loads")
+
+
+def _check_secret(report: CheckReport, settings: Settings, account: pwd.struct_passwd | None) -> None:
+    """The signing secret must load as publish and the receiver load it, be readable by the
+    account the receiver runs as, and be readable by nobody else."""
+    try:
+        path = secret_path(settings)
+        if path is None:
+            return
+        read_secret(settings)
+    except ConfigError as exc:
+        report.add("error", "secret", exc.message, file=str(settings.ini_path),
+                   fix="correct shared_secret_file in esmirror.ini or the file it names; publish and "
+                       "the receiver refuse to run without it")
+        return
+    if account is not None:
+        blocked = blocked_at(path, account, 4)
+        if blocked:
+            report.add("error", "secret", f"{account.pw_name} (LT_IS_USER) cannot read the shared "
+                       f"secret: {blocked[0]}: {blocked[1]}", file=str(path),
+                       fix=f"chown {account.pw_name} {path}; chmod 600 {path}")
+            return
+    if os.stat(path).st_mode & 0o077:
+        report.add("warning", "secret", f"{path} can be read by other accounts "
+                   f"(mode {stat.S_IMODE(os.stat(path).st_mode):o}); anyone who reads it can push",
+                   file=str(path), fix=f"chmod 600 {path}")
+    else:
+        report.add("ok", "secret", f"{path} loads; pushes are signed")
 
 
 def _check_catalogs(report: CheckReport, settings: Settings, account: pwd.struct_passwd | None) -> None:

@@ -201,7 +201,7 @@ def test_rhel_single_httpd_conf_with_env_sh_forms(tmp_path, form):
     [bad] = [f for f in report["findings"] if f["level"] == "error" and f["topic"] == "user"]
     assert (bad["file"], bad["line"]) == (str(conf), line_of(conf, f"User {user}"))
     assert f"is {user}" in bad["message"] and "LT_IS_USER is nobody" in bad["message"]
-    assert f"env.sh:2" in bad["message"]
+    assert "env.sh:2" in bad["message"]
     (root / "ImageServer" / "etc" / "env.sh").write_text(form.format(u=user) + "\n")
     rc, report, text = check(root, conf, "--json")
     assert rc == 0, text
@@ -308,3 +308,32 @@ def test_a_push_route_block_that_leaves_routes_to_allow_admin_is_reported(tmp_pa
     rc, report, text = check(root, conf, "--json")
     assert report["findings"] and not [f for f in report["findings"]
                                        if f["topic"] in ("push-routes", "prefix")], text
+
+
+def test_shared_secret_missing_unreadable_or_open_to_others(tmp_path):
+    user = account()
+    conf = rhel_layout(tmp_path, user)
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    etc = root / "ImageServer" / "etc"
+    (etc / "esmirror.ini").write_text("[esmirror]\nallow_push = 192.0.2.10\nshared_secret_file = push.key\n")
+
+    def secret_findings() -> tuple[int, list[dict]]:
+        rc, report, _ = check(root, conf, "--json")
+        return rc, [f for f in report["findings"] if f["topic"] == "secret"]
+
+    rc, found = secret_findings()  # named but not there: publish and the receiver would refuse
+    assert rc == 1 and found[0]["level"] == "error"
+    assert str(etc / "push.key") in found[0]["message"] and "cannot read it" in found[0]["message"]
+    key = etc / "push.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o644)
+    rc, found = secret_findings()
+    assert [f["level"] for f in found] == ["warning"] and "chmod 600" in found[0]["fix"]
+    if ROOT and user != "root":  # owned by root, 0600: the receiver's account cannot read it
+        key.chmod(0o600)
+        rc, found = secret_findings()
+        assert rc == 1 and found[0]["level"] == "error" and user in found[0]["message"]
+        shutil.chown(key, user)
+    key.chmod(0o600)
+    rc, found = secret_findings()
+    assert rc == 0 and [f["level"] for f in found] == ["ok"]
