@@ -142,7 +142,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
 
     settings = settings_from(install_dir)
     targets = select_secondaries(settings, secondaries)
-    first = resolve_canary(settings, targets, canary)
+    first = resolve_canary(targets, canary)
     with ProgressBars(targets, enabled=sys.stderr.isatty()) as bars:
         report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force,
                              canary=first, max_parallel=max_parallel,

@@ -193,7 +193,7 @@ class Agent:
         options = record["options"]
         try:
             targets = select_secondaries(self.settings, options.get("secondaries") or [])
-            canary = resolve_canary(self.settings, targets, options.get("canary"))
+            canary = resolve_canary(targets, options.get("canary"))
         except MirrorError as exc:
             record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
             self.queue.save(record)

@@ -231,7 +231,9 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                     mine: dict[str, Any]) -> PublishReport:
     catalogs = settings.data_dir / CATALOGS_XML
     if not catalogs.is_file():
-        raise PublishFailed(f"{catalogs} does not exist; nothing was sent")
+        what = "is not a file" if catalogs.exists() else "does not exist"
+        raise PublishFailed(f"{catalogs} {what}; Express Server reads its catalogs from that "
+                            "file, so nothing was sent")
     report = validate_catalogs_file(catalogs)
     if report.problems and not force:
         raise InvalidSet(f"{catalogs} is invalid; nothing was sent", report.problems)

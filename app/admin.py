@@ -71,7 +71,7 @@ def _targets(settings: Settings, options: dict[str, Any]) -> list[Secondary]:
                        "so there is nothing to publish to. Publish on the master")
     try:
         targets = select_secondaries(settings, options["secondaries"])
-        resolve_canary(settings, targets, options["canary"])
+        resolve_canary(targets, options["canary"])
     except ConfigError as exc:
         raise BadRequest(exc.message) from None
     return targets

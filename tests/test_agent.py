@@ -256,4 +256,6 @@ def test_rollout_canary_and_stop_on_failure(fleet):
     assert [s["state"] for s in report["secondaries"]] == ["unreachable", "in-sync", "in-sync"]
     assert "B/s" not in out  # no progress bars when not on a terminal
     rc, _, out = f.publish("--canary", "elsewhere.example")
-    assert rc == 2 and "not in the Mirrors list" in out
+    assert rc == 2 and "--canary elsewhere.example is not one of the secondaries being published to" in out
+    rc, _, out = f.publish("--canary", "127.0.0.1")  # every member is on 127.0.0.1
+    assert rc == 2 and "--canary 127.0.0.1 names 3 secondaries" in out and "HOST:PORT" in out

@@ -134,8 +134,7 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
         return mirrors
     chosen: list[Secondary] = []
     for want in wanted:
-        match = [m for m in mirrors
-                 if want in (m.host, m.name, f"[{m.host}]", f"[{m.host}]:{m.port}")]
+        match = _named(mirrors, want)
         if not match:
             listed = ", ".join(m.name for m in mirrors)
             raise ConfigError(f"--secondary {want} is not in the Mirrors list of "
@@ -144,14 +143,22 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
     return chosen
 
 
-def resolve_canary(settings: Settings, targets: list[Secondary], canary: str | None) -> Secondary | None:
+def _named(secondaries: list[Secondary], want: str) -> list[Secondary]:
+    """The members ``want`` names: ``HOST``, ``HOST:PORT`` or ``[v6]:PORT``."""
+    return [m for m in secondaries if want in (m.host, m.name, f"[{m.host}]", f"[{m.host}]:{m.port}")]
+
+
+def resolve_canary(targets: list[Secondary], canary: str | None) -> Secondary | None:
     """The ``--canary`` secondary: exactly one of those being published to."""
     if not canary:
         return None
-    chosen = select_secondaries(settings, [canary])
-    if len(chosen) != 1 or chosen[0] not in targets:
-        raise ConfigError(f"--canary {canary} must name exactly one of the secondaries being "
-                          f"published to ({', '.join(t.name for t in targets)})")
+    chosen = _named(targets, canary)
+    if not chosen:
+        raise ConfigError(f"--canary {canary} is not one of the secondaries being published to "
+                          f"({', '.join(t.name for t in targets)})")
+    if len(chosen) > 1:
+        raise ConfigError(f"--canary {canary} names {len(chosen)} secondaries "
+                          f"({', '.join(t.name for t in chosen)}); give one as HOST:PORT")
     return chosen[0]
 
 
