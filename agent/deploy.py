@@ -83,6 +83,15 @@ def apache_word(text: str) -> str:
     return f'"{text}"' if re.search(r"\s", text) else text
 
 
+def _paths_fit(**paths: str) -> None:
+    """Paths go into config lines as they are: a line break would add a line of its own."""
+    for option, value in paths.items():
+        if re.search(r"[\x00-\x1f\x7f]", value):
+            raise ConfigError(f"--{option.replace('_', '-')} {value!r} holds a line break or other "
+                              "control character and cannot be written into a config file; use a "
+                              "path without one")
+
+
 def _fill(template: str, values: dict[str, str], name: str) -> str:
     def one(match: re.Match[str]) -> str:
         if match.group(1) not in values:
@@ -93,14 +102,17 @@ def _fill(template: str, values: dict[str, str], name: str) -> str:
 
 def _write(out_dir: Path, kind: str, names: tuple[str, ...], values: dict[str, str],
            rendered: Rendered) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    texts = {}
+    for name in names:  # every file rendered before one is written: all or nothing
         source = TEMPLATES / kind / name
         if not source.is_file():
             raise ConfigError(f"{source}: template missing; esmirror deploy renders the files of "
                               "deploy/ from the esmirror checkout it was installed from")
+        texts[name] = _fill(source.read_text(encoding="utf-8"), values, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
         target = out_dir / name
-        target.write_text(_fill(source.read_text(encoding="utf-8"), values, name), encoding="utf-8")
+        target.write_text(text, encoding="utf-8")
         rendered.files.append(target)
 
 
@@ -110,6 +122,7 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
     account = deploy_user(settings, user, httpd_conf)
     out_dir = out_dir.resolve()
     venv_dir = str(Path(venv or sys.prefix).absolute())
+    _paths_fit(venv=venv_dir, out=str(out_dir), install_dir=str(settings.install_dir))
     host, _, port = backend.rpartition(":")
     try:
         loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -178,6 +191,7 @@ def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv:
     account = deploy_user(settings, user) if settings.env_sh.exists() else (user or "")
     out_dir = out_dir.resolve()
     venv_dir = venv or sys.prefix
+    _paths_fit(venv=venv_dir, out=str(out_dir), install_dir=str(settings.install_dir))
     install = str(settings.install_dir)
     arguments = subprocess.list2cmdline([
         "-m", "agent", "serve", "--install-dir", install, "--server", "waitress",

@@ -25,6 +25,18 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host, number
 
 
+def check_certificate(certfile: str, keyfile: str) -> None:
+    """Load the pair now: gunicorn would start with a bad one and then fail every handshake."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--certfile {certfile} with --keyfile {keyfile} cannot serve TLS "
+                          f"({getattr(exc, 'strerror', None) or exc}); give a PEM certificate "
+                          "and the PEM private key that belongs to it") from None
+
+
 def run_server(settings: Settings, bind: str, server: str, certfile: str | None = None,
                keyfile: str | None = None, workers: int = 2) -> None:
     host, port = parse_bind(bind)
@@ -32,6 +44,8 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         raise ConfigError("TLS needs --server gunicorn (or TLS in the web server in front)")
     if bool(certfile) != bool(keyfile):
         raise ConfigError("give both --certfile and --keyfile")
+    if certfile and keyfile:
+        check_certificate(certfile, keyfile)
     application = make_wsgi(settings)
     if server == "waitress":
         import waitress

@@ -3,7 +3,6 @@ exit 2 for configuration (1 for a failed operation), never a traceback (SPEC §4
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -154,3 +153,31 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
         rc, _, out = esmirror("serve", "--bind", f"127.0.0.1:{port}", "--install-dir",
                               str(install.root), timeout=30)
     one_line_error(rc, out, 1, f"cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda p: None, ["catalogs.xml does not exist", "nothing was sent"]),
+    (lambda p: p.mkdir(), ["catalogs.xml is not a file", "nothing was sent"]),
+])
+def test_a_master_without_a_catalogs_file_says_which_and_sends_nothing(tmp_path, make, words):
+    install = install_with(tmp_path)
+    make(install.data_dir / "catalogs.xml")
+    rc, _, out = esmirror("publish", "--install-dir", str(install.root))
+    one_line_error(rc, out, 1, str(install.data_dir / "catalogs.xml"), *words)
+
+
+def test_serve_refuses_a_certificate_it_cannot_use_before_listening(tmp_path):
+    import trustme
+
+    install = install_with(tmp_path)
+    ca = trustme.CA()
+    one, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    cert, key, garbage = tmp_path / "cert.pem", tmp_path / "other.key", tmp_path / "garbage.pem"
+    one.cert_chain_pems[0].write_to_path(str(cert))
+    other.private_key_pem.write_to_path(str(key))  # a key, but not this certificate's
+    garbage.write_text("not a certificate\n")
+    for certfile, keyfile in ((garbage, key), (cert, key), (cert, garbage)):
+        rc, _, out = esmirror("serve", "--server", "gunicorn", "--bind", "127.0.0.1:1",
+                              "--certfile", str(certfile), "--keyfile", str(keyfile),
+                              "--install-dir", str(install.root), timeout=30)
+        one_line_error(rc, out, 2, f"--certfile {certfile} with --keyfile {keyfile} cannot serve TLS")

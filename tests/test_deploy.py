@@ -96,6 +96,15 @@ def test_backend_must_be_loopback(tmp_path):
     assert rc == 2 and "loopback" in text
 
 
+@pytest.mark.parametrize("kind", ["apache", "iis"])
+def test_a_venv_with_a_line_break_is_refused_and_nothing_written(tmp_path, kind):
+    install = install_with(tmp_path, None)
+    out = tmp_path / "o"
+    rc, _, text = deploy(install, kind, "--venv", "/opt/venv\nUser root", "--out", str(out))
+    assert rc == 2 and "line break" in text and "Traceback" not in text, text
+    assert not out.exists()
+
+
 def test_default_out_is_under_the_install_etc(tmp_path):
     install = install_with(tmp_path, None)
     rc, _, text = deploy(install, "iis")
