@@ -38,7 +38,7 @@ from typing import Any
 
 import agent
 import app
-from agent.demo import Install, Receiver, free_port, free_ports, make_install
+from agent.demo import Receiver, free_port, free_ports, make_install
 from app.core.manifest import HASH_CACHE_FILE, RACY_SECONDS, HashCache, scan
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import requests
 
 from app.core.apply import WorkingDir

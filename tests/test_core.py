@@ -236,7 +236,6 @@ def test_a_commit_tells_the_hash_cache_what_it_put_so_the_next_scan_reads_nothin
     commit after a full push re-read the whole set on the secondary. Blobs uploaded more
     than RACY_SECONDS before the commit are trusted at once; one written just now is
     read again next time, like any racy file."""
-    import io
 
     from agent.demo import make_install, write_sample_set
     from app.core.apply import CommitRequest, WorkingDir

@@ -4,7 +4,6 @@ from __future__ import annotations
 import ntpath
 import os
 import shlex
-import subprocess
 import sys
 
 from lxml import etree
