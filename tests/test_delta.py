@@ -468,3 +468,49 @@ def test_a_racy_file_is_read_again_but_its_content_is_the_base_of_the_next_delta
     assert feeds[0] is None  # never seen before: no base
     assert feeds[1] is not None and feeds[1].previous_sha == first.files["big.idx"].sha256
     assert second.files["big.idx"].sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_a_file_written_to_while_the_scan_reads_it_is_read_again_never_named_torn(tmp_path):
+    """A large file rewritten in place while the scan reads it: the bytes read may mix two
+    versions that never existed whole. The scan notices (its stat moved), ends the early
+    delta's feed without a hash (nothing read is sent as the file), and reads it again as
+    it is now; a file that never holds still is unsafe, and publish refuses the set."""
+    data = tmp_path / "data"
+    data.mkdir()
+    big, small = data / "big.idx", data / "small.idx"
+    big.write_bytes(os.urandom(DELTA_MIN))
+    small.write_bytes(b"v0")
+    cache_file = tmp_path / "hashcache.json"
+    scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE)))  # known: a changed read gets a feed
+    past = time.time() - 600
+    for path in (big, small):
+        os.utime(path, (past, past))
+    big.write_bytes(os.urandom(DELTA_MIN))
+    small.write_bytes(b"v1")
+    writes = {"count": 0}
+    feeds: list = []
+
+    def write_in_place_twice(feed) -> None:  # called just before each file is read
+        feeds.append(feed)
+        if feed is not None and writes["count"] < 2:  # big.idx (the large one, known before)
+            writes["count"] += 1
+            with open(big, "r+b") as fh:
+                fh.write(os.urandom(64))
+
+    result = scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE), write_in_place_twice))
+    assert result.unsafe == []
+    for path in (big, small):
+        entry = result.manifest.files[path.name]
+        assert (entry.sha256, entry.size) == (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                              path.stat().st_size), path
+    big_feeds = [f for f in feeds if f is not None]
+    assert len(big_feeds) == 3 and big_feeds[0].sha is None is big_feeds[1].sha  # torn reads: unnamed
+    assert big_feeds[2].sha == result.manifest.files["big.idx"].sha256
+
+    def write_in_place_always(feed) -> None:
+        with open(small, "r+b") as fh:
+            fh.write(os.urandom(2))
+
+    result = scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE), write_in_place_always))
+    assert [u for u in result.unsafe if u.startswith("small.idx: kept changing")], result.unsafe
+    assert "small.idx" not in result.manifest.files

@@ -18,7 +18,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generic, Iterable, Iterator, TypeVar
 
 from .errors import BadRequest, InvalidSet
 
@@ -256,9 +256,25 @@ def matches_any(path: str, patterns: Iterable[re.Pattern[str]]) -> bool:
 
 # --- hashing and scanning ------------------------------------------------------
 
-def hash_file(path: str | Path) -> str:
+READ_TRIES = 3  # reads of a file that keeps changing under the scan, before it is called unsafe
+
+
+class ChangedWhileRead(Exception):
+    """The file's size or times moved while it was read: the bytes read may be a mix of
+    two versions that never existed whole, so their hash must not name the file."""
+
+
+def _unchanged(fh: BinaryIO, expect: os.stat_result | None) -> None:
+    if expect is not None and _stat_key(os.fstat(fh.fileno()))[:3] != _stat_key(expect)[:3]:
+        raise ChangedWhileRead(fh.name)
+
+
+def hash_file(path: str | Path, expect: os.stat_result | None = None) -> str:
+    """SHA-256 of the file; with ``expect`` (its stat before), ChangedWhileRead if it moved."""
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        _unchanged(fh, expect)
+        return digest
 
 
 # the chunk hashes and CRC-32s of a file's last content (ChunkIndex.previous)
@@ -387,8 +403,8 @@ class ChunkFeed:
 
 
 def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None,
-                previous: PreviousChunks | None = None,
-                with_crc: bool = False) -> tuple[str, list[str], list[int]]:
+                previous: PreviousChunks | None = None, with_crc: bool = False,
+                expect: os.stat_result | None = None) -> tuple[str, list[str], list[int]]:
     """(SHA-256 of the file, SHA-256 of each ``chunk_size`` chunk, CRC-32 of each chunk) in
     one read; the CRC-32s only ``with_crc`` or given ``previous``.
 
@@ -402,6 +418,9 @@ def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None
     (2^-32 per changed chunk) names a wrong chunk: the secondary's whole-file check
     refuses the rebuilt file, and the master sends that file whole and drops the list
     (agent/push.py).
+
+    With ``expect`` (the stat the file had before), ChangedWhileRead when it moved while
+    read; ``feed`` then ends without a hash, so nothing read is used as the file.
     """
     chunks: list[str] = []
     crcs: list[int] | None = [] if with_crc or previous is not None else None
@@ -414,6 +433,7 @@ def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None
                 chunks += digests
                 if feed is not None:
                     feed.chunks.add(digests)
+            _unchanged(fh, expect)
             sha = whole.hexdigest()
             return sha, chunks, crcs or []
     finally:
@@ -482,19 +502,19 @@ class HashCache:
         index = self.chunk_index
         if chunked and self.fill_gaps and index is not None:
             if known is not None and index.cached(known) is not None:
-                sha = hash_file(full)  # (rebuilt from a delta, which left the new list)
+                sha = hash_file(full, st)  # (rebuilt from a delta, which left the new list)
             else:
-                sha, chunks, _ = hash_chunks(full, chunked[1])
+                sha, chunks, _ = hash_chunks(full, chunked[1], expect=st)
                 index.save(sha, chunks)
         elif chunked:
             previous = index.previous(known) if index and known else None
             sha, chunks, crcs = hash_chunks(full, chunked[1], feed, previous,
-                                            with_crc=index is not None)
+                                            with_crc=index is not None, expect=st)
             self.chunk_lists[rel] = (sha, chunked[1], chunks)
             if index is not None:
                 index.save(sha, chunks, crcs)
         else:
-            sha = hash_file(full)
+            sha = hash_file(full, st)
         self.remember(rel, st, sha)
         return sha
 
@@ -588,7 +608,15 @@ def scan(data_dir: Path, cache: HashCache | None = None,
             continue
         seen[key] = rel
         try:
-            files[rel] = FileEntry(cache.sha256(rel, full, st), st.st_size)
+            for _ in range(READ_TRIES):
+                try:
+                    files[rel] = FileEntry(cache.sha256(rel, full, st), st.st_size)
+                    break
+                except ChangedWhileRead:  # written to while read: read it again as it is now
+                    st = os.stat(full)
+            else:
+                unsafe.append(f"{rel}: kept changing while it was read ({READ_TRIES} times); publish "
+                              "again once whatever writes it is done")
         except FileNotFoundError:
             continue  # removed while scanning
     for rel, why in inside_files(seen):  # (only where names differ by case: A.idx, a.idx/x)
