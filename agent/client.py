@@ -320,6 +320,7 @@ class SecondaryClient:
         self.base = secondary.base_url + settings.prefix
         self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
         self.session = make_session(secondary, settings)
+        self.target = ""  # the secondary's own id, from its browse answer: signatures name it
 
     def close(self) -> None:
         self.session.close()
@@ -338,7 +339,7 @@ class SecondaryClient:
             if self.signer is not None:
                 headers = kwargs.setdefault("headers", {})
                 headers.update(self.signer.headers(method, f"/{route}", content_sha256,
-                                                   headers.get("Content-Range", "")))
+                                                   headers.get("Content-Range", ""), self.target))
             try:
                 response = self.session.request(method, f"{self.base}/{route}", **kwargs)
             except requests.exceptions.RequestException as exc:
@@ -386,7 +387,9 @@ class SecondaryClient:
                            "esmirror receiver of this version?", kind="bad-answer")
 
     def browse(self) -> dict[str, Any]:
-        return self._answer("browse", self._request("GET", "browse"))
+        info = self._answer("browse", self._request("GET", "browse"))
+        self.target = info.get("self") or ""
+        return info
 
     def manifest(self) -> tuple[dict[str, Any], Manifest]:
         """The set the secondary holds: its answer as sent (the file list, for picking delta
@@ -470,6 +473,12 @@ def _text_or_none(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
+def _server_id(value: Any) -> bool:
+    """A server's own id goes into a header when signing: printable ASCII, no spaces."""
+    return isinstance(value, str) and 0 < len(value) <= 128 and value.isascii() and value.isprintable() \
+        and " " not in value
+
+
 # answer → field → (check, what it must be); fields a receiver may leave out are not required
 ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "browse": {
@@ -477,12 +486,14 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "express_version": (_text_or_none, "text"), "platform": (_text_or_none, "text"),
         "generation": (_whole_or_none, "a generation"),
         "digest": (_text_or_none, "a digest"), "master": (_text_or_none, "a master id"),
+        "self": (_server_id, "a server id"),
         "warnings": (_texts, "a list of texts"), "archive_bytes": (_whole, "a byte count"),
         "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
         "free_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a byte count"),
         "reserve_bytes": (_whole, "a byte count"),
     },
-    "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list")},
+    "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list"),
+                 "uploaded": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},
     "chunks": {"chunk_size": (_whole, "a byte count"),
                "chunks": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},
     "commit": {"generation": (_whole_or_none, "a generation"),

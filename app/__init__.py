@@ -33,13 +33,14 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.config.update(test_config)
     workdir = WorkingDir(settings)
     app.extensions["esmirror.workdir"] = workdir
-    app.extensions["esmirror.verifier"] = Verifier.from_settings(settings)  # None: unsigned pushes
     app.register_blueprint(peer.bp)
     app.register_blueprint(admin.bp)
     errors.register(app)
     with workdir.lock():
         note = workdir.recover()
-        workdir.self_id  # created now, so that reading routes never write
+        own_id = workdir.self_id  # created now, so that reading routes never write
+    # None: unsigned pushes. Signed ones must name this server (a replay from another fails)
+    app.extensions["esmirror.verifier"] = Verifier.from_settings(settings, own_id)
     if note:
         log.warning("%s: %s", settings.data_dir, note)
 

@@ -92,11 +92,21 @@ def published(signed_fleet):
     return f, f.receivers[0].url, f.secondaries[0]
 
 
+def own_id(url: str) -> str:
+    """A receiver's own id, as a master learns it: a browse signed for no one in particular."""
+    answer = session_from("127.0.0.1").get(f"{url}/browse", timeout=20,
+                                           headers=Signer(SECRET.encode()).headers("GET", "/browse"))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["self"]
+
+
 def send(url: str, method: str, route: str, body: bytes = b"", content: str | None = None,
-         signer: Signer | None = None, headers: dict | None = None):
+         signer: Signer | None = None, headers: dict | None = None, target: str | None = None):
+    """A request signed as a master signs it: for the receiver at ``url`` unless ``target``."""
     signer = signer or Signer(SECRET.encode())
     content = content or hashlib.sha256(body).hexdigest()
-    signed = signer.headers(method, f"/{route}", content, (headers or {}).get("Content-Range", ""))
+    signed = signer.headers(method, f"/{route}", content, (headers or {}).get("Content-Range", ""),
+                            own_id(url) if target is None else target)
     return session_from("127.0.0.1").request(method, f"{url}/{route}", data=body, timeout=20,
                                              headers={**signed, **(headers or {})})
 
@@ -113,6 +123,33 @@ def test_good_signed_request_is_answered(published):
     _, url, _ = published
     answer = send(url, "GET", "manifest")
     assert answer.status_code == 200, answer.text
+
+
+def test_a_request_signed_for_one_secondary_is_refused_by_another(fleet):
+    """Every server holds the same secret: the signature names its target (the secondary's
+    own id), so a push captured on its way to one secondary does nothing at another."""
+    f = fleet(2, server="gunicorn", secondary_ini=SIGNED, master_ini=SIGNED, start=False)
+    for install in (f.master, *f.secondaries):
+        write_secret(install)
+    for receiver in f.receivers:
+        receiver.start()
+    assert f.publish()[0] == 0
+    one, other = (r.url for r in f.receivers)
+    before = tree_state(f.secondaries[1].data_dir)
+    body = commit_body(f.secondaries[1], files=[e for e in json.loads(commit_body(f.secondaries[1]))["files"]
+                                                if e["path"] != "overviews/basemap.ovr"])
+    content = hashlib.sha256(body).hexdigest()
+    headers = Signer(SECRET.encode()).headers("POST", "/commit", content, "", own_id(one))
+    answer = session_from("127.0.0.1").post(f"{other}/commit", data=body, headers=headers, timeout=20)
+    assert answer.status_code == 401, answer.text
+    assert "signed for another server" in answer.json()["error"]
+    assert tree_state(f.secondaries[1].data_dir) == before
+    for route in ("manifest", "commit"):  # no target: only the first browse may go without one
+        answer = send(other, "POST" if route == "commit" else "GET", route, body, target="")
+        assert answer.status_code == 401 and "signed for another server" in answer.json()["error"]
+    # the same commit, signed for its own target, is taken: the refusal was the target's
+    assert send(other, "POST", "commit", body).status_code == 200
+    assert "overviews/basemap.ovr" not in set_files(f.secondaries[1].data_dir)
 
 
 def test_tampered_commit_body_is_refused(published):
@@ -155,12 +192,12 @@ def test_blob_signed_for_another_name_is_refused(published):
 def test_path_and_query_are_signed(published):
     _, url, secondary = published
     signer = Signer(SECRET.encode())
-    headers = signer.headers("GET", "/browse")
+    headers = signer.headers("GET", "/browse", target=own_id(url))
     answer = session_from("127.0.0.1").get(f"{url}/manifest", headers=headers, timeout=20)
     assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
     sha = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())["applied"][0]
     route = f"chunks/{sha['sha256']}?path={sha['path']}"
-    headers = signer.headers("GET", f"/{route}")
+    headers = signer.headers("GET", f"/{route}", target=own_id(url))
     answer = session_from("127.0.0.1").get(f"{url}/{route}x", headers=headers, timeout=20)
     assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
 
@@ -194,7 +231,8 @@ def test_timestamp_outside_the_window_is_refused(published, offset):
 def test_replayed_request_is_refused_on_every_worker(published):
     _, url, secondary = published
     body = commit_body(secondary, base="0" * 64)  # a valid signature on a commit that fails later
-    headers = Signer(SECRET.encode()).headers("POST", "/commit", hashlib.sha256(body).hexdigest())
+    headers = Signer(SECRET.encode()).headers("POST", "/commit", hashlib.sha256(body).hexdigest(),
+                                                target=own_id(url))
     session = session_from("127.0.0.1")
     first = session.post(f"{url}/commit", data=body, headers=headers, timeout=20)
     assert first.status_code == 409, first.text  # got past the signature
@@ -259,16 +297,16 @@ def test_master_with_unreadable_secret_exits_2_and_sends_nothing(fleet):
 
 def test_nonces_are_pruned_after_three_windows(tmp_path):
     now = [1_000_000.0]
-    verifier = Verifier(SECRET.encode(), tmp_path / "nonces", window=10, clock=lambda: now[0])
+    verifier = Verifier(SECRET.encode(), tmp_path / "nonces", "me", window=10, clock=lambda: now[0])
     signer = Signer(SECRET.encode(), clock=lambda: now[0])
-    headers = signer.headers("GET", "/manifest")
+    headers = signer.headers("GET", "/manifest", target="me")
     assert verifier.verify("GET", "/manifest", headers)
     stored = list((tmp_path / "nonces").iterdir())
     old = now[0] - 31
     for path in stored:
         os.utime(path, (old, old))
     now[0] += 61
-    verifier.verify("GET", "/manifest", signer.headers("GET", "/manifest"))
+    verifier.verify("GET", "/manifest", signer.headers("GET", "/manifest", target="me"))
     assert headers["X-Esmirror-Nonce"] not in os.listdir(tmp_path / "nonces")
 
 

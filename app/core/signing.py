@@ -2,7 +2,10 @@
 
 The master signs, the secondary verifies, both with the same secret file. The
 signature is HMAC-SHA256 over (scheme, method, route path under the prefix,
-Content-Range, body digest, timestamp, nonce). The body digest never needs the
+Content-Range, body digest, timestamp, nonce, target). The target is the
+secondary's own id (``self`` in its browse answer), so a request signed for one
+secondary is refused by every other, though all share the secret; only the first
+``GET browse``, sent before the master knows the id, goes without one. The body digest never needs the
 body in memory or read twice:
 
 - ``POST commit`` (and any other body): SHA-256 of the body bytes;
@@ -34,7 +37,7 @@ from typing import Callable, Iterable, Mapping
 from .errors import ConfigError, Unauthorized
 from .settings import Settings
 
-SCHEME = "esmirror-hmac-sha256-v1"
+SCHEME = "esmirror-hmac-sha256-v2"
 WINDOW = 300  # seconds of clock difference tolerated between master and secondary
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
@@ -42,6 +45,7 @@ H_SIGNATURE = "X-Esmirror-Signature"
 H_TIMESTAMP = "X-Esmirror-Timestamp"
 H_NONCE = "X-Esmirror-Nonce"
 H_CONTENT = "X-Esmirror-Content-SHA256"
+H_TARGET = "X-Esmirror-Target"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
@@ -87,10 +91,10 @@ def read_secret(settings: Settings) -> bytes | None:
 
 
 def canonical(method: str, path: str, content_range: str, content_sha256: str,
-              timestamp: str, nonce: str) -> bytes:
+              timestamp: str, nonce: str, target: str) -> bytes:
     """The exact bytes both sides sign: one field a line."""
     return "\n".join([SCHEME, method.upper(), path, content_range, content_sha256,
-                      timestamp, nonce]).encode("utf-8")
+                      timestamp, nonce, target]).encode("utf-8")
 
 
 def batch_digest(frames: Iterable[tuple[str, int]]) -> str:
@@ -118,13 +122,14 @@ class Signer:
         return cls(secret) if secret else None
 
     def headers(self, method: str, path: str, content_sha256: str = EMPTY_SHA256,
-                content_range: str = "") -> dict[str, str]:
+                content_range: str = "", target: str = "") -> dict[str, str]:
+        """``target``: the secondary's own id ('' only for the first browse)."""
         timestamp = str(int(self.clock()))
         nonce = secrets.token_hex(16)
         mac = _mac(self.secret, canonical(method, path, content_range, content_sha256,
-                                          timestamp, nonce))
+                                          timestamp, nonce, target))
         return {H_TIMESTAMP: timestamp, H_NONCE: nonce, H_CONTENT: content_sha256,
-                H_SIGNATURE: mac}
+                H_TARGET: target, H_SIGNATURE: mac}
 
 
 class NonceStore:
@@ -165,17 +170,18 @@ class NonceStore:
 class Verifier:
     """Secondary side: checks the signature headers of one request before its body is read."""
 
-    def __init__(self, secret: bytes, nonce_dir: Path, window: float = WINDOW,
+    def __init__(self, secret: bytes, nonce_dir: Path, own_id: str, window: float = WINDOW,
                  clock: Callable[[], float] = time.time) -> None:
         self.secret = secret
+        self.own_id = own_id
         self.window = window
         self.clock = clock
         self.nonces = NonceStore(nonce_dir, keep=3 * window)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Verifier | None":
+    def from_settings(cls, settings: Settings, own_id: str) -> "Verifier | None":
         secret = read_secret(settings)
-        return cls(secret, settings.state_dir / "nonces") if secret else None
+        return cls(secret, settings.state_dir / "nonces", own_id) if secret else None
 
     def verify(self, method: str, path: str, headers: Mapping[str, str],
                content_range: str = "") -> str:
@@ -187,6 +193,7 @@ class Verifier:
         timestamp = headers.get(H_TIMESTAMP)
         nonce = headers.get(H_NONCE)
         content = headers.get(H_CONTENT)
+        target = headers.get(H_TARGET)
         if not signature:
             raise Unauthorized("this server accepts only signed pushes (shared_secret_file is set "
                                "here) and the request carries no signature; set shared_secret_file "
@@ -197,8 +204,15 @@ class Verifier:
             raise Unauthorized(f"{H_NONCE} must be 32 lowercase hex digits")
         if not (content and _HEX64.match(content)):
             raise Unauthorized(f"{H_CONTENT} must be a SHA-256 (64 lowercase hex digits)")
+        if target is None:
+            raise Unauthorized(f"the signature names no target ({H_TARGET}): the master runs an "
+                               "older esmirror; install the same esmirror version on both")
+        if target != self.own_id and not (target == "" and method in ("GET", "HEAD") and path == "/browse"):
+            raise Unauthorized(f"this request was signed for another server ({target or 'none'}), "
+                               f"not this one ({self.own_id}): a request replayed from elsewhere, "
+                               "or a master that skipped browse; nothing was changed")
         expected = _mac(self.secret, canonical(method, path, content_range, content,
-                                               timestamp, nonce))
+                                               timestamp, nonce, target))
         given = signature.strip().lower()
         if not given.isascii() or not hmac.compare_digest(expected, given):
             raise Unauthorized("bad signature: the master's shared_secret_file is not the same as "
