@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from app.core.errors import ConfigError, MirrorError, one_line
-from app.core.settings import Settings, load_settings
+from app.core.settings import DEFAULT_MAX_PARALLEL, Settings, load_settings
 
 
 def fail(message: str, code: int) -> None:
@@ -27,20 +27,24 @@ def fail(message: str, code: int) -> None:
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def failed(message: str, code: int, reasons: list[str] | None = None) -> None:
+            if kwargs.get("as_json"):  # --json promises one document on stdout, failures too
+                click.echo(json.dumps({"ok": False, "error": message, "reasons": reasons or []}, indent=2))
+            fail("\n  ".join([message, *(reasons or [])]), code)
+
         try:
             return fn(*args, **kwargs)
         except MirrorError as exc:
-            reasons = getattr(exc, "reasons", None) or []
-            fail("\n  ".join([exc.message, *reasons]), exc.exit_code)
+            failed(exc.message, exc.exit_code, list(getattr(exc, "reasons", None) or []))
         except OSError as exc:
-            fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
+            failed(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors and the like: click reports them (exit 2)
         except Exception as exc:  # a bug: one line for the operator; the traceback on request
             if os.environ.get("ESMIRROR_TRACEBACK"):
                 raise
-            fail(f"unexpected {exc.__class__.__name__}: {one_line(exc)}; this is an esmirror bug, "
-                 "please report it (ESMIRROR_TRACEBACK=1 shows where)", 1)
+            failed(f"unexpected {exc.__class__.__name__}: {one_line(exc)}; this is an esmirror bug, "
+                   "please report it (ESMIRROR_TRACEBACK=1 shows where)", 1)
     return wrapper
 
 
@@ -81,6 +85,8 @@ def report_and_exit(report: Any, as_json: bool, show: Callable[[Any], None]) -> 
         show(report)
     sys.exit(0 if report.ok else 1)
 
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 install_dir_option = click.option(
     "--install-dir", envvar="ESMIRROR_INSTALL_DIR", type=click.Path(file_okay=False),
@@ -126,10 +132,10 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
 @click.option("--canary", metavar="HOST[:PORT]",
               help="Push to this secondary first; if it fails, push to no other.")
 @click.option("--max-parallel", type=click.IntRange(min=1), metavar="N",
-              help="Push to at most N secondaries at once (default: all).")
+              help=f"Push to at most N secondaries at once (default: {DEFAULT_MAX_PARALLEL}).")
 @click.option("--stop-on-failure", is_flag=True,
               help="Once a secondary fails, start no further pushes.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@json_option
 @handle_errors
 def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, dry_run: bool,
             force: bool, canary: str | None, max_parallel: int | None, stop_on_failure: bool,
@@ -138,7 +144,9 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
     with start_up():
         from .fleet import publish as run_publish
         from .fleet import resolve_canary, select_secondaries
-        from .report import ProgressBars, caller_name, print_publish
+        from app.core.audit import command_line_caller
+
+        from .report import ProgressBars, print_publish
 
     settings = settings_from(install_dir)
     targets = select_secondaries(settings, secondaries)
@@ -146,7 +154,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
     with ProgressBars(targets, enabled=sys.stderr.isatty()) as bars:
         report = run_publish(settings, targets, full=full, dry_run=dry_run, force=force,
                              canary=first, max_parallel=max_parallel,
-                             stop_on_failure=stop_on_failure, observer=bars, caller=caller_name())
+                             stop_on_failure=stop_on_failure, observer=bars, caller=command_line_caller())
     report_and_exit(report, as_json, print_publish)
 
 
@@ -155,7 +163,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
 @click.argument("server", metavar="HOST[:PORT]")
 @click.option("--ssl", "ssl_mode", type=click.Choice(["none", "noverify", "strict"]), default="none",
               show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -> None:
     """Show a server's esmirror and Express versions, platform, generation, digest, master."""
@@ -191,7 +199,7 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
 
 @main.command()
 @install_dir_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@json_option
 @handle_errors
 def status(install_dir: str | None, as_json: bool) -> None:
     """On the master: each secondary's state now; exit 0 only if all are in sync."""
@@ -225,9 +233,10 @@ def agent(install_dir: str | None, verbose: bool) -> None:
 def release(install_dir: str | None) -> None:
     """On a secondary: forget which master owns it, so another master may push."""
     from app.core.apply import WorkingDir
+    from app.core.audit import command_line_caller
 
     workdir = WorkingDir(settings_from(install_dir))
-    owner = workdir.release()
+    owner = workdir.release(command_line_caller())
     click.echo(f"released from master {owner}" if owner else "no master owned this server")
 
 
@@ -238,9 +247,10 @@ def archive() -> None:
 
 @archive.command("list")
 @install_dir_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def archive_list(install_dir: str | None, as_json: bool) -> None:
+    """The archive's entries, oldest first: id, when, which generations, files, bytes."""
     from app.core.apply import WorkingDir
 
     entries = WorkingDir(settings_from(install_dir)).archives()
@@ -263,26 +273,29 @@ def archive_list(install_dir: str | None, as_json: bool) -> None:
 @handle_errors
 def archive_clear(install_dir: str | None, keep: int | None, older_than: float | None,
                   everything: bool) -> None:
+    """Delete archive entries for good (the newest beyond --keep, those older than DAYS, or all)."""
     from app.core.apply import WorkingDir
+    from app.core.audit import command_line_caller
 
     if keep is None and older_than is None and not everything:
         raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
     workdir = WorkingDir(settings_from(install_dir))
     with workdir.lock():
-        removed = workdir.clear_archive(keep, older_than, everything)
+        removed = workdir.clear_archive(keep, older_than, everything, caller=command_line_caller())
     click.echo(f"removed {len(removed)} archive entr{'y' if len(removed) == 1 else 'ies'}")
 
 
 @archive.command("restore")
 @install_dir_option
 @click.argument("archive_id", metavar="ID")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> None:
     """Make the set exactly what it was just before the apply that created ID."""
     from app.core.apply import WorkingDir
+    from app.core.audit import command_line_caller
 
-    result = WorkingDir(settings_from(install_dir)).restore(archive_id)
+    result = WorkingDir(settings_from(install_dir)).restore(archive_id, command_line_caller())
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -301,7 +314,7 @@ def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> 
               help="Express Server's env.sh (default: ImageServer/etc/env.sh).")
 @click.option("--fix", is_flag=True,
               help="Set LT_IS_USER in env.sh to httpd's user (a backup is kept); never edits httpd.conf.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @handle_errors
 def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, fix: bool,
           as_json: bool) -> None:
@@ -321,15 +334,16 @@ def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, f
 @click.option("--venv", help="The venv the web server runs esmirror from (default: this one).")
 @click.option("--backend", default="127.0.0.1:8081", show_default=True,
               help="apache: loopback HOST:PORT of gunicorn for the mod_proxy variant.")
-@click.option("--httpd-conf", type=click.Path(dir_okay=False, exists=True),
-              help="apache: also refuse when this httpd config's User differs from LT_IS_USER.")
+@click.option("--httpd-conf", metavar="FILE",
+              help="apache: refuse when this httpd config's User differs from LT_IS_USER (default: "
+                   "this machine's, as check finds it; '' for none, to render for another machine).")
 @handle_errors
 def deploy(install_dir: str | None, target: str, user: str | None, out_dir: str | None,
            venv: str | None, backend: str, httpd_conf: str | None) -> None:
     """Render the Apache (mod_wsgi, mod_proxy) or IIS files for this install."""
     from pathlib import Path
 
-    from .deploy import render_apache, render_iis
+    from .deploy import TEMPLATES, render_apache, render_iis
 
     settings = settings_from(install_dir)
     out = Path(out_dir) if out_dir else settings.etc_dir / target / "esmirror"
@@ -343,7 +357,7 @@ def deploy(install_dir: str | None, target: str, user: str | None, out_dir: str 
         click.echo(f"account: {rendered.user}")
     for note in rendered.notes:
         click.echo(f"note: {note}")
-    click.echo(f"where each file goes: deploy/{target}/README.md")
+    click.echo(f"where each file goes: {TEMPLATES / target / 'README.md'}")
 
 
 @main.command()

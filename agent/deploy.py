@@ -21,7 +21,15 @@ from app.core.errors import ConfigError
 from app.core.express import parse_port, read_lt_is_user
 from app.core.settings import PUSH_ROUTES, Network, Settings
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "deploy"
+
+def _templates() -> Path:
+    """deploy/ of the checkout this code runs from, else the copy an install put under
+    <prefix>/share/esmirror (setup.cfg's data_files)."""
+    beside = Path(__file__).resolve().parent.parent / "deploy"
+    return beside if beside.is_dir() else Path(sys.prefix) / "share" / "esmirror" / "deploy"
+
+
+TEMPLATES = _templates()
 APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service")
 IIS_FILES = ("web.config",)
 IIS_MAX_BODY = 4 * 1024**3 - 1  # IIS's hard ceiling on one request body
@@ -36,7 +44,7 @@ class Rendered:
     notes: list[str] = field(default_factory=list)
 
 
-def deploy_user(settings: Settings, user: str | None, httpd_conf: str | None = None) -> str:
+def deploy_user(settings: Settings, user: str | None, httpd_conf: Path | None = None) -> str:
     """LT_IS_USER of env.sh, after checking that ``--user`` and httpd's User agree with it."""
     env = read_lt_is_user(settings.env_sh)
     if not env.user:
@@ -46,16 +54,27 @@ def deploy_user(settings: Settings, user: str | None, httpd_conf: str | None = N
             f"--user {user} disagrees with LT_IS_USER {env.user} ({env.where}): httpd, the receiver "
             f"and ltcsd must run as one account; set LT_IS_USER={user} in {env.path} "
             f"(or run `esmirror check --fix`), or render with --user {env.user}")
-    if httpd_conf:
+    if httpd_conf is not None:
         from .doctor import read_httpd_config
 
-        httpd = read_httpd_config(Path(httpd_conf))
+        httpd = read_httpd_config(httpd_conf)
         if httpd.user is not None and httpd.user.args and httpd.user.args[0] != env.user:
             raise ConfigError(
                 f"httpd's User is {httpd.user.args[0]} ({httpd.user.where}) but LT_IS_USER is "
                 f"{env.user} ({env.where}): make them the same account before deploying "
-                "(`esmirror check` says how)")
+                "(`esmirror check` says how), or give --httpd-conf '' to render for another machine")
     return env.user
+
+
+def httpd_conf_path(given: str | None) -> Path | None:
+    """--httpd-conf: that file; not given: this machine's httpd config, if any; '': none."""
+    from .doctor import find_httpd_conf
+
+    if given is None:
+        return find_httpd_conf()
+    if given and not Path(given).is_file():
+        raise ConfigError(f"--httpd-conf {given}: no such file")
+    return Path(given) if given else None
 
 
 def _group_of(user: str) -> str:
@@ -106,8 +125,8 @@ def _write(out_dir: Path, kind: str, names: tuple[str, ...], values: dict[str, s
     for name in names:  # every file rendered before one is written: all or nothing
         source = TEMPLATES / kind / name
         if not source.is_file():
-            raise ConfigError(f"{source}: template missing; esmirror deploy renders the files of "
-                              "deploy/ from the esmirror checkout it was installed from")
+            raise ConfigError(f"{source}: template missing; this esmirror install is incomplete: "
+                              "install it again (pip install) from its checkout or package")
         texts[name] = _fill(source.read_text(encoding="utf-8"), values, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
@@ -119,7 +138,6 @@ def _write(out_dir: Path, kind: str, names: tuple[str, ...], values: dict[str, s
 def render_apache(settings: Settings, out_dir: Path, user: str | None = None, venv: str | None = None,
                   backend: str = "127.0.0.1:8081", httpd_conf: str | None = None) -> Rendered:
     """mod_wsgi snippet + .wsgi file, and the mod_proxy → gunicorn snippet + systemd unit."""
-    account = deploy_user(settings, user, httpd_conf)
     out_dir = out_dir.resolve()
     venv_dir = str(Path(venv or sys.prefix).absolute())
     _paths_fit(venv=venv_dir, out=str(out_dir), install_dir=str(settings.install_dir))
@@ -131,6 +149,7 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
     if parse_port(port) is None or not loopback or (":" in host and not host.startswith("[")):
         raise ConfigError(f"--backend {backend}: gunicorn must listen on a loopback IP:PORT "
                           "([::1]:PORT for IPv6) so only httpd reaches it")
+    account = deploy_user(settings, user, httpd_conf_path(httpd_conf))
     install = str(settings.install_dir)
     values = {
         "install_dir": install, "install_dir_py": repr(install), "env_sh": str(settings.env_sh),

@@ -325,6 +325,12 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         report = CheckReport(str(settings.install_dir))
         report.add("ok", "settings", f"{settings.ini_path} read" if settings.ini_path.exists()
                    else f"no {settings.ini_path}: the defaults apply")
+        if not settings.express_version:
+            report.add("warning", "express-version", "express_version is not set, so this server says "
+                       "'unknown' and the browse check cannot tell Express Server versions apart",
+                       file=str(settings.ini_path),
+                       fix=f"set express_version (e.g. express_version = 9.5) in {settings.ini_path} "
+                           "on the master and every secondary")
     if pwd is None:
         report.add("warning", "user", "no Unix accounts here: User/LT_IS_USER and permissions are not "
                    "checked; the IIS app pool's account needs Modify on var\\data (deploy/iis/README.md)")

@@ -24,7 +24,7 @@ from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
-from app.core.settings import Settings
+from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
 from app.core.state import read_json, stable_id, write_json
 
@@ -111,7 +111,6 @@ def master_hash_cache(settings: Settings,
                      on_read=on_read, chunk_index=ChunkIndex(settings.state_dir))
 
 
-DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
 
 
 def _skipped(secondary: Secondary, why: str) -> PushResult:

@@ -239,7 +239,9 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:
             remote, there = fetched if fetched is not None else client.manifest()
-        have = set() if full else {f["sha256"] for f in remote.get("files", [])}
+        # its files' contents, and the blobs a push cut short left there (not with --full)
+        uploaded = set() if full else set(remote.get("uploaded") or [])
+        have = set() if full else {f["sha256"] for f in remote.get("files", [])} | uploaded
         if opening is not None and not full and not dry_run:
             wanted = want.hashes()
             for sha, size in opening.sent_ahead().items():
@@ -255,7 +257,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             result.state = "dry-run"
             return result
         base = remote["digest"]
-        check_room_there(secondary, info, there, want, _to_send(want, have))
+        check_room_there(secondary, info, there, want, _to_send(want, have), uploaded)
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
             _upload(client, local, todo, part_size, result, progress,
@@ -324,13 +326,13 @@ def _commit(client: SecondaryClient, local: LocalSet, base: str, full: bool) -> 
 
 
 def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest,
-                     want: Manifest, todo: dict[str, str]) -> None:
+                     want: Manifest, todo: dict[str, str], uploaded: set[str]) -> None:
     """Refuse before sending a byte when the push cannot fit on the secondary's disk (its 507)."""
     free, reserve = info.get("free_bytes"), info.get("reserve_bytes") or 0
     if not isinstance(free, int) or not isinstance(reserve, int):
         return  # a receiver that does not say: it still answers 507 itself
     need = room_needed(there, want,
-                       {sha: want.files[path].size for sha, path in todo.items()})
+                       {sha: want.files[path].size for sha, path in todo.items()}, uploaded)
     if need + reserve > free:
         raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes "
                      f"but only {free} are free there ({reserve} kept in reserve); nothing was sent. "

@@ -37,20 +37,11 @@ def print_publish(report: PublishReport) -> None:
         for warning in r.warnings:
             click.echo(f"{r.host}:{r.port}: warning: {warning}")
     failed = [r for r in report.secondaries if not r.ok]
+    if report.secondaries and all(r.state == "dry-run" for r in report.secondaries):
+        click.echo("dry run: nothing was sent; the files and bytes above are what a publish would send")
+        return
     click.echo("all secondaries in sync" if not failed else
                f"{len(failed)} of {len(report.secondaries)} secondaries not in sync")
-
-
-def caller_name() -> str:
-    """Who asked, for the audit log and the publish history: this user on this master."""
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "?"
-    return f"command line ({user}@{socket.gethostname()})"
 
 
 class ProgressBars(Observer):
@@ -109,6 +100,13 @@ def print_status(status: dict[str, Any]) -> None:
             click.echo(f"{s['name']}: {s['state']}: {s['detail']}")
         for warning in s["warnings"]:
             click.echo(f"{s['name']}: warning: {warning}")
+    if status.get("publishes"):
+        click.echo("last publishes (newest first):")
+    for p in (status.get("publishes") or [])[:5]:
+        outcome = {True: ": all in sync", False: ": not all in sync"}.get(p["ok"], "")
+        generation = f"  generation {p['generation']}" if p["generation"] is not None else ""
+        click.echo(f"  {p['created']}  {p['caller'] or '?'}  {p['state']}{outcome}{generation}"
+                   + (f"  ({p['error']})" if p["error"] else ""))
     bad = [s for s in status["secondaries"] if s["state"] != "in-sync"]
     click.echo("all secondaries in sync" if not bad else
                f"{len(bad)} of {len(status['secondaries'])} secondaries not in sync")

@@ -1,7 +1,7 @@
 """``esmirror serve``: the receiver under waitress (default) or gunicorn, at the prefix."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from app import make_wsgi
 from app.core.errors import ConfigError, MirrorError
@@ -14,6 +14,9 @@ from app.core.settings import Settings
 # push of that set under waitress, 3 runs each, alternating: 8 KiB 3.81 s, 256 KiB
 # 2.70 s, 1 MiB 2.53 s (medians). The bytes still go to waitress's temp file first.
 WAITRESS_RECV_BYTES = 1024 * 1024
+# waitress reads a request's whole body (to a temp file) before the app, and so the IP
+# check, sees it: a caller that no allow list names may send no more than this
+STRANGER_BODY_BYTES = 64 * 1024
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -37,6 +40,40 @@ def check_certificate(certfile: str, keyfile: str) -> None:
                           "and the PEM private key that belongs to it") from None
 
 
+def _guarded(settings: Settings) -> Callable[..., Any]:
+    """waitress's create_server, whose connections from callers in none of allow_push,
+    allow_admin and trusted_proxies get a body limit of STRANGER_BODY_BYTES: such a caller
+    is refused (413) once its headers are in, instead of after waitress has written its
+    whole body, up to max_upload_bytes per connection, to disk. A small body still reaches
+    the app, which answers the usual 403 naming the address."""
+    import copy
+
+    from waitress.server import create_server
+
+    from app.ipfilter import allowed, parse_address
+
+    admitted = settings.allow_push + settings.allow_admin + settings.trusted_proxies
+
+    def create(application: Any, **kw: Any) -> Any:
+        listeners: dict[Any, Any] = {}  # waitress's socket map: one server per address listened on
+        server = create_server(application, map=listeners, **kw)
+        for listener in [v for v in listeners.values() if hasattr(v, "channel_class")]:
+            strangers = copy.copy(listener.adj)
+            strangers.max_request_body_size = STRANGER_BODY_BYTES
+
+            class Channel(listener.channel_class):  # type: ignore[misc,name-defined]
+                def __init__(self, srv: Any, sock: Any, addr: Any, adj: Any, map: Any = None,
+                             strangers: Any = strangers) -> None:
+                    peer = parse_address(str(addr[0])) if isinstance(addr, tuple) and addr else None
+                    if peer is None or not allowed(peer, admitted):
+                        adj = strangers
+                    super().__init__(srv, sock, addr, adj, map)
+
+            listener.channel_class = Channel
+        return server
+    return create
+
+
 def run_server(settings: Settings, bind: str, server: str, certfile: str | None = None,
                keyfile: str | None = None, workers: int = 2) -> None:
     host, port = parse_bind(bind)
@@ -54,7 +91,8 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # limit to the app, which answers 413 with a JSON message naming it
 
         try:
-            waitress.serve(application, host=host, port=port, threads=8, ident="esmirror",
+            waitress.serve(application, _server=_guarded(settings), host=host, port=port, threads=8,
+                           ident="esmirror",
                            recv_bytes=WAITRESS_RECV_BYTES,
                            max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600,
                            # waitress would drop X-Forwarded-For from untrusted peers itself; the
@@ -73,12 +111,15 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # gunicorn never rewrites REMOTE_ADDR from X-Forwarded-For; trusting no peer for its
         # scheme headers leaves the caller's address to the app's trusted_proxies.
         "forwarded_allow_ips": "", "loglevel": "warning",
+        # gunicorn 27's control socket lives in $HOME, which a service account (www-data:
+        # /var/www) cannot write: an alarming error at every start, for a feature unused here
+        "control_socket_disable": True,
     }
 
     class Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             for key, value in options.items():
-                if value is not None:
+                if value is not None and key in self.cfg.settings:  # (older gunicorns lack some)
                     self.cfg.set(key, value)
 
         def load(self) -> Any:

@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, jsonify, render_template, request
 
 from .core.apply import WorkingDir
 from .core.audit import audit, now_iso
-from .core.errors import BadRequest, ConfigError, Conflict, LengthRequired, untrusted_json
+from .core.errors import BadRequest, ConfigError, Conflict, Forbidden, LengthRequired, untrusted_json
 from .core.express import Secondary, read_mirrors, resolve_canary, select_secondaries
 from .core.ledger import agent_pulse, fleet_status
 from .core.publishes import PublishQueue, parse_options
@@ -20,6 +20,27 @@ STATUS_REFRESH_SECONDS = 10
 
 def _workdir() -> WorkingDir:
     return current_app.extensions["esmirror.workdir"]
+
+
+@bp.before_request
+def _not_from_another_site() -> None:
+    """The admin routes that change things are for the CLI and scripts. A page on another
+    site, open in a browser on an admin's machine, could send them too (CSRF): browsers
+    say where such a request comes from (Sec-Fetch-Site, Origin), and those are refused.
+    A publish body must also be declared JSON, which a cross-site form or text post cannot
+    do without the browser asking first."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    from urllib.parse import urlsplit
+
+    site = request.headers.get("Sec-Fetch-Site", "")
+    origin = request.headers.get("Origin", "")
+    if site in ("cross-site", "same-site") or (origin and urlsplit(origin).netloc != request.host):
+        raise Forbidden(f"{request.method} {request.path} sent by a web page of another site "
+                        f"({origin or site}) is refused; send it from a script or the esmirror CLI")
+    if request.endpoint == "admin.publish_request" and request.content_length \
+            and request.mimetype != "application/json":
+        raise BadRequest("send the publish request as JSON (Content-Type: application/json)")
 
 
 @bp.get("/archive")
@@ -42,14 +63,15 @@ def archive_clear():  # type: ignore[no-untyped-def]
         raise BadRequest("say what to clear: ?keep=N, ?older_than=DAYS or ?all=1")
     workdir = _workdir()
     with workdir.lock():
-        removed = workdir.clear_archive(keep, older, everything)
+        removed = workdir.clear_archive(keep, older, everything,
+                                        caller=request.environ.get("esmirror.client"))
     return jsonify({"removed": removed})
 
 
 @bp.post("/archive/<archive_id>/restore")
 def archive_restore(archive_id: str):  # type: ignore[no-untyped-def]
     """The same as ``esmirror archive restore ID`` on this server."""
-    return jsonify(_workdir().restore(archive_id).to_json())
+    return jsonify(_workdir().restore(archive_id, request.environ.get("esmirror.client")).to_json())
 
 
 # --- publish, status (issue 6) ----------------------------------------------------

@@ -91,8 +91,9 @@ class IPFilter:
         setting = {"push": "allow_push", "admin": "allow_admin",
                    "browse": "allow_push or allow_admin"}[kind]
         who = str(address) if address else f"unparsable address {environ.get('REMOTE_ADDR', '')!r}"
-        message = (f"address {who} may not use this route; add it to {setting} in {s.ini_path} "
-                   "on this server")
+        # the ini named as an admin knows it, not by where this install lives: the caller is a stranger
+        message = (f"address {who} may not use this route; add it to {setting} in "
+                   "ImageServer/etc/esmirror.ini on this server")
         body = json.dumps({"error": message, "address": str(address) if address else None}).encode()
         start_response("403 Forbidden", [("Content-Type", "application/json"),
                                          ("Content-Length", str(len(body)))])

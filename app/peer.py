@@ -117,7 +117,9 @@ def manifest():  # type: ignore[no-untyped-def]
     workdir = _workdir()
     current = workdir.scan().manifest
     return jsonify({"generation": workdir.state().get("generation"), "digest": current.digest,
-                    "files": current.to_list()})
+                    "files": current.to_list(),
+                    # blobs of a push cut short: the next push need not send them again
+                    "uploaded": workdir.store.uploaded()})
 
 
 @bp.put("/blobs/<sha>")

@@ -112,14 +112,27 @@ def test_endpoint_refuses_what_it_cannot_do(fleet, make_receiver):
         assert words in answer.json()["error"]
     stranger = session_from("127.0.0.2").post(url, json={}, timeout=10)
     assert stranger.status_code == 403 and "allow_admin" in stranger.json()["error"]
+    # a page of another site, open in a browser on an admin's machine (CSRF): what browsers
+    # send without asking first is refused, whatever the caller's address
+    for headers, data, status in (
+            ({"Origin": "http://evil.example", "Content-Type": "text/plain"}, b'{"full": true}', 403),
+            ({"Sec-Fetch-Site": "cross-site", "Content-Type": "application/x-www-form-urlencoded"}, b"", 403),
+            ({"Content-Type": "text/plain"}, b'{"full": true, "force": true}', 400)):
+        answer = web.post(url, data=data, headers=headers, timeout=10)
+        assert answer.status_code == status, (headers, answer.text)
+    archive = f"{f.receivers[0].url}/archive"
+    for method, route in (("POST", f"{archive}/any-id/restore"), ("DELETE", f"{archive}?all=1")):
+        answer = web.request(method, route, headers={"Origin": "http://evil.example"}, timeout=10)
+        assert answer.status_code == 403 and "another site" in answer.json()["error"], answer.text
+    same_site = web.post(url, json={}, headers={"Origin": master.url.rsplit("/", 2)[0]}, timeout=10)
+    assert same_site.status_code == 202, same_site.text  # its own page (same origin) may
     assert web.get(f"{master.url}/publish/20260101T000000000000-deadbeef", timeout=10).status_code == 404
     assert web.get(f"{master.url}/publish/..%2Fledger", timeout=10).status_code == 404
     # a secondary has no Mirrors: nothing to publish to, 409 saying so
     on_secondary = web.post(f"{f.receivers[0].url}/publish", json={}, timeout=10)
     assert on_secondary.status_code == 409
     assert "not a master" in on_secondary.json()["error"]
-    assert not (f.master.data_dir / ".esmirror" / "queue").exists() or \
-        not list((f.master.data_dir / ".esmirror" / "queue").glob("*.json"))
+    assert len(list((f.master.data_dir / ".esmirror" / "queue").glob("*.json"))) == 1  # same_site's
 
 
 def test_a_chunked_publish_request_is_refused_not_read_as_empty(fleet, make_receiver):
@@ -223,6 +236,9 @@ def test_drift_shows_in_status_and_next_publish_repairs_it_keeping_the_edit(flee
     assert "by hand" in status["secondaries"][0]["detail"]
     rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
     assert rc == 1 and "drift" in out and "1 of 2 secondaries not in sync" in out
+    # and who published last, how it ended: the same history the status page shows
+    assert "last publishes (newest first):" in out and "command line (" in out, out
+    assert "done: all in sync  generation 1" in out, out
 
     rc, report, out = f.publish()
     assert rc == 0, out

@@ -175,7 +175,7 @@ LogLevel warn
 
 def render(install: Install, out: Path, *extra: str) -> Path:
     rc, _, text = esmirror("deploy", "apache", "--install-dir", str(install.root), "--out", str(out),
-                           *extra)
+                           "--httpd-conf", "", *extra)  # this test's httpd, not the machine's
     assert rc == 0, text
     _run("chmod", "-R", "a+rX", str(out))
     return out
@@ -288,7 +288,9 @@ Include {open_copy}
 </VirtualHost>""", ["proxy", "proxy_http"], world["user"])
     master = master_for(tmp_path, port)
     # exactly the unit's ExecStart, as the unit's User (what systemd would do)
-    env = {"PATH": "/usr/bin:/bin", "ESMIRROR_INSTALL_DIR": str(secondary.root), "LANG": "C.UTF-8"}
+    # (HOME as a service account's often is: not its to write)
+    env = {"PATH": "/usr/bin:/bin", "ESMIRROR_INSTALL_DIR": str(secondary.root), "LANG": "C.UTF-8",
+           "HOME": "/"}
     gunicorn = spawn_listening(_exec_start(unit), backend_port, tmp_path / "gunicorn.log", user=world["uid"],
                                group=world["gid"], extra_groups=[], env=env,
                                cwd=str(secondary.root / "ImageServer"))
@@ -310,3 +312,4 @@ Include {open_copy}
     finally:
         httpd.stop()
         stop_session(gunicorn)
+    assert "[ERROR]" not in (tmp_path / "gunicorn.log").read_text()

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 from app.core.apply import WorkingDir
+from app.core.audit import read_audit
 from app.core.settings import load_settings
 from conftest import REPO, esmirror, session_from, set_files
 
@@ -60,6 +61,9 @@ def test_invalid_catalogs_refused_by_master_and_by_secondary_with_422(fleet):
         rc, report, out = f.publish()
         assert rc == 1, (name, out)
         assert "is invalid; nothing was sent" in out and why in out, (name, out)
+        # --json: still one document on stdout, saying the same
+        assert report["ok"] is False and "nothing was sent" in report["error"], (name, report)
+        assert any(why in reason for reason in report["reasons"]), (name, report)
         assert snapshot(secondary) == before, name
         # forced past the master's check, the secondary refuses it with 422 and the reasons
         rc, report, out = f.publish("--force")
@@ -213,6 +217,18 @@ def test_archive_restore_brings_back_each_generation_and_clear_keeps_newest(flee
     # the master publishes over a restored secondary as over any other
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(data)
+    # each admin action is in that server's audit log, with who did it and how it ended
+    actions = [line for line in read_audit(load_settings(secondary.root)) if line["event"] != "commit"]
+    assert [(a["event"], a["outcome"]) for a in actions] == [
+        ("restore", "ok"), ("restore", "ok"), ("restore", "ok"), ("restore", "refused 409"),
+        ("restore", "refused 404"), ("archive-clear", "ok")]
+    assert all(a["caller"].startswith("command line (") for a in actions)
+    assert actions[0]["restored_from"] == entries[1]["id"] and set(actions[0]["files"]) == {"added", "changed", "removed"}
+    assert actions[-1]["removed"] == sorted(ids[:-2])
+    rc, _, out = esmirror("release", "--install-dir", root)
+    assert rc == 0 and "released from master" in out
+    last = read_audit(load_settings(secondary.root))[-1]
+    assert (last["event"], last["outcome"]) == ("release", "released") and last["master"] in out
 
 
 def test_an_archive_entry_from_before_previous_json_still_restores(fleet):
@@ -269,6 +285,17 @@ def test_archive_clear_keep_and_older_than_semantics(tmp_path):
     assert clear("--all") == []
     rc, _, out = esmirror("archive", "clear", "--install-dir", str(install.root))
     assert rc == 2 and "say what to clear" in out
+    # killed while deleting an entry: it is gone whole from the archive, never half there
+    ids = make_entries()
+    rc, _, out = esmirror("archive", "clear", "--keep", "4", "--install-dir", str(install.root),
+                          env={"ESMIRROR_CRASH_AT": "archive-trashed"})
+    assert rc == -9, out
+    assert [e["id"] for e in workdir.archives()] == [ids[0]] + ids[2:]  # (newest first: ids[1] went)
+    trash = workdir.state_dir / "trash"
+    assert [p.name.rsplit(".", 1)[0] for p in trash.iterdir()] == [ids[1]]
+    with workdir.lock():
+        workdir.recover()  # (as the next commit or the receiver's start does)
+    assert not trash.exists()
 
 
 def test_another_master_gets_409_naming_both_until_release(fleet):
@@ -363,6 +390,10 @@ def test_archive_over_http_list_clear_restore_admin_only(fleet):
     assert answer.status_code == 200 and len(answer.json()["removed"]) == 2
     assert [e["restored_from"] for e in web.get(f"{url}/archive", timeout=10).json()["archive"]] \
         == [listed[0]["id"]]
+    actions = [(a["event"], a["outcome"], a["caller"]) for a in read_audit(load_settings(secondary.root))
+               if a["event"] != "commit"]
+    assert actions == [("restore", "ok", "127.0.0.1"), ("restore", "refused 404", "127.0.0.1"),
+                       ("archive-clear", "ok", "127.0.0.1")]
 
 
 def test_master_with_require_paths_refuses_to_publish_unreadable_paths(fleet, tmp_path):
@@ -406,3 +437,29 @@ def test_stale_base_and_older_generation_get_409_and_change_nothing(fleet):
         "generation": 3, "master": owner, "base": manifest["digest"], "files": files})
     assert ok.status_code == 200, ok.text
     assert "indexes/tile-1.idx" not in set_files(secondary.data_dir)
+
+
+def test_a_folder_symlink_on_the_secondary_is_never_written_through(fleet, tmp_path):
+    """A secondary whose working dir holds a symlinked folder where the set puts files:
+    refused (409) naming the link, nothing there or outside changed, until an admin
+    replaces the link; then the publish goes through."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_bytes(b"not part of any set")
+    os.symlink(outside, secondary.data_dir / "plugins")
+    (f.master.data_dir / "plugins").mkdir()
+    (f.master.data_dir / "plugins" / "victim.txt").write_bytes(b"from the master")
+    before = set_files(secondary.data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "409" in error and f"{secondary.data_dir / 'plugins'} is a symbolic link" in error, error
+    assert (outside / "victim.txt").read_bytes() == b"not part of any set"
+    assert set_files(secondary.data_dir) == before
+    (secondary.data_dir / "plugins").unlink()
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+    assert (outside / "victim.txt").read_bytes() == b"not part of any set"

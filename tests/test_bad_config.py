@@ -47,6 +47,8 @@ def test_a_mirrors_entry_that_is_not_a_host_and_port_is_a_configuration_error(tm
     ("reload_timeout", "inf", ["reload_timeout"]),
     ("retry_max", "nan", ["retry_max"]),
     ("check_interval", "1e300", ["check_interval"]),
+    ("allow_admin", "127.0.0.3/24", ["write 127.0.0.0/24 for the whole network, or 127.0.0.3"]),
+    ("allow_push", "10.0.0.1/0", ["allow_push", "bits set after the prefix"]),  # not: everyone
 ])
 def test_a_setting_that_cannot_work_is_refused_when_read(tmp_path, key, value, words):
     install = install_with(tmp_path, {key: value})
@@ -181,3 +183,24 @@ def test_serve_refuses_a_certificate_it_cannot_use_before_listening(tmp_path):
                               "--certfile", str(certfile), "--keyfile", str(keyfile),
                               "--install-dir", str(install.root), timeout=30)
         one_line_error(rc, out, 2, f"--certfile {certfile} with --keyfile {keyfile} cannot serve TLS")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/apache/README.md"])
+def test_the_ini_the_docs_show_loads_comments_and_all(tmp_path, doc):
+    import re
+
+    from app.core.settings import load_settings
+    from conftest import REPO
+
+    blocks = re.findall(r"```ini\n(.*?)```", (REPO / doc).read_text(), re.S)
+    assert blocks, f"{doc} shows no esmirror.ini"
+    install = install_with(tmp_path)
+    for block in blocks:
+        text = block if block.lstrip().startswith("[esmirror]") else "[esmirror]\n" + block
+        (install.etc_dir / "esmirror.ini").write_text(text)
+        settings = load_settings(install.root)
+        for line in text.splitlines()[1:]:  # every key the doc sets is taken, without its comment
+            key = line.split("=")[0].strip()
+            if key:
+                assert getattr(settings, key), (doc, line)
+                assert ";" not in repr(getattr(settings, key)), (doc, line)

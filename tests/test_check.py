@@ -249,6 +249,8 @@ def test_working_dir_catalogs_mirrors_and_ca_bundle_findings(tmp_path):
     rc, report, text = check(root, conf, "--json")
     assert rc == 1
     errors = {f["topic"]: f for f in report["findings"] if f["level"] == "error"}
+    [unknown] = [f for f in report["findings"] if f["topic"] == "express-version"]
+    assert unknown["level"] == "warning" and "express_version = " in unknown["fix"]
     assert "ca-bundle.crt" in errors["ca-bundle"]["message"] and "es2.example.org:443" in errors["ca-bundle"]["message"]
     assert "bad name" in errors["catalogs"]["message"]
     assert any("/nonexistent/images" in f["message"] for f in report["findings"] if f["topic"] == "catalogs")

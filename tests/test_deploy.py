@@ -22,7 +22,9 @@ def install_with(tmp_path, env_sh: str | None, **ini: str):
 
 
 def deploy(install, *args: str):
-    return esmirror("deploy", *args, "--install-dir", str(install.root))
+    """Rendered for the test install: this machine's own httpd (if any) is not its httpd."""
+    theirs = ("--httpd-conf", "") if args[0] == "apache" and "--httpd-conf" not in args else ()
+    return esmirror("deploy", *args, *theirs, "--install-dir", str(install.root))
 
 
 def test_apache_files_carry_user_from_env_sh_prefix_lists_venv(tmp_path):
@@ -71,13 +73,27 @@ def test_disagreeing_user_is_refused_and_nothing_written(tmp_path):
     assert rc == 2 and not out.exists()
 
 
-def test_httpd_user_disagreeing_with_env_sh_is_refused(tmp_path):
+def test_httpd_user_disagreeing_with_env_sh_is_refused(tmp_path, monkeypatch):
     install = install_with(tmp_path, "LT_IS_USER=daemon\n")
     conf = tmp_path / "httpd.conf"
     conf.write_text("ServerRoot /nonexistent\nUser apache\nGroup apache\n")
     rc, _, text = deploy(install, "apache", "--httpd-conf", str(conf), "--out", str(tmp_path / "o"))
     assert rc == 2
     assert f"{conf}:2" in text and "apache" in text and "daemon" in text
+    rc, _, text = deploy(install, "apache", "--httpd-conf", str(tmp_path / "nope.conf"))
+    assert rc == 2 and "no such file" in text
+    # not told which: the httpd config in its usual place on this machine
+    from agent import doctor
+    from agent.deploy import render_apache
+    from app.core.errors import ConfigError
+    from app.core.settings import load_settings
+
+    monkeypatch.setattr(doctor, "DEFAULT_HTTPD_CONFS", (str(tmp_path / "nope.conf"), str(conf)))
+    with pytest.raises(ConfigError, match=f"httpd's User is apache \\({conf}:2\\)"):
+        render_apache(load_settings(install.root), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    render_apache(load_settings(install.root), tmp_path / "o", httpd_conf="")  # for another machine
+    assert (tmp_path / "o" / "esmirror-wsgi.conf").is_file()
 
 
 def test_no_env_sh_means_nobody_and_empty_allow_push_denies_all(tmp_path):

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import requests
 
 from agent.demo import SAMPLE_CATALOGS
 from app.core.store import BlobWriter
@@ -189,6 +190,35 @@ def test_kill_9_at_every_point_leaves_old_or_new_set_and_next_publish_works(flee
     assert survivors == [], f"these kill points were never reached: {survivors}"
 
 
+def test_a_blob_left_linked_to_a_live_file_is_never_trusted_again(fleet):
+    """Killed after its commit point, before it dropped its blobs' names: each blob it linked
+    into place still shares its file with the live one. An edit in place (an editor keeping
+    hard links, a script opening r+) changes both. The restarted receiver drops such names,
+    so the next publish puts the master's content back instead of 'finding' it uploaded."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": "committed"}
+    receiver.start(wait=60)
+    content = os.urandom(300_000)
+    (f.master.data_dir / "indexes" / "n1.idx").write_bytes(content)
+    f.publish()  # killed just after its commit point
+    assert receiver.proc.wait(timeout=30) is not None
+    receiver.env = {}
+    receiver.start(wait=60)
+    blobs = secondary.data_dir / ".esmirror" / "blobs"
+    assert [b.name for b in blobs.iterdir() if b.stat().st_nlink > 1] == [] if blobs.is_dir() else True
+    live = secondary.data_dir / "indexes" / "n1.idx"
+    assert live.read_bytes() == content  # the set is the new one
+    with open(live, "r+b") as fh:  # in place: same inode
+        fh.write(b"HAND-EDIT")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert live.read_bytes() == content, "the hand edit survived a publish that said in-sync"
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
 def receiver_browse(receiver) -> dict:
     import requests
 
@@ -246,6 +276,32 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     (f.master.data_dir / "indexes" / "small.idx").write_bytes(b"fits")
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_blobs_a_cut_short_push_left_are_not_sent_again_nor_counted_twice(tmpfs, fleet):
+    """A push cut short after its uploads (master killed, a commit refused) leaves verified
+    blobs in the secondary's store. The next push neither sends them again nor counts them as
+    bytes still to find room for: that refused every publish to a nearly full disk."""
+    f = fleet(1, start=False)
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    _on_tmpfs(tmpfs, secondary, "20m")
+    receiver.start()
+    assert f.publish()[0] == 0
+    body = os.urandom(7 * MIB)
+    (f.master.data_dir / "indexes" / "new.idx").write_bytes(body)
+    sha = hashlib.sha256(body).hexdigest()
+    # the upload of a push that then died before its commit
+    answer = requests.put(f"{receiver.url}/blobs/{sha}", data=body, timeout=60)
+    assert answer.status_code in (200, 201), answer.text
+    # now the disk holds too little for the file a second time, but enough to link the blob
+    free = shutil.disk_usage(secondary.data_dir).free
+    filler = secondary.data_dir.parent / "filler"
+    filler.write_bytes(b"\0" * max(0, free - 5 * MIB))
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["secondaries"][0]["files_sent"] == 0 and report["secondaries"][0]["bytes_sent"] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+    assert not list((secondary.data_dir / ".esmirror" / "blobs").glob("*"))
 
 
 def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, fleet, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from agent.demo import free_port, make_install
 from app.core.settings import parse_networks
-from app.ipfilter import client_address, parse_address
+from app.ipfilter import allowed, client_address, parse_address
 from conftest import VERSION, session_from, spawn_listening, stop_session
 
 TRUSTED = parse_networks("127.0.0.2 127.0.0.3 ::1")
@@ -63,6 +63,13 @@ def test_client_address_table(name, peer, xff, expected):
         environ["HTTP_X_FORWARDED_FOR"] = xff
     got = client_address(environ, TRUSTED)
     assert (str(got) if got is not None else None) == expected
+
+
+def test_an_ipv4_mapped_entry_admits_that_ipv4_caller():
+    """Callers arrive as IPv4 (::ffff:a.b.c.d is mapped): an entry written mapped must match."""
+    nets = parse_networks("::ffff:127.0.0.3 ::ffff:10.0.0.0/104")
+    assert nets == (ipaddress.ip_network("127.0.0.3/32"), ipaddress.ip_network("10.0.0.0/8"))
+    assert allowed(parse_address("::ffff:127.0.0.3"), nets)
 
 
 def test_parse_address_forms():
@@ -163,6 +170,37 @@ def test_real_servers_pass_the_peer_and_xff_through(tmp_path, make_receiver, ser
         status, address = _decided(source, receiver.url, xff)
         assert address == expected, (source, xff, status)
         assert status == (200 if expected == ALLOWED else 403), (source, xff)
+
+
+@pytest.mark.parametrize("server", ["waitress", "gunicorn"])
+def test_a_stranger_cannot_make_the_server_take_in_a_big_body(tmp_path, make_receiver, server):
+    """waitress spools a whole body before the app (and its IP check) runs: a caller in no
+    allow list may send at most 64 KiB, so a huge one is refused once its headers are in,
+    not after gigabytes went to a temp file. gunicorn hands over the headers first."""
+    import socket
+    import time
+
+    install = make_install(tmp_path / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    receiver = make_receiver(install, server=server)
+    route = urlsplit(receiver.url).path + "/commit"
+    for source, expected in (("127.0.0.5", (403, 413)), ("127.0.0.1", (None,))):
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=10,
+                                      source_address=(source, 0)) as conn:
+            conn.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {100 * 1024**2}\r\n\r\n".encode())
+            conn.sendall(b"{" * 1024)
+            conn.settimeout(5)
+            started = time.monotonic()
+            try:
+                status = int(conn.recv(4096).split(b" ", 2)[1])
+            except (socket.timeout, IndexError, ConnectionError):
+                status = None  # still reading the body it was promised: an admitted caller
+            assert status in expected, (source, status)
+            if source != "127.0.0.1":
+                assert time.monotonic() - started < 4, "refused only after waiting for the body"
+    # a stranger's small request still gets the 403 that names it
+    answer = session_from("127.0.0.5").post(f"{receiver.url}/commit", data=b"{}", timeout=10)
+    assert answer.status_code == 403 and "127.0.0.5" in answer.json()["error"], answer.text
 
 
 def test_real_server_on_ipv6_loopback(tmp_path, make_receiver):

@@ -155,6 +155,8 @@ def test_dry_run_sends_nothing(fleet):
     assert rc == 0 and (report["secondaries"][0]["files_sent"], report["secondaries"][0]["bytes_sent"]) == (1, 7), out
     rc, report, out = f.publish("--dry-run", "--full")  # --full: everything again
     assert rc == 0 and report["secondaries"][0]["files_sent"] == 8, out
+    rc, _, text = esmirror("publish", "--install-dir", str(f.master.root), "--dry-run")
+    assert rc == 0 and "dry run: nothing was sent" in text and "in sync" not in text, text
     assert set_files(f.secondaries[0].data_dir) == before
 
 

@@ -28,15 +28,17 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import filelock
 
+from .audit import audit
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from .errors import BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
@@ -71,22 +73,27 @@ def check_room(path: Path, need: int, what: str) -> None:
                      reserve=reserve)
 
 
-def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int]) -> int:
+def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int],
+                uploaded: Collection[str] = ()) -> int:
     """Bytes a secondary needs free to go from ``current`` to ``new``.
 
     Every file put is new bytes on disk (a link of an uploaded blob, or a copy),
     and nothing replaced is freed: it moves to the archive. Content uploaded but
     not put anywhere (``--full``) also sits in the blob store until the commit.
-    ``uploading`` maps sha256 → size of the blobs to be sent.
+    ``uploading`` maps sha256 → size of the blobs to be sent; ``uploaded``: blobs
+    already in its store (a push cut short), whose first link costs nothing more.
     """
     change = diff(current, new)
     puts = change.added + change.changed
     used = {new.files[p].sha256 for p in puts}
-    return (sum(new.files[p].size for p in puts)
+    in_store = {sha: new.files[p].size for p in puts if (sha := new.files[p].sha256) in uploaded}
+    return (sum(new.files[p].size for p in puts) - sum(in_store.values())
             + sum(size for sha, size in uploading.items() if sha not in used))
 
 
 MAX_GENERATION = 2**63 - 1
+# blobs of a push cut short wait this long for the push that uses them, then go
+STALE_UPLOADS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -315,8 +322,11 @@ class WorkingDir:
                        f"(phase {journal['phase']}); the previous set is in place")
             if journal["phase"] == "switched":
                 run_reload(self.settings)  # Express Server may have loaded part of it
-        if self.staging_dir.is_dir():
-            shutil.rmtree(self.staging_dir, ignore_errors=True)
+        for leftover in (self.staging_dir, self.state_dir / "trash"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.store.drop_shared()  # (after staging: a staged link is not a live file)
+        self.store.clear(older_than=time.time() - STALE_UPLOADS)
         self.store.clear_stale_tmp()
         sweep_dead_tmp(self.state_dir)
         return message
@@ -435,6 +445,32 @@ class WorkingDir:
         new = current if request.manifest is None else request.manifest
         return self._apply(current, new, request.generation, request.master, state)
 
+    def _check_no_links(self, paths: list[str]) -> None:
+        """Refuse (409, nothing changed) when a folder on the way to a new file is a symlink
+        (or another special file) here: writing through it would change what lies outside
+        the working dir, and the archive would not keep what it replaced. The scan skips
+        such entries, so no set shows them. (A symlink standing where a file goes gives
+        way to the file; what it points at is untouched.)"""
+        checked: dict[str, bool] = {}  # folder → in the way
+        for path in paths:
+            parts = path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                folder = "/".join(parts[:depth])
+                if folder not in checked:
+                    try:
+                        mode = os.lstat(self.data_dir / folder).st_mode
+                    except FileNotFoundError:
+                        mode = None
+                    # a regular file there is in the set, and the switch replaces it by the folder
+                    checked[folder] = mode is not None and not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))
+                if checked[folder]:
+                    raise Conflict(
+                        f"{self.data_dir / folder} is a symbolic link or other special file on this "
+                        f"server, in the way of {path}; esmirror never writes through one (what it "
+                        "points at is outside the set and would not be archived). Nothing was "
+                        "changed: replace it with a folder or remove it, then publish again",
+                        in_the_way=folder)
+
     def _apply(self, current: Manifest, new: Manifest, generation: int | None, master: str | None,
                state: dict[str, Any], about: dict[str, Any] | None = None) -> CommitResult:
         """Make ``new`` live over ``current``: validate, stage, journal, switch, reload, archive.
@@ -465,6 +501,7 @@ class WorkingDir:
                              f"({entry.sha256[:12]}…) is {size} bytes")
         if wrong:
             raise InvalidSet("the set's sizes do not match its contents; nothing was changed", wrong)
+        self._check_no_links([p for p in puts if p not in current.files])
 
         def source(path: str) -> Path:
             sha = new.files[path].sha256
@@ -659,8 +696,9 @@ class WorkingDir:
         return self.clear_archive(keep=keep)
 
     def clear_archive(self, keep: int | None = None, older_than_days: float | None = None,
-                      everything: bool = False) -> list[str]:
-        """Remove archive entries beyond the newest ``keep`` and/or older than the given age."""
+                      everything: bool = False, caller: str | None = None) -> list[str]:
+        """Remove archive entries beyond the newest ``keep`` and/or older than the given age.
+        An admin's clear (``caller`` given) is audited; archive_keep's pruning is not."""
         entries = self.archives()
         now = dt.datetime.now(dt.timezone.utc)
         removed = []
@@ -670,8 +708,22 @@ class WorkingDir:
                 created = dt.datetime.fromisoformat(entry["created"])
                 beyond = beyond and (now - created).total_seconds() > older_than_days * 86400
             if beyond and (keep is not None or older_than_days is not None or everything):
-                shutil.rmtree(self.archive_dir / entry["id"], ignore_errors=True)
+                # out of the archive in one rename, then deleted: a kill part way through
+                # leaves no entry that looks whole but lost files (recover() empties the trash)
+                trash = self.state_dir / "trash"
+                trash.mkdir(parents=True, exist_ok=True)
+                gone = trash / f"{entry['id']}.{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(self.archive_dir / entry["id"], gone)
+                except FileNotFoundError:
+                    continue  # cleared by another process just now
+                crash_point("archive-trashed")
+                shutil.rmtree(gone, ignore_errors=True)
                 removed.append(entry["id"])
+        if caller is not None:
+            audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
+                  files=len(removed), outcome="ok", removed=sorted(removed),
+                  asked={"keep": keep, "older_than_days": older_than_days, "all": everything})
         return sorted(removed)
 
     def _entry(self, archive_id: str) -> dict[str, Any]:
@@ -706,13 +758,27 @@ class WorkingDir:
                     found[sha] = path
         return found
 
-    def restore(self, archive_id: str) -> CommitResult:
+    def restore(self, archive_id: str, caller: str | None = None) -> CommitResult:
         """Make the set exactly what it was just before the apply that created ``archive_id``.
 
         Content comes from the blob store, the live files and any archive entry
         (each copy verified against its hash); the switch is the same safe
         commit a push gets, and what it replaces is archived as a new entry.
+        Audited, as a commit is: it changes the live set.
         """
+        try:
+            result = self._restore(archive_id)
+        except MirrorError as exc:
+            audit(self.settings, "restore", caller=caller, master=None, generation=None, files=None,
+                  outcome=f"refused {exc.status}", restored_from=archive_id, error=exc.message)
+            raise
+        audit(self.settings, "restore", caller=caller, master=self.state().get("master"),
+              generation=result.generation, outcome="ok", restored_from=archive_id,
+              archive_id=result.archive_id,
+              files={"added": result.added, "changed": result.changed, "removed": result.removed})
+        return result
+
+    def _restore(self, archive_id: str) -> CommitResult:
         with self.lock():
             self.recover()
             meta = self._entry(archive_id)
@@ -743,12 +809,14 @@ class WorkingDir:
             return self._apply(current, target, meta.get("replaced_generation"), state.get("master"),
                                state, {"restored_from": archive_id})
 
-    def release(self) -> str | None:
-        """Forget the owning master (an admin's decision on this secondary)."""
+    def release(self, caller: str | None = None) -> str | None:
+        """Forget the owning master (an admin's decision on this secondary, audited)."""
         with self.lock():
             state = self.state()
             owner = state.get("master")
             if owner:
                 state["master"] = None
                 write_json(self.state_path, state)
-            return owner
+        audit(self.settings, "release", caller=caller, master=owner, generation=state.get("generation"),
+              files=None, outcome="released" if owner else "no master owned it")
+        return owner

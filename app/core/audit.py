@@ -1,4 +1,4 @@
-"""The audit log: one JSON line per publish, push and commit, on every server.
+"""The audit log: one JSON line per publish, push, commit and archive action, on every server.
 
 ``var/data/.esmirror/audit.log``, rotated by size (``audit.log.1`` … ``.N``,
 the stdlib's RotatingFileHandler naming). Several processes write it (gunicorn
@@ -30,6 +30,18 @@ def audit_path(settings: Settings) -> Path:
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def command_line_caller() -> str:
+    """Who asked, for the audit log and the publish history: this user on this host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"command line ({user}@{socket.gethostname()})"
 
 
 def audit(settings: Settings, event: str, *, caller: str | None, master: str | None,

@@ -20,6 +20,8 @@ from .errors import ConfigError
 DEFAULT_PREFIX = "/lizardtech/mirror"
 # the routes allow_push opens (browse is both push and admin); httpd's rendered
 # Require lines and the receiver's own filter both come from this one list
+DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
+
 PUSH_ROUTES = ("manifest", "blobs", "chunks", "delta", "commit")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,9 +48,17 @@ def parse_networks(text: str) -> tuple[Network, ...]:
         if "%" in item:
             raise ValueError(f"{item!r}: zone ids (%eth0) are not accepted; give the address alone")
         try:
-            nets.append(ipaddress.ip_network(item, strict=False))
+            net = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an IPv4/IPv6 address or CIDR") from None
+        if "/" in item and net.network_address != ipaddress.ip_address(item.split("/")[0]):
+            # 10.0.0.1/0 would admit everyone: say what it means instead of widening it
+            raise ValueError(f"{item!r} has bits set after the prefix: write {net} for the whole "
+                             f"network, or {item.split('/')[0]} for the one address")
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped and net.prefixlen >= 96:
+            # callers are compared as IPv4 (::ffff:a.b.c.d arrives as a.b.c.d): map the entry too
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+        nets.append(net)
     return tuple(nets)
 
 
@@ -221,7 +231,8 @@ def _read_ini(ini: Path) -> dict[str, Any]:
         text = ini.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{ini}: cannot read: {exc}") from None
-    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    # ";" or "#" after a space starts a comment, as in most ini files ops write
+    parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
     try:
         parser.read_string(text, source=str(ini))
     except configparser.MissingSectionHeaderError as exc:

@@ -595,6 +595,33 @@ class BlobStore:
                 except FileNotFoundError:
                     pass
 
+    def uploaded(self) -> list[str]:
+        """The blobs here, verified on upload and waiting for a commit (a push cut short
+        leaves them): a master need not send them again."""
+        found = []
+        if self.blobs.is_dir():
+            for entry in os.scandir(self.blobs):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    found.append(entry.name)
+        return sorted(found)
+
+    def drop_shared(self) -> None:
+        """Drop blob names that share their file with another name: a commit killed after
+        its switch, before it dropped the names of the blobs it linked into place. Such a
+        blob changes with the live file (an edit in place), so it is no longer the content
+        its name says; the master uploads it again if it is needed."""
+        if self.blobs.is_dir():
+            for entry in os.scandir(self.blobs):
+                try:
+                    if entry.stat(follow_symlinks=False).st_nlink > 1:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
     def clear_stale_tmp(self, older_than: float = 6 * 3600) -> None:
         """Temp files of uploads that died (a kill -9 mid-body) go after a while."""
         if not self.tmp.is_dir():
