@@ -349,3 +349,25 @@ def test_a_glob_with_many_stars_against_a_long_name_ends(tmp_path):
                           timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == repr(["a" * 120])
+
+
+def test_upload_temp_files_of_dead_or_long_idle_uploads_are_swept(tmp_path):
+    """Recovery removes an upload's temp file when its process is gone, and also when it sat
+    untouched longer than any server lets a body wait: by then its pid may be another's."""
+    import subprocess
+    import sys
+
+    from app.core.apply import IDLE_TMP, sweep_dead_tmp
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    files = {"live": tmp / f"aa.{os.getpid()}.1.tmp", "idle": tmp / f"bb.{os.getpid()}.2.tmp",
+             "dead": tmp / f"cc.{dead.pid}.3.tmp"}
+    for path in files.values():
+        path.write_bytes(b"part of a body")
+    old = time.time() - IDLE_TMP - 60
+    os.utime(files["idle"], (old, old))
+    sweep_dead_tmp(tmp_path)
+    assert sorted(p.name for p in tmp.iterdir()) == [files["live"].name]

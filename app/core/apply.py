@@ -221,14 +221,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 _TMP_PID_RE = re.compile(r"\.(\d{1,10})\.")
+IDLE_TMP = 15 * 60  # seconds: longer than gunicorn's and waitress's 600 s body timeouts
 
 
 def sweep_dead_tmp(state_dir: Path) -> None:
     """Temp files (``*.<pid>.…tmp`` in ``.esmirror/`` and ``.esmirror/tmp/``) of processes that died.
 
     A kill -9 mid-write leaves them; a live process's (another gunicorn or
-    mod_wsgi worker still uploading) are left alone.
+    mod_wsgi worker still uploading) are left alone, unless untouched for IDLE_TMP
+    seconds: the pid may belong to another process by now (pids wrap), and no
+    upload waits that long between writes (both servers time out a body sooner).
     """
+    idle = time.time() - IDLE_TMP
     for folder in (state_dir, state_dir / "tmp"):
         try:
             entries = list(os.scandir(folder))
@@ -239,11 +243,11 @@ def sweep_dead_tmp(state_dir: Path) -> None:
             is_tmp = folder.name == "tmp" or entry.name.endswith(".tmp")
             if not (match and is_tmp and entry.is_file(follow_symlinks=False)):
                 continue
-            if not _pid_alive(int(match.group(1))):
-                try:
+            try:
+                if not _pid_alive(int(match.group(1))) or entry.stat(follow_symlinks=False).st_mtime < idle:
                     os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
+            except FileNotFoundError:
+                pass
 
 
 def _remove_empty_tree(folder: Path) -> None:
