@@ -93,8 +93,27 @@ install_dir_option = click.option(
     help="Express Server install dir (holds ImageServer/); or set ESMIRROR_INSTALL_DIR.")
 
 
-def settings_from(install_dir: str | None, **overrides: Any) -> Settings:
-    return load_settings(install_dir, **overrides)
+def settings_from(install_dir: str | None, writes_state: bool = False) -> Settings:
+    """The install's settings. ``writes_state``: the command writes var/data/.esmirror, so
+    running it as root where the data belongs to another account is worth a warning."""
+    settings = load_settings(install_dir)
+    if writes_state and hasattr(os, "geteuid") and os.geteuid() == 0:
+        try:
+            owner = os.stat(settings.data_dir).st_uid
+        except OSError:
+            owner = 0
+        if owner != 0:
+            import pwd
+
+            try:
+                name = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                name = str(owner)
+            click.echo(f"esmirror: warning: running as root, but {settings.data_dir} belongs to {name}: "
+                       f"files this leaves in .esmirror/ stop the agent and the receiver (running as "
+                       f"{name}) with 'Permission denied'; run it as {name} (sudo -u {name} esmirror …)",
+                       err=True)
+    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,7 +136,7 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
     """Run the receiver standalone, mounted at the prefix."""
     from .serve import run_server
 
-    run_server(settings_from(install_dir), bind, server, certfile, keyfile, workers)
+    run_server(settings_from(install_dir, writes_state=True), bind, server, certfile, keyfile, workers)
 
 
 @main.command()
@@ -142,13 +161,13 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
             as_json: bool) -> None:
     """Validate, reload and push this master's set to its secondaries."""
     with start_up():
-        from .fleet import publish as run_publish
-        from .fleet import resolve_canary, select_secondaries
         from app.core.audit import command_line_caller
 
+        from .fleet import publish as run_publish
+        from .fleet import resolve_canary, select_secondaries
         from .report import ProgressBars, print_publish
 
-    settings = settings_from(install_dir)
+    settings = settings_from(install_dir, writes_state=True)
     targets = select_secondaries(settings, secondaries)
     first = resolve_canary(targets, canary)
     with ProgressBars(targets, enabled=sys.stderr.isatty()) as bars:
@@ -207,7 +226,7 @@ def status(install_dir: str | None, as_json: bool) -> None:
         from .report import print_status
         from .status import live_status
 
-    report = live_status(settings_from(install_dir))
+    report = live_status(settings_from(install_dir, writes_state=True))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -224,7 +243,7 @@ def agent(install_dir: str | None, verbose: bool) -> None:
     with start_up():
         from .daemon import run_agent
 
-    run_agent(settings_from(install_dir), verbose)
+    run_agent(settings_from(install_dir, writes_state=True), verbose)
 
 
 @main.command()
@@ -235,7 +254,7 @@ def release(install_dir: str | None) -> None:
     from app.core.apply import WorkingDir
     from app.core.audit import command_line_caller
 
-    workdir = WorkingDir(settings_from(install_dir))
+    workdir = WorkingDir(settings_from(install_dir, writes_state=True))
     owner = workdir.release(command_line_caller())
     click.echo(f"released from master {owner}" if owner else "no master owned this server")
 
@@ -279,7 +298,7 @@ def archive_clear(install_dir: str | None, keep: int | None, older_than: float |
 
     if keep is None and older_than is None and not everything:
         raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
-    workdir = WorkingDir(settings_from(install_dir))
+    workdir = WorkingDir(settings_from(install_dir, writes_state=True))
     with workdir.lock():
         removed = workdir.clear_archive(keep, older_than, everything, caller=command_line_caller())
     click.echo(f"removed {len(removed)} archive entr{'y' if len(removed) == 1 else 'ies'}")
@@ -295,7 +314,7 @@ def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> 
     from app.core.apply import WorkingDir
     from app.core.audit import command_line_caller
 
-    result = WorkingDir(settings_from(install_dir)).restore(archive_id, command_line_caller())
+    result = WorkingDir(settings_from(install_dir, writes_state=True)).restore(archive_id, command_line_caller())
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return

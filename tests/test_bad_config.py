@@ -3,6 +3,7 @@ exit 2 for configuration (1 for a failed operation), never a traceback (SPEC §4
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,22 @@ def test_the_ini_the_docs_show_loads_comments_and_all(tmp_path, doc):
             if key:
                 assert getattr(settings, key), (doc, line)
                 assert ";" not in repr(getattr(settings, key)), (doc, line)
+
+
+def test_root_is_warned_off_a_working_dir_another_account_owns(tmp_path):
+    """Run as root, a command leaves root's files in .esmirror/, which then stop the agent
+    and the receiver running as LT_IS_USER: it says so, naming the account to use."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    install = install_with(tmp_path)
+    rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
+    assert rc == 0 and "warning" not in out, out  # root's own data: nothing to say
+    owner = pwd.getpwnam("nobody")
+    shutil.chown(install.data_dir, owner.pw_uid, owner.pw_gid)
+    rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
+    assert rc == 0 and "warning: running as root" in out and "sudo -u nobody esmirror" in out, out
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))  # writes nothing
+    assert "warning" not in out, out
