@@ -28,7 +28,9 @@ BACKOFF = 0.3                    # seconds, doubling: 0, 0.6, 1.2 between attemp
 RETRY_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 600.0  # a commit of a large set may spend minutes staging and flushing
+BROWSE_TIMEOUT = 60.0  # a browse is a quick look: one that takes longer will not come
 SEND_BLOCK = 1024 * 1024
+PROGRESS_BLOCK = 16 * 1024 * 1024  # a large file's progress is told this often (sendfile)
 
 
 def tls_verify(secondary: Secondary, settings: Settings) -> bool | str:
@@ -218,21 +220,31 @@ class FileSpan:
     encrypt here) it is read and sent in ``SEND_BLOCK`` pieces.
     """
 
-    def __init__(self, path: Path, start: int, length: int) -> None:
+    def __init__(self, path: Path, start: int, length: int,
+                 moved: Callable[[int], None] | None = None) -> None:
         self.path, self.start, self.length = path, start, length
+        self.moved = moved  # told of each PROGRESS_BLOCK or SEND_BLOCK as it goes (progress bars)
 
     def __len__(self) -> int:
         return self.length
 
     def send_to(self, sock: Any) -> None:
+        sent = 0
         with open(self.path, "rb") as fh:
             if _SENDFILE and type(sock) is socket.socket:
-                sent = sock.sendfile(fh, self.start, self.length)
+                while sent < self.length:
+                    count = sock.sendfile(fh, self.start + sent, min(PROGRESS_BLOCK, self.length - sent))
+                    if not count:
+                        break  # the file ended early: it changed (below)
+                    sent += count
+                    if self.moved:
+                        self.moved(count)
             else:
-                sent = 0
                 for block in file_blocks(fh, self.path, self.start, self.length):
                     sock.sendall(block)
                     sent += len(block)
+                    if self.moved:
+                        self.moved(len(block))
         if sent != self.length:
             raise ChangedWhileSent.file(self.path, self.start, self.length, sent)
 
@@ -280,9 +292,10 @@ def file_blocks(fh: BinaryIO, path: Path, start: int, length: int) -> Iterator[b
         yield block
 
 
-def file_range(path: Path, start: int, length: int) -> Body:
-    """A byte range of a file as a body."""
-    return Body(length, [FileSpan(path, start, length)])
+def file_range(path: Path, start: int, length: int,
+               moved: Callable[[int], None] | None = None) -> Body:
+    """A byte range of a file as a body; ``moved`` hears of the bytes as they go."""
+    return Body(length, [FileSpan(path, start, length, moved)])
 
 
 def batch_body(items: list[tuple[str, Path, int]]) -> Body:
@@ -387,7 +400,8 @@ class SecondaryClient:
                            "esmirror receiver of this version?", kind="bad-answer")
 
     def browse(self) -> dict[str, Any]:
-        info = self._answer("browse", self._request("GET", "browse"))
+        info = self._answer("browse", self._request("GET", "browse",
+                                                    timeout=(CONNECT_TIMEOUT, BROWSE_TIMEOUT)))
         self.target = info.get("self") or ""
         return info
 
@@ -406,16 +420,18 @@ class SecondaryClient:
                                                           *map(one_line, reasons)])) from None
         return answer, parsed
 
-    def put_blob(self, sha: str, path: Path, size: int, part_size: int) -> None:
-        """One file, streamed; above ``part_size`` in parts with Content-Range."""
+    def put_blob(self, sha: str, path: Path, size: int, part_size: int,
+                 moved: Callable[[int], None] | None = None) -> None:
+        """One file, streamed; above ``part_size`` in parts with Content-Range. ``moved``
+        hears of the bytes as they go."""
         if size <= part_size:
-            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, 0, size),
+            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, 0, size, moved),
                           headers={"Content-Type": "application/octet-stream"})
             return
         start = 0
         while start < size:
             length = min(part_size, size - start)
-            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, start, length), headers={
+            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, start, length, moved), headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"bytes {start}-{start + length - 1}/{size}"})
             start += length

@@ -39,6 +39,7 @@ log = logging.getLogger("esmirror.agent")
 TICK = 0.5               # how often the queue is looked at (seconds)
 PROGRESS_EVERY = 0.5     # at most this often is a running request's progress written
 HEARTBEAT_EVERY = 2.0    # agent.json's pulse; status says "no agent" after 30 s of silence
+WRITE_TROUBLE_PAUSE = 30.0  # seconds between tries while this master's state cannot be written
 
 
 class AgentRunning(MirrorError):
@@ -95,11 +96,17 @@ class RecordObserver(Observer):
 
 
 def _covers(newer: dict[str, Any], older: dict[str, Any]) -> bool:
-    """A newer request makes an older pending one pointless: same targets or more, as thorough."""
+    """A newer request makes an older pending one pointless when it does at least what the
+    older would: the same targets or more, as thorough (full), as forceful (force), and
+    no stricter rollout (a canary or stop-on-failure the older one did not ask for could
+    leave secondaries unpushed that the older request would have pushed)."""
     def targets(r: dict[str, Any]) -> set[str]:
         return {row["name"] for row in r.get("secondaries") or []}
-    return targets(newer) >= targets(older) and (newer["options"].get("full") or
-                                                 not older["options"].get("full"))
+    new, old = newer["options"], older["options"]
+    return (targets(newer) >= targets(older)
+            and all(new.get(flag) or not old.get(flag) for flag in ("full", "force"))
+            and new.get("canary") in (None, old.get("canary"))
+            and (old.get("stop_on_failure") or not new.get("stop_on_failure")))
 
 
 class Agent:
@@ -110,6 +117,7 @@ class Agent:
         self.ledger = Ledger(settings)
         self.started = now_iso()
         self.next_check = 0.0
+        self.checking: threading.Thread | None = None
 
     # --- the loop ----------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -125,18 +133,27 @@ class Agent:
         beating = threading.Event()
         pulse = threading.Thread(target=self._beat, args=(beating,), name="heartbeat", daemon=True)
         try:
-            self.heartbeat()
+            try:
+                self.heartbeat()
+            except OSError as exc:  # a full disk, say: go on and say so, as the pulse thread does
+                log.warning("cannot write the heartbeat: %s", exc)
             pulse.start()  # its own thread: a long push must not make status say "no agent"
             self.resume()
             log.info("agent started for %s", self.settings.install_dir)
             while not stop.is_set():
+                pause = self.tick
                 try:
                     self.step()
                 except MirrorError as exc:  # a broken iserv-cfg.xml, say: keep going, say why
                     log.error("%s", exc.message)
+                except OSError as exc:  # a full disk or a permission: one line, and not every tick
+                    log.error("cannot read or write %s: %s; trying again in %.0f s",
+                              exc.filename or "this master's state", exc.strerror or exc,
+                              WRITE_TROUBLE_PAUSE)
+                    pause = WRITE_TROUBLE_PAUSE
                 except Exception:  # never die on one bad pass: the service would only restart into it
                     log.exception("unexpected error in the agent; going on")
-                stop.wait(self.tick)
+                stop.wait(pause)
         finally:
             beating.set()
             if pulse.is_alive():
@@ -158,9 +175,21 @@ class Agent:
             for result in catch_up(self.settings, due):
                 log.info("catch-up %s:%s: %s %s", result.host, result.port, result.state,
                          result.error or "")
-        if time.monotonic() >= self.next_check:
+        if time.monotonic() >= self.next_check and not (self.checking and self.checking.is_alive()):
+            # on its own thread: a secondary that answers slowly or never must not hold up
+            # requests, catch-up or a stop (a daemon thread: a stop does not wait for it)
             self.next_check = time.monotonic() + self.settings.check_interval
+            self.checking = threading.Thread(target=self._check, args=(mirrors,), name="check",
+                                             daemon=True)
+            self.checking.start()
+
+    def _check(self, mirrors: list[Secondary]) -> None:
+        try:
             check_fleet(self.settings, mirrors)
+        except MirrorError as exc:  # a damaged ledger, say: its message says what to do
+            log.error("the periodic look at the secondaries failed: %s", exc.message)
+        except Exception:  # the next look tries again; say why this one failed
+            log.exception("the periodic look at the secondaries failed")
 
     def resume(self) -> None:
         """Requests a previous agent left running are run again."""
@@ -198,6 +227,9 @@ class Agent:
             record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
             self.queue.save(record)
             return
+        # Mirrors may have changed since the request was queued: its rows are those pushed to now
+        names = {t.name for t in targets}
+        record["secondaries"] = [row for row in record["secondaries"] if row["name"] in names]
         log.debug("publish %s asked by %s: starting", record["id"], record.get("caller"))
         try:
             report = publish(self.settings, targets, full=bool(options.get("full")),

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from app.core import PROTOCOL
-from app.core.apply import room_needed
+from app.core.apply import commit_limit, room_needed
 from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
@@ -40,6 +42,11 @@ class LocalSet:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    @functools.cached_property
+    def list_bytes(self) -> int:
+        """The size of the set's file list as a commit sends it (JSON), worked out once."""
+        return len(json.dumps(self.manifest.to_list()).encode("utf-8"))
 
     def chunks(self, rel: str, sha: str, chunk_size: int) -> list[str] | None:
         known = self.chunk_lists.get(rel)
@@ -257,6 +264,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             result.state = "dry-run"
             return result
         base = remote["digest"]
+        if base != want.digest or full:  # (a commit of the set held there sends no list)
+            check_list_fits(secondary, info, local)
         check_room_there(secondary, info, there, want, _to_send(want, have), uploaded)
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
@@ -323,6 +332,20 @@ def _commit(client: SecondaryClient, local: LocalSet, base: str, full: bool) -> 
             if exc.http_status != 400:
                 raise
     return client.commit({**body, "files": local.manifest.to_list()})
+
+
+def check_list_fits(secondary: Secondary, info: dict[str, Any], local: LocalSet) -> None:
+    """Refuse before sending a byte when the commit's file list is over what the secondary
+    takes in one body (its 413 after every upload, publish after publish)."""
+    taken = info.get("max_upload_bytes")
+    if not isinstance(taken, int):
+        return
+    limit, setting = commit_limit(taken)
+    if local.list_bytes + 4096 > limit:  # (4 KiB: the commit's other fields)
+        raise MirrorError(f"{secondary.name} cannot take this set's commit: its file list "
+                          f"({len(local.manifest.files)} files) is {local.list_bytes} bytes of JSON, over "
+                          f"its limit of {limit} bytes ({setting}); nothing was sent. Raise "
+                          f"max_upload_bytes in esmirror.ini on {secondary.host}, or publish fewer files")
 
 
 def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest,
@@ -446,6 +469,15 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
     if current:
         batches.append(current)
 
+    counting = threading.Lock()
+
+    def moved(count: int) -> None:
+        """Bytes on their way (upload threads call it): the bars move within a large file."""
+        with counting:
+            result.bytes_sent += count
+            if progress:
+                progress(count)
+
     def send_batch(batch: list[tuple[str, Path, int]]) -> tuple[int, int]:
         client.post_blobs(batch)
         return len(batch), sum(i[2] for i in batch)
@@ -456,8 +488,8 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             sent = _send_delta(client, local, sha, size, rel, remote_files, part_size)
             if sent is not None:
                 return 1, sent
-        client.put_blob(sha, path, size, part_size)
-        return 1, size
+        client.put_blob(sha, path, size, part_size, moved)
+        return 1, 0  # (its bytes were counted as they went)
 
     # Batches first: each is one thread creating its files one by one on the secondary
     # (CPU and metadata), while large files are bandwidth and disk writes that overlap
@@ -470,9 +502,7 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             for future in cf.as_completed(futures):
                 files, size = future.result()
                 result.files_sent += files
-                result.bytes_sent += size
-                if progress:
-                    progress(size)
+                moved(size)
         except BaseException:
             for future in futures:
                 future.cancel()

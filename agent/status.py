@@ -1,7 +1,9 @@
 """Look at every secondary now (browse), note what it holds in the ledger, and report the fleet."""
 from __future__ import annotations
 
-import concurrent.futures as cf
+import logging
+import queue
+import threading
 from typing import Any
 
 from app.core.errors import MirrorError, RemoteError
@@ -11,6 +13,8 @@ from app.core.settings import Settings
 
 from .client import SecondaryClient, unforeseen
 from .push import Refused, check_peer
+
+log = logging.getLogger("esmirror.agent")
 
 
 def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) -> None:
@@ -45,13 +49,43 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
 
 
 def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None) -> None:
-    """Browse every secondary in parallel and record what each answered."""
+    """Browse every secondary, 16 at a time, and record what each answered.
+
+    Daemon threads, not a pool: a secondary that never answers must not keep the agent
+    (whose periodic look this is) from exiting when it is told to stop."""
     from .fleet import master_identity
 
     secondaries = secondaries if secondaries is not None else select_secondaries(settings)
     mine = master_identity(settings)
-    with cf.ThreadPoolExecutor(max(1, min(16, len(secondaries)))) as pool:
-        list(pool.map(lambda s: check_one(settings, s, mine), secondaries))
+    todo: queue.SimpleQueue[Secondary] = queue.SimpleQueue()
+    for secondary in secondaries:
+        todo.put(secondary)
+
+    failed: list[Exception] = []
+
+    def work() -> None:
+        while True:
+            try:
+                secondary = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                check_one(settings, secondary, mine)
+            except OSError as exc:  # its answer cannot be recorded (a full disk): say so, go on
+                log.warning("cannot record what %s answered: %s: %s", secondary.name,
+                            exc.filename or "the ledger", exc.strerror or exc)
+            except Exception as exc:  # a damaged ledger, say: the caller says it, once
+                failed.append(exc)
+                return
+
+    workers = [threading.Thread(target=work, name="look", daemon=True)
+               for _ in range(max(1, min(16, len(secondaries))))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failed:
+        raise failed[0]
 
 
 def live_status(settings: Settings) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The one place that turns errors into HTTP answers: JSON, never a traceback."""
 from __future__ import annotations
 
+import errno
 import logging
 
 from flask import Flask, jsonify
@@ -19,6 +20,20 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
         return jsonify({"error": f"{exc.name}: {exc.description}"}), exc.code
+
+    @app.errorhandler(OSError)
+    def server_file(exc: OSError):  # type: ignore[no-untyped-def]
+        # this server's own files (a full disk, a permission): name them, not "internal error"
+        if isinstance(exc, ConnectionError):  # the caller went away mid-request
+            return jsonify({"error": f"the connection broke: {exc.strerror or exc}"}), 400
+        what = exc.filename or "its working files"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return jsonify({"error": f"this server's disk is full: cannot write {what}; free some "
+                                     "space (esmirror archive clear) and try again"}), 507
+        log.error("cannot read or write %s: %s", what, exc.strerror or exc)
+        return jsonify({"error": f"this server cannot read or write {what}: {exc.strerror or exc}; "
+                                 "check that the account the receiver runs as (LT_IS_USER) owns "
+                                 "var/data"}), 500
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from .core import PROTOCOL, __version__
-from .core.apply import CommitRequest, WorkingDir, check_room, room
+from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit, room
 from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
@@ -22,7 +22,6 @@ from .core.signing import Verifier, batch_digest
 from .core.store import check_sha
 
 bp = Blueprint("peer", __name__)
-MAX_COMMIT_BYTES = 256 * 1024 * 1024  # a manifest of a few million files
 _RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
 
 
@@ -34,14 +33,14 @@ def _workdir() -> WorkingDir:
     return current_app.extensions["esmirror.workdir"]
 
 
-def _body_length(limit: int) -> int:
+def _body_length(limit: int, setting: str = "max_upload_bytes") -> int:
     """The declared body length, refused before a byte is read when too large."""
     length = request.content_length
     if length is None:
         raise LengthRequired("send a Content-Length header; chunked bodies are not accepted")
     if length > limit:
         raise TooLarge(f"body of {length} bytes is over this server's limit of {limit} bytes "
-                       "(max_upload_bytes)", limit=limit)
+                       f"({setting})", limit=limit)
     return length
 
 
@@ -237,7 +236,8 @@ def post_delta_stream():  # type: ignore[no-untyped-def]
 
 @bp.post("/commit")
 def commit():  # type: ignore[no-untyped-def]
-    length = _body_length(min(MAX_COMMIT_BYTES, _settings().max_upload_bytes))
+    limit, setting = commit_limit(_settings().max_upload_bytes)
+    length = _body_length(limit, setting)
     body = request.get_data(cache=False) if length else b""
     if _signed_content() is not None:
         Verifier.check_body(_signed_content(), hashlib.sha256(body).hexdigest(), "the commit body")

@@ -372,6 +372,10 @@ def test_archive_over_http_list_clear_restore_admin_only(fleet):
     web = session_from("127.0.0.1")
     listed = web.get(f"{url}/archive", timeout=10).json()["archive"]
     assert [e["generation"] for e in listed] == [2, 3]
+    for e in listed:  # each entry's size, recorded when it was made (no walk of it per browse)
+        folder = secondary.data_dir / "archive" / e["id"]
+        walked = sum(p.stat().st_size for p in (folder / "files").rglob("*") if p.is_file())
+        assert e["bytes"] == walked == json.loads((folder / "archive.json").read_text())["bytes"] > 0
     answer = web.post(f"{url}/archive/{listed[0]['id']}/restore", timeout=60)
     assert answer.status_code == 200, answer.text
     assert set_files(secondary.data_dir) == seen[0]

@@ -398,3 +398,62 @@ def test_a_device_that_refuses_direct_writes_mid_blob_gets_them_through_the_page
     assert refused == [MIB]  # one direct write refused, every later one went through the page cache
     assert (tmp_path / "blob").read_bytes() == content
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+def test_a_master_whose_disk_is_full_says_so_and_its_agent_waits_it_out(tmpfs, fleet, make_receiver, tmp_path):
+    """POST publish on a full disk is 507 naming the file, not a bare 500; the agent neither
+    dies at start (a restart loop under systemd) nor retries every tick: it waits, says why
+    once in a while, and runs the request once there is room."""
+    from agent.demo import write_sample_set
+    from agentproc import FAST_AGENT, AgentProcess, http, wait_for
+
+    f = fleet(1, master_ini=FAST_AGENT)
+    _on_tmpfs(tmpfs, f.master, "4m")
+    write_sample_set(f.master.data_dir, tmp_path / "images", big_mb=1)
+    master = make_receiver(f.master)
+    filler = f.master.data_dir.parent / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    answer = http().post(f"{master.url}/publish", json={}, timeout=10)
+    assert answer.status_code == 507 and "disk is full" in answer.json()["error"], answer.text
+    agent = AgentProcess(f.master, tmp_path / "agent.log").start()
+    try:
+        time.sleep(3)
+        assert agent.proc.poll() is None, agent.output()  # alive, though it cannot write its pulse
+        filler.unlink()
+        answer = http().post(f"{master.url}/publish", json={}, timeout=10)
+        assert answer.status_code == 202, answer.text
+        request_id = answer.json()["id"]
+        record = wait_for("the agent runs it", lambda: http().get(f"{master.url}/publish/{request_id}",
+                                                                    timeout=10).json()["state"] == "done", 60)
+        assert record
+        assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+        assert "Traceback" not in agent.output(), agent.output()
+    finally:
+        agent.stop()
+
+
+def test_a_file_list_too_big_for_the_secondary_is_refused_before_any_upload(tmpfs, fleet, tmp_path):
+    """The commit carries the set's file list in one body, held to the secondary's
+    max_upload_bytes: over it, every blob went up and then the commit got 413, publish after
+    publish. The master now compares first and sends nothing."""
+    from agent.demo import write_sample_set
+
+    f = fleet(1, secondary_ini={"max_upload_bytes": "1M"})
+    _on_tmpfs(tmpfs, f.master, "64m")  # (4,000 files: on a tmpfs, not the disk)
+    write_sample_set(f.master.data_dir, tmp_path / "images", big_mb=1)
+    folder = f.master.data_dir / ("a-long-folder-name-" * 8)
+    folder.mkdir()
+    for i in range(4000):
+        (folder / f"{i:05d}-{'x' * 150}.idx").write_bytes(b"%d" % i)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert "cannot take this set's commit" in result["error"] and "nothing was sent" in result["error"], result
+    assert "max_upload_bytes" in result["error"] and result["bytes_sent"] == 0
+    assert set_files(f.secondaries[0].data_dir) == {}

@@ -370,3 +370,34 @@ def test_the_collector_is_back_on_after_a_command_start_up_even_one_that_failed(
         with start_up():
             import agent.no_such_module  # noqa: F401
     assert gc.isenabled()
+
+
+def test_a_large_file_reports_its_bytes_as_they_go_not_once_at_the_end(tmp_path):
+    """A 150 MiB index took a progress bar from 0 to done in one jump (and the agent's
+    GET publish/<id> showed no bytes for a minute on a slow link): sendfile now goes in
+    PROGRESS_BLOCK pieces, each told as it leaves."""
+    import socket
+    import threading
+
+    from agent.client import PROGRESS_BLOCK, FileSpan
+
+    path = tmp_path / "big.idx"
+    path.write_bytes(os.urandom(2 * PROGRESS_BLOCK + 12345))
+    sender, receiver = socket.socketpair()
+    got = bytearray()
+
+    def drain() -> None:
+        while data := receiver.recv(1 << 20):
+            got.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    told: list[int] = []
+    try:
+        FileSpan(path, 0, path.stat().st_size, told.append).send_to(sender)
+    finally:
+        sender.close()
+        reader.join(timeout=30)
+        receiver.close()
+    assert told == [PROGRESS_BLOCK, PROGRESS_BLOCK, 12345]
+    assert bytes(got) == path.read_bytes()

@@ -92,6 +92,15 @@ def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int],
 
 
 MAX_GENERATION = 2**63 - 1
+# a commit's body, the set's file list as JSON (~130 bytes a file): about two million files
+MAX_COMMIT_BYTES = 256 * 1024 * 1024
+
+
+def commit_limit(max_upload_bytes: int) -> tuple[int, str]:
+    """The largest commit body a server takes, and what sets it (for the message)."""
+    if max_upload_bytes < MAX_COMMIT_BYTES:
+        return max_upload_bytes, "max_upload_bytes"
+    return MAX_COMMIT_BYTES, "esmirror's cap on a commit's file list, about two million files"
 # blobs of a push cut short wait this long for the push that uses them, then go
 STALE_UPLOADS = 24 * 3600
 
@@ -611,6 +620,8 @@ class WorkingDir:
                     "generation": generation,
                     "master": master,
                     "files": sorted(archived),
+                    # its size, so listing the archive (every browse) need not stat every file
+                    "bytes": sum(current.files[p].size for p in archived),
                     "previous_digest": current.digest,
                     "digest": new.digest,
                     **(about or {}),
@@ -686,7 +697,10 @@ class WorkingDir:
                     meta = read_json(child / "archive.json")
                 except Damaged:
                     meta = None
-                size = sum(f.stat().st_size for f in (child / "files").rglob("*") if f.is_file())
+                size = meta.get("bytes") if isinstance(meta, dict) else None
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    # (an entry from before "bytes" was recorded, or a damaged one: count it)
+                    size = sum(f.stat().st_size for f in (child / "files").rglob("*") if f.is_file())
                 if not isinstance(meta, dict):  # listed, so that it can be cleared
                     meta = {"damaged": "archive.json cannot be read"}
                 # the folder's own name, never what the record says: clear removes this folder

@@ -24,6 +24,7 @@ from .settings import Settings
 from .state import read_json, write_json
 
 HISTORY_KEEP = 50
+HISTORY_MIN_AGE = 3600.0  # seconds a finished record is kept whatever the count
 PENDING = ("queued", "running")
 _ID_RE = re.compile(r"^[0-9]{8}T[0-9]{12}-[0-9a-f]{8}$")
 
@@ -32,9 +33,9 @@ def queue_dir(settings: Settings) -> Path:
     return settings.state_dir / "queue"
 
 
-def new_id() -> str:
+def new_id(now: float | None = None) -> str:
     """Sorts by creation time to the microsecond (which request is newer decides superseding)."""
-    now = time.time()
+    now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}"
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
@@ -117,9 +118,12 @@ class PublishQueue:
     def history(self, count: int = 10) -> list[dict[str, Any]]:
         return list(reversed(self.all()))[:count]
 
-    def prune(self, keep: int = HISTORY_KEEP) -> None:
+    def prune(self, keep: int = HISTORY_KEEP, younger_kept: float = HISTORY_MIN_AGE) -> None:
+        """Keep the newest ``keep`` finished records, and every one created in the last
+        ``younger_kept`` seconds: whoever got its 202 can still look it up."""
         finished = [r for r in self.all() if r.get("state") not in PENDING]
-        for record in finished[:-keep] if keep else finished:
+        old = new_id(time.time() - younger_kept)
+        for record in [r for r in (finished[:-keep] if keep else finished) if r["id"] < old]:
             try:
                 os.unlink(self.path(record["id"]))
             except OSError:
