@@ -133,10 +133,7 @@ class Agent:
         beating = threading.Event()
         pulse = threading.Thread(target=self._beat, args=(beating,), name="heartbeat", daemon=True)
         try:
-            try:
-                self.heartbeat()
-            except OSError as exc:  # a full disk, say: go on and say so, as the pulse thread does
-                log.warning("cannot write the heartbeat: %s", exc)
+            self.heartbeat()
             pulse.start()  # its own thread: a long push must not make status say "no agent"
             self.resume()
             log.info("agent started for %s", self.settings.install_dir)
@@ -201,15 +198,17 @@ class Agent:
 
     def _beat(self, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_EVERY):
-            try:
-                self.heartbeat()
-            except OSError as exc:
-                log.warning("cannot write the heartbeat: %s", exc)
+            self.heartbeat()
 
     def heartbeat(self, stopped: bool = False) -> None:
-        write_json(self.settings.state_dir / "agent.json",
-                   {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
-                    "stopped": stopped}, durable=False)
+        """agent.json's pulse. A full disk must not stop the agent (at start, a restart loop
+        under systemd): it says so and goes on; status says no agent once the pulse is old."""
+        try:
+            write_json(self.settings.state_dir / "agent.json",
+                       {"pid": os.getpid(), "started": self.started, "heartbeat": time.time(),
+                        "stopped": stopped}, durable=False)
+        except OSError as exc:
+            log.warning("cannot write the heartbeat: %s", exc)
 
     # --- one request ------------------------------------------------------------
     def handle(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> None:
