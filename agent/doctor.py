@@ -512,9 +512,10 @@ def _check_secret(report: CheckReport, settings: Settings, account: pwd.struct_p
                        f"secret: {blocked[0]}: {blocked[1]}", file=str(path),
                        fix=f"chown {account.pw_name} {path}; chmod 600 {path}")
             return
-    if os.stat(path).st_mode & 0o077:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
         report.add("warning", "secret", f"{path} can be read by other accounts "
-                   f"(mode {stat.S_IMODE(os.stat(path).st_mode):o}); anyone who reads it can push",
+                   f"(mode {mode:o}); anyone who reads it can push",
                    file=str(path), fix=f"chmod 600 {path}")
     else:
         report.add("ok", "secret", f"{path} loads; pushes are signed")

@@ -111,8 +111,6 @@ def master_hash_cache(settings: Settings,
                      on_read=on_read, chunk_index=ChunkIndex(settings.state_dir))
 
 
-
-
 def _skipped(secondary: Secondary, why: str) -> PushResult:
     return PushResult(secondary.host, secondary.port, state="skipped", error=why)
 

@@ -94,6 +94,8 @@ def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int],
 MAX_GENERATION = 2**63 - 1
 # a commit's body, the set's file list as JSON (~130 bytes a file): about two million files
 MAX_COMMIT_BYTES = 256 * 1024 * 1024
+# blobs of a push cut short wait this long for the push that uses them, then go
+STALE_UPLOADS = 24 * 3600
 
 
 def commit_limit(max_upload_bytes: int) -> tuple[int, str]:
@@ -101,8 +103,6 @@ def commit_limit(max_upload_bytes: int) -> tuple[int, str]:
     if max_upload_bytes < MAX_COMMIT_BYTES:
         return max_upload_bytes, "max_upload_bytes"
     return MAX_COMMIT_BYTES, "esmirror's cap on a commit's file list, about two million files"
-# blobs of a push cut short wait this long for the push that uses them, then go
-STALE_UPLOADS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -338,8 +338,8 @@ class WorkingDir:
         for leftover in (self.staging_dir, self.state_dir / "trash"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
-        self.store.drop_shared()  # (after staging: a staged link is not a live file)
-        self.store.clear(older_than=time.time() - STALE_UPLOADS)
+        # (after staging: a staged link is not a live file)
+        self.store.clear(older_than=time.time() - STALE_UPLOADS, shared=True)
         self.store.clear_stale_tmp()
         sweep_dead_tmp(self.state_dir)
         return message

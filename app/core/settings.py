@@ -18,10 +18,9 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PREFIX = "/lizardtech/mirror"
+DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
 # the routes allow_push opens (browse is both push and admin); httpd's rendered
 # Require lines and the receiver's own filter both come from this one list
-DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
-
 PUSH_ROUTES = ("manifest", "blobs", "chunks", "delta", "commit")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

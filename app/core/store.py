@@ -585,12 +585,18 @@ class BlobStore:
                 tmp.unlink(missing_ok=True)
         return [sha for _, sha in done]
 
-    def clear(self, older_than: float) -> None:
-        """Drop blobs stored before ``older_than`` (after a successful apply they are live files)."""
+    def clear(self, older_than: float, shared: bool = False) -> None:
+        """Drop blobs stored before ``older_than`` (after a successful apply they are live files).
+
+        ``shared`` (recovery): also every blob name that shares its file with another name:
+        a commit killed after its switch, before it dropped the names of the blobs it linked
+        into place. Such a blob changes with the live file (an edit in place), so it is no
+        longer the content its name says; the master uploads it again if it is needed."""
         if self.blobs.is_dir():
             for entry in os.scandir(self.blobs):
                 try:
-                    if entry.stat().st_mtime < older_than:
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_mtime < older_than or (shared and st.st_nlink > 1):
                         os.unlink(entry.path)
                 except FileNotFoundError:
                     pass
@@ -608,19 +614,6 @@ class BlobStore:
                 if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                     found.append(entry.name)
         return sorted(found)
-
-    def drop_shared(self) -> None:
-        """Drop blob names that share their file with another name: a commit killed after
-        its switch, before it dropped the names of the blobs it linked into place. Such a
-        blob changes with the live file (an edit in place), so it is no longer the content
-        its name says; the master uploads it again if it is needed."""
-        if self.blobs.is_dir():
-            for entry in os.scandir(self.blobs):
-                try:
-                    if entry.stat(follow_symlinks=False).st_nlink > 1:
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
 
     def clear_stale_tmp(self, older_than: float = 6 * 3600) -> None:
         """Temp files of uploads that died (a kill -9 mid-body) go after a while."""
