@@ -457,8 +457,12 @@ class SecondaryClient:
         return self._request("POST", "delta", data=blocks,
                              headers={"Content-Type": "application/x-esmirror-delta"})
 
-    def commit(self, body: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, body: dict[str, Any], files: bytes | None = None) -> dict[str, Any]:
+        """``POST commit``; ``files``, the set's file list already encoded as JSON, goes in as
+        the body's ``files`` (LocalSet.list_json)."""
         data = json.dumps(body).encode("utf-8")
+        if files is not None:
+            data = data[:-1] + b', "files": ' + files + b"}"
         answer = self._answer("commit", self._request("POST", "commit", hashlib.sha256(data).hexdigest(),
                                                       data=data, headers={"Content-Type": "application/json"}))
         if "digest" not in answer:

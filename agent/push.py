@@ -44,9 +44,10 @@ class LocalSet:
         return self.root / rel
 
     @functools.cached_property
-    def list_bytes(self) -> int:
-        """The size of the set's file list as a commit sends it (JSON), worked out once."""
-        return len(json.dumps(self.manifest.to_list()).encode("utf-8"))
+    def list_json(self) -> bytes:
+        """The set's file list as every commit sends it (JSON): encoded once per publish, not
+        once per secondary and again to check its size (tens of MB for 100,000 files)."""
+        return json.dumps(self.manifest.to_list()).encode("utf-8")
 
     def chunks(self, rel: str, sha: str, chunk_size: int) -> list[str] | None:
         known = self.chunk_lists.get(rel)
@@ -331,7 +332,7 @@ def _commit(client: SecondaryClient, local: LocalSet, base: str, full: bool) -> 
         except RemoteError as exc:
             if exc.http_status != 400:
                 raise
-    return client.commit({**body, "files": local.manifest.to_list()})
+    return client.commit(body, files=local.list_json)
 
 
 def check_list_fits(secondary: Secondary, info: dict[str, Any], local: LocalSet) -> None:
@@ -341,9 +342,10 @@ def check_list_fits(secondary: Secondary, info: dict[str, Any], local: LocalSet)
     if not isinstance(taken, int):
         return
     limit, setting = commit_limit(taken)
-    if local.list_bytes + 4096 > limit:  # (4 KiB: the commit's other fields)
+    size = len(local.list_json)
+    if size + 4096 > limit:  # (4 KiB: the commit's other fields)
         raise MirrorError(f"{secondary.name} cannot take this set's commit: its file list "
-                          f"({len(local.manifest.files)} files) is {local.list_bytes} bytes of JSON, over "
+                          f"({len(local.manifest.files)} files) is {size} bytes of JSON, over "
                           f"its limit of {limit} bytes ({setting}); nothing was sent. Raise "
                           f"max_upload_bytes in esmirror.ini on {secondary.host}, or publish fewer files")
 

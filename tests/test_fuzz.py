@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from app.core.apply import CommitRequest
 from app.core.errors import BadRequest, InvalidSet, MirrorError
 from app.core.manifest import (MAX_PATH_BYTES, MAX_SEGMENT_BYTES, RESERVED_TOP, Manifest,
-                               collision_key, path_problem)
+                               _path_problem, collision_key, path_problem)
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
                 database=None, derandomize=bool(os.environ.get("CI")),
@@ -33,7 +33,8 @@ TRICKY = ["a", "A", "catalogs.xml", "Catalogs.XML", ".", "..", "...", "", " ", "
           "CON", "con.txt", "Nul", "COM1", "com¹", "LPT9.log", "CONIN$", "aux .txt", "archive",
           "ARCHIVE", ".esmirror", ".ESMIRROR", "é", "e\u0301", "ß", "ss", "ﬀ", "K", "\u212a",
           "a:b", "a\\b", "a\x00", "\t", "\x7f", "a|b", "<", "?", "*", '"', "c:", "C:", "%2e%2e",
-          "\u202e", "\ufeff", "a" * 255, "é" * 128, "a" * 256]
+          "\u202e", "\ufeff", "a" * 255, "é" * 128, "a" * 256, "CON.idx", "lpt1", "com0.a.b",
+          "a-b_c.idx", "-", "_", "x.", "x..", "Archive", "prn.", "a" * 254 + "."]
 segment = st.one_of(st.sampled_from(TRICKY), st.text(min_size=0, max_size=12),
                     st.text(alphabet="aA.-_ é:\\/\x00\n", max_size=6))
 paths = st.one_of(st.lists(segment, min_size=1, max_size=6).map("/".join),
@@ -71,6 +72,21 @@ def test_path_rules_never_crash_and_accepted_paths_are_safe(path):
     assert problem is None or (isinstance(problem, str) and problem)
     if problem is None:
         assert_safe(path)
+
+
+@FUZZ
+@given(paths)
+@example("a/" * 511 + "b")      # 1,023 bytes: the longest path allowed
+@example("a/" * 511 + "bc")     # 1,024: still allowed
+@example("a/" * 512 + "b")      # 1,025: too long
+@example("é/" * 341 + "bcd")
+@example("archive")
+@example("x/archive")
+@example("d00/CON.idx")
+def test_the_fast_check_of_plain_names_agrees_with_the_full_rules(path):
+    # path_problem takes a short cut for a plain file name in a folder found safe; it must
+    # accept exactly what the full rules (kept, with their messages, for everything else) do
+    assert (path_problem(path) is None) == (_path_problem(path) is None)
 
 
 entry = st.fixed_dictionaries({
