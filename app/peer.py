@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from .core import PROTOCOL, __version__
-from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit, room
+from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit, left_alone, room
 from .core.audit import audit
 from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
@@ -83,7 +83,7 @@ def identity() -> dict[str, Any]:
     settings, workdir = _settings(), _workdir()
     state = workdir.state()
     current = workdir.scan()
-    warnings = list(current.warnings)
+    warnings = list(current.warnings) + left_alone(current)
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():

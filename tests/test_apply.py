@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -467,3 +468,92 @@ def test_a_folder_symlink_on_the_secondary_is_never_written_through(fleet, tmp_p
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
     assert (outside / "victim.txt").read_bytes() == b"not part of any set"
+
+
+def test_a_file_becomes_a_folder_two_levels_deep_and_back(fleet):
+    """x, a file, becomes x/sub/deeper (a folder under a folder where the file was), and a
+    restore turns it back: both used to fail with a 500 ('Not a directory')."""
+    f = fleet(1)
+    master, secondary = f.master.data_dir, f.secondaries[0]
+    (master / "x").write_bytes(b"x as a file")
+    assert f.publish()[0] == 0
+    (master / "x").unlink()
+    (master / "x" / "sub").mkdir(parents=True)
+    (master / "x" / "sub" / "deeper").write_bytes(b"deep in a folder")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == set_files(master)
+    rc, _, out = esmirror("archive", "restore", archive_entries(secondary)[-1]["id"],
+                          "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    assert (secondary.data_dir / "x").read_bytes() == b"x as a file"
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == set_files(master)
+
+
+def test_a_local_file_differing_by_case_is_set_aside_never_overwritten(fleet):
+    """A secondary holds A.idx (the set's) and an admin's own a.idx: one name on Windows, so
+    its scan keeps the first by name (A.idx) and leaves a.idx out, and says so. When the set
+    then renames A.idx to a.idx, the admin's file is kept in the archive entry, not lost."""
+    f = fleet(1)
+    master, secondary = f.master.data_dir, f.secondaries[0]
+    (master / "A.idx").write_bytes(b"the set's file")
+    assert f.publish()[0] == 0
+    (secondary.data_dir / "a.idx").write_bytes(b"LOCAL precious")
+    info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
+    assert any(w.startswith("a.idx: same name as 'A.idx'") and "left where it is" in w
+               for w in info["warnings"]), info["warnings"]
+    (master / "A.idx").rename(master / "a.idx")
+    (master / "a.idx").write_bytes(b"the set's file, renamed")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(secondary.data_dir) == set_files(master)
+    assert (secondary.data_dir / "a.idx").read_bytes() == b"the set's file, renamed"
+    entry = archive_entries(secondary)[-1]
+    kept = secondary.data_dir / "archive" / entry["id"] / "files"
+    assert (kept / "a.idx").read_bytes() == b"LOCAL precious"
+    assert (kept / "A.idx").read_bytes() == b"the set's file"
+    meta = json.loads((secondary.data_dir / "archive" / entry["id"] / "archive.json").read_text())
+    assert meta["set_aside"] == ["a.idx"] and meta["files"] == ["A.idx"], meta
+    assert f.publish()[0] == 0  # and in sync from then on
+
+
+def test_a_folder_that_becomes_a_file_but_holds_files_outside_the_set_gets_409(fleet):
+    """x/ holds the set's x/in.idx and a file no set can hold (x/q?.idx). The set turns x
+    into a file: the switch could not remove the folder, so the commit is refused (409,
+    naming the file), nothing changes, and browse warned of the file all along."""
+    f = fleet(1)
+    master, secondary = f.master.data_dir, f.secondaries[0]
+    (master / "x").mkdir()
+    (master / "x" / "in.idx").write_bytes(b"in a folder")
+    assert f.publish()[0] == 0
+    (secondary.data_dir / "x" / "q?.idx").write_bytes(b"an admin's file")
+    info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
+    assert any(w.startswith("x/q?.idx: the character '?' is not allowed") for w in info["warnings"]), info
+    shutil.rmtree(master / "x")
+    (master / "x").write_bytes(b"now a file")
+    before = set_files(secondary.data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "answered 409" in error and "x/q?.idx" in error and "move them out" in error, error
+    assert set_files(secondary.data_dir) == before
+    (secondary.data_dir / "x" / "q?.idx").unlink()
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(master)
+
+
+def test_folders_differing_only_by_case_are_refused_by_name(fleet):
+    """Dir/x.idx and dir/y.idx: two folders here, one on Windows. And Archive/ at the top:
+    esmirror's own folder on Windows. The master refuses to publish and names each."""
+    f = fleet(1)
+    master = f.master.data_dir
+    for rel in ("Dir/x.idx", "dir/y.idx", "Archive/z.idx"):
+        (master / rel).parent.mkdir(exist_ok=True)
+        (master / rel).write_bytes(rel.encode())
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    assert "dir/y.idx: in folder 'dir', which is 'Dir' on Windows" in out, out
+    assert "Archive/z.idx: Archive/ is esmirror's own" in out, out
+    assert not (f.secondaries[0].data_dir / "Dir").exists()

@@ -457,3 +457,31 @@ def test_a_file_list_too_big_for_the_secondary_is_refused_before_any_upload(tmpf
     assert "cannot take this set's commit" in result["error"] and "nothing was sent" in result["error"], result
     assert "max_upload_bytes" in result["error"] and result["bytes_sent"] == 0
     assert set_files(f.secondaries[0].data_dir) == {}
+
+
+@pytest.mark.parametrize("point", ["switch-set-aside:1", "switch-put:1", "recorded:1"])
+def test_a_kill_after_a_local_file_was_set_aside_puts_it_back(fleet, point):
+    """An admin's a.idx beside the set's A.idx (one name on Windows) is set aside into the
+    archive when the set renames A.idx to a.idx. Killed at that moment, or after the
+    new a.idx took its place: recovery puts the admin's file back where it was."""
+    f = fleet(1)
+    master, secondary, receiver = f.master.data_dir, f.secondaries[0], f.receivers[0]
+    (master / "A.idx").write_bytes(b"the set's file")
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    (secondary.data_dir / "a.idx").write_bytes(b"LOCAL precious")
+    (master / "A.idx").rename(master / "a.idx")
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": point}
+    receiver.start()
+    rc, _, out = f.publish()
+    assert rc == 1 and receiver.proc.poll() is not None, out  # killed there
+    receiver.stop()
+    receiver.env = {}
+    receiver.start()
+    receiver_browse(receiver)  # recovery has run
+    assert (secondary.data_dir / "a.idx").read_bytes() == b"LOCAL precious"
+    assert {p: h for p, h in set_files(secondary.data_dir).items() if p != "a.idx"} == before
+    assert debris(secondary.data_dir) == []
+    assert f.publish()[0] == 0
+    assert (secondary.data_dir / "a.idx").read_bytes() == (master / "a.idx").read_bytes()

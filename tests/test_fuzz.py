@@ -34,7 +34,7 @@ TRICKY = ["a", "A", "catalogs.xml", "Catalogs.XML", ".", "..", "...", "", " ", "
           "ARCHIVE", ".esmirror", ".ESMIRROR", "é", "e\u0301", "ß", "ss", "ﬀ", "K", "\u212a",
           "a:b", "a\\b", "a\x00", "\t", "\x7f", "a|b", "<", "?", "*", '"', "c:", "C:", "%2e%2e",
           "\u202e", "\ufeff", "a" * 255, "é" * 128, "a" * 256, "CON.idx", "lpt1", "com0.a.b",
-          "a-b_c.idx", "-", "_", "x.", "x..", "Archive", "prn.", "a" * 254 + "."]
+          "a-b_c.idx", "-", "_", "x.", "x..", "Archive", "prn.", "a" * 254 + ".", "CONIN$", "conout$.x", "a\x85b", "\x9f"]
 segment = st.one_of(st.sampled_from(TRICKY), st.text(min_size=0, max_size=12),
                     st.text(alphabet="aA.-_ é:\\/\x00\n", max_size=6))
 paths = st.one_of(st.lists(segment, min_size=1, max_size=6).map("/".join),
@@ -46,7 +46,7 @@ def assert_safe(path: str) -> None:
     raw = path.encode("utf-8")
     assert 0 < len(raw) <= MAX_PATH_BYTES
     assert not path.startswith("/") and "\\" not in path and ":" not in path
-    assert not any(ord(c) < 32 or ord(c) == 127 for c in path)
+    assert not any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in path)
     assert not set('<>"|?*') & set(path)
     segments = path.split("/")
     assert segments[0].casefold() not in RESERVED_TOP
@@ -54,7 +54,7 @@ def assert_safe(path: str) -> None:
         assert seg not in ("", ".", "..")
         assert len(seg.encode("utf-8")) <= MAX_SEGMENT_BYTES
         assert not seg.endswith((".", " "))
-        assert seg.split(".")[0].strip().casefold() not in {"con", "prn", "aux", "nul"}
+        assert seg.split(".")[0].strip().casefold() not in {"con", "prn", "aux", "nul", "conin$", "conout$"}
     # it stays where it is put, on POSIX and (with / as \) on Windows
     root = "/srv/var/data"
     joined = posixpath.join(root, path)

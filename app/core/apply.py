@@ -43,7 +43,8 @@ from .catalogs import CATALOGS_XML, validate_catalogs
 from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from .errors import BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
 from .faults import crash_point
-from .manifest import HASH_CACHE_FILE, HashCache, Manifest, ScanResult, diff, scan, settled
+from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff, scan,
+                       settled, walk_files)
 from .settings import Settings
 from .state import read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, durable_flush
@@ -193,6 +194,20 @@ class _Folders:
 
     def forget(self) -> None:
         self.known.clear()
+
+
+def left_alone(scanned: ScanResult) -> list[str]:
+    """The files in a secondary's working dir that no set can hold (unsafe names): a push
+    neither removes nor archives them, so an admin should hear of them."""
+    return [f"{problem}; this file is left where it is, outside the set" for problem in scanned.unsafe]
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file (not a symlink) is there."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:
@@ -385,6 +400,14 @@ class WorkingDir:
             folders.make(arch.parent)
             _link_or_copy(work, arch)
             crash_point("switch-archive")
+        elif _is_file(work):
+            # a file the scan leaves out (its name is unsafe, or clashes by case with one of the
+            # set's) stands where a new file goes: kept in the archive, never overwritten
+            arch = self._archived(journal, op)
+            folders.make(arch.parent)
+            os.replace(work, arch)
+            journal.setdefault("set_aside", []).append(op["path"])
+            crash_point("switch-set-aside")
         if work.is_dir():  # a folder of the old set gives way to a file: its files went first
             _remove_empty_tree(work)  # anything still in it (not part of the set) stops the switch
             folders.forget()          # (and folders known under it are gone)
@@ -425,6 +448,9 @@ class WorkingDir:
                     os.replace(arch, work)
             else:
                 work.unlink(missing_ok=True)
+            if op["kind"] == "put" and not op["existed"] and arch.exists():  # a file set aside
+                work.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(arch, work)
             crash_point("rollback-op")
         shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
         prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
@@ -451,28 +477,37 @@ class WorkingDir:
         if state.get("master") == request.master and request.generation < (state.get("generation") or 0):
             raise Conflict(f"generation {request.generation} is older than generation "
                            f"{state['generation']} already applied here", generation=state["generation"])
-        current = self.scan().manifest
+        scanned = self.scan()
+        current = scanned.manifest
         if request.base != current.digest:
             raise Conflict("this server's set changed since the master looked (base digest differs); "
                            "fetch the manifest again", digest=current.digest)
         new = current if request.manifest is None else request.manifest
-        return self._apply(current, new, request.generation, request.master, state)
+        result = self._apply(current, new, request.generation, request.master, state)
+        result.warnings += left_alone(scanned)
+        return result
 
-    def _check_no_links(self, paths: list[str]) -> None:
-        """Refuse (409, nothing changed) when a folder on the way to a new file is a symlink
-        (or another special file) here: writing through it would change what lies outside
-        the working dir, and the archive would not keep what it replaced. The scan skips
-        such entries, so no set shows them. (A symlink standing where a file goes gives
-        way to the file; what it points at is untouched.)"""
+    def _check_in_the_way(self, current: Manifest, puts: list[str]) -> None:
+        """Refuse (409, nothing changed) what would stop the switch or make it unsafe.
+
+        A folder on the way to a new file that is a symlink (or another special file) here:
+        writing through it would change what lies outside the working dir, and the archive
+        would not keep what it replaced. The scan skips such entries, so no set shows them.
+        (A symlink standing where a file goes gives way to the file; what it points at is
+        untouched.) And a folder that becomes a file but holds files the scan leaves out
+        (unsafe names, symlinks): the switch cannot remove it.
+        """
         checked: dict[str, bool] = {}  # folder → in the way
-        for path in paths:
+        for path in puts:
+            if path in current.files:
+                continue
             parts = path.split("/")[:-1]
             for depth in range(1, len(parts) + 1):
                 folder = "/".join(parts[:depth])
                 if folder not in checked:
                     try:
-                        mode = os.lstat(self.data_dir / folder).st_mode
-                    except FileNotFoundError:
+                        mode: int | None = os.lstat(self.data_dir / folder).st_mode
+                    except (FileNotFoundError, NotADirectoryError):  # (under a file the switch replaces)
                         mode = None
                     # a regular file there is in the set, and the switch replaces it by the folder
                     checked[folder] = mode is not None and not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))
@@ -483,6 +518,17 @@ class WorkingDir:
                         "points at is outside the set and would not be archived). Nothing was "
                         "changed: replace it with a folder or remove it, then publish again",
                         in_the_way=folder)
+            folder = self.data_dir / path
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            others = sorted(rel for rel, _full, _st in walk_files(folder, prefix=path + "/")
+                            if rel not in current.files)
+            if others:
+                raise Conflict(
+                    f"{folder} becomes a file in the new set, but it holds {len(others)} file(s) "
+                    f"that are not part of any set (unsafe names, symlinks): {', '.join(others[:5])}"
+                    f"{' …' if len(others) > 5 else ''}. Nothing was changed: move them out of "
+                    f"{self.data_dir}, then publish again", in_the_way=path)
 
     def _apply(self, current: Manifest, new: Manifest, generation: int | None, master: str | None,
                state: dict[str, Any], about: dict[str, Any] | None = None) -> CommitResult:
@@ -514,7 +560,7 @@ class WorkingDir:
                              f"({entry.sha256[:12]}…) is {size} bytes")
         if wrong:
             raise InvalidSet("the set's sizes do not match its contents; nothing was changed", wrong)
-        self._check_no_links([p for p in puts if p not in current.files])
+        self._check_in_the_way(current, puts)
 
         def source(path: str) -> Path:
             sha = new.files[path].sha256
@@ -578,13 +624,18 @@ class WorkingDir:
         crash_point("staged")
 
         # order: removals that free a name for a new file first, files, catalogs.xml, other removals
-        put_names = set(puts)
-        prefixes = {"/".join(p.split("/")[:i]) for p in put_names for i in range(1, p.count("/") + 1)}
         # a removed file where a new file needs a folder ("a" → "a/x"), or inside a folder
-        # that becomes a file ("a/x" → "a"): archived first, so the put finds the name free
-        blocking = [p for p in change.removed
-                    if p in prefixes or any("/".join(p.split("/")[:i]) in put_names
-                                            for i in range(1, p.count("/") + 1))]
+        # that becomes a file ("a/x" → "a"), or the same name by another case ("A" → "a": one
+        # file on Windows): archived first, so the put finds the name free. Compared by
+        # collision key, as a case-insensitive filesystem compares names.
+        put_keys = {collision_key(p) for p in puts}
+        prefixes = {"/".join(k.split("/")[:i]) for k in put_keys for i in range(1, k.count("/") + 1)}
+        blocking = []
+        for p in change.removed:
+            key = collision_key(p)
+            if key in put_keys or key in prefixes or any(
+                    "/".join(key.split("/")[:i]) in put_keys for i in range(1, key.count("/") + 1)):
+                blocking.append(p)
         ops.sort(key=lambda op: op["path"] == CATALOGS_XML)
         rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
         ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
@@ -606,7 +657,8 @@ class WorkingDir:
                 raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
                                    f"{output.strip()}", output=output)
             archived = change.changed + change.removed
-            if not archived:
+            set_aside = sorted(journal.get("set_aside", []))
+            if not archived and not set_aside:
                 archive_id = None
             else:
                 crash_point("archiving")
@@ -620,8 +672,11 @@ class WorkingDir:
                     "generation": generation,
                     "master": master,
                     "files": sorted(archived),
+                    # files found here outside the set where the new set put one: kept, not restored
+                    **({"set_aside": set_aside} if set_aside else {}),
                     # its size, so listing the archive (every browse) need not stat every file
-                    "bytes": sum(current.files[p].size for p in archived),
+                    "bytes": sum(current.files[p].size for p in archived)
+                    + sum((self.archive_dir / archive_id / "files" / p).stat().st_size for p in set_aside),
                     "previous_digest": current.digest,
                     "digest": new.digest,
                     **(about or {}),

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # (delta imports this module)
 RESERVED_TOP = ("archive", ".esmirror")  # never part of the set, on any side
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul",
                      *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10)),
-                     "com¹", "com²", "com³", "lpt¹", "lpt²", "lpt³"}
+                     "com¹", "com²", "com³", "lpt¹", "lpt²", "lpt³", "conin$", "conout$"}
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
 MAX_FILE_SIZE = 2**63 - 1  # what any filesystem's offsets can hold
@@ -41,7 +41,7 @@ HASH_CACHE_FILE = "hashcache.json"  # in a state dir: the master's and each seco
 T = TypeVar("T")
 
 
-_BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\]')
+_BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f-\x9f<>:"|?*\\]')  # (C0 and C1 controls, DEL)
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
@@ -85,7 +85,7 @@ def _path_problem(path: str) -> str | None:
     bad = _BAD_CHAR_RE.search(path)
     if bad:
         char = bad.group()
-        if ord(char) < 32 or ord(char) == 127:
+        if ord(char) < 32 or 127 <= ord(char) <= 159:
             return "control characters (NUL included) are not allowed"
         return ("a backslash is not allowed: separate folders with /" if char == "\\"
                 else f"the character {char!r} is not allowed (Windows refuses it)")
@@ -119,9 +119,13 @@ def collision_key(path: str) -> str:
 
 
 def inside_files(seen: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """(path, why) for each path of a set that lies inside another of its paths, as if
-    that file were a folder: no filesystem can hold both. ``seen``: collision key → path."""
+    """(path, why) for each path of a set that no case-insensitive filesystem can hold beside
+    the others: inside another of its paths, as if that file were a folder, or in a folder
+    that another path spells with another case ('Dir/x', 'dir/y': one folder on Windows).
+    ``seen``: collision key → path."""
     as_file: dict[str, str | None] = {}  # folder → the path that names it as a file, if any
+    clash: dict[str, tuple[str, str] | None] = {}  # folder → (its part, the other spelling)
+    spelled: dict[str, str] = {}          # a folder's collision key → its first spelling
     for path in seen.values():
         folder = path.rpartition("/")[0]
         if not folder:
@@ -131,9 +135,18 @@ def inside_files(seen: dict[str, str]) -> Iterator[tuple[str, str]]:
             as_file[folder] = next((outer for depth in range(1, len(parts) + 1)
                                     if (outer := seen.get(collision_key("/".join(parts[:depth]))))
                                     is not None), None)
-        outer = as_file[folder]
+            clash[folder] = None
+            for depth in range(1, len(parts) + 1):
+                mine = "/".join(parts[:depth])
+                other = spelled.setdefault(collision_key(mine), mine)
+                if other != mine and clash[folder] is None:
+                    clash[folder] = (mine, other)
+        outer, clashing = as_file[folder], clash[folder]
         if outer is not None:
             yield path, f"inside {outer!r}, which the set also has as a file"
+        elif clashing is not None:
+            yield path, (f"in folder {clashing[0]!r}, which is {clashing[1]!r} on Windows (the "
+                         "names differ only by case or Unicode form)")
 
 
 class FileEntry(NamedTuple):
@@ -567,23 +580,26 @@ class ScanResult:
     chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
 
 
-def walk_files(data_dir: Path) -> Iterator[tuple[str, str, os.stat_result | None]]:
+def walk_files(data_dir: Path, prefix: str = "") -> Iterator[tuple[str, str, os.stat_result | None]]:
     """Every entry under the working dir except archive/ and .esmirror/ (no symlinks followed).
 
     Yields (relative path, full path, stat) for regular files; stat is None for
     symlinks and other non-regular entries, which are not part of a set. Full paths
     are plain strings: a scan of thousands of files should not build a Path for each.
+    ``prefix``: ``data_dir`` is that folder of the working dir (its paths start so).
     """
-    stack = [(str(data_dir), "")]
+    stack = [(str(data_dir), prefix)]
     while stack:
         folder, rel_folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         for entry in entries:
             rel = f"{rel_folder}{entry.name}"
-            if not rel_folder and entry.name.casefold() in RESERVED_TOP:
+            # esmirror's own folders, as this filesystem spells them (any case on Windows);
+            # 'Archive/' on Linux is another folder, and path_problem refuses it by name
+            if not rel_folder and os.path.normcase(entry.name) in RESERVED_TOP:
                 continue
             if entry.is_symlink():
                 yield rel, entry.path, None
@@ -616,7 +632,15 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         problem = path_problem(rel)
         key = collision_key(rel)
         if problem is None and key in seen:
-            problem = f"same name as {seen[key]!r} on Windows (differs only by case or Unicode form)"
+            other = seen[key]
+            if rel.encode("utf-8", "surrogateescape") < other.encode("utf-8", "surrogateescape"):
+                # the first by name stays in the set, whatever order the folder lists them in:
+                # which file the set holds must not change from one scan to the next
+                unsafe.append(f"{other}: same name as {rel!r} on Windows (differs only by case or "
+                              "Unicode form)")
+                files.pop(other, None)
+            else:
+                problem = f"same name as {other!r} on Windows (differs only by case or Unicode form)"
         if problem:
             unsafe.append(f"{rel}: {problem}")
             continue
@@ -633,7 +657,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
                               "again once whatever writes it is done")
         except FileNotFoundError:
             continue  # removed while scanning
-    for rel, why in inside_files(seen):  # (only where names differ by case: A.idx, a.idx/x)
+    for rel, why in inside_files(seen):  # (only where names differ by case: A.idx, a.idx/x; D/x, d/y)
         unsafe.append(f"{rel}: {why}")
         files.pop(rel, None)
     cache.save(files)
