@@ -399,8 +399,11 @@ class SecondaryClient:
         return RemoteError(f"{self.secondary.name} answered {what} with {detail}; is {self.base} an "
                            "esmirror receiver of this version?", kind="bad-answer")
 
-    def browse(self) -> dict[str, Any]:
-        info = self._answer("browse", self._request("GET", "browse",
+    def browse(self, recorded: bool = False) -> dict[str, Any]:
+        """``GET browse``; ``recorded``: a publish's look, which takes the digest the
+        secondary's last commit recorded instead of a scan of its every file (its commit
+        checks the set, and answers 409 if it drifted since)."""
+        info = self._answer("browse", self._request("GET", "browse?digest=recorded" if recorded else "browse",
                                                     timeout=(CONNECT_TIMEOUT, BROWSE_TIMEOUT)))
         self.target = info.get("self") or ""
         return info

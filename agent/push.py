@@ -176,7 +176,7 @@ class Opening:
         manifest = None
         try:
             try:
-                self.browsed.set_result(self.client.browse())
+                self.browsed.set_result(self.client.browse(recorded=True))
             except BaseException as exc:  # handed to push(), which reports it
                 self.browsed.set_exception(exc)
                 return
@@ -237,12 +237,13 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             fetched = opening.manifest()
         else:
             client = SecondaryClient(secondary, settings)
-            info = client.browse()
+            info = client.browse(recorded=True)
         check_peer(secondary, info, mine)
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest
-        if info.get("digest") == want.digest and not full:
-            # it holds exactly this set (the digest covers every path, hash and size): no
+        if info.get("digest") == want.digest and not full and not dry_run:
+            # it holds exactly this set (the digest covers every path, hash and size; the one
+            # its last commit recorded: the commit answers 409 if the set drifted since): no
             # need to fetch and diff its manifest; the commit still records the generation
             remote, there = {"digest": want.digest, "files": want.to_list()}, want
         else:

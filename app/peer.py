@@ -79,11 +79,15 @@ def _signed_content() -> str | None:
     return g.get("esmirror_signed_content")
 
 
-def identity() -> dict[str, Any]:
+def identity(recorded: bool = False) -> dict[str, Any]:
+    """What ``browse`` tells. ``recorded``: the digest the last commit recorded will do, with
+    no scan of every file (a publish's first look: its commit checks the set itself, under
+    the lock, and answers 409 when it drifted); ``drift`` and the scan's warnings are then
+    unknown (None, left out)."""
     settings, workdir = _settings(), _workdir()
     state = workdir.state()
-    current = workdir.scan()
-    warnings = list(current.warnings) + left_alone(current)
+    current = None if recorded and state.get("digest") else workdir.scan()
+    warnings = [] if current is None else list(current.warnings) + left_alone(current)
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():
@@ -94,10 +98,11 @@ def identity() -> dict[str, Any]:
         "express_version": express_version(settings),
         "platform": platform_tag(),
         "generation": state.get("generation"),
-        "digest": current.manifest.digest,
+        "digest": state["digest"] if current is None else current.manifest.digest,
         "master": state.get("master"),
         "self": workdir.self_id,
-        "drift": bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
+        "drift": None if current is None
+        else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,
         "archive_bytes": sum(entry["bytes"] for entry in workdir.archives()),
         "max_upload_bytes": settings.max_upload_bytes,
@@ -108,7 +113,7 @@ def identity() -> dict[str, Any]:
 
 @bp.get("/browse")
 def browse():  # type: ignore[no-untyped-def]
-    return jsonify(identity())
+    return jsonify(identity(recorded=request.args.get("digest") == "recorded"))
 
 
 @bp.get("/manifest")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import threading
 import time
 
 import pytest
+import requests
 
 from agent.client import ChangedWhileSent, FileSpan
 from agent.demo import make_install, write_sample_set
@@ -401,3 +403,26 @@ def test_a_large_file_reports_its_bytes_as_they_go_not_once_at_the_end(tmp_path)
         receiver.close()
     assert told == [PROGRESS_BLOCK, PROGRESS_BLOCK, 12345]
     assert bytes(got) == path.read_bytes()
+
+
+def test_a_publish_looks_at_the_recorded_digest_and_still_repairs_a_drifted_secondary(fleet):
+    """A publish's first look (browse?digest=recorded) takes the digest the secondary's last
+    commit recorded, without scanning its files. A secondary edited by hand since still
+    gets repaired: its commit sees the drift, answers 409, and the master diffs again."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    url = f.receivers[0].url
+    edited = f.secondaries[0].data_dir / "indexes" / "tile-2.idx"
+    edited.write_bytes(b"edited by hand")
+    looked = requests.get(f"{url}/browse", params={"digest": "recorded"}, timeout=30).json()
+    scanned = requests.get(f"{url}/browse", timeout=30).json()
+    assert looked["drift"] is None and scanned["drift"] is True
+    assert looked["digest"] != scanned["digest"]
+    state = json.loads((f.secondaries[0].data_dir / ".esmirror" / "state.json").read_text())
+    assert looked["digest"] == state["digest"]
+    rc, report, out = f.publish("--dry-run")
+    assert rc == 0 and report["secondaries"][0]["files_sent"] == 1, out  # the dry run still diffs
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert report["secondaries"][0]["files_sent"] == 1, report
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)

@@ -207,7 +207,8 @@ class Verifier:
         if target is None:
             raise Unauthorized(f"the signature names no target ({H_TARGET}): the master runs an "
                                "older esmirror; install the same esmirror version on both")
-        if target != self.own_id and not (target == "" and method in ("GET", "HEAD") and path == "/browse"):
+        first_browse = method in ("GET", "HEAD") and path.partition("?")[0] == "/browse"
+        if target != self.own_id and not (target == "" and first_browse):
             raise Unauthorized(f"this request was signed for another server ({target or 'none'}), "
                                f"not this one ({self.own_id}): a request replayed from elsewhere, "
                                "or a master that skipped browse; nothing was changed")
