@@ -279,8 +279,14 @@ def archive_list(install_dir: str | None, as_json: bool) -> None:
     if not entries:
         click.echo("the archive is empty")
     for e in entries:
-        click.echo(f"{e['id']}  {e['created']}  generation {e['replaced_generation']} -> "
-                   f"{e['generation']}  {len(e['files'])} file(s)  {e['bytes']} bytes")
+        if e.get("damaged"):
+            click.echo(f"{e['id']}  {e['created']}  damaged ({e['damaged']}): 'esmirror archive clear' "
+                       f"can remove it  {e['bytes']} bytes")
+            continue
+        what = f"restore of {e['restored_from']}" if e.get("restored_from") else \
+            f"generation {e['replaced_generation'] if e['replaced_generation'] is not None else '-'} -> " \
+            f"{e['generation'] if e['generation'] is not None else '-'}"
+        click.echo(f"{e['id']}  {e['created']}  {what}  {len(e.get('files') or [])} file(s)  {e['bytes']} bytes")
 
 
 @archive.command("clear")

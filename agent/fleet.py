@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import filelock
 
-from app.core.apply import run_reload
+from app.core.apply import reload_failure, run_reload
 from app.core.audit import audit, now_iso
 from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
 from app.core.delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
@@ -249,13 +249,18 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             ok, output = run_reload(settings)
             if not ok:
                 raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
-                                    f"{output.strip()}")
+                                    f"{reload_failure(output)}")
         cache = master_hash_cache(settings, news.reading_files)
         scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
         news.done()  # openings that saw no file read: the set is likely the same, no manifest
         if scanned.unsafe:
             raise InvalidSet("the master's set has files that cannot be mirrored safely; rename "
                              "or exclude them", scanned.unsafe)
+        if CATALOGS_XML not in scanned.manifest.files:  # (checked above, then left out of the set)
+            raise PublishFailed(f"{catalogs} is not part of the set: it is a symbolic link, or "
+                                "include/exclude in esmirror.ini leave it out, and a secondary refuses "
+                                "a set without it. Nothing was sent: make it a regular file, or fix "
+                                "include/exclude")
         counter_path = settings.state_dir / "master.json"
         counter = read_json(counter_path, {}) or {}
         generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)

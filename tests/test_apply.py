@@ -79,7 +79,8 @@ def test_invalid_catalogs_refused_by_master_and_by_secondary_with_422(fleet):
 
 
 def _reload_script(tmp_path: Path) -> tuple[str, Path]:
-    """A reload_command that records the catalogs.xml it saw and fails or hangs on demand."""
+    """A reload_command that records the catalogs.xml it saw and fails or hangs on demand,
+    talkative either way (the decisive line comes last), and hanging in a child of its own."""
     flag = tmp_path / "reload-mode"
     flag.write_text("ok")
     seen = tmp_path / "seen-catalogs.xml"
@@ -87,8 +88,9 @@ def _reload_script(tmp_path: Path) -> tuple[str, Path]:
     script.write_text(f"""#!/bin/sh
 cp catalogs.xml {seen}
 case "$(cat {flag})" in
-  fail) echo "ltcsd: catalog orthos-2024 could not be loaded" >&2; exit 3;;
-  hang) sleep 30;;
+  fail) for i in $(seq 40); do echo "loading catalog $i of 41"; done
+        echo "ltcsd: catalog orthos-2024 could not be loaded" >&2; exit 3;;
+  hang) head -c 10000 /dev/zero | tr '\\0' y; sleep 37.25 & wait;;
 esac
 exit 0
 """)
@@ -119,6 +121,8 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
         assert snapshot(secondary) == before, mode  # byte for byte, no archive entry, same generation
         # the reload really ran against the new set before it was rolled back
         assert (tmp_path / "seen-catalogs.xml").read_text() != new_catalogs  # last run: the old set again
+    # a reload that timed out was stopped with what it had started
+    assert subprocess.run(["pgrep", "-f", "sleep 37.25"], capture_output=True).stdout == b""
     flag.write_text("ok")
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(data)
@@ -557,3 +561,83 @@ def test_folders_differing_only_by_case_are_refused_by_name(fleet):
     assert "dir/y.idx: in folder 'dir', which is 'Dir' on Windows" in out, out
     assert "Archive/z.idx: Archive/ is esmirror's own" in out, out
     assert not (f.secondaries[0].data_dir / "Dir").exists()
+
+
+def test_an_archive_folder_that_is_a_symlink_is_refused_before_anything_changes(fleet, tmp_path):
+    """archive/ moved to another volume and linked back: files go into it by rename, which
+    fails part way across filesystems (and the rollback with it). Refused (409) first."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-0.idx").write_bytes(b"changed: an archive entry")
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    (secondary.data_dir / "archive").rename(tmp_path / "elsewhere")
+    (secondary.data_dir / "archive").symlink_to(tmp_path / "elsewhere")
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    (f.master.data_dir / "indexes" / "tile-2.idx").unlink()
+    before = set_files(secondary.data_dir)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "answered 409" in error and "archive is a symbolic link" in error, error
+    assert set_files(secondary.data_dir) == before
+    assert not (secondary.data_dir / ".esmirror" / "journal.json").exists()
+    (secondary.data_dir / "archive").unlink()
+    (tmp_path / "elsewhere").rename(secondary.data_dir / "archive")
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_entries_made_after_a_clock_step_back_are_the_newest_and_survive_pruning(fleet):
+    f = fleet(1, secondary_ini={"archive_keep": "2"})
+    secondary = f.secondaries[0]
+    for round in range(3):
+        (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"v%d" % round)
+        assert f.publish()[0] == 0
+    archive = secondary.data_dir / "archive"
+    assert len(list(archive.iterdir())) == 2
+    for entry in archive.iterdir():  # made while the clock was a year ahead
+        entry.rename(archive / entry.name.replace("2026", "2027", 1).replace("2025", "2026", 1))
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"v3")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    new_id = report["secondaries"][0]["archive_id"]
+    assert new_id in [e["id"] for e in archive_entries(secondary)], (new_id, archive_entries(secondary))
+    assert (archive / new_id / "files" / "indexes" / "tile-1.idx").read_bytes() == b"v2"
+
+
+def test_a_damaged_entry_neither_blocks_another_restore_nor_the_text_listing(fleet):
+    f = fleet(1)
+    secondary = f.secondaries[0]
+    for round in range(3):
+        (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"v%d" % round)
+        assert f.publish()[0] == 0
+    oldest, *_, newest = archive_entries(secondary)
+    (secondary.data_dir / "archive" / oldest["id"] / "archive.json").write_text("{broken")
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(secondary.root))
+    assert rc == 0 and "damaged" in out and newest["id"] in out, out
+    rc, _, out = esmirror("archive", "restore", newest["id"], "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    assert (secondary.data_dir / "indexes" / "tile-1.idx").read_bytes() == b"v1"
+
+
+def test_a_restore_after_a_release_does_not_lock_the_new_master_out(fleet):
+    """A secondary handed to a new master (release), then restored to a set of the old
+    master's: the restore keeps the new owner's generation, so its next publish goes in."""
+    f = fleet(1)
+    secondary = f.secondaries[0]
+    for round in range(4):
+        (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"v%d" % round)
+        assert f.publish()[0] == 0
+    old_entry = archive_entries(secondary)[-1]  # replaced generation 3 of the old master
+    rc, _, out = esmirror("release", "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    shutil.rmtree(f.master.data_dir / ".esmirror")  # a new master: new id, generations from 1
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"new master's")
+    assert f.publish()[0] == 0
+    rc, _, out = esmirror("archive", "restore", old_entry["id"], "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"new master's, again")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert (secondary.data_dir / "indexes" / "tile-1.idx").read_bytes() == b"new master's, again"

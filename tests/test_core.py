@@ -371,3 +371,10 @@ def test_upload_temp_files_of_dead_or_long_idle_uploads_are_swept(tmp_path):
     os.utime(files["idle"], (old, old))
     sweep_dead_tmp(tmp_path)
     assert sorted(p.name for p in tmp.iterdir()) == [files["live"].name]
+
+
+def test_a_quoted_windows_command_runs_the_program_it_names():
+    from app.core.settings import command_argv
+    line = r'"C:\Program Files\LizardTech\reload.cmd" --all "a b"'
+    assert command_argv(line, windows=True) == [r"C:\Program Files\LizardTech\reload.cmd", "--all", "a b"]
+    assert command_argv("sh '/opt/my reload.sh' -v", windows=False) == ["sh", "/opt/my reload.sh", "-v"]

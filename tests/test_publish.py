@@ -426,3 +426,27 @@ def test_a_publish_looks_at_the_recorded_digest_and_still_repairs_a_drifted_seco
     assert rc == 0, out
     assert report["secondaries"][0]["files_sent"] == 1, report
     assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_set_that_leaves_out_catalogs_xml_is_never_sent(fleet):
+    """exclude = catalogs.xml (or catalogs.xml a symlink): the master checked the file, but
+    the set it would send has none, which every secondary refuses. Refused here, at once."""
+    f = fleet(1, master_ini={"exclude": "catalogs.xml"})
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    assert "catalogs.xml is not part of the set" in out and "include/exclude" in out, out
+    assert set_files(f.secondaries[0].data_dir) == {}
+    assert not (f.master.data_dir / ".esmirror" / "master.json").exists()  # no generation spent
+
+
+@pytest.mark.parametrize("value, advice", [
+    ("overviews/", "write 'overviews/**'"),
+    ("/indexes/**", "without a leading / or ./ (write 'indexes/**')"),
+    ("./indexes/**", "without a leading / or ./ (write 'indexes/**')"),
+    ("indexes\\tile-0.idx", "separate folders with /"),
+])
+def test_glob_forms_that_could_only_match_nothing_are_refused_with_the_right_form(fleet, value, advice):
+    f = fleet(1, master_ini={"include": value}, start=False)
+    rc, _, out = f.publish()
+    assert rc == 2, out
+    assert "bad value for include" in out and advice in out, out

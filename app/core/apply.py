@@ -28,8 +28,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -158,26 +160,65 @@ class CommitResult:
         return dict(self.__dict__)
 
 
+REPORTED_OUTPUT = 4000  # characters of a reload's output kept: its end, where the error usually is
+
+
 def run_reload(settings: Settings) -> tuple[bool, str]:
-    """Run ``reload_command``; (ok, what it printed). No command means ok."""
+    """Run ``reload_command``; (ok, what it printed). No command means ok. A failure's text
+    starts with one line saying how it ended (exit code, timeout), then the output's end."""
     argv = settings.reload_argv()
     if not argv:
         return True, ""
-    try:
-        done = subprocess.run(argv, cwd=settings.data_dir, capture_output=True,
-                              timeout=settings.reload_timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        return False, f"reload_command {argv[0]!r} was not found"
-    except OSError as exc:  # a folder, a file that is not executable
-        return False, f"reload_command {argv[0]!r} cannot be run: {exc.strerror}"
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"") + (exc.stderr or b"")
-        return False, (f"reload_command timed out after {settings.reload_timeout:g} s\n"
-                       + out.decode("utf-8", "replace"))[-4000:]
-    output = (done.stdout + done.stderr).decode("utf-8", "replace")[-4000:]
-    if done.returncode != 0:
-        return False, f"reload_command exited with {done.returncode}\n{output}"
-    return True, output
+    # the output goes to a temp file: interleaved as a terminal shows it, and never all in
+    # memory (a reload that prints 300 MB must not take the receiver with it)
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(argv, cwd=settings.data_dir, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, **_OWN_GROUP)
+        except FileNotFoundError:
+            return False, f"reload_command {argv[0]!r} was not found"
+        except OSError as exc:  # a folder, a file that is not executable
+            return False, f"reload_command {argv[0]!r} cannot be run: {exc.strerror}"
+        try:
+            code = proc.wait(timeout=settings.reload_timeout)
+            ended = None if code == 0 else f"reload_command exited with {code}"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            ended = (f"reload_command timed out after {settings.reload_timeout:g} s (reload_timeout); "
+                     "it was stopped, with what it had started")
+        size = out.seek(0, os.SEEK_END)
+        out.seek(max(0, size - 4 * REPORTED_OUTPUT))
+        printed = out.read().decode("utf-8", "replace")[-REPORTED_OUTPUT:]
+    if ended is None:
+        return True, printed
+    return False, f"{ended}\n{printed}"
+
+
+# a reload runs in a process group of its own, so a timeout stops what it started too
+_OWN_GROUP: dict[str, Any] = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                              else {"start_new_session": True})
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+    else:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def reload_failure(output: str, limit: int = 140) -> str:
+    """A failed reload in one line: how it ended, then the end of what it printed (where the
+    error usually is), short enough to survive one-line reports of 300 characters."""
+    ended, _, printed = output.strip().partition("\n")
+    tail = " ".join(printed.split())
+    if len(tail) > limit:
+        tail = "…" + tail[-(limit - 1):]
+    return f"{ended}: {tail}" if tail else ended
 
 
 class _Folders:
@@ -487,6 +528,25 @@ class WorkingDir:
         result.warnings += left_alone(scanned)
         return result
 
+    def _check_own_folders(self) -> None:
+        """Refuse (409, nothing changed) when archive/ or .esmirror/ is a symlink or on another
+        filesystem: the switch moves files between them and the set by rename, which fails
+        part way across filesystems, and then the rollback would fail the same way."""
+        device = os.stat(self.data_dir).st_dev
+        for folder in (self.archive_dir, self.state_dir):
+            try:
+                st = os.lstat(folder)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
+                continue
+            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+                    if not stat.S_ISDIR(st.st_mode) else "on another filesystem (a mount point)")
+            raise Conflict(f"{folder} is {what}; esmirror moves files between it and the set by "
+                           f"rename, which works only within one filesystem. Nothing was changed: make "
+                           f"it a plain folder on the filesystem of {self.data_dir}, then publish again",
+                           in_the_way=folder.name)
+
     def _check_in_the_way(self, current: Manifest, puts: list[str]) -> None:
         """Refuse (409, nothing changed) what would stop the switch or make it unsafe.
 
@@ -584,6 +644,8 @@ class WorkingDir:
             self._record(generation, master, new, None)
             return result
 
+        self._check_own_folders()
+
         # stage: link each blob once, copy what is used twice or already lives here. A file
         # new here whose blob was uploaded is not staged: the switch links it straight from
         # the blob store (one link instead of a link and a rename; the blob is durable since
@@ -655,7 +717,7 @@ class WorkingDir:
             ok, output = run_reload(self.settings)
             if not ok:
                 raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
-                                   f"{output.strip()}", output=output)
+                                   f"{reload_failure(output)}", output=output)
             archived = change.changed + change.removed
             set_aside = sorted(journal.get("set_aside", []))
             if not archived and not set_aside:
@@ -736,8 +798,18 @@ class WorkingDir:
         })
 
     def _new_archive_id(self, generation: int | None) -> str:
-        # Microseconds so that ids sort in apply order, which retention and restore rely on.
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+        # Microseconds so that ids sort in apply order, which retention and restore rely on;
+        # after a clock step back, just after the newest entry: pruning keeps the newest by
+        # id, and would otherwise delete the entry this apply just made
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        newest = max((child.name for child in self.archive_dir.iterdir()), default="") \
+            if self.archive_dir.is_dir() else ""
+        try:
+            after = dt.datetime.strptime(newest[:22], "%Y%m%dT%H%M%S.%f") + dt.timedelta(microseconds=1)
+            now = max(now, after)
+        except ValueError:
+            pass  # no entry, or none of ours
+        stamp = now.strftime("%Y%m%dT%H%M%S.%f")
         return f"{stamp}Z-g{generation if generation is not None else 0}-{uuid.uuid4().hex[:6]}"
 
     # --- archive ------------------------------------------------------------------
@@ -821,9 +893,14 @@ class WorkingDir:
         """sha256 → a file in the archive holding that content (from each entry's manifest)."""
         found: dict[str, Path] = {}
         for entry in self.archives():
-            meta = read_json(self.archive_dir / entry["id"] / "archive.json") or {}
-            previous = {f.get("path"): f.get("sha256") for f in self._previous(entry["id"], meta) or []
-                        if isinstance(f, dict)}
+            try:
+                meta = read_json(self.archive_dir / entry["id"] / "archive.json") or {}
+                previous = {f.get("path"): f.get("sha256") for f in self._previous(entry["id"], meta) or []
+                            if isinstance(f, dict)}
+            except Damaged:  # a damaged entry is no source, and never stops another's restore
+                continue
+            if not isinstance(meta, dict):
+                continue
             for rel in meta.get("files") or []:
                 sha = previous.get(rel)
                 path = self.archive_dir / entry["id"] / "files" / rel
@@ -879,7 +956,11 @@ class WorkingDir:
                 raise Conflict(f"cannot restore {archive_id}: the content of {len(lost)} file(s) is no "
                                "longer on this server (not live, not in any archive entry); nothing "
                                "was changed: " + "; ".join(lost), lost=lost)
-            return self._apply(current, target, meta.get("replaced_generation"), state.get("master"),
+            # the generation restored, when the entry is the owning master's; else the current
+            # one: an older master's number would refuse the owner's next publish as older
+            generation = meta.get("replaced_generation") if meta.get("master") == state.get("master") \
+                else state.get("generation")
+            return self._apply(current, target, generation, state.get("master"),
                                state, {"restored_from": archive_id})
 
     def release(self, caller: str | None = None) -> str | None:

@@ -160,9 +160,17 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def command_argv(command: str) -> list[str]:
-    """A command line as the argv it runs; ValueError for an open quote ("No closing quotation")."""
-    return shlex.split(command, posix=os.name != "nt")
+def command_argv(command: str, windows: bool = os.name == "nt") -> list[str]:
+    """A command line as the argv it runs; ValueError for an open quote ("No closing quotation").
+
+    On Windows, backslashes are path separators, not escapes (shlex's non-POSIX mode), and
+    that mode keeps the quotes around a word: "C:\\Program Files\\x.cmd" would be run as a
+    program whose name starts with a quote. They are taken off, as cmd.exe does.
+    """
+    if not windows:
+        return shlex.split(command)
+    return [word[1:-1] if len(word) >= 2 and word[0] == word[-1] == '"' else word
+            for word in shlex.split(command, posix=False)]
 
 
 def _parse_command(text: str) -> str:
@@ -172,6 +180,24 @@ def _parse_command(text: str) -> str:
         raise ValueError("holds a NUL byte")
     command_argv(command)
     return command
+
+
+def _parse_globs(text: str) -> tuple[str, ...]:
+    """include/exclude: globs relative to var/data. Forms that could only ever match nothing
+    (or, for include, leave the secondaries' files out) are refused, with the right form."""
+    globs = tuple(split_list(text))
+    for glob in globs:
+        if "\\" in glob:
+            raise ValueError(f"{glob!r}: separate folders with / (backslash is never in a set path)")
+        if glob.startswith(("/", "./")) or re.match(r"[A-Za-z]:", glob):
+            raise ValueError(f"{glob!r}: patterns are relative to var/data, without a leading / or ./ "
+                             f"(write {glob.lstrip('./') or '**'!r})")
+        if glob.endswith("/"):
+            raise ValueError(f"{glob!r}: a pattern matches files; for every file in that folder "
+                             f"write {glob + '**'!r}")
+        if "***" in glob:
+            raise ValueError(f"{glob!r}: use * (within one name) or ** (across folders)")
+    return globs
 
 
 _PARSERS: dict[str, Any] = {
@@ -186,8 +212,8 @@ _PARSERS: dict[str, Any] = {
     "archive_keep": _parse_int,
     "require_paths": _parse_bool,
     "max_upload_bytes": parse_size,
-    "include": lambda t: tuple(split_list(t)) or ("**",),
-    "exclude": lambda t: tuple(split_list(t)),
+    "include": lambda t: _parse_globs(t) or ("**",),
+    "exclude": _parse_globs,
     "retry_initial": _parse_float,
     "retry_max": _parse_float,
     "check_interval": _parse_float,
