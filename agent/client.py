@@ -366,6 +366,7 @@ class SecondaryClient:
             if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
                 continue
             break
+        route = route.partition("?")[0]  # (messages name the route, not its query)
         if response.status_code >= 400:
             try:
                 body = response.json()

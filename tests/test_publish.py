@@ -317,7 +317,7 @@ def test_a_failing_master_reload_is_reported_at_once_while_a_secondary_stays_sil
             with connection:
                 connection.settimeout(5)
                 request = connection.recv(65536)
-                assert request.startswith(b"GET /lizardtech/mirror/browse "), request[:200]
+                assert request.startswith(b"GET /lizardtech/mirror/browse?digest=recorded "), request[:200]
 
 
 def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
