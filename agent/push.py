@@ -245,12 +245,12 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             # it holds exactly this set (the digest covers every path, hash and size; the one
             # its last commit recorded: the commit answers 409 if the set drifted since): no
             # need to fetch and diff its manifest; the commit still records the generation
-            remote, there = {"digest": want.digest, "files": want.to_list()}, want
+            remote, there = {"digest": want.digest}, want
         else:
             remote, there = fetched if fetched is not None else client.manifest()
         # its files' contents, and the blobs a push cut short left there (not with --full)
         uploaded = set() if full else set(remote.get("uploaded") or [])
-        have = set() if full else {f["sha256"] for f in remote.get("files", [])} | uploaded
+        have = set() if full else there.hashes() | uploaded
         if opening is not None and not full and not dry_run:
             wanted = want.hashes()
             for sha, size in opening.sent_ahead().items():
@@ -284,9 +284,9 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
                 if "missing" in body:  # blobs lost on the way (a restarted secondary, say)
                     have -= set(body["missing"])
                 elif "digest" in body:  # its set moved since we looked: diff again
-                    remote, _ = client.manifest()
+                    remote, there = client.manifest()
                     base = remote["digest"]
-                    have = {f["sha256"] for f in remote.get("files", [])} if not full else have
+                    have = there.hashes() if not full else have
                 else:
                     raise
         if answer["digest"] != want.digest:

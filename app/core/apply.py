@@ -893,13 +893,13 @@ class WorkingDir:
         """sha256 → a file in the archive holding that content (from each entry's manifest)."""
         found: dict[str, Path] = {}
         for entry in self.archives():
+            if entry.get("damaged"):  # no source of content, and never stops another's restore
+                continue
             try:
                 meta = read_json(self.archive_dir / entry["id"] / "archive.json") or {}
                 previous = {f.get("path"): f.get("sha256") for f in self._previous(entry["id"], meta) or []
                             if isinstance(f, dict)}
-            except Damaged:  # a damaged entry is no source, and never stops another's restore
-                continue
-            if not isinstance(meta, dict):
+            except Damaged:  # (its previous.json)
                 continue
             for rel in meta.get("files") or []:
                 sha = previous.get(rel)

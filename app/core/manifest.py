@@ -132,13 +132,13 @@ def inside_files(seen: dict[str, str]) -> Iterator[tuple[str, str]]:
             continue
         if folder not in as_file:  # (a set has few folders: each is looked up once)
             parts = folder.split("/")
-            as_file[folder] = next((outer for depth in range(1, len(parts) + 1)
-                                    if (outer := seen.get(collision_key("/".join(parts[:depth]))))
-                                    is not None), None)
-            clash[folder] = None
+            as_file[folder] = clash[folder] = None
             for depth in range(1, len(parts) + 1):
                 mine = "/".join(parts[:depth])
-                other = spelled.setdefault(collision_key(mine), mine)
+                key = collision_key(mine)
+                if as_file[folder] is None:
+                    as_file[folder] = seen.get(key)
+                other = spelled.setdefault(key, mine)
                 if other != mine and clash[folder] is None:
                     clash[folder] = (mine, other)
         outer, clashing = as_file[folder], clash[folder]
@@ -633,7 +633,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         key = collision_key(rel)
         if problem is None and key in seen:
             other = seen[key]
-            if rel.encode("utf-8", "surrogateescape") < other.encode("utf-8", "surrogateescape"):
+            if rel.encode("utf-8") < other.encode("utf-8"):  # (both passed path_problem: UTF-8)
                 # the first by name stays in the set, whatever order the folder lists them in:
                 # which file the set holds must not change from one scan to the next
                 unsafe.append(f"{other}: same name as {rel!r} on Windows (differs only by case or "

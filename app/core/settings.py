@@ -190,8 +190,9 @@ def _parse_globs(text: str) -> tuple[str, ...]:
         if "\\" in glob:
             raise ValueError(f"{glob!r}: separate folders with / (backslash is never in a set path)")
         if glob.startswith(("/", "./")) or re.match(r"[A-Za-z]:", glob):
+            relative = glob[2:] if glob.startswith("./") else glob.lstrip("/")
             raise ValueError(f"{glob!r}: patterns are relative to var/data, without a leading / or ./ "
-                             f"(write {glob.lstrip('./') or '**'!r})")
+                             f"(write {relative or '**'!r})")
         if glob.endswith("/"):
             raise ValueError(f"{glob!r}: a pattern matches files; for every file in that folder "
                              f"write {glob + '**'!r}")
