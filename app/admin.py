@@ -139,7 +139,20 @@ def _status() -> dict[str, Any]:
     settings = _settings()
     status = fleet_status(settings)
     if status["role"] == "secondary":
-        status["self"] = identity()
+        # the top level is about this server: a monitoring script reads ok and generation
+        me = identity()
+        generation = me["generation"]
+        if generation is None:
+            detail = "no master has pushed a set to this server yet"
+        elif me["drift"]:
+            detail = (f"files were changed by hand since generation {generation} was applied; "
+                      "the master's next publish repairs them")
+        else:
+            detail = f"holds generation {generation} from master {me['master'] or '(released)'}"
+        status.update(ok=generation is not None and me["drift"] is False, detail=detail,
+                      generation=generation, digest=me["digest"], master=me["master"],
+                      drift=me["drift"], applied_at=me["applied_at"], self=me)
+        del status["published_at"]
     return status
 
 

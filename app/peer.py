@@ -100,6 +100,7 @@ def identity(recorded: bool = False) -> dict[str, Any]:
         "generation": state.get("generation"),
         "digest": state["digest"] if current is None else current.manifest.digest,
         "master": state.get("master"),
+        "applied_at": state.get("applied_at"),
         "self": workdir.self_id,
         "drift": None if current is None
         else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,

@@ -104,6 +104,12 @@ def set_files(data_dir: Path) -> dict[str, str]:
             if not p.startswith(("archive/", ".esmirror/"))}
 
 
+def held_files(data_dir: Path) -> list[dict[str, object]]:
+    """The set a working dir holds, as a commit lists it ({path, sha256, size} by path)."""
+    from app.core.manifest import scan
+    return scan(data_dir).manifest.to_list()
+
+
 class SourceAddressAdapter(HTTPAdapter):
     """Send from a chosen loopback address, to act as another host."""
 

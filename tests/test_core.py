@@ -186,6 +186,19 @@ def test_catalogs_validation_reasons_have_lines():
     ).problems[0]
 
 
+def test_catalog_names_in_any_script_and_paths_around_comments_are_taken():
+    """Letters are letters in any script; a comment inside <Path> is not part of it; a name
+    that ends in a newline (&#10;) is no name of letters."""
+    good = ('<CatalogConfig><Catalog name="été-2024"><Path><!-- moved 2024 -->/x</Path></Catalog>'
+            '<MultiCatalog name="ünion"><SubCatalog name="été-2024"/></MultiCatalog></CatalogConfig>')
+    report = validate_catalogs(good.encode())
+    assert report.problems == [] and report.catalog_paths == {"été-2024": "/x"}
+    bad = validate_catalogs(b'<CatalogConfig><Catalog name="a&#10;"><Path>/x</Path></Catalog>'
+                            b'<Catalog name="b"><Path><!-- only a comment --></Path></Catalog></CatalogConfig>')
+    assert len(bad.problems) == 2, bad.problems
+    assert "'a\\n' may hold only letters" in bad.problems[0] and "no <Path>" in bad.problems[1]
+
+
 def test_large_blobs_bypass_the_page_cache_and_keep_every_byte(tmp_path):
     """Blobs of DIRECT_MIN and more are written with O_DIRECT in whole blocks: the tail is
     padded, then cut back. Every size around the edges comes back byte for byte, on the

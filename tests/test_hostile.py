@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from agent.demo import Receiver, free_port, make_install, write_sample_set
-from conftest import VERSION, esmirror, session_from, tree_state
+from conftest import VERSION, esmirror, held_files, session_from, tree_state
 
 LIMIT = 2 * 1024 * 1024  # max_upload_bytes of the secondary under attack
 
@@ -68,6 +68,7 @@ def target(request, tmp_path_factory):
             rc, _, out = esmirror("publish", "--install-dir", str(master.root), "--json")
             assert rc == 0, out
         state = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())
+        state["applied"] = held_files(secondary.data_dir)
         assert any((secondary.data_dir / "archive").iterdir())
         yield Target(request.param, receiver.url, secondary, state)
     finally:

@@ -15,7 +15,7 @@ import pytest
 from agent.demo import make_install
 from app.core.errors import ConfigError
 from app.core.signing import Signer, Verifier, batch_digest
-from conftest import VERSION, session_from, set_files, tree_state
+from conftest import VERSION, held_files, session_from, set_files, tree_state
 
 SECRET = "3f1c0e9a7b5d4e2f8a6c1b0d9e7f5a3c"
 SIGNED = {"shared_secret_file": "esmirror.secret"}
@@ -113,7 +113,7 @@ def send(url: str, method: str, route: str, body: bytes = b"", content: str | No
 
 def commit_body(secondary, **changes) -> bytes:
     state = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())
-    files = list(state["applied"])
+    files = held_files(secondary.data_dir)
     body = {"generation": state["generation"] + 1, "master": state["master"],
             "base": state["digest"], "files": files, **changes}
     return json.dumps(body).encode()
@@ -195,7 +195,7 @@ def test_path_and_query_are_signed(published):
     headers = signer.headers("GET", "/browse", target=own_id(url))
     answer = session_from("127.0.0.1").get(f"{url}/manifest", headers=headers, timeout=20)
     assert answer.status_code == 401 and "bad signature" in answer.json()["error"]
-    sha = json.loads((secondary.data_dir / ".esmirror" / "state.json").read_text())["applied"][0]
+    sha = held_files(secondary.data_dir)[0]
     route = f"chunks/{sha['sha256']}?path={sha['path']}"
     headers = signer.headers("GET", f"/{route}", target=own_id(url))
     answer = session_from("127.0.0.1").get(f"{url}/{route}x", headers=headers, timeout=20)

@@ -108,9 +108,16 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert over_http["agent"]["running"] is False
     mine = http().get(f"{f.receivers[0].url}/status", timeout=10).json()
     assert mine["role"] == "secondary" and mine["self"]["generation"] == 1
-    assert mine["self"]["drift"] is False
+    # the top level speaks of this server, as a monitoring script reads it
+    assert (mine["ok"], mine["generation"], mine["drift"]) == (True, 1, False), mine
+    assert mine["master"] == mine["self"]["master"] and mine["applied_at"]
+    assert mine["detail"].startswith("holds generation 1 from master ")
     page = http().get(f"{f.receivers[0].url}/", timeout=10)
     assert page.status_code == 200 and "Secondary" in page.text
+    (f.secondaries[0].data_dir / "catalogs.xml").write_text("<CatalogConfig/>\n")
+    mine = http().get(f"{f.receivers[0].url}/status", timeout=10).json()
+    assert (mine["ok"], mine["generation"], mine["drift"]) == (False, 1, True), mine
+    assert "changed by hand since generation 1" in mine["detail"]
 
 
 def test_agent_waits_for_the_publish_lock_held_by_another_publish(fleet, make_receiver, tmp_path):

@@ -500,8 +500,9 @@ class WorkingDir:
         self.journal_path.unlink(missing_ok=True)
 
     # --- commit ----------------------------------------------------------------
-    def check_owner(self, master: str) -> None:
-        owner = self.state().get("master")
+    @staticmethod
+    def _check_owner(state: dict[str, Any], master: str) -> None:
+        owner = state.get("master")
         if owner and owner != master:
             raise Conflict(
                 f"this server is mirrored from master {owner}, not {master}; on this server run "
@@ -514,17 +515,16 @@ class WorkingDir:
 
     def _commit_locked(self, request: CommitRequest) -> CommitResult:
         state = self.state()
-        self.check_owner(request.master)
+        self._check_owner(state, request.master)
         if state.get("master") == request.master and request.generation < (state.get("generation") or 0):
             raise Conflict(f"generation {request.generation} is older than generation "
                            f"{state['generation']} already applied here", generation=state["generation"])
         scanned = self.scan()
-        current = scanned.manifest
-        if request.base != current.digest:
+        if request.base != scanned.manifest.digest:
             raise Conflict("this server's set changed since the master looked (base digest differs); "
-                           "fetch the manifest again", digest=current.digest)
-        new = current if request.manifest is None else request.manifest
-        result = self._apply(current, new, request.generation, request.master, state)
+                           "fetch the manifest again", digest=scanned.manifest.digest)
+        new = scanned.manifest if request.manifest is None else request.manifest
+        result = self._apply(scanned, new, request.generation, request.master, state)
         result.warnings += left_alone(scanned)
         return result
 
@@ -590,7 +590,7 @@ class WorkingDir:
                     f"{' …' if len(others) > 5 else ''}. Nothing was changed: move them out of "
                     f"{self.data_dir}, then publish again", in_the_way=path)
 
-    def _apply(self, current: Manifest, new: Manifest, generation: int | None, master: str | None,
+    def _apply(self, scanned: ScanResult, new: Manifest, generation: int | None, master: str | None,
                state: dict[str, Any], about: dict[str, Any] | None = None) -> CommitResult:
         """Make ``new`` live over ``current``: validate, stage, journal, switch, reload, archive.
 
@@ -598,6 +598,7 @@ class WorkingDir:
         facts to the archive entry (what a restore restored).
         """
         started = time.time()
+        current = scanned.manifest
         if CATALOGS_XML not in new.files:
             raise InvalidSet("the set has no catalogs.xml; refusing to apply an empty configuration",
                              [f"{CATALOGS_XML}: missing from the set"])
@@ -760,11 +761,11 @@ class WorkingDir:
         prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
         self.store.clear(older_than=started)
         self.prune_archive(self.settings.archive_keep)
-        self._remember_hashes(new, puts)  # last: dropping the blobs' names changed the files' ctime
+        self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
         return CommitResult(generation or 0, new.digest, archive_id,
                             len(change.added), len(change.changed), len(change.removed), warnings)
 
-    def _remember_hashes(self, new: Manifest, puts: list[str]) -> None:
+    def _remember_hashes(self, cache: HashCache | None, new: Manifest, puts: list[str]) -> None:
         """Tell the hash cache what the files just put hold (every byte was verified on the
         way in). Else the next browse or commit re-reads them all: after a full push, the
         whole set. Files written in the last seconds are read again anyway, as in any scan."""
@@ -776,7 +777,7 @@ class WorkingDir:
                 continue  # gone already: the next scan says so
         if not any(settled(st) for st in stats.values()):
             return  # (an incremental push, typically: nothing to gain)
-        cache = HashCache(self.state_dir / HASH_CACHE_FILE)
+        cache = cache or HashCache(self.state_dir / HASH_CACHE_FILE)
         for path, st in stats.items():
             cache.remember(path, st, new.files[path].sha256)
         cache.save(new.files)
@@ -794,7 +795,7 @@ class WorkingDir:
         write_json(self.state_path, {
             "generation": generation, "master": master, "digest": new.digest,
             "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "archive_id": archive_id, "applied": new.to_list(),
+            "archive_id": archive_id,
         })
 
     def _new_archive_id(self, generation: int | None) -> str:
@@ -934,8 +935,8 @@ class WorkingDir:
             meta = self._entry(archive_id)
             target = Manifest.from_list(meta["previous"])
             state = self.state()
-            current = self.scan().manifest
-            here = current.hashes()
+            scanned = self.scan()
+            here = scanned.manifest.hashes()
             archived = self._archived_content()
             lost: list[str] = []
             for path, entry in sorted(target.files.items()):
@@ -960,7 +961,7 @@ class WorkingDir:
             # one: an older master's number would refuse the owner's next publish as older
             generation = meta.get("replaced_generation") if meta.get("master") == state.get("master") \
                 else state.get("generation")
-            return self._apply(current, target, generation, state.get("master"),
+            return self._apply(scanned, target, generation, state.get("master"),
                                state, {"restored_from": archive_id})
 
     def release(self, caller: str | None = None) -> str | None:

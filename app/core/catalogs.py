@@ -10,7 +10,9 @@ from lxml import etree
 
 from .xmlsafe import parse_xml
 
-CATALOG_NAME_RE = re.compile(r"^\.?[A-Za-z0-9_-]+$")
+# letters and digits of any script (SPEC: "letters, digits"; an ASCII-only rule would refuse
+# names Express Server takes); fullmatch, so a trailing newline (name="a&#10;") is no letter
+CATALOG_NAME_RE = re.compile(r"\.?[\w-]+")
 CATALOGS_XML = "catalogs.xml"
 
 
@@ -49,7 +51,7 @@ def validate_catalogs(data: bytes, source: str = CATALOGS_XML) -> CatalogReport:
             if name is None:
                 report.problems.append(f'{where}: <{kind}> has no name="…"')
                 continue
-            if not CATALOG_NAME_RE.match(name):
+            if not CATALOG_NAME_RE.fullmatch(name):
                 report.problems.append(
                     f"{where}: <{kind}> name {name!r} may hold only letters, digits, '-' and '_' "
                     "(and one leading '.' to hide it); no spaces or commas")
@@ -58,7 +60,8 @@ def validate_catalogs(data: bytes, source: str = CATALOGS_XML) -> CatalogReport:
             names[name] = element.sourceline
             if kind == "Catalog":
                 paths = element.findall("Path")
-                text = (paths[0].text or "").strip() if paths else ""
+                # its text without comments or processing instructions (XPath string value)
+                text = str(paths[0].xpath("string()")).strip() if paths else ""
                 if not text:
                     report.problems.append(f"{where}: <Catalog name={name!r}> has no <Path> to its images")
                 else:

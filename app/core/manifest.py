@@ -578,6 +578,7 @@ class ScanResult:
     unsafe: list[str]     # "path: why" for files that break SPEC §2
     # chunk hashes of large files read by this scan (HashCache ``chunked``)
     chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
+    cache: HashCache | None = None  # the scan's, for a commit to add what it wrote
 
 
 def walk_files(data_dir: Path, prefix: str = "") -> Iterator[tuple[str, str, os.stat_result | None]]:
@@ -661,4 +662,4 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         unsafe.append(f"{rel}: {why}")
         files.pop(rel, None)
     cache.save(files)
-    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists)
+    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists, cache)
