@@ -46,21 +46,26 @@ class Rendered:
 
 def deploy_user(settings: Settings, user: str | None, httpd_conf: Path | None = None) -> str:
     """LT_IS_USER of env.sh, after checking that ``--user`` and httpd's User agree with it."""
+    from .doctor import apache_user, read_httpd_config
+
     env = read_lt_is_user(settings.env_sh)
     if not env.user:
         raise ConfigError(f"LT_IS_USER is empty at {env.where}; set it to the account ltcsd runs as")
+    if env.user == "root" or (user or "") == "root":
+        raise ConfigError(f"the account would be root ({'--user' if user == 'root' else env.where}): "
+                          "httpd and mod_wsgi refuse to run as root, and the receiver must not; set "
+                          f"LT_IS_USER in {env.path} to the account Express Server and httpd share")
     if user and user != env.user:
         raise ConfigError(
             f"--user {user} disagrees with LT_IS_USER {env.user} ({env.where}): httpd, the receiver "
             f"and ltcsd must run as one account; set LT_IS_USER={user} in {env.path} "
             f"(or run `esmirror check --fix`), or render with --user {env.user}")
     if httpd_conf is not None:
-        from .doctor import read_httpd_config
-
         httpd = read_httpd_config(httpd_conf)
-        if httpd.user is not None and httpd.user.args and httpd.user.args[0] != env.user:
+        apache = apache_user(httpd)
+        if apache is not None and apache != env.user:
             raise ConfigError(
-                f"httpd's User is {httpd.user.args[0]} ({httpd.user.where}) but LT_IS_USER is "
+                f"httpd's User is {apache} ({httpd.user.where}) but LT_IS_USER is "  # type: ignore[union-attr]
                 f"{env.user} ({env.where}): make them the same account before deploying "
                 "(`esmirror check` says how), or give --httpd-conf '' to render for another machine")
     return env.user
@@ -100,6 +105,11 @@ def require_line(networks: tuple[Network, ...]) -> str:
 def apache_word(text: str) -> str:
     """A path as one httpd config word: quoted when it holds a space."""
     return f'"{text}"' if re.search(r"\s", text) else text
+
+
+def _unit_text(text: str) -> str:
+    """Text as a systemd unit setting holds it literally (% starts a specifier there)."""
+    return text.replace("%", "%%")
 
 
 def _paths_fit(**paths: str) -> None:
@@ -156,16 +166,19 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
         "user": account, "group": _group_of(account), "home": str(settings.image_server),
         "venv": venv_dir, "prefix": settings.prefix, "prefix_re": re.escape(settings.prefix),
         "push_routes": "|".join(PUSH_ROUTES),
-        "home_opt": apache_word(f"home={settings.image_server}"),
-        "python_home_opt": apache_word(f"python-home={venv_dir}"),
+        # mod_wsgi reads option=value itself: the value is quoted, never the whole option
+        "home_opt": "home=" + apache_word(str(settings.image_server)),
+        "python_home_opt": "python-home=" + apache_word(venv_dir),
+        # the systemd unit: % starts a specifier there, and $ a variable in ExecStart
+        "unit_install_dir": _unit_text(install), "unit_home": _unit_text(str(settings.image_server)),
         "wsgi_file": apache_word(str(out_dir / "esmirror.wsgi")), "max_upload_bytes": str(settings.max_upload_bytes),
         "require_admin": require_line(settings.allow_admin),
         "require_push": require_line(settings.allow_push),
         "require_browse": require_line(settings.allow_push + settings.allow_admin),
         "backend": backend, "proxy_ips": LOOPBACK,
-        "exec_start": " ".join(shlex.quote(a) for a in [
+        "exec_start": _unit_text(" ".join(shlex.quote(a) for a in [
             f"{venv_dir}/bin/esmirror", "serve", "--install-dir", install, "--server", "gunicorn",
-            "--bind", backend]),
+            "--bind", backend])).replace("$", "$$"),
     }
     rendered = Rendered(out_dir, user=account)
     _write(out_dir, "apache", APACHE_FILES, values, rendered)
@@ -210,6 +223,10 @@ def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv:
     account = deploy_user(settings, user) if settings.env_sh.exists() else (user or "")
     out_dir = out_dir.resolve()
     venv_dir = venv or sys.prefix
+    if not (ntpath.isabs(venv_dir) or Path(venv_dir).is_absolute()):
+        # HttpPlatformHandler would look for it under the site's folder
+        raise ConfigError(f"--venv {venv_dir}: give the venv's full path as the Windows server sees it "
+                          r"(C:\esmirror\venv)")
     _paths_fit(venv=venv_dir, out=str(out_dir), install_dir=str(settings.install_dir))
     install = str(settings.install_dir)
     arguments = subprocess.list2cmdline([

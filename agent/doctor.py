@@ -9,12 +9,15 @@ Every finding says what to change, in which file, to what.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 import shlex
+import shutil
 import ssl
 import stat
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +29,7 @@ except ImportError:  # Windows: no Unix accounts; IIS's app pool account is docu
 
 from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
-from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
+from app.core.express import EnvUser, read_lt_is_user, read_mirrors, shell_value, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Settings, load_settings
 from app.core.signing import read_secret, secret_path
 
@@ -35,6 +38,49 @@ DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf"
                        "/usr/local/apache2/conf/httpd.conf")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MAX_DIRS = 20000  # a bounded walk of var/data for permissions
+MAX_INCLUDE_DEPTH = 128  # httpd's own limit on nested Includes
+# compiled into httpd on Debian and most builds (`apache2 -l`), when no httpd here can say
+_COMPILED_IN = ("core.c", "mod_so.c", "mod_watchdog.c", "http_core.c", "mod_log_config.c",
+                "mod_logio.c", "mod_version.c", "mod_unixd.c")
+
+
+def module_key(name: str) -> str:
+    """One spelling of a module for <IfModule>: wsgi_module, mod_wsgi.c and mod_wsgi.so are 'wsgi'."""
+    name = name.strip().lower()
+    if name.endswith("_module"):
+        key = name[:-len("_module")]
+    else:
+        key = re.sub(r"\.(c|so)$", "", name.replace("\\", "/").rsplit("/", 1)[-1]).removeprefix("mod_")
+    return {"http_core": "http"}.get(key, key)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_in() -> frozenset[str]:
+    for binary in ("apache2", "httpd"):
+        path = shutil.which(binary) or next((p for p in (f"/usr/sbin/{binary}",) if os.path.exists(p)), None)
+        if not path:
+            continue
+        try:
+            listed = subprocess.run([path, "-l"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found = {module_key(word) for word in listed.split() if word.endswith(".c")}
+        if found:
+            return frozenset(found)
+    return frozenset(module_key(m) for m in _COMPILED_IN)
+
+
+def compiled_in_modules() -> set[str]:
+    """The modules httpd has without LoadModule, as this machine's httpd lists them."""
+    return set(_compiled_in())
+
+
+def is_esmirror_wsgi(script: Path) -> bool:
+    """An esmirror .wsgi file (deploy's imports app.wsgi); one this check cannot read may be."""
+    try:
+        return "app.wsgi" in script.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
 
 
 # --- Apache's configuration ---------------------------------------------------
@@ -74,11 +120,25 @@ class HttpdConfig:
     daemons: list[WsgiDaemon] = field(default_factory=list)
     script_aliases: list[Directive] = field(default_factory=list)
     location_matches: list[Directive] = field(default_factory=list)  # <LocationMatch "regex">
-    problems: list[tuple[str, Where | None]] = field(default_factory=list)
+    problems: list[tuple[str, str, Where | None]] = field(default_factory=list)  # (level, what, where)
+    unreadable: list[str] = field(default_factory=list)  # files it includes that could not be read
+
+    def esmirror_aliases(self) -> list[Directive]:
+        """The WSGIScriptAlias lines that mount esmirror (its .wsgi imports app.wsgi)."""
+        return [a for a in self.script_aliases if is_esmirror_wsgi(Path(a.args[1]))]
+
+    def esmirror_daemons(self) -> list[WsgiDaemon]:
+        """The daemon process groups esmirror runs in: the process-group= of its mounts, else
+        the one named esmirror (deploy's name). Other applications' daemons are theirs."""
+        groups = {arg.split("=", 1)[1] for alias in self.esmirror_aliases() for arg in alias.args[2:]
+                  if arg.startswith("process-group=")} or {"esmirror"}
+        return [d for d in self.daemons if d.name in groups]
 
 
 def read_envvars(path: Path) -> dict[str, tuple[str, Where]]:
-    """``VAR=value`` / ``export VAR=value`` lines of Debian's envvars (a sh file apache2ctl sources)."""
+    """``VAR=value`` / ``export VAR=value`` lines of Debian's envvars (a sh file apache2ctl
+    sources), read as sh would: quotes, a trailing ``; export VAR`` or comment, and
+    ``${VAR:-default}``."""
     found: dict[str, tuple[str, Where]] = {}
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -89,13 +149,9 @@ def read_envvars(path: Path) -> dict[str, tuple[str, Where]]:
         if not match:
             continue
         name, value = match.groups()
-        try:
-            words = shlex.split(value, comments=True)
-        except ValueError:
-            words = value.split()
-        text = words[0] if words else ""
         text = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
-                      lambda m: found.get(m.group(1), ("", None))[0], text)  # type: ignore[arg-type]
+                      lambda m: found.get(m.group(1), ("", None))[0],  # type: ignore[arg-type]
+                      shell_value(value, name))
         found[name] = (text, Where(str(path), number))
     return found
 
@@ -106,8 +162,8 @@ def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not buffer:
             start = number
-        if line.endswith("\\"):
-            buffer += line[:-1] + " "
+        if line.endswith("\\"):  # httpd joins the next line straight on: no space between
+            buffer += line[:-1]
             continue
         yield start, buffer + line
         buffer = ""
@@ -130,14 +186,20 @@ class _Reader:
         envvars = main.parent / "envvars"  # Debian: apache2ctl sources it before starting httpd
         if envvars.is_file():
             self.vars.update(read_envvars(envvars))
+        # <IfDefine>: Define'd names and apache2ctl's -D arguments (envvars' APACHE_ARGUMENTS)
+        arguments = self.vars.get("APACHE_ARGUMENTS", ("", None))[0]
+        self.defines: set[str] = set(re.findall(r"-D\s*([A-Za-z0-9_]+)", arguments))
+        self.modules = compiled_in_modules()  # <IfModule>: these, then each LoadModule read
         self.seen: set[Path] = set()
+
+    def problem(self, level: str, message: str, where: Where | None) -> None:
+        self.config.problems.append((level, message, where))
 
     def expand(self, text: str, where: Where, via: list[str] | None = None) -> str:
         def one(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in self.vars:
-                self.config.problems.append(
-                    (f"${{{name}}} is not defined (not in envvars, no Define)", where))
+                self.problem("warning", f"${{{name}}} is not defined (not in envvars, no Define)", where)
                 return match.group(0)
             value, origin = self.vars[name]
             if via is not None:
@@ -149,30 +211,58 @@ class _Reader:
         path = Path(text)
         return path if path.is_absolute() else self.server_root / path
 
+    def active(self, section: str, argument: str) -> bool:
+        """Whether httpd reads what a conditional section holds, as it decides at start-up.
+        Sections decided per request (<If>) or not modelled here (<IfVersion>) count as read."""
+        negated = argument.startswith("!")
+        name = argument[1:].strip() if negated else argument
+        if section == "ifdefine":
+            found = name in self.defines
+        elif section == "ifmodule":
+            found = module_key(name) in self.modules
+        elif section == "iffile":
+            found = self.resolve(name).exists()
+        else:
+            return True
+        return found != negated
+
     def read(self, path: Path, depth: int = 0) -> None:
         real = path.resolve()
-        if real in self.seen or depth > 20:
+        if real in self.seen:
+            return
+        if depth > MAX_INCLUDE_DEPTH:
+            self.problem("error", f"Includes nest deeper than {MAX_INCLUDE_DEPTH} at {path}: httpd "
+                         "refuses to start", None)
             return
         self.seen.add(real)
         self.config.files.append(str(path))
         try:
             lines = list(_logical_lines(path))
         except OSError as exc:
-            self.config.problems.append((f"cannot read {path}: {exc.strerror or exc}", None))
+            self.config.unreadable.append(str(path))
+            self.problem("error", f"cannot read {path}: {exc.strerror or exc}; what it sets "
+                         "(User, WSGIDaemonProcess) is not known to this check", None)
             return
+        skipping = 0  # how deep inside a section httpd does not read
         for number, line in lines:
             text = line.strip()
-            if not text or text.startswith("#") or text.startswith("</"):
+            if not text or text.startswith("#"):
                 continue
-            if text.startswith("<"):  # sections (<VirtualHost>, <IfModule>…) are read as if active
+            where = Where(str(path), number)
+            if text.startswith("</"):
+                skipping = max(0, skipping - 1)
+                continue
+            if text.startswith("<"):
                 name, rest = (text.rstrip(">").split(None, 1) + [""])[:2]
-                if name.lower() == "<locationmatch" and rest.strip():
-                    where = Where(str(path), number)
-                    regex = rest.strip().strip('"')
-                    self.config.location_matches.append(Directive(name[1:], [regex], rest, where))
+                section, argument = name[1:].lower(), self.expand(rest, where).strip().strip('"')
+                if skipping or not self.active(section, argument):
+                    skipping += 1  # (its closing tag ends it; sections nest within a file)
+                elif section == "locationmatch" and argument:
+                    self.config.location_matches.append(Directive(name[1:], [argument], rest, where))
+                continue
+            if skipping:
                 continue
             name, rest = (text.split(None, 1) + [""])[:2]
-            where = Where(str(path), number)
             key = name.lower()
             via: list[str] = []
             args = _split_args(self.expand(rest, where, via))
@@ -180,10 +270,19 @@ class _Reader:
             if key == "serverroot" and args:
                 self.server_root = Path(args[0])
             elif key == "define" and args:
+                self.defines.add(args[0])
                 self.vars[args[0]] = (args[1] if len(args) > 1 else "", where)
+            elif key == "undefine" and args:
+                self.defines.discard(args[0])
+                self.vars.pop(args[0], None)
+            elif key == "loadmodule" and args:
+                self.modules.add(module_key(args[0]))
             elif key in ("include", "includeoptional") and args:
                 self.include(args[0], optional=key == "includeoptional", where=where, depth=depth)
             elif key == "user" and args:
+                if len(args) != 1:
+                    self.problem("error", f"User takes one argument, not {len(args)} ({rest.strip()}): "
+                                 "httpd refuses to start (a comment must be a line of its own)", where)
                 self.config.user = directive
             elif key == "wsgidaemonprocess" and args:
                 options = dict(a.split("=", 1) for a in args[1:] if "=" in a)
@@ -199,8 +298,9 @@ class _Reader:
             matches = sorted(p for p in target.rglob("*") if p.is_file())
         else:
             matches = [target] if target.exists() else []
-        if not matches and not optional and not glob.has_magic(str(target)):
-            self.config.problems.append((f"Include {pattern}: {target} does not exist", where))
+        if not matches and not optional:  # (IncludeOptional is for what may be missing)
+            self.problem("error", f"Include {pattern}: {'nothing matches' if glob.has_magic(str(target)) else 'no'} "
+                         f"{target}: httpd refuses to start; make it IncludeOptional or create it", where)
         for match in matches:
             if match.is_file():
                 self.read(match, depth + 1)
@@ -249,7 +349,11 @@ def blocked_at(path: Path, account: pwd.struct_passwd, bits: int) -> tuple[Path,
     """
     groups = account_groups(account)
     path = Path(os.path.abspath(path))
-    for parent in reversed(path.parents):
+    # the folders of the path as written, then those of where its symlinks lead: a symlinked
+    # venv pointing into a 0700 folder is as unreachable as one inside it
+    real = Path(os.path.realpath(path))
+    folders = list(reversed(path.parents)) + [p for p in reversed(real.parents) if p not in path.parents]
+    for parent in folders:
         try:
             st = parent.stat()
         except OSError as exc:
@@ -339,6 +443,8 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_catalogs(report, settings, None)
         return report
     env_path = Path(env_sh) if env_sh else settings.env_sh
+    if env_sh and not env_path.is_file():  # (a typo must not read, or --fix create, another file)
+        raise ConfigError(f"--env-sh {env_sh}: no such file")
     conf_path = Path(httpd_conf) if httpd_conf else find_httpd_conf()
     if httpd_conf and not conf_path.is_file():  # type: ignore[union-attr]
         raise ConfigError(f"--httpd-conf {httpd_conf}: no such file")
@@ -363,13 +469,11 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
 
 def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
     """esmirror's WSGIScriptAlias must mount it at the prefix every master pushes to."""
-    for directive in httpd.script_aliases:
+    for directive in httpd.esmirror_aliases():
         alias, script = directive.args[0], Path(directive.args[1])
-        try:
-            ours = "app.wsgi" in script.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue  # unreadable scripts are reported by the wsgi check
-        if ours and alias.rstrip("/") != settings.prefix:
+        if not os.access(script, os.R_OK):
+            continue  # (maybe not esmirror's) unreadable scripts are reported by the wsgi check
+        if alias.rstrip("/") != settings.prefix:
             report.add("error", "prefix", f"WSGIScriptAlias mounts esmirror at {alias} but prefix is "
                        f"{settings.prefix} ({settings.ini_path}): masters push to the prefix",
                        directive.where,
@@ -396,26 +500,51 @@ def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settin
                            f"<LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
 
 
+def account_name(user: str) -> str:
+    """httpd's ``#uid`` form as the account's name (``#33`` is www-data on Debian)."""
+    if user.startswith("#") and user[1:].isdigit() and pwd is not None:
+        try:
+            return pwd.getpwuid(int(user[1:])).pw_name
+        except KeyError:
+            pass
+    return user
+
+
+def apache_user(httpd: HttpdConfig) -> str | None:
+    """The account httpd's User names (a ``#uid`` resolved), if it has one."""
+    return account_name(httpd.user.args[0]) if httpd.user is not None and httpd.user.args else None
+
+
 def _apache_users(httpd: HttpdConfig) -> list[tuple[str, str, Where]]:
-    """(what, user, where) for Apache's User and each WSGIDaemonProcess."""
+    """(what, account, where) for Apache's User and each of esmirror's WSGIDaemonProcess."""
     users = []
-    if httpd.user is not None and httpd.user.args:
-        users.append(("Apache's User", httpd.user.args[0], httpd.user.where))
-    for daemon in httpd.daemons:
+    user = apache_user(httpd)
+    if user is not None:
+        users.append(("Apache's User", user, httpd.user.where))  # type: ignore[union-attr]
+    for daemon in httpd.esmirror_daemons():
         if "user" in daemon.options:
-            users.append((f"WSGIDaemonProcess {daemon.name} user=", daemon.options["user"], daemon.where))
+            users.append((f"WSGIDaemonProcess {daemon.name} user=", account_name(daemon.options["user"]),
+                          daemon.where))
     return users
 
 
 def _fix_env_sh(report: CheckReport, httpd: HttpdConfig, env_path: Path) -> None:
     wanted = {user for _, user, _ in _apache_users(httpd)}
     current = read_lt_is_user(env_path)
-    if len(wanted) != 1 or current.user in wanted:
-        return  # nothing to do, or httpd itself disagrees: only an edit of httpd.conf helps
+    if len(wanted) != 1 or current.user in wanted or any(map(_is_root, wanted)) or \
+            not all(_known_account(u) for u in wanted):
+        return  # nothing to do, or httpd itself disagrees or names no account: edit httpd's files
     user = wanted.pop()
     backup = write_lt_is_user(env_path, user)
     kept = f" (the old file is kept as {backup})" if backup else ""
     report.fixed.append(f"{env_path}: LT_IS_USER set to {user} (was {current.user}){kept}")
+
+
+def _known_account(user: str) -> bool:
+    try:
+        return pwd is not None and bool(pwd.getpwnam(user))
+    except KeyError:
+        return False
 
 
 def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUser) -> None:
@@ -428,15 +557,32 @@ def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUs
                    + ", ".join(DEFAULT_HTTPD_CONFS) + "): User was not compared with LT_IS_USER",
                    fix="pass --httpd-conf with httpd's main config file")
         return
-    for problem, where in httpd.problems:
-        report.add("warning", "apache", problem, where)
-    report.apache_user = httpd.user.args[0] if httpd.user and httpd.user.args else None
-    if httpd.user is None:
+    for level, problem, where in httpd.problems:
+        report.add(level, "apache", problem, where)
+    report.apache_user = apache_user(httpd)
+    if httpd.user is None and httpd.unreadable:
+        report.add("error", "user", f"no User directive in the files of {httpd.main} this check could "
+                   f"read; {len(httpd.unreadable)} could not be read: {', '.join(httpd.unreadable[:3])}",
+                   file=str(httpd.main), fix="run esmirror check as root, or with --httpd-conf a copy "
+                   "this account can read")
+    elif httpd.user is None:
         report.add("error", "user", f"no User directive in {httpd.main} or the files it includes "
                    f"({len(httpd.files)} read)", file=str(httpd.main),
                    fix=f"add 'User {lt}' to {httpd.main} so httpd runs as LT_IS_USER")
-    fixable = len({user for _, user, _ in _apache_users(httpd)}) == 1
-    for what, user, where in _apache_users(httpd):
+    users = _apache_users(httpd)
+    for what, user, where in users:
+        if _is_root(user):
+            report.add("error", "user", f"{what} is {user} ({where}): httpd refuses to run as root, "
+                       "and the receiver must not", where,
+                       fix=f"create an account for Express Server and httpd (e.g. www-data), set it at "
+                           f"{where} and as LT_IS_USER in {env_user.path}; then restart httpd and ltcsd")
+    if lt and _is_root(lt):
+        report.add("error", "user", f"LT_IS_USER is {lt} ({env_user.where}): httpd refuses to run as "
+                   "root, so it can never be the same account as ltcsd", file=str(env_user.path),
+                   fix=f"set LT_IS_USER in {env_user.path} to the account httpd runs as")
+    fixable = len({user for _, user, _ in users}) == 1 and not _is_root(users[0][1]) \
+        and _known_account(users[0][1])  # what --fix would write
+    for what, user, where in users:
         source = f"{where}"
         if what == "Apache's User" and httpd.user is not None and httpd.user.via:
             source += ", " + "; ".join(httpd.user.via)
@@ -451,6 +597,15 @@ def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUs
             fix=(f"set LT_IS_USER={user} in {env_user.path} (esmirror check --fix does that) or "
                  if fixable else "")
                 + f"change {what.rstrip('=')} at {where} to {lt}; then restart httpd and ltcsd")
+
+
+def _is_root(user: str) -> bool:
+    if user in ("root", "#0"):
+        return True
+    try:
+        return pwd is not None and pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False
 
 
 def _account(report: CheckReport, env_user: EnvUser) -> pwd.struct_passwd | None:
@@ -571,8 +726,8 @@ def _check_working_dir(report: CheckReport, settings: Settings, account: pwd.str
 
 def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struct_passwd | None) -> None:
     """The daemon's venv, interpreter and .wsgi file must be readable by the user it runs as."""
-    for daemon in httpd.daemons:
-        name = daemon.options.get("user") or (httpd.user.args[0] if httpd.user and httpd.user.args else None)
+    for daemon in httpd.esmirror_daemons():
+        name = account_name(daemon.options["user"]) if "user" in daemon.options else apache_user(httpd)
         try:
             who = pwd.getpwnam(name) if name else account
         except KeyError:
@@ -588,15 +743,18 @@ def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struc
             targets += code_outside(Path(home))
         if "home" in daemon.options:
             targets.append(Path(daemon.options["home"]))
-        for directive in httpd.script_aliases:
+        for directive in httpd.esmirror_aliases():
             targets.append(Path(directive.args[1]))
         for target in targets:
             blocked = blocked_at(target, who, 4 | (1 if target.is_dir() else 0))
             if blocked:
+                # a folder on the way needs x; the file itself needs r
+                mode = "o+r" if blocked[0] == Path(os.path.abspath(target)) and not target.is_dir() \
+                    else "o+x"
                 report.add("error", "wsgi", f"WSGIDaemonProcess {daemon.name} runs as {who.pw_name}, who "
                            f"cannot read {target}: {blocked[0]}: {blocked[1]}", daemon.where,
                            fix=f"move {target} where {who.pw_name} can read it (not under a 0700 home "
-                               f"such as /root), or chmod o+x {blocked[0]}")
+                               f"such as /root), or chmod {mode} {blocked[0]}")
                 break
         else:
             if home:
@@ -643,7 +801,9 @@ def print_check(report: CheckReport, verbose: bool = True) -> None:
     for f in report.findings:
         if f.level == "ok" and not verbose:
             continue
-        click.echo(f"  {f.level.upper():8} {f.topic}: {f.message}")
+        where = f"{f.file}:{f.line}" if f.file and f.line else ""
+        shown = f" ({where})" if where and where not in f.message else ""
+        click.echo(f"  {f.level.upper():8} {f.topic}: {f.message}{shown}")
         if f.fix and f.level != "ok":
             click.echo(f"           fix: {f.fix}")
     errors = sum(f.level == "error" for f in report.findings)

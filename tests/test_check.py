@@ -339,3 +339,137 @@ def test_shared_secret_missing_unreadable_or_open_to_others(tmp_path):
     key.chmod(0o600)
     rc, found = secret_findings()
     assert rc == 0 and [f["level"] for f in found] == ["ok"]
+
+
+def errors_of(report: dict) -> list[dict]:
+    return [f for f in report["findings"] if f["level"] == "error"]
+
+
+def test_sections_httpd_skips_are_skipped_and_fix_leaves_a_right_env_sh_alone(tmp_path):
+    """<IfDefine>/<IfModule> that httpd does not read must not decide the User: the last User
+    read inside an inactive block made check report a mismatch, and --fix break env.sh."""
+    user = account()
+    root = install(tmp_path, f"export LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    env_sh = root / "ImageServer" / "etc" / "env.sh"
+    (conf.parent / "conf-enabled" / "z-inactive.conf").write_text(
+        "Define ESMIRROR_ON\n"
+        "<IfDefine NEVER_DEFINED>\n    User nobody\n    <Directory />\n        User nobody\n"
+        "    </Directory>\n</IfDefine>\n"
+        "<IfModule mod_not_loaded.c>\nUser nobody\n</IfModule>\n"
+        "<IfModule !wsgi_module>\nUser nobody\n</IfModule>\n"
+        "<IfDefine !ESMIRROR_ON>\nUser nobody\n</IfDefine>\n"
+        "<IfDefine ESMIRROR_ON>\n<IfModule wsgi_module>\n"  # active: Define'd, LoadModule'd
+        f"WSGIDaemonProcess esmirror user={user} home=/\n</IfModule>\n</IfDefine>\n")
+    rc, report, text = check(root, conf, "--json", "--fix")
+    assert rc == 0, text
+    assert report["apache_user"] == user and report["fixed"] == []
+    assert env_sh.read_text() == f"export LT_IS_USER={user}\n"
+    assert any("WSGIDaemonProcess esmirror user=" in f["message"] for f in report["findings"]
+               if f["level"] == "ok"), "the active daemon inside the sections was not read"
+    # the same daemon as nobody is found inside its active sections
+    text_of = (conf.parent / "conf-enabled" / "z-inactive.conf").read_text()
+    (conf.parent / "conf-enabled" / "z-inactive.conf").write_text(
+        text_of.replace(f"esmirror user={user}", "esmirror user=nobody"))
+    rc, report, _ = check(root, conf, "--json")
+    daemon = conf.parent / "conf-enabled" / "z-inactive.conf"
+    assert rc == 1 and [f["line"] for f in errors_of(report)] == [line_of(daemon, "user=nobody home")]
+
+
+def test_envvars_forms_uid_users_and_continuations_are_read_as_httpd_does(tmp_path):
+    user = account()
+    uid = pwd.getpwnam(user).pw_uid
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, "placeholder")
+    envvars = conf.parent / "envvars"
+    for form in (f"APACHE_RUN_USER='{user}'; export APACHE_RUN_USER",
+                 f"export APACHE_RUN_USER=${{APACHE_RUN_USER:-{user}}}"):
+        envvars.write_text(envvars.read_text().replace(
+            next(l for l in envvars.read_text().splitlines() if "APACHE_RUN_USER" in l), form))
+        rc, report, text = check(root, conf, "--json")
+        assert rc == 0 and report["apache_user"] == user, (form, text)
+    # User #uid names the account by number; a directive may go on over a line break
+    conf.write_text(conf.read_text().replace("User ${APACHE_RUN_USER}", f"User #{uid}"))
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user[:2]}\\\n{user[2:]} home=/\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0 and report["apache_user"] == user, text
+    assert not any("user=" in f["message"] and f["level"] == "error" for f in report["findings"])
+
+
+def test_root_apache_missing_includes_and_a_comment_after_user_are_errors(tmp_path):
+    root = install(tmp_path, "LT_IS_USER=root\n")
+    conf = rhel_layout(tmp_path, "root")
+    rc, report, text = check(root, conf, "--json", "--fix")
+    assert rc == 1 and report["fixed"] == [], text
+    messages = " | ".join(f["message"] for f in errors_of(report))
+    assert "Apache's User is root" in messages and "LT_IS_USER is root" in messages
+    assert "httpd refuses to run as root" in messages
+    user = account()
+    conf.write_text(conf.read_text().replace("User root", f'User "{user}"  # the web account')
+                    + "Include conf.extra/missing.conf\nInclude conf.vhosts/*.conf\n")
+    (root / "ImageServer" / "etc" / "env.sh").write_text(f"LT_IS_USER={user}\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1, text
+    found = {f["line"]: f["message"] for f in errors_of(report) if f["topic"] == "apache"}
+    assert "User takes one argument" in found[line_of(conf, "the web account")]
+    assert "no " in found[line_of(conf, "missing.conf")] and "refuses to start" in found[
+        line_of(conf, "missing.conf")]
+    assert "nothing matches" in found[line_of(conf, "conf.vhosts")]
+    rc, _, text = check(root, conf)
+    assert f"({conf}:{line_of(conf, 'conf.vhosts')})" in text  # the text form names file:line too
+
+
+def test_other_applications_daemons_are_not_esmirrors(tmp_path):
+    """Another WSGI app on the same httpd runs as whom it likes, from files esmirror's account
+    need not read: only esmirror's own daemon (its mount's process-group) is compared."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    shop = tmp_path / "shop.wsgi"
+    shop.write_text("application = None\n")
+    shop.chmod(0o600)
+    entry = tmp_path / "esmirror.wsgi"
+    entry.write_text("from app.wsgi import application\n")
+    (conf.parent / "sites-enabled" / "apps.conf").write_text(
+        "WSGIDaemonProcess django user=nobody home=/\n"
+        "WSGIScriptAlias /shop " + str(shop) + " process-group=django\n"
+        f"WSGIDaemonProcess mirror user={user} home=/\n"
+        f"WSGIScriptAlias /lizardtech/mirror {entry} process-group=mirror\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text
+    assert any("WSGIDaemonProcess mirror user=" in f["message"] for f in report["findings"])
+    assert "django" not in text and "shop.wsgi" not in text
+
+
+def test_env_sh_mistyped_or_symlinked(tmp_path):
+    user = account()
+    root = install(tmp_path, "LT_IS_USER=nobody\n")
+    conf = debian_layout(tmp_path, user)
+    typo = tmp_path / "env.sh.typo"
+    rc, _, text = check(root, conf, "--env-sh", str(typo), "--fix")
+    assert rc == 2 and f"--env-sh {typo}: no such file" in text and not typo.exists()
+    # --fix through a symlink changes the file it leads to, and the link stays a link
+    real = root / "ImageServer" / "etc" / "env.sh"
+    link = tmp_path / "env-link.sh"
+    link.symlink_to(real)
+    rc, report, text = check(root, conf, "--env-sh", str(link), "--fix", "--json")
+    assert rc == 0 and report["fixed"], text
+    assert link.is_symlink() and real.read_text() == f"LT_IS_USER={user}\n"
+
+
+@pytest.mark.skipif(not ROOT or account() == "root", reason="needs root and an account other than root")
+def test_a_venv_reached_through_a_symlink_into_a_0700_dir_is_caught(tmp_path):
+    user = account()
+    private = tmp_path / "private"
+    (private / "venv").mkdir(parents=True)
+    (private / "venv").chmod(0o755)
+    private.chmod(0o700)
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "venv").symlink_to(private / "venv")
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user} python-home={tmp_path}/pub/venv home=/\n")
+    rc, _, text = check(root, conf)
+    assert rc == 1 and f"cannot read {tmp_path}/pub/venv: {private}: mode drwx------" in text, text

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import py_compile
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -153,3 +154,47 @@ def test_a_venv_the_account_cannot_read_is_named():
         assert rc == 0 and "cannot read" not in text, text
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+APACHE = shutil.which("apache2") or "/usr/sbin/apache2"
+MOD_WSGI = Path("/usr/lib/apache2/modules/mod_wsgi.so")
+
+
+@pytest.mark.skipif(not (os.path.exists(APACHE) and MOD_WSGI.exists()),
+                    reason="needs apache2 and mod_wsgi (bash .ci/system-packages installs them)")
+def test_paths_with_spaces_render_a_config_httpd_accepts(tmp_path):
+    """mod_wsgi reads option=value itself: "home=/a b" (the whole option quoted) stops httpd."""
+    install = make_install(tmp_path / "in stall", {"allow_push": "192.0.2.10"})
+    (install.etc_dir / "env.sh").write_text("LT_IS_USER=daemon\n")
+    out = tmp_path / "out dir"
+    rc, _, text = deploy(install, "apache", "--out", str(out), "--venv", "/opt/my venv")
+    assert rc == 0, text
+    wsgi = (out / "esmirror-wsgi.conf").read_text()
+    assert f'home="{install.root}/ImageServer" python-home="/opt/my venv"' in wsgi
+    modules = MOD_WSGI.parent
+    conf = tmp_path / "httpd.conf"
+    conf.write_text(f'ServerRoot "{tmp_path}"\nPidFile "{tmp_path}/httpd.pid"\nErrorLog "{tmp_path}/error.log"\n'
+                    "Listen 127.0.0.1:65000\n"
+                    + "".join(f"LoadModule {m}_module {modules}/mod_{m}.so\n" for m in
+                              ("mpm_event", "authz_core", "authz_host", "wsgi"))
+                    + f'Include "{out}/esmirror-wsgi.conf"\n')
+    done = subprocess.run([APACHE, "-t", "-f", str(conf)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_unit_escapes_systemd_specifiers_and_root_or_a_relative_venv_is_refused(tmp_path):
+    install = make_install(tmp_path / "50%off$HOME", {})
+    (install.etc_dir / "env.sh").write_text("LT_IS_USER=daemon\n")
+    out = tmp_path / "o"
+    rc, _, text = deploy(install, "apache", "--out", str(out))
+    assert rc == 0, text
+    unit = (out / "esmirror-receiver.service").read_text()
+    assert f'Environment="ESMIRROR_INSTALL_DIR={tmp_path}/50%%off$HOME"' in unit
+    assert f"WorkingDirectory={tmp_path}/50%%off$HOME/ImageServer" in unit
+    assert f"--install-dir '{tmp_path}/50%%off$$HOME'" in unit
+    (install.etc_dir / "env.sh").write_text("LT_IS_USER=root\n")
+    rc, _, text = deploy(install, "apache", "--out", str(tmp_path / "o2"))
+    assert rc == 2 and "refuse to run as root" in text and not (tmp_path / "o2").exists()
+    rc, _, text = deploy(install_with(tmp_path / "w", None), "iis", "--venv", ".venv", "--out",
+                         str(tmp_path / "o3"))
+    assert rc == 2 and "full path" in text and not (tmp_path / "o3").exists()

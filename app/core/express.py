@@ -192,8 +192,9 @@ class EnvUser:
         return f"{self.path}:{self.line}" if self.line else f"{self.path} (not set there: default)"
 
 
-def _shell_value(text: str) -> str:
-    """The value of ``VAR=<text>`` as sh sees it: quotes removed, trailing ``; cmd``/comment dropped."""
+def shell_value(text: str, name: str) -> str:
+    """The value of ``<name>=<text>`` as sh sees it: quotes removed, trailing ``; cmd``/comment
+    dropped, and ``${<name>:-default}`` as its default (the variable is not set before)."""
     try:
         lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
@@ -201,8 +202,8 @@ def _shell_value(text: str) -> str:
         first = next(iter(lexer), "")
     except ValueError:  # unbalanced quote: take the raw word
         first = text.strip().split()[0] if text.strip() else ""
-    # ${LT_IS_USER:-name} and ${LT_IS_USER-name} give the default when unset
-    match = re.fullmatch(r"\$\{LT_IS_USER:?-([^}]*)\}", first)
+    # ${NAME:-value} and ${NAME-value} give the default when unset
+    match = re.fullmatch(r"\$\{" + re.escape(name) + r":?-([^}]*)\}", first)
     return match.group(1) if match else first
 
 
@@ -223,7 +224,7 @@ def read_lt_is_user(env_sh: Path) -> EnvUser:
     for number, line in enumerate(text.splitlines(), 1):
         match = _ENV_ASSIGN_RE.match(line)
         if match:
-            found = EnvUser(_shell_value(match.group("value")), env_sh, number)
+            found = EnvUser(shell_value(match.group("value"), "LT_IS_USER"), env_sh, number)
     return found
 
 
@@ -268,9 +269,19 @@ def write_lt_is_user(env_sh: Path, user: str) -> Path | None:
         shutil.copy2(env_sh, backup)
     else:
         backup = None
-    tmp = env_sh.with_name(f".{env_sh.name}.esmirror-tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    if env_sh.exists():
-        shutil.copymode(env_sh, tmp)
-    os.replace(tmp, env_sh)
+    # a symlinked env.sh is changed where it leads, keeping its owner and mode
+    target = Path(os.path.realpath(env_sh))
+    tmp = target.with_name(f".{target.name}.esmirror-tmp")
+    try:
+        tmp.write_text("".join(lines), encoding="utf-8")
+        if target.exists():
+            st = os.stat(target)
+            shutil.copymode(target, tmp)
+            if hasattr(os, "chown") and (st.st_uid, st.st_gid) != (os.stat(tmp).st_uid, os.stat(tmp).st_gid):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{env_sh}: cannot write: {exc.strerror or exc}; set LT_IS_USER={user} "
+                          "there by hand") from None
     return backup
