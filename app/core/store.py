@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import BadRequest, Conflict, NoRoom
 from .faults import crash_point
@@ -592,28 +592,26 @@ class BlobStore:
         a commit killed after its switch, before it dropped the names of the blobs it linked
         into place. Such a blob changes with the live file (an edit in place), so it is no
         longer the content its name says; the master uploads it again if it is needed."""
-        if self.blobs.is_dir():
-            for entry in os.scandir(self.blobs):
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_mtime < older_than or (shared and st.st_nlink > 1):
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
+        for entry, st in self._stored():
+            if st.st_mtime < older_than or (shared and st.st_nlink > 1):
+                Path(entry.path).unlink(missing_ok=True)
 
     def uploaded(self) -> list[str]:
         """The blobs here, verified on upload and waiting for a commit (a push cut short
-        leaves them): a master need not send them again."""
-        found = []
-        if self.blobs.is_dir():
-            for entry in os.scandir(self.blobs):
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                    found.append(entry.name)
-        return sorted(found)
+        leaves them): a master need not send them again. A name linked elsewhere too is a
+        live file's (see clear), not a blob."""
+        return sorted(entry.name for entry, st in self._stored()
+                      if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+
+    def _stored(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+        """Each entry of blobs/ with its stat (one removed meanwhile is skipped)."""
+        if not self.blobs.is_dir():
+            return
+        for entry in os.scandir(self.blobs):
+            try:
+                yield entry, entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
 
     def clear_stale_tmp(self, older_than: float = 6 * 3600) -> None:
         """Temp files of uploads that died (a kill -9 mid-body) go after a while."""
