@@ -465,8 +465,10 @@ class SecondaryClient:
         """``POST commit``; ``files``, the set's file list already encoded as JSON, goes in as
         the body's ``files`` (LocalSet.list_json)."""
         data = json.dumps(body).encode("utf-8")
-        if files is not None:
-            data = data[:-1] + b', "files": ' + files + b"}"
+        if files is not None:  # spliced in as bytes: encoded once per publish, not per secondary
+            if "files" in body:
+                raise ValueError("commit: 'files' comes either in the body or as files=, not both")
+            data = data[:-1] + (b", " if body else b"") + b'"files": ' + files + b"}"
         answer = self._answer("commit", self._request("POST", "commit", hashlib.sha256(data).hexdigest(),
                                                       data=data, headers={"Content-Type": "application/json"}))
         if "digest" not in answer:
