@@ -337,16 +337,19 @@ def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> 
               help="httpd's main config file (default: Debian's, then RHEL's usual place).")
 @click.option("--env-sh", type=click.Path(dir_okay=False),
               help="Express Server's env.sh (default: ImageServer/etc/env.sh).")
+@click.option("--unit", type=click.Path(dir_okay=False),
+              help="The gunicorn receiver's systemd unit (mod_proxy variant; default: "
+                   "/etc/systemd/system/esmirror-receiver.service when it exists).")
 @click.option("--fix", is_flag=True,
               help="Set LT_IS_USER in env.sh to httpd's user (a backup is kept); never edits httpd.conf.")
 @json_option
 @handle_errors
-def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, fix: bool,
-          as_json: bool) -> None:
+def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, unit: str | None,
+          fix: bool, as_json: bool) -> None:
     """Doctor: settings, Mirrors, ca-bundle, catalogs, permissions, Apache User vs LT_IS_USER."""
     from .doctor import print_check, run_check
 
-    report = run_check(install_dir, httpd_conf, env_sh, fix=fix)
+    report = run_check(install_dir, httpd_conf, env_sh, fix=fix, unit=unit)
     report_and_exit(report, as_json, print_check)
 
 

@@ -39,6 +39,7 @@ DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf"
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MAX_DIRS = 20000  # a bounded walk of var/data for permissions
 MAX_INCLUDE_DEPTH = 128  # httpd's own limit on nested Includes
+DEFAULT_RECEIVER_UNIT = "/etc/systemd/system/esmirror-receiver.service"  # deploy/apache/README.md
 # compiled into httpd on Debian and most builds (`apache2 -l`), when no httpd here can say
 _COMPILED_IN = ("core.c", "mod_so.c", "mod_watchdog.c", "http_core.c", "mod_log_config.c",
                 "mod_logio.c", "mod_version.c", "mod_unixd.c")
@@ -413,7 +414,7 @@ class CheckReport:
 
 
 def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: str | None = None,
-              fix: bool = False) -> CheckReport:
+              fix: bool = False, unit: str | None = None) -> CheckReport:
     """Every check of SPEC §4; with ``fix``, set LT_IS_USER in env.sh to Apache's user first."""
     try:
         settings = load_settings(install_dir)
@@ -451,9 +452,14 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
     httpd = read_httpd_config(conf_path) if conf_path else None
     if fix and httpd is not None:
         _fix_env_sh(report, httpd, env_path)
+    unit_path = Path(unit) if unit else Path(DEFAULT_RECEIVER_UNIT)
+    if unit and not unit_path.is_file():
+        raise ConfigError(f"--unit {unit}: no such file")
     env_user = read_lt_is_user(env_path)
     report.lt_is_user = env_user.user
     _check_users(report, httpd, env_user)
+    if unit_path.is_file():
+        _check_receiver_unit(report, unit_path, env_user)
     account = _account(report, env_user)
     _check_mirrors(report, settings)
     _check_secret(report, settings, account)
@@ -465,6 +471,35 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_mount(report, httpd, settings)
         _check_push_routes(report, httpd, settings)
     return report
+
+
+def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser) -> None:
+    """The gunicorn receiver (mod_proxy variant) writes var/data: it must run as LT_IS_USER too."""
+    user, line, section = None, 0, ""
+    try:
+        lines = unit.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        report.add("error", "unit", f"cannot read {unit}: {exc.strerror or exc}", file=str(unit))
+        return
+    for number, text in enumerate(lines, 1):
+        text = text.strip()
+        if text.startswith("["):
+            section = text
+        elif section == "[Service]" and text.startswith("User="):
+            user, line = text[len("User="):].strip() or None, number  # (the last one counts)
+    where = Where(str(unit), line) if line else None
+    if user is None:
+        report.add("error", "unit", f"{unit} sets no User=: the receiver runs as root and leaves root's "
+                   "files in var/data, which ltcsd cannot change", file=str(unit),
+                   fix=f"add User={env_user.user} under [Service] in {unit} (esmirror deploy apache "
+                       "renders it); then systemctl daemon-reload and restart it")
+    elif account_name(user) != env_user.user:
+        report.add("error", "unit", f"{unit} runs the receiver as {user} but LT_IS_USER is "
+                   f"{env_user.user} ({env_user.where}): the receiver writes var/data as ltcsd's account",
+                   where, fix=f"set User={env_user.user} at {where}; then systemctl daemon-reload and "
+                              "restart it")
+    else:
+        report.add("ok", "unit", f"{unit} runs the receiver as {user} = LT_IS_USER", where)
 
 
 def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:

@@ -473,3 +473,27 @@ def test_a_venv_reached_through_a_symlink_into_a_0700_dir_is_caught(tmp_path):
         f"WSGIDaemonProcess esmirror user={user} python-home={tmp_path}/pub/venv home=/\n")
     rc, _, text = check(root, conf)
     assert rc == 1 and f"cannot read {tmp_path}/pub/venv: {private}: mode drwx------" in text, text
+
+
+def test_the_gunicorn_units_user_is_compared_with_lt_is_user(tmp_path):
+    """The mod_proxy variant's receiver runs under systemd: its User= writes var/data."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    out = tmp_path / "rendered"
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
+                           "--httpd-conf", str(conf))
+    assert rc == 0, text
+    unit = out / "esmirror-receiver.service"
+    rc, report, text = check(root, conf, "--unit", str(unit), "--json")
+    assert rc == 0 and any(f["topic"] == "unit" and f["level"] == "ok" for f in report["findings"]), text
+    unit.write_text(unit.read_text().replace(f"User={user}\n", "User=nobody\n"))
+    rc, report, text = check(root, conf, "--unit", str(unit), "--json")
+    [bad] = errors_of(report)
+    assert rc == 1 and bad["topic"] == "unit" and bad["line"] == line_of(unit, "User=nobody"), text
+    assert f"set User={user}" in bad["fix"]
+    unit.write_text(unit.read_text().replace("User=nobody\n", ""))
+    rc, report, text = check(root, conf, "--unit", str(unit), "--json")
+    assert rc == 1 and "sets no User=: the receiver runs as root" in errors_of(report)[0]["message"]
+    rc, _, text = check(root, conf, "--unit", str(tmp_path / "nope.service"))
+    assert rc == 2 and "no such file" in text
