@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -29,6 +30,12 @@ RETRY_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 600.0  # a commit of a large set may spend minutes staging and flushing
 BROWSE_TIMEOUT = 60.0  # a browse is a quick look: one that takes longer will not come
+# Wall-clock limits. The timeouts above bound each wait for a byte, so a secondary that
+# answers one byte every few seconds would hold a request (and the publish lock) for ever.
+# A browse gets BROWSE_TIMEOUT in all; any other request the secondary's silent work (up to
+# READ_TIMEOUT) plus its answer, and its body at no less than MIN_RATE.
+ANSWER_DEADLINE = 2 * READ_TIMEOUT
+MIN_RATE = 64 * 1024  # bytes a second: slower than this, a body is a stalled peer's
 SEND_BLOCK = 1024 * 1024
 PROGRESS_BLOCK = 16 * 1024 * 1024  # a large file's progress is told this often (sendfile)
 
@@ -135,7 +142,9 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
         if secondary.ssl != "none":
             return (f"{secondary.name} did not answer in time over TLS; if that port speaks "
                     "plain HTTP, set its ssl to none (is ssl set right?)")
-        return f"{secondary.name} did not answer in time"
+        return (f"{secondary.name} went silent (no byte answered or taken for the time allowed: "
+                f"{BROWSE_TIMEOUT:.0f} s for a browse, {READ_TIMEOUT:.0f} s otherwise); check that "
+                "it is up and the network to it, then publish again")
     if "refused" in text.lower():
         return f"cannot connect to {secondary.name}: connection refused (is esmirror running there?)"
     if "Name or service not known" in text or "getaddrinfo" in text:
@@ -163,10 +172,10 @@ def _wrapped(exc: BaseException, *types: type[BaseException]) -> BaseException |
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """A read timed out: the wait is minutes, or it was a TLS handshake with a port that
-    speaks plain HTTP (waitress never answers one); asking again helps neither."""
+    """A read or a send timed out: the wait is minutes, or it was a TLS handshake with a port
+    that speaks plain HTTP (waitress never answers one); asking again helps neither."""
     return isinstance(exc, requests.exceptions.Timeout) or \
-        _wrapped(exc, urllib3.exceptions.ReadTimeoutError) is not None
+        _wrapped(exc, urllib3.exceptions.ReadTimeoutError, TimeoutError) is not None
 
 
 def _never_connected(exc: BaseException) -> bool:
@@ -252,10 +261,56 @@ class FileSpan:
 _SENDFILE = hasattr(os, "sendfile") and os.name == "posix"
 
 
+class _Deadline:
+    """A wall-clock limit on the request this thread makes: when it passes, the connection
+    the request uses is shut down, which ends any wait on it (the request then fails, and
+    ``expired`` says why)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self.connection: Any = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        _ACTIVE.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _ACTIVE.deadline = None
+
+    def watch(self, connection: Any) -> None:
+        self.connection = connection
+        if self.expired:  # (it passed while connecting)
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+_ACTIVE = threading.local()  # .deadline: the _Deadline of the request this thread is making
+
+
 class _SendsFileSpans:
-    """Mixed into urllib3's connections: a ``FileSpan`` block goes by ``send_to``."""
+    """Mixed into urllib3's connections: a ``FileSpan`` block goes by ``send_to``; each
+    request is watched by its thread's ``_Deadline``."""
 
     sock: Any
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline = getattr(_ACTIVE, "deadline", None)
+        if deadline is not None:
+            deadline.watch(self)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
     def send(self, data: Any) -> None:
         if isinstance(data, FileSpan):  # the headers went first: the socket is open
@@ -339,9 +394,13 @@ class SecondaryClient:
         self.session.close()
 
     def _request(self, method: str, route: str, content_sha256: str = EMPTY_SHA256,
-                 **kwargs: Any) -> Any:
-        """One call; ``content_sha256`` is the body digest signed with shared_secret_file."""
+                 body_bytes: int | None = None, **kwargs: Any) -> Any:
+        """One call; ``content_sha256`` is the body digest signed with shared_secret_file;
+        ``body_bytes``, the size of a body that cannot tell it (a stream), for the deadline."""
         kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        if body_bytes is None:
+            body_bytes = len(kwargs["data"]) if hasattr(kwargs.get("data"), "__len__") else 0
+        limit = kwargs["timeout"][1] if route.startswith("browse") else ANSWER_DEADLINE + body_bytes / MIN_RATE
         # a receiver never redirects: following one could carry the set to another host
         kwargs["allow_redirects"] = False
         # GETs are retried here (make_session), each attempt with a fresh signature
@@ -353,9 +412,19 @@ class SecondaryClient:
                 headers = kwargs.setdefault("headers", {})
                 headers.update(self.signer.headers(method, f"/{route}", content_sha256,
                                                    headers.get("Content-Range", ""), self.target))
+            too_slow = RemoteError(
+                f"{self.secondary.name} took more than {limit:.0f} s over {method} "
+                f"{route.partition('?')[0]}: it answers (or takes the body) too slowly to be "
+                "working; check that server and the network to it, then publish again",
+                kind="unreachable")
             try:
-                response = self.session.request(method, f"{self.base}/{route}", **kwargs)
-            except requests.exceptions.RequestException as exc:
+                with _Deadline(limit) as deadline:
+                    response = self.session.request(method, f"{self.base}/{route}", **kwargs)
+            except (requests.exceptions.RequestException, OSError) as exc:
+                if deadline.expired:
+                    raise too_slow from None
+                if not isinstance(exc, requests.exceptions.RequestException):
+                    raise
                 if attempt + 1 < attempts and not _never_connected(exc) and not _timed_out(exc):
                     continue  # e.g. the answer was lost: ask again
                 message = describe_connection_error(self.secondary, exc)
@@ -363,6 +432,8 @@ class SecondaryClient:
                     message += ("; the commit's answer was lost, so the set may be live there: "
                                 "'esmirror status' shows what it holds")
                 raise RemoteError(message, kind="unreachable") from None
+            if deadline.expired:  # (cut off mid-head, an answer can parse as a broken one)
+                raise too_slow
             if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:
                 continue
             break
@@ -455,10 +526,10 @@ class SecondaryClient:
         return self._request("POST", f"delta/{sha}", sha, data=body,
                              headers={"Content-Type": "application/x-esmirror-delta"})
 
-    def post_delta_stream(self, blocks: Iterator[bytes]) -> dict[str, Any]:
-        """A delta made while the file is read (delta.stream_blocks): sent chunked, as it
-        comes; the answer names the sha256 the secondary stored it under."""
-        return self._request("POST", "delta", data=blocks,
+    def post_delta_stream(self, blocks: Iterator[bytes], size: int) -> dict[str, Any]:
+        """A delta made while the file (``size`` bytes) is read (delta.stream_blocks): sent
+        chunked, as it comes; the answer names the sha256 the secondary stored it under."""
+        return self._request("POST", "delta", data=blocks, body_bytes=size,
                              headers={"Content-Type": "application/x-esmirror-delta"})
 
     def commit(self, body: dict[str, Any], files: bytes | None = None) -> dict[str, Any]:

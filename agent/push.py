@@ -137,6 +137,7 @@ class Opening:
         self._manifest: cf.Future[tuple[dict[str, Any], Manifest] | None] = cf.Future()
         self._ahead: dict[str, int] = {}  # sha256 → bytes sent, of large files sent during the scan
         self._ahead_thread: threading.Thread | None = None
+        self._failed: RemoteError | None = None  # the manifest fetch ahead found it unreachable
         # daemon threads: a publish that stops early (invalid set, failed reload) must not
         # wait at exit for a slow secondary's answer it no longer needs
         threading.Thread(target=self._run, name=f"open {secondary.name}", daemon=True).start()
@@ -183,6 +184,9 @@ class Opening:
             if self.news.wait_changed() and not self.closed:
                 try:
                     manifest = self.client.manifest()
+                except RemoteError as exc:
+                    if exc.details.get("kind") == "unreachable":  # it went silent: asking
+                        self._failed = exc  # again would wait as long a second time
                 except Exception:  # a fetch ahead of need: push() asks again and reports
                     pass
         finally:
@@ -190,8 +194,12 @@ class Opening:
 
     def manifest(self) -> tuple[dict[str, Any], Manifest] | None:
         """The secondary's manifest (as sent, and parsed) if it was fetched ahead; waits
-        until the opening is done with the connection."""
-        return self._manifest.result()
+        until the opening is done with the connection. Raises what stopped the fetch when
+        the secondary went silent or unreachable."""
+        manifest = self._manifest.result()
+        if self._failed is not None:
+            raise self._failed
+        return manifest
 
     def close(self) -> None:
         self.closed = True
@@ -437,7 +445,7 @@ def _stream_delta(client: SecondaryClient, feed: ChunkFeed,
             yield block
 
     try:
-        answer = client.post_delta_stream(counted())
+        answer = client.post_delta_stream(counted(), feed.size)
     except RemoteError:
         return None
     if feed.sha is None or answer.get("sha256") != feed.sha:

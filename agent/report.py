@@ -32,8 +32,10 @@ def print_publish(report: PublishReport) -> None:
         click.echo(f"{r.host + ':' + str(r.port):{width}}  {r.state:11}  {r.files_sent:>10}  "
                    f"{human_bytes(r.bytes_sent):>11}")
     for r in report.secondaries:
-        if r.error:
-            click.echo(f"{r.host}:{r.port}: {r.error}", err=True)
+        if r.error:  # (most errors name the secondary first already)
+            name = f"{r.host}:{r.port}"
+            click.echo(r.error if r.error.startswith((name, f"[{r.host}]:{r.port}")) else f"{name}: {r.error}",
+                       err=True)
         for warning in r.warnings:
             click.echo(f"{r.host}:{r.port}: warning: {warning}")
     failed = [r for r in report.secondaries if not r.ok]

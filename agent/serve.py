@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from app import make_wsgi
+from app.gunicorn_body import IDLE_TIMEOUT
 from app.core.errors import ConfigError, MirrorError
 from app.core.express import host_problem, parse_port
 from app.core.settings import Settings
@@ -94,7 +95,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
             waitress.serve(application, _server=_guarded(settings), host=host, port=port, threads=8,
                            ident="esmirror",
                            recv_bytes=WAITRESS_RECV_BYTES,
-                           max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=600,
+                           max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=IDLE_TIMEOUT,
                            # waitress would drop X-Forwarded-For from untrusted peers itself; the
                            # app's own trusted_proxies logic decides who the caller is.
                            trusted_proxy=None, clear_untrusted_proxy_headers=False)
@@ -106,7 +107,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
 
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "workers": workers, "worker_class": "gthread", "threads": 4, "timeout": 600,
+        "workers": workers, "worker_class": "gthread", "threads": 4, "timeout": IDLE_TIMEOUT,
         "graceful_timeout": 10, "certfile": certfile, "keyfile": keyfile,
         # gunicorn never rewrites REMOTE_ADDR from X-Forwarded-For; trusting no peer for its
         # scheme headers leaves the caller's address to the app's trusted_proxies.

@@ -26,6 +26,9 @@ def register(app: Flask) -> None:
         # this server's own files (a full disk, a permission): name them, not "internal error"
         if isinstance(exc, ConnectionError):  # the caller went away mid-request
             return jsonify({"error": f"the connection broke: {exc.strerror or exc}"}), 400
+        if isinstance(exc, TimeoutError):  # (gunicorn_body.IDLE_TIMEOUT) the caller went silent
+            return jsonify({"error": "the request's sender went silent before its end; it was "
+                                     "dropped: send it again"}), 408
         what = exc.filename or "its working files"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return jsonify({"error": f"this server's disk is full: cannot write {what}; free some "

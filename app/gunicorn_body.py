@@ -20,6 +20,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 MIN_LENGTH = 256 * 1024
+# A caller silent this long mid-request is gone (a master whose network dropped leaves its
+# connection half open): its worker thread is freed. waitress's channel_timeout is the same.
+IDLE_TIMEOUT = 600
 _RECV_MAX = 1024 * 1024
 _LINE_STEP = 64 * 1024  # readline receives this much at most at a time
 
@@ -157,12 +160,18 @@ def take_over(environ: dict[str, Any]) -> Callable[[], None] | None:
 
 
 class GunicornBody:
-    """Wraps the app: ``take_over`` before it runs, the give-back after."""
+    """Wraps the app: ``take_over`` before it runs, the give-back after. Under gunicorn the
+    connection's reads and writes time out after IDLE_TIMEOUT: gunicorn's own reader waits
+    for a body's next byte for ever (gthread sets the socket back to blocking for each
+    request, so this lasts one request)."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        sock = environ.get("gunicorn.socket")
+        if sock is not None and hasattr(sock, "settimeout"):
+            sock.settimeout(IDLE_TIMEOUT)
         give_back = take_over(environ)
         try:
             return self.app(environ, start_response)

@@ -1,0 +1,217 @@
+"""Peers that go silent, or answer a byte at a time: every wait ends, and says why.
+
+requests' timeouts bound each wait for a byte, so a secondary that drips its answer held
+`esmirror browse`, `status` and `publish` (and the publish lock) for ever; a manifest
+fetched ahead that timed out was asked for again, doubling a 600 s wait; and under
+gunicorn a master that went silent mid-body held a worker thread until the receiver
+restarted. The limits are shortened here (module constants); the defaults are minutes.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+from agent import client as client_module
+from agent.demo import free_port, make_install, write_sample_set
+from app.core.errors import RemoteError
+from app.core.express import Secondary
+from app.core.settings import load_settings
+from conftest import VERSION
+
+
+def _read_head(conn: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes] | None:
+    """An HTTP head and whatever came after it; None when the connection ends first."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        piece = conn.recv(65536)
+        if not piece:
+            return None
+        data += piece
+        if len(data) > 1 << 20:
+            return None
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+def _content_length(head: bytes) -> int:
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return int(match.group(1)) if match else 0
+
+
+class SlowPeer:
+    """A loopback server thread per connection, stopped (and its connections closed) by stop().
+
+    Without ``upstream`` it answers every request one byte every ``every`` seconds, the
+    head included. With ``upstream`` (a real receiver's port) it relays requests, and drips
+    only the answers to requests whose first line matches ``drip`` (a pattern, once set).
+    """
+
+    def __init__(self, upstream: int | None = None, drip: str | None = None, every: float = 0.2) -> None:
+        self.upstream, self.every = upstream, every
+        self.drip = re.compile(drip.encode()) if drip else None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.seen: list[bytes] = []  # the first line of every request
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _send(self, conn: socket.socket, answer: bytes, slowly: bool) -> None:
+        if not slowly:
+            conn.sendall(answer)
+            return
+        for i in range(len(answer)):
+            if self.stopping.wait(self.every):
+                return
+            conn.sendall(answer[i:i + 1])
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffered = b""
+        try:
+            while not self.stopping.is_set():
+                got = _read_head(conn, buffered)
+                if got is None:
+                    return
+                head, rest = got
+                length = _content_length(head)
+                while len(rest) < length:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    rest += piece
+                body, buffered = rest[:length], rest[length:]
+                first = head.split(b"\r\n", 1)[0]
+                self.seen.append(first)
+                if self.upstream is None:
+                    self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000, True)
+                    return
+                with socket.create_connection(("127.0.0.1", self.upstream), timeout=60) as up:
+                    up.sendall(head + body)
+                    answer = _read_head(up)
+                    assert answer is not None
+                    answer_head, answer_body = answer
+                    while len(answer_body) < _content_length(answer_head):
+                        answer_body += up.recv(65536)
+                self._send(conn, answer_head + answer_body, bool(self.drip and self.drip.search(first)))
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_peer():
+    started: list[SlowPeer] = []
+
+    def start(**kwargs) -> SlowPeer:
+        started.append(SlowPeer(**kwargs))
+        return started[-1]
+
+    yield start
+    for peer in started:
+        peer.stop()
+
+
+def test_a_browse_answered_a_byte_at_a_time_ends_at_its_limit(tmp_path, slow_peer, monkeypatch):
+    monkeypatch.setattr(client_module, "BROWSE_TIMEOUT", 2.0)
+    peer = slow_peer()
+    install = make_install(tmp_path / "m", {"express_version": VERSION})
+    client = client_module.SecondaryClient(Secondary("127.0.0.1", peer.port), load_settings(install.root))
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as failed:
+        client.browse()
+    client.close()
+    assert time.monotonic() - started < 15  # (each byte came in 0.2 s: no read timeout fires)
+    assert f"127.0.0.1:{peer.port} took more than 2 s over GET browse" in failed.value.message
+    assert "check that server and the network to it" in failed.value.message
+    assert failed.value.details.get("kind") == "unreachable"
+
+
+def test_a_manifest_answered_a_byte_at_a_time_fails_that_secondary_once(
+        tmp_path, slow_peer, make_receiver, monkeypatch):
+    """The early manifest fetch met the limit: push() must not ask again and wait as long."""
+    from agent.fleet import publish
+
+    monkeypatch.setattr(client_module, "ANSWER_DEADLINE", 4.0)
+    secondary = make_install(tmp_path / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    receiver = make_receiver(secondary)
+    peer = slow_peer(upstream=receiver.port)
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    settings = load_settings(master.root)
+    mirror = Secondary("127.0.0.1", peer.port)
+    first = publish(settings, [mirror])
+    assert first.ok, first.secondaries[0].error
+    (master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    peer.drip = re.compile(rb"^GET \S*/manifest ")
+    before = len(peer.seen)
+    started = time.monotonic()
+    report = publish(settings, [mirror])
+    took = time.monotonic() - started
+    [result] = report.secondaries
+    assert result.state == "unreachable" and not report.ok
+    assert f"took more than 4 s over GET manifest" in result.error, result.error
+    manifests = [line for line in peer.seen[before:] if b"/manifest " in line]
+    assert len(manifests) == 1, peer.seen
+    assert took < 30, took
+
+
+def test_a_silent_sender_frees_the_gunicorn_thread_reading_its_body(monkeypatch):
+    """A master whose network dropped mid-upload leaves its connection half open: the
+    thread reading that body gives up after IDLE_TIMEOUT instead of waiting for ever."""
+    from app import gunicorn_body
+
+    monkeypatch.setattr(gunicorn_body, "IDLE_TIMEOUT", 1.0)
+    ours, theirs = socket.socketpair()
+    outcome: list[object] = []
+
+    def app(environ, start_response):
+        try:
+            outcome.append(environ["wsgi.input"].read(1000))
+        except TimeoutError as exc:
+            outcome.append(exc)
+        start_response("200 OK", [])
+        return [b""]
+
+    theirs.sendall(b"x" * 500)  # half the body, then nothing
+    environ = {"gunicorn.socket": ours, "CONTENT_LENGTH": "1000", "wsgi.input": ours.makefile("rb")}
+    worker = threading.Thread(target=gunicorn_body.GunicornBody(app), args=(environ, lambda *a: None),
+                              daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=20)
+    try:
+        assert not worker.is_alive(), "the body's reader still waits"
+        assert time.monotonic() - started < 10
+        assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    finally:
+        theirs.close()
+        ours.close()
