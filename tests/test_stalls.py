@@ -16,7 +16,7 @@ import time
 import pytest
 
 from agent import client as client_module
-from agent.demo import free_port, make_install, write_sample_set
+from agent.demo import make_install, write_sample_set
 from app.core.errors import RemoteError
 from app.core.express import Secondary
 from app.core.settings import load_settings
@@ -178,7 +178,7 @@ def test_a_manifest_answered_a_byte_at_a_time_fails_that_secondary_once(
     took = time.monotonic() - started
     [result] = report.secondaries
     assert result.state == "unreachable" and not report.ok
-    assert f"took more than 4 s over GET manifest" in result.error, result.error
+    assert "took more than 4 s over GET manifest" in result.error, result.error
     manifests = [line for line in peer.seen[before:] if b"/manifest " in line]
     assert len(manifests) == 1, peer.seen
     assert took < 30, took
