@@ -24,7 +24,11 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = "") -> Any:
+    """A command's failures as one line and an exit code; ``interrupted``, what Ctrl-C adds."""
+    if fn is None:
+        return functools.partial(handle_errors, interrupted=interrupted)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         def failed(message: str, code: int, reasons: list[str] | None = None) -> None:
@@ -40,6 +44,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             failed(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors and the like: click reports them (exit 2)
+        except KeyboardInterrupt:
+            # now, without waiting for threads still talking to a secondary (an exit would
+            # join them); the kernel drops the publish lock with the process
+            click.echo(f"esmirror: interrupted{interrupted}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except Exception as exc:  # a bug: one line for the operator; the traceback on request
             if os.environ.get("ESMIRROR_TRACEBACK"):
                 raise
@@ -155,7 +166,8 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
 @click.option("--stop-on-failure", is_flag=True,
               help="Once a secondary fails, start no further pushes.")
 @json_option
-@handle_errors
+@handle_errors(interrupted="; a secondary applies a set whole or not at all, so none is left "
+                           "half-applied: 'esmirror status' shows what each holds")
 def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, dry_run: bool,
             force: bool, canary: str | None, max_parallel: int | None, stop_on_failure: bool,
             as_json: bool) -> None:

@@ -151,9 +151,16 @@ def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult]
             rest = []
     if rest:
         workers = max(1, min(len(rest), max_parallel or DEFAULT_MAX_PARALLEL))
-        with cf.ThreadPoolExecutor(workers) as pool:
+        pool = cf.ThreadPoolExecutor(workers)
+        finished = False
+        try:
             for secondary, result in zip(rest, pool.map(run, rest)):
                 results[secondary] = result
+            finished = True
+        finally:
+            # an interrupt (Ctrl-C) does not wait for the pushes in flight: a secondary
+            # applies a set whole or not at all, so stopping them leaves none half-applied
+            pool.shutdown(wait=finished, cancel_futures=True)
     return [results[s] for s in secondaries]
 
 

@@ -215,3 +215,35 @@ def test_a_silent_sender_frees_the_gunicorn_thread_reading_its_body(monkeypatch)
     finally:
         theirs.close()
         ours.close()
+
+
+def test_ctrl_c_stops_a_publish_waiting_on_a_slow_secondary_at_once(tmp_path, slow_peer):
+    """Ctrl-C ended the wait only after every push in flight had ended: with one waiting on a
+    slow secondary, minutes (the probe's first Ctrl-C did nothing for 35 s)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    peer = slow_peer()
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir", str(master.root)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not peer.seen and time.monotonic() < deadline:  # its browse is being answered
+            time.sleep(0.1)
+        assert peer.seen, "the publish never asked"
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - interrupted < 10
+        assert proc.returncode == 130, (out, err)
+        assert "esmirror: interrupted; a secondary applies a set whole or not at all" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
