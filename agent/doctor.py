@@ -286,6 +286,11 @@ class _Reader:
                                  "httpd refuses to start (a comment must be a line of its own)", where)
                 self.config.user = directive
             elif key == "wsgidaemonprocess" and args:
+                quoted = re.search(r"""(?:^|\s)(["'])([\w-]+)=""", rest)
+                if quoted:  # mod_wsgi splits option=value itself: "home=/a b" is refused
+                    self.problem("error", f"WSGIDaemonProcess: {quoted.group(1)}{quoted.group(2)}=… is "
+                                 f"quoted whole, which mod_wsgi refuses (httpd does not start); quote "
+                                 f"the value only: {quoted.group(2)}=\"…\"", where)
                 options = dict(a.split("=", 1) for a in args[1:] if "=" in a)
                 self.config.daemons.append(WsgiDaemon(args[0], options, where))
             elif key == "wsgiscriptalias" and len(args) >= 2:

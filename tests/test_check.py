@@ -497,3 +497,18 @@ def test_the_gunicorn_units_user_is_compared_with_lt_is_user(tmp_path):
     assert rc == 1 and "sets no User=: the receiver runs as root" in errors_of(report)[0]["message"]
     rc, _, text = check(root, conf, "--unit", str(tmp_path / "nope.service"))
     assert rc == 2 and "no such file" in text
+
+
+def test_a_daemon_option_quoted_whole_is_an_error(tmp_path):
+    """mod_wsgi reads option=value itself: "home=/a b" stops httpd, home="/a b" works."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    esm = conf.parent / "conf-enabled" / "esmirror.conf"
+    esm.write_text(f'WSGIDaemonProcess esmirror user={user} "home=/a b" python-home=/usr\n')
+    rc, report, text = check(root, conf, "--json")
+    [bad] = [f for f in errors_of(report) if f["topic"] == "apache"]
+    assert rc == 1 and bad["line"] == 1 and 'quote the value only: home="…"' in bad["message"], text
+    esm.write_text(f'WSGIDaemonProcess esmirror user={user} home="/" python-home=/usr\n')
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text
