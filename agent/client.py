@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -147,6 +148,11 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
                 "it is up and the network to it, then publish again")
     if "refused" in text.lower():
         return f"cannot connect to {secondary.name}: connection refused (is esmirror running there?)"
+    if _wrapped(exc, http.client.RemoteDisconnected, ConnectionResetError) is not None:
+        hint = ("if that port speaks HTTPS, set its ssl to noverify or strict" if secondary.ssl == "none"
+                else "if that port speaks plain HTTP, set its ssl to none")
+        return (f"{secondary.name} closed the connection without answering; {hint} (is ssl set "
+                "right?), else its receiver's log says why")
     if "Name or service not known" in text or "getaddrinfo" in text:
         return f"cannot resolve the host name {secondary.host}"
     return f"cannot reach {secondary.name}: {text[:300]}"

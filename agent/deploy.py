@@ -96,9 +96,18 @@ def _shown(net: Network) -> str:
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
+def _writable(networks: tuple[Network, ...]) -> list[Network]:
+    """The list as web servers take it: httpd refuses a /0 mask ('::/0', '0.0.0.0/0'), so a
+    whole family is written as its two halves (::/1 and 8000::/1), which admit the same."""
+    out: list[Network] = []
+    for net in networks:
+        out += list(net.subnets(prefixlen_diff=1)) if net.prefixlen == 0 else [net]
+    return list(dict.fromkeys(out))
+
+
 def require_line(networks: tuple[Network, ...]) -> str:
     """Apache 2.4 ``Require`` for an allow list; an empty list admits nobody, as the receiver does."""
-    unique = list(dict.fromkeys(_shown(n) for n in networks))
+    unique = list(dict.fromkeys(_shown(n) for n in _writable(networks)))
     return f"Require ip {' '.join(unique)}" if unique else "Require all denied"
 
 
@@ -209,7 +218,7 @@ def _unreadable_for(account: str, venv: Path) -> list[str]:
 
 def _ip_security(networks: tuple[Network, ...]) -> str:
     lines = []
-    for net in dict.fromkeys(networks):
+    for net in _writable(networks):
         # IIS takes a dotted mask for IPv4 and a prefix length for IPv6
         mask = str(net.netmask) if net.version == 4 else str(net.prefixlen)
         lines.append(f'        <add ipAddress="{net.network_address}" subnetMask="{mask}" allowed="true"/>')

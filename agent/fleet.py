@@ -173,7 +173,7 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
             continue
         ledger.record_push(Secondary(result.host, result.port), result.to_json(), generation, digest)
         audit(settings, "push", caller=caller, master=master, generation=generation,
-              files=result.files_sent, outcome=result.state, secondary=f"{result.host}:{result.port}",
+              files=result.files_sent, outcome=result.state, secondary=result.name,
               bytes=result.bytes_sent, why=why, error=result.error)
 
 
@@ -224,7 +224,7 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
 
 
 def _progress_row(result: PushResult) -> dict[str, Any]:
-    return {"name": f"{result.host}:{result.port}", "state": result.state,
+    return {"name": result.name, "state": result.state,
             "bytes_sent": result.bytes_sent, "files_sent": result.files_sent, "error": result.error,
             "generation": result.generation, "archive_id": result.archive_id}
 

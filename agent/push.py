@@ -80,6 +80,10 @@ class PushResult:
     def ok(self) -> bool:
         return self.state in ("in-sync", "dry-run")
 
+    @property
+    def name(self) -> str:
+        return Secondary(self.host, self.port).name
+
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 

@@ -26,18 +26,16 @@ def print_publish(report: PublishReport) -> None:
                f"{human_bytes(report.bytes)}, digest {report.digest[:16]}…")
     for warning in report.warnings:
         click.echo(f"warning: {warning}")
-    width = max([len(f"{r.host}:{r.port}") for r in report.secondaries] + [9])
+    width = max([len(r.name) for r in report.secondaries] + [9])
     click.echo(f"{'secondary':{width}}  {'state':11}  {'files sent':>10}  {'bytes sent':>11}")
     for r in report.secondaries:
-        click.echo(f"{r.host + ':' + str(r.port):{width}}  {r.state:11}  {r.files_sent:>10}  "
+        click.echo(f"{r.name:{width}}  {r.state:11}  {r.files_sent:>10}  "
                    f"{human_bytes(r.bytes_sent):>11}")
     for r in report.secondaries:
         if r.error:  # (most errors name the secondary first already)
-            name = f"{r.host}:{r.port}"
-            click.echo(r.error if r.error.startswith((name, f"[{r.host}]:{r.port}")) else f"{name}: {r.error}",
-                       err=True)
+            click.echo(r.error if r.error.startswith(r.name) else f"{r.name}: {r.error}", err=True)
         for warning in r.warnings:
-            click.echo(f"{r.host}:{r.port}: warning: {warning}")
+            click.echo(f"{r.name}: warning: {warning}")
     failed = [r for r in report.secondaries if not r.ok]
     if report.secondaries and all(r.state == "dry-run" for r in report.secondaries):
         click.echo("dry run: nothing was sent; the files and bytes above are what a publish would send")

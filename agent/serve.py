@@ -1,6 +1,7 @@
 """``esmirror serve``: the receiver under waitress (default) or gunicorn, at the prefix."""
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable
 
 from app import make_wsgi
@@ -27,6 +28,16 @@ def parse_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or number is None or host_problem(host):
         raise ConfigError(f"--bind {bind!r} is not HOST:PORT (use [::1]:8080 for IPv6)")
     return host, number
+
+
+def _waitress_listen(host: str, port: int) -> dict[str, Any]:
+    """waitress's address options. Its IPv6 sockets take IPv6 only, so [::] (every address,
+    as gunicorn takes it: IPv4 too) is listened on as [::] and 0.0.0.0 both."""
+    try:
+        every = ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+    except ValueError:
+        every = False
+    return {"listen": f"[::]:{port} 0.0.0.0:{port}"} if every else {"host": host, "port": port}
 
 
 def check_certificate(certfile: str, keyfile: str) -> None:
@@ -92,7 +103,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # limit to the app, which answers 413 with a JSON message naming it
 
         try:
-            waitress.serve(application, _server=_guarded(settings), host=host, port=port, threads=8,
+            waitress.serve(application, _server=_guarded(settings), **_waitress_listen(host, port), threads=8,
                            ident="esmirror",
                            recv_bytes=WAITRESS_RECV_BYTES,
                            max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=IDLE_TIMEOUT,

@@ -163,14 +163,16 @@ MOD_WSGI = Path("/usr/lib/apache2/modules/mod_wsgi.so")
 @pytest.mark.skipif(not (os.path.exists(APACHE) and MOD_WSGI.exists()),
                     reason="needs apache2 and mod_wsgi (bash .ci/system-packages installs them)")
 def test_paths_with_spaces_render_a_config_httpd_accepts(tmp_path):
-    """mod_wsgi reads option=value itself: "home=/a b" (the whole option quoted) stops httpd."""
-    install = make_install(tmp_path / "in stall", {"allow_push": "192.0.2.10"})
+    """mod_wsgi reads option=value itself: "home=/a b" (the whole option quoted) stops httpd.
+    And httpd refuses a /0 mask: an allow list of every address goes out as two halves."""
+    install = make_install(tmp_path / "in stall", {"allow_push": "192.0.2.10 ::/0 0.0.0.0/0"})
     (install.etc_dir / "env.sh").write_text("LT_IS_USER=daemon\n")
     out = tmp_path / "out dir"
     rc, _, text = deploy(install, "apache", "--out", str(out), "--venv", "/opt/my venv")
     assert rc == 0, text
     wsgi = (out / "esmirror-wsgi.conf").read_text()
     assert f'home="{install.root}/ImageServer" python-home="/opt/my venv"' in wsgi
+    assert "Require ip 192.0.2.10 ::/1 8000::/1 0.0.0.0/1 128.0.0.0/1\n" in wsgi
     modules = MOD_WSGI.parent
     conf = tmp_path / "httpd.conf"
     conf.write_text(f'ServerRoot "{tmp_path}"\nPidFile "{tmp_path}/httpd.pid"\nErrorLog "{tmp_path}/error.log"\n'

@@ -254,3 +254,15 @@ def test_tls_to_a_plain_http_waitress_port_is_reported_after_one_handshake_timeo
     assert "did not answer in time over TLS" in error and "ssl" in error, error
     assert took < 30, f"took {took:.0f} s: the handshake timeout was retried"
     assert tree(secondary.data_dir) == before
+
+
+def test_plain_http_to_a_tls_port_says_to_check_ssl(https_pair, certs):
+    """gunicorn drops a plain-HTTP request on its TLS port: that used to come out in
+    urllib3's words (RemoteDisconnected, Max retries exceeded)."""
+    master, _ = https_pair(certs["good"], "strict", certs["bundle"])
+    port = master_port(master)
+    rc, _, out = esmirror("browse", f"127.0.0.1:{port}", "--ssl", "none", "--install-dir", str(master.root))
+    assert rc == 1, out
+    assert (f"127.0.0.1:{port} closed the connection without answering; if that port speaks HTTPS, "
+            "set its ssl to noverify or strict") in out, out
+    assert "Max retries" not in out and "RemoteDisconnected" not in out

@@ -29,7 +29,9 @@ class Secondary:
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.port}"
+        """``host:port``, an IPv6 address in brackets (``[::1]:8080``): the form every report,
+        the ledger and ``--secondary`` use."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -51,6 +53,9 @@ def parse_port(text: str) -> int | None:
 
 def host_problem(host: str) -> str | None:
     """Why ``host`` is neither an IP address nor a host name, or None."""
+    if "%" in host:
+        return ("an address with a zone id (%…), which names an interface of one machine only; "
+                "give a global or loopback address, or a host name")
     try:
         ipaddress.ip_address(host)
         return None
@@ -63,21 +68,49 @@ def host_problem(host: str) -> str | None:
     return None
 
 
-def parse_secondary_spec(text: str, ssl: str = "none") -> Secondary:
-    """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) as given on the command line."""
-    host, port = text, "80"
+def canonical_host(host: str) -> str:
+    """One spelling per host: an IP address in its short form (0:0:0:0:0:0:0:1 is ::1), a
+    host name in lower case without a final dot. Two <Secondary> elements or a
+    ``--secondary`` then name the same server only when they spell the same."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.rstrip(".").lower()
+
+
+def parse_host_port(text: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT``, ``[v6]`` or ``[v6]:PORT`` as given on the command line:
+    (canonical host, port or None). An IPv6 address goes in brackets: in ``::1:8080``
+    nobody can tell where the address ends."""
+    port: str | None = None
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    number = parse_port(port)
-    if not host or number is None or host_problem(host):
-        raise ConfigError(f"{text!r} is not HOST[:PORT]")
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{text!r} is not HOST[:PORT] ([v6]:PORT for IPv6)")
+        port = rest[1:] if rest else None
+        if ":" not in host:
+            raise ConfigError(f"{text!r}: brackets are for IPv6 addresses only; write {host}"
+                              f"{':' + port if port else ''}")
+    elif text.count(":") > 1:
+        raise ConfigError(f"{text!r}: write an IPv6 address in brackets, [address]:PORT (or "
+                          "[address] alone), so the port cannot be read as part of it")
+    else:
+        host, _, port = text.partition(":") if ":" in text else (text, "", None)
+    number = parse_port(port) if port is not None else None
+    problem = host_problem(host) if host else "empty"
+    if problem or (port is not None and number is None):
+        raise ConfigError(f"{text!r} is not HOST[:PORT]" + (f": the host is {problem}" if problem else
+                                                            ": the port is not 1-65535"))
+    return canonical_host(host), number
+
+
+def parse_secondary_spec(text: str, ssl: str = "none") -> Secondary:
+    """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) as given on the command line; port 80 when
+    none is given."""
+    host, port = parse_host_port(text)
     if ssl not in TLS_MODES:
         raise ConfigError(f"--ssl {ssl!r}: use one of {', '.join(TLS_MODES)}")
-    return Secondary(host, number, ssl)
+    return Secondary(host, port or 80, ssl)
 
 
 def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
@@ -106,6 +139,7 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         problem = host_problem(host)
         if problem:
             raise ConfigError(f"{where}: host={host!r} is {problem}")
+        host = canonical_host(host)
         port_text = (element.get("port") or "80").strip()
         port = parse_port(port_text)
         if port is None:
@@ -118,7 +152,7 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         if mode not in TLS_MODES:
             raise ConfigError(f"{where}: TLS mode {mode!r}: use one of {', '.join(TLS_MODES)}")
         secondary = Secondary(host, port, mode)
-        if secondary in secondaries:
+        if any(other.name == secondary.name for other in secondaries):  # (whatever its ssl)
             raise ConfigError(f"{where}: {secondary.name} is listed twice")
         secondaries.append(secondary)
     return secondaries
@@ -134,7 +168,7 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
         return mirrors
     chosen: list[Secondary] = []
     for want in wanted:
-        match = _named(mirrors, want)
+        match = _named(mirrors, want, "--secondary")
         if not match:
             listed = ", ".join(m.name for m in mirrors)
             raise ConfigError(f"--secondary {want} is not in the Mirrors list of "
@@ -143,16 +177,20 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
     return chosen
 
 
-def _named(secondaries: list[Secondary], want: str) -> list[Secondary]:
-    """The members ``want`` names: ``HOST``, ``HOST:PORT`` or ``[v6]:PORT``."""
-    return [m for m in secondaries if want in (m.host, m.name, f"[{m.host}]", f"[{m.host}]:{m.port}")]
+def _named(secondaries: list[Secondary], want: str, option: str) -> list[Secondary]:
+    """The members ``want`` names: ``HOST`` (every port), ``HOST:PORT``, ``[v6]`` or ``[v6]:PORT``."""
+    try:
+        host, port = parse_host_port(want.strip())
+    except ConfigError as exc:
+        raise ConfigError(f"{option} {exc.message}") from None
+    return [m for m in secondaries if m.host == host and port in (None, m.port)]
 
 
 def resolve_canary(targets: list[Secondary], canary: str | None) -> Secondary | None:
     """The ``--canary`` secondary: exactly one of those being published to."""
     if not canary:
         return None
-    chosen = _named(targets, canary)
+    chosen = _named(targets, canary, "--canary")
     if not chosen:
         raise ConfigError(f"--canary {canary} is not one of the secondaries being published to "
                           f"({', '.join(t.name for t in targets)})")
