@@ -6,6 +6,7 @@ One place maps errors to exit codes: 0 success, 1 the operation failed,
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import json
@@ -41,7 +42,10 @@ def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = ""
         except MirrorError as exc:
             failed(exc.message, exc.exit_code, list(getattr(exc, "reasons", None) or []))
         except OSError as exc:
-            failed(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
+            full = "; free some space on this machine, then run the command again" \
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            failed((f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc))
+                   + full, 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors and the like: click reports them (exit 2)
         except KeyboardInterrupt:
@@ -318,8 +322,8 @@ def archive_clear(install_dir: str | None, keep: int | None, older_than: float |
         raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
     workdir = WorkingDir(settings_from(install_dir, writes_state=True))
     with workdir.lock():
-        removed = workdir.clear_archive(keep, older_than, everything, caller=command_line_caller())
-    click.echo(f"removed {len(removed)} archive entr{'y' if len(removed) == 1 else 'ies'}")
+        cleared = workdir.clear_archive(keep, older_than, everything, caller=command_line_caller())
+    click.echo(cleared.summary())
 
 
 @archive.command("restore")

@@ -63,9 +63,10 @@ def archive_clear():  # type: ignore[no-untyped-def]
         raise BadRequest("say what to clear: ?keep=N, ?older_than=DAYS or ?all=1")
     workdir = _workdir()
     with workdir.lock():
-        removed = workdir.clear_archive(keep, older, everything,
+        cleared = workdir.clear_archive(keep, older, everything,
                                         caller=request.environ.get("esmirror.client"))
-    return jsonify({"removed": removed})
+    return jsonify({"removed": cleared.removed, "uploads_dropped": cleared.uploads,
+                    "upload_bytes": cleared.upload_bytes})
 
 
 @bp.post("/archive/<archive_id>/restore")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .core.errors import MirrorError
+from .core.store import what_is_full
 
 log = logging.getLogger("esmirror")
 
@@ -31,8 +33,13 @@ def register(app: Flask) -> None:
                                      "dropped: send it again"}), 408
         what = exc.filename or "its working files"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return jsonify({"error": f"this server's disk is full: cannot write {what}; free some "
-                                     "space (esmirror archive clear) and try again"}), 507
+            full = what_is_full(Path(exc.filename).parent)[0] if exc.filename else "this server's disk is full"
+            return jsonify({"error": f"{full}: cannot write {what}; free some space (esmirror "
+                                     "archive clear) and try again"}), 507
+        if exc.errno == errno.EROFS:
+            log.error("read-only filesystem: cannot write %s", what)
+            return jsonify({"error": f"this server's {what} is on a read-only filesystem; remount it "
+                                     "read-write and try again"}), 503
         log.error("cannot read or write %s: %s", what, exc.strerror or exc)
         return jsonify({"error": f"this server cannot read or write {what}: {exc.strerror or exc}; "
                                  "check that the account the receiver runs as (LT_IS_USER) owns "

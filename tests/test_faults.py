@@ -25,7 +25,7 @@ import requests
 
 from agent.demo import SAMPLE_CATALOGS
 from app.core.store import BlobWriter
-from conftest import set_files
+from conftest import esmirror, set_files
 
 MIB = 1024 * 1024
 
@@ -232,9 +232,10 @@ def tmpfs():
     """mount(path, size): a small tmpfs over ``path``, unmounted at teardown (after the servers stop)."""
     mounted: list[Path] = []
 
-    def mount(path: Path, size: str) -> None:
+    def mount(path: Path, size: str, inodes: int | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
@@ -246,9 +247,9 @@ def tmpfs():
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _on_tmpfs(tmpfs, install, size: str) -> None:
+def _on_tmpfs(tmpfs, install, size: str, inodes: int | None = None) -> None:
     var = install.data_dir.parent
-    tmpfs(var, size)
+    tmpfs(var, size, inodes)
     install.data_dir.mkdir()
 
 
@@ -304,6 +305,68 @@ def test_blobs_a_cut_short_push_left_are_not_sent_again_nor_counted_twice(tmpfs,
     assert not list((secondary.data_dir / ".esmirror" / "blobs").glob("*"))
 
 
+def test_archive_clear_works_on_a_full_disk_and_drops_uploads_left_waiting(tmpfs, fleet):
+    """Every "no room" message says to run 'esmirror archive clear'. On a disk with no inode
+    (or block) left it failed making its trash folder, and it left the uploads of a push cut
+    short, which hold space for a day, where they were."""
+    f = fleet(1, start=False)
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    _on_tmpfs(tmpfs, secondary, "32m", inodes=400)
+    receiver.start()
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed: the old one is archived")
+    assert f.publish()[0] == 0
+    archive = secondary.data_dir / "archive"
+    assert len([e for e in archive.iterdir() if (e / "archive.json").exists()]) == 1
+    body = os.urandom(MIB)  # the upload of a push that then died before its commit
+    sha = hashlib.sha256(body).hexdigest()
+    assert requests.put(f"{receiver.url}/blobs/{sha}", data=body, timeout=60).status_code in (200, 201)
+    receiver.stop()  # (its own files are open; the disk is now filled to the last inode)
+    filler = secondary.data_dir.parent / "filler"
+    filler.mkdir()
+    with pytest.raises(OSError):
+        for n in range(1000):
+            (filler / str(n)).touch()
+    rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    assert "removed 1 archive entry; dropped 1 upload(s)" in out and f"({MIB} bytes;" in out
+    assert not any((e / "archive.json").exists() for e in archive.iterdir())
+    assert not list((secondary.data_dir / ".esmirror" / "blobs").iterdir())
+    shutil.rmtree(filler)
+    receiver.start()
+    (f.master.data_dir / "indexes" / "after.idx").write_bytes(b"room again")
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_out_of_inodes_is_told_apart_and_a_failed_record_names_its_file(tmpfs, tmp_path):
+    """ENOSPC with bytes free is a filesystem out of inodes (df shows no problem, df -i
+    does); and a record whose write failed named no file ('esmirror: No space left')."""
+    from app.core.state import write_json
+    from app.core.store import what_is_full
+
+    disk = tmp_path / "disk"
+    tmpfs(disk, "8m", inodes=50)
+    with pytest.raises(OSError):
+        for n in range(100):
+            (disk / str(n)).touch()
+    words, free = what_is_full(disk)
+    assert "has no free inodes left" in words and "df -i" in words and free > MIB
+    for n in range(10):
+        (disk / str(n)).unlink()
+    try:
+        with open(disk / "filler", "wb") as fh:  # every block taken
+            while True:
+                fh.write(b"\0" * MIB)
+    except OSError:
+        pass
+    with pytest.raises(OSError) as failed:
+        write_json(disk / "ledger.json", {"big": "x" * MIB})
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(disk / "ledger.json")
+    assert "the disk is full at" in what_is_full(disk)[0]
+    assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, fleet, tmp_path):
     """Another writer fills the disk after the room check passed: 507, no temp file, set intact."""
     f = fleet(1, server="gunicorn", start=False)  # gunicorn hands the body over as it arrives
@@ -341,7 +404,7 @@ def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, f
             answer += chunk
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 507"), answer[:300]
-    assert b"disk filled up" in payload and b"nothing was kept" in payload
+    assert b"disk is full" in payload and b"nothing was kept" in payload
     assert list(tmp_dir.iterdir()) == []
     assert not (secondary.data_dir / ".esmirror" / "blobs" / sha).exists()
     assert set_files(secondary.data_dir) == before

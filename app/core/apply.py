@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, NamedTuple
 
 import filelock
 
@@ -49,7 +49,7 @@ from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collisi
                        settled, walk_files)
 from .settings import Settings
 from .state import read_json, stable_id, write_json
-from .store import CHUNK, BlobStore, durable_flush
+from .store import CHUNK, BlobStore, durable_flush, what_is_full
 
 LOCK_TIMEOUT = 600.0
 ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
@@ -144,6 +144,19 @@ class CommitRequest:
             raise BadRequest("'files' is missing: a commit lists the whole set "
                              "(or says \"unchanged\": true)")
         return cls(generation, master, base, Manifest.from_list(data["files"]))
+
+
+class Cleared(NamedTuple):
+    removed: list[str]   # archive entries
+    uploads: int = 0     # blobs a push cut short left waiting for a commit, dropped
+    upload_bytes: int = 0
+
+    def summary(self) -> str:
+        text = f"removed {len(self.removed)} archive entr{'y' if len(self.removed) == 1 else 'ies'}"
+        if self.uploads:
+            text += (f"; dropped {self.uploads} upload(s) a push cut short left waiting for a commit "
+                     f"({self.upload_bytes} bytes; the master sends them again if it needs them)")
+        return text
 
 
 @dataclass
@@ -784,11 +797,15 @@ class WorkingDir:
 
     def _os_failure(self, during: str, exc: OSError) -> MirrorError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(self.state_dir).free
-            return NoRoom(f"the disk of {self.data_dir} filled up while {during}; nothing was changed. "
-                          "Free some space (esmirror archive clear) and publish again", free=free)
-        return MirrorError(f"{during} failed on {exc.filename or self.data_dir}: {exc.strerror}; "
-                           "nothing was changed")
+            what, free = what_is_full(self.state_dir)
+            return NoRoom(f"{what} while {during}; nothing was changed. Free some space (esmirror "
+                          "archive clear) and publish again", free=free)
+        # (a rename names its source first: a staged file; the folder that refused is the target's)
+        where = exc.filename2 or exc.filename or self.data_dir
+        if exc.errno == errno.EROFS:
+            return MirrorError(f"{during} failed: {where} is on a read-only filesystem; nothing was "
+                               "changed. Remount it read-write, then publish again")
+        return MirrorError(f"{during} failed on {where}: {exc.strerror}; nothing was changed")
 
     def _record(self, generation: int | None, master: str | None, new: Manifest,
                 archive_id: str | None) -> None:
@@ -839,12 +856,16 @@ class WorkingDir:
         return entries
 
     def prune_archive(self, keep: int) -> list[str]:
-        return self.clear_archive(keep=keep)
+        return self.clear_archive(keep=keep).removed
 
     def clear_archive(self, keep: int | None = None, older_than_days: float | None = None,
-                      everything: bool = False, caller: str | None = None) -> list[str]:
+                      everything: bool = False, caller: str | None = None) -> "Cleared":
         """Remove archive entries beyond the newest ``keep`` and/or older than the given age.
-        An admin's clear (``caller`` given) is audited; archive_keep's pruning is not."""
+
+        An admin's clear (``caller`` given) is audited, and also drops the uploads a push cut
+        short left waiting for a commit: every "no room" message sends the admin here, and
+        those hold space too (the master sends them again if it needs them). archive_keep's
+        pruning is neither. Works on a full disk: it only frees space."""
         entries = self.archives()
         now = dt.datetime.now(dt.timezone.utc)
         removed = []
@@ -856,21 +877,34 @@ class WorkingDir:
             if beyond and (keep is not None or older_than_days is not None or everything):
                 # out of the archive in one rename, then deleted: a kill part way through
                 # leaves no entry that looks whole but lost files (recover() empties the trash)
+                folder = self.archive_dir / entry["id"]
                 trash = self.state_dir / "trash"
-                trash.mkdir(parents=True, exist_ok=True)
+                try:
+                    trash.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # a full disk has no block for a new folder: the record goes first (an
+                    # unlink needs none), so what is left is no entry, then the rest
+                    (folder / "archive.json").unlink(missing_ok=True)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(entry["id"])
+                    continue
                 gone = trash / f"{entry['id']}.{uuid.uuid4().hex[:8]}"
                 try:
-                    os.rename(self.archive_dir / entry["id"], gone)
+                    os.rename(folder, gone)
                 except FileNotFoundError:
                     continue  # cleared by another process just now
                 crash_point("archive-trashed")
                 shutil.rmtree(gone, ignore_errors=True)
                 removed.append(entry["id"])
+        uploads = self.store.drop_uploads() if caller is not None else (0, 0)
         if caller is not None:
             audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
                   files=len(removed), outcome="ok", removed=sorted(removed),
-                  asked={"keep": keep, "older_than_days": older_than_days, "all": everything})
-        return sorted(removed)
+                  asked={"keep": keep, "older_than_days": older_than_days, "all": everything},
+                  uploads_dropped=uploads[0])
+        return Cleared(sorted(removed), *uploads)
 
     def _entry(self, archive_id: str) -> dict[str, Any]:
         """An archive entry's record, with ``previous``: the set its apply replaced."""

@@ -22,8 +22,10 @@ def write_json(path: Path, data: Any, durable: bool = True) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # a full disk must not leave temp files behind
+        if isinstance(exc, OSError) and exc.filename is None:  # (a failed write names no file)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     if durable:
         fsync_dir(path.parent)

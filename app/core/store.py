@@ -386,6 +386,23 @@ class BodyReader:
         return line
 
 
+def what_is_full(path: Path) -> tuple[str, int]:
+    """Words for ENOSPC on the filesystem of ``path``, and its free bytes: a filesystem out
+    of inodes (one per file) says "no space" too, while df shows plenty free."""
+    try:
+        free = shutil.disk_usage(path).free
+        st = os.statvfs(path)
+        out_of_inodes = st.f_files > 0 and st.f_favail == 0
+    except AttributeError:  # (Windows has no statvfs)
+        out_of_inodes = False
+    except OSError:
+        return f"the disk is full at {path}", 0
+    if out_of_inodes:
+        return (f"the filesystem at {path} has no free inodes left (one per file; {free} bytes "
+                "are still free, so df shows no problem: df -i does)", free)
+    return f"the disk is full at {path} ({free} bytes free now)", free
+
+
 class BlobStore:
     """``.esmirror/blobs/<sha256>`` with a ``tmp/`` beside it on the same filesystem."""
 
@@ -486,10 +503,10 @@ class BlobStore:
         """A full disk while storing is a 507 with the numbers; other I/O errors stay as they are."""
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             return exc
-        free = shutil.disk_usage(self.tmp).free
-        return NoRoom(f"the disk filled up while storing {length} bytes of uploads in {self.tmp} "
-                      f"({free} bytes free now); nothing was kept. Free some space (esmirror "
-                      "archive clear) and publish again", needed=length, free=free)
+        what, free = what_is_full(self.tmp)
+        return NoRoom(f"{what} while storing {length} bytes of uploads in {self.tmp}; nothing was "
+                      "kept. Free some space (esmirror archive clear) and publish again",
+                      needed=length, free=free)
 
     def put_part(self, sha: str, stream: BinaryIO, start: int, length: int, total: int) -> bool:
         """One part of a blob too large for one request (IIS caps a body at 4 GiB − 1).
@@ -602,6 +619,16 @@ class BlobStore:
         live file's (see clear), not a blob."""
         return sorted(entry.name for entry, st in self._stored()
                       if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+
+    def drop_uploads(self) -> tuple[int, int]:
+        """Delete every blob here: (how many, the bytes that frees). Call with the commit lock
+        held (a commit links them); the master uploads again what it still needs."""
+        count = freed = 0
+        for entry, st in self._stored():
+            Path(entry.path).unlink(missing_ok=True)
+            count += 1
+            freed += st.st_size if st.st_nlink == 1 else 0  # (one linked live too frees nothing)
+        return count, freed
 
     def _stored(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
         """Each entry of blobs/ with its stat (one removed meanwhile is skipped)."""
