@@ -5,6 +5,7 @@ imported when an app is made.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,9 +37,21 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     app.register_blueprint(peer.bp)
     app.register_blueprint(admin.bp)
     errors.register(app)
-    with workdir.lock():
-        note = workdir.recover()
-        own_id = workdir.self_id  # created now, so that reading routes never write
+    try:
+        with workdir.lock():
+            note = workdir.recover()
+            own_id = workdir.self_id  # created now, so that reading routes never write
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        # a filesystem remounted read-only (after an I/O error, say): serve what can be read,
+        # browse and status say why pushes fail, and each write answers so
+        note = (f"{exc.filename or settings.data_dir} is on a read-only filesystem: pushes will "
+                "fail until it is remounted read-write")
+        try:
+            own_id = (settings.state_dir / "self-id").read_text(encoding="utf-8").strip()
+        except OSError:
+            own_id = ""
     # None: unsigned pushes. Signed ones must name this server (a replay from another fails)
     app.extensions["esmirror.verifier"] = Verifier.from_settings(settings, own_id)
     if note:

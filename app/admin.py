@@ -13,6 +13,7 @@ from .core.express import Secondary, read_mirrors, resolve_canary, select_second
 from .core.ledger import agent_pulse, fleet_status
 from .core.publishes import PublishQueue, parse_options
 from .core.settings import Settings
+from .core.store import read_only
 
 bp = Blueprint("admin", __name__)
 STATUS_REFRESH_SECONDS = 10
@@ -143,14 +144,17 @@ def _status() -> dict[str, Any]:
         # the top level is about this server: a monitoring script reads ok and generation
         me = identity()
         generation = me["generation"]
-        if generation is None:
+        stuck = read_only(settings.data_dir)
+        if stuck:
+            detail = f"{settings.data_dir} is on a read-only filesystem: pushes fail until it is remounted"
+        elif generation is None:
             detail = "no master has pushed a set to this server yet"
         elif me["drift"]:
             detail = (f"files were changed by hand since generation {generation} was applied; "
                       "the master's next publish repairs them")
         else:
             detail = f"holds generation {generation} from master {me['master'] or '(released)'}"
-        status.update(ok=generation is not None and me["drift"] is False, detail=detail,
+        status.update(ok=generation is not None and me["drift"] is False and not stuck, detail=detail,
                       generation=generation, digest=me["digest"], master=me["master"],
                       drift=me["drift"], applied_at=me["applied_at"], self=me)
         del status["published_at"]

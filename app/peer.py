@@ -19,7 +19,7 @@ from .core.express import express_version, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
-from .core.store import check_sha
+from .core.store import check_sha, read_only
 
 bp = Blueprint("peer", __name__)
 _RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
@@ -88,6 +88,9 @@ def identity(recorded: bool = False) -> dict[str, Any]:
     state = workdir.state()
     current = None if recorded and state.get("digest") else workdir.scan()
     warnings = [] if current is None else list(current.warnings) + left_alone(current)
+    if read_only(settings.data_dir):
+        warnings.append(f"{settings.data_dir} is on a read-only filesystem: pushes fail until it "
+                        "is remounted read-write")
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():

@@ -367,6 +367,39 @@ def test_out_of_inodes_is_told_apart_and_a_failed_record_names_its_file(tmpfs, t
     assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_read_only_working_dir_is_said_and_the_receiver_still_starts(tmpfs, fleet):
+    """Linux remounts a filesystem read-only after I/O errors. The receiver then reported ok,
+    answered pushes 'check that LT_IS_USER owns var/data', and did not start again at all."""
+    f = fleet(1, start=False)
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    _on_tmpfs(tmpfs, secondary, "32m")
+    receiver.start()
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    var = secondary.data_dir.parent
+    subprocess.run(["mount", "-o", "remount,ro", str(var)], check=True)
+    try:
+        status = requests.get(f"{receiver.url}/status", timeout=30).json()
+        assert status["ok"] is False and "read-only filesystem" in status["detail"], status
+        (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+        rc, report, out = f.publish()
+        assert rc == 1, out
+        error = report["secondaries"][0]["error"]
+        assert "read-only filesystem" in error and "remount it read-write" in error, error
+        assert "LT_IS_USER" not in error
+        receiver.stop()
+        receiver.start()  # (it failed here: commit.lock cannot be made)
+        info = requests.get(f"{receiver.url}/browse", timeout=30).json()
+        assert any("read-only filesystem" in w for w in info["warnings"]), info
+        assert set_files(secondary.data_dir) == before
+    finally:
+        receiver.stop()
+        subprocess.run(["mount", "-o", "remount,rw", str(var)], check=True)
+    receiver.start()
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
 def test_disk_filling_up_during_an_upload_answers_507_and_keeps_nothing(tmpfs, fleet, tmp_path):
     """Another writer fills the disk after the room check passed: 507, no temp file, set intact."""
     f = fleet(1, server="gunicorn", start=False)  # gunicorn hands the body over as it arrives

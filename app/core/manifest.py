@@ -645,7 +645,10 @@ class HashCache:
             tmp.write_text(json.dumps(self.entries), encoding="utf-8")
             os.replace(tmp, self.path)
         except OSError:
-            tmp.unlink(missing_ok=True)  # a cache: a full disk costs a re-read next time, nothing more
+            try:  # a cache: a full or read-only disk costs a re-read next time, nothing more
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             return
         self.dirty = False
 

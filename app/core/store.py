@@ -403,6 +403,14 @@ def what_is_full(path: Path) -> tuple[str, int]:
     return f"the disk is full at {path} ({free} bytes free now)", free
 
 
+def read_only(path: Path) -> bool:
+    """The filesystem of ``path`` is mounted read-only (Linux remounts one so after I/O errors)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # (Windows has no statvfs)
+        return False
+
+
 class BlobStore:
     """``.esmirror/blobs/<sha256>`` with a ``tmp/`` beside it on the same filesystem."""
 
