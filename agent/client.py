@@ -594,6 +594,7 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
         "free_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a byte count"),
         "reserve_bytes": (_whole, "a byte count"),
+        "free_inodes": (_whole_or_none, "a count of inodes or null"),
     },
     "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list"),
                  "uploaded": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},

@@ -24,6 +24,7 @@ BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
 BATCH_FILES = 2000
 FRAME_HEADER = 64 + 1 + 20 + 1    # "<sha256> <size>\n" at most
 MAX_PART = 4 * 1024**3 - 1        # IIS refuses a larger body
+INODE_RESERVE = 64                # inodes a commit needs beside its files: folders, records, temp files
 UPLOAD_THREADS = 4
 COMMIT_TRIES = 3
 
@@ -376,6 +377,16 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
                      f"but only {free} are free there ({reserve} kept in reserve); nothing was sent. "
                      f"Free some space on {secondary.host} (esmirror archive clear) and publish again",
                      needed=need, free=free)
+    inodes = info.get("free_inodes")
+    if isinstance(inodes, int):
+        # each file added or changed becomes a new file there (an upload, or a copy)
+        files = sum(1 for p, e in want.files.items() if p not in there.files or there.files[p] != e)
+        if files + INODE_RESERVE > inodes:
+            raise NoRoom(f"{secondary.name} has no room for this set: it brings {files} new files but "
+                         f"the filesystem there has only {inodes} inodes free (one per file; df -i "
+                         f"shows them; {INODE_RESERVE} kept in reserve); nothing was sent. Free some on "
+                         f"{secondary.host} (esmirror archive clear) and publish again",
+                         needed=files, free=inodes)
 
 
 def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:

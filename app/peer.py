@@ -19,7 +19,7 @@ from .core.express import express_version, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
-from .core.store import check_sha, read_only
+from .core.store import check_sha, free_inodes, read_only
 
 bp = Blueprint("peer", __name__)
 _RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
@@ -112,6 +112,7 @@ def identity(recorded: bool = False) -> dict[str, Any]:
         "max_upload_bytes": settings.max_upload_bytes,
         "free_bytes": free,        # the agent checks a whole push fits before sending a byte
         "reserve_bytes": reserve,
+        "free_inodes": free_inodes(workdir.state_dir),  # each new file takes one
     }
 
 

@@ -279,6 +279,29 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
 
 
+def test_a_set_with_more_new_files_than_free_inodes_is_refused_before_sending(tmpfs, fleet):
+    """The room check counted bytes only: a disk out of inodes took the uploads, then the
+    commit failed with 'disk full' while df showed plenty free, and the blobs stayed."""
+    f = fleet(1, start=False)
+    secondary = f.secondaries[0]
+    _on_tmpfs(tmpfs, secondary, "64m", inodes=300)
+    f.receivers[0].start()
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    many = f.master.data_dir / "many"
+    many.mkdir()
+    for n in range(400):
+        (many / f"{n}.idx").write_bytes(b"%d" % n)
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert "it brings 400 new files but the filesystem there has only" in result["error"], result
+    assert "inodes free" in result["error"] and "nothing was sent" in result["error"]
+    assert result["bytes_sent"] == 0 and result["files_sent"] == 0
+    assert set_files(secondary.data_dir) == before
+    assert not list((secondary.data_dir / ".esmirror" / "blobs").glob("*"))
+
+
 def test_blobs_a_cut_short_push_left_are_not_sent_again_nor_counted_twice(tmpfs, fleet):
     """A push cut short after its uploads (master killed, a commit refused) leaves verified
     blobs in the secondary's store. The next push neither sends them again nor counts them as

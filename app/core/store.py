@@ -403,6 +403,16 @@ def what_is_full(path: Path) -> tuple[str, int]:
     return f"the disk is full at {path} ({free} bytes free now)", free
 
 
+def free_inodes(path: Path) -> int | None:
+    """Inodes (one per file) still free on the filesystem of ``path``; None where it has no
+    fixed number (btrfs, Windows)."""
+    try:
+        st = os.statvfs(path)
+    except (AttributeError, OSError):
+        return None
+    return st.f_favail if st.f_files > 0 else None
+
+
 def read_only(path: Path) -> bool:
     """The filesystem of ``path`` is mounted read-only (Linux remounts one so after I/O errors)."""
     try:
