@@ -206,7 +206,7 @@ def test_delta_route_keeps_only_a_file_that_hashes_to_its_name(fleet):
     assert stranger.get(f"{url}/chunks/{here}", timeout=30).status_code == 403
     assert stranger.post(f"{url}/delta/{here}", data=b"x", timeout=30).status_code == 403
 
-    new = data[:100] + b"X" + data[101:]
+    new = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     target = hashlib.sha256(new).hexdigest()
     head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "indexes/big.idx"}]}\n'
             % (len(new), here)).encode()
@@ -279,7 +279,7 @@ def test_a_rebuild_hashes_on_a_second_thread_and_always_ends_it(tmp_path):
     base = tmp_path / "big.idx"
     base.write_bytes(data)
     here = hashlib.sha256(data).hexdigest()
-    new = data[:100] + b"X" + data[101:]
+    new = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     target = hashlib.sha256(new).hexdigest()
     head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "big.idx"}]}\n'
             % (len(new), here)).encode()
@@ -379,7 +379,7 @@ def test_a_stream_over_the_upload_limit_is_refused_by_the_server_and_the_file_go
 def test_the_streamed_delta_route_keeps_only_a_file_that_hashes_to_its_last_line(fleet, tmp_path):
     f = fleet(1, server="gunicorn")
     url, data, here, blobs = _big_file_published(f)
-    new = data[:100] + b"X" + data[101:]
+    new = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     target = hashlib.sha256(new).hexdigest()
     head = ('{"size": %d, "bases": [{"sha256": "%s", "path": "indexes/big.idx"}]}\n'
             % (len(new), here)).encode()
@@ -447,7 +447,7 @@ def test_a_stream_starts_only_at_the_first_chunk_that_differs_from_the_base(tmp_
         return first_difference(feed, base)
 
     assert follow(old) is None  # rewritten with the same bytes: nothing to send
-    changed = old[:4 * CHUNK_SIZE] + b"x" + old[4 * CHUNK_SIZE + 1:]
+    changed = old[:4 * CHUNK_SIZE] + bytes([old[4 * CHUNK_SIZE] ^ 0xFF]) + old[4 * CHUNK_SIZE + 1:]
     assert list(follow(changed)) == hash_chunks_of(path, changed)[1]  # every chunk, from the first
     cut = old[:6 * CHUNK_SIZE]
     assert list(follow(cut)) == old_chunks[:6]
