@@ -7,9 +7,10 @@ history) live here, so ``esmirror publish`` and the agent behave the same.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import filelock
 
@@ -64,6 +65,9 @@ class Observer:
     def begin(self) -> None:
         """The publish lock is held: the publish really starts now."""
 
+    def waiting(self, why: str) -> None:
+        """The publish cannot start yet (``why``), and waits."""
+
     def start(self, secondary: Secondary) -> None: ...
 
     def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
@@ -80,6 +84,9 @@ class _AlsoProgress(Observer):
 
     def begin(self) -> None:
         self.inner.begin()
+
+    def waiting(self, why: str) -> None:
+        self.inner.waiting(why)
 
     def start(self, secondary: Secondary) -> None:
         self.inner.start(secondary)
@@ -101,6 +108,25 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     """One publish at a time on this master: ``esmirror publish`` and the agent share it."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
+
+
+@contextlib.contextmanager
+def holding_publish_lock(settings: Settings, timeout: float, observer: Observer) -> Iterator[None]:
+    """The publish lock; a publish that has to wait for it (the agent's push to a slow
+    secondary, another publish) says so instead of waiting in silence."""
+    lock = publish_lock(settings, timeout)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if timeout == 0:
+            raise
+        observer.waiting("another publish holds this master's publish lock (the agent's, retrying "
+                         "a secondary, or another 'esmirror publish'); waiting for it to end")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def master_hash_cache(settings: Settings,
@@ -195,7 +221,7 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
         observer = _AlsoProgress(observer, progress)
     mine = master_identity(settings)
     try:
-        with publish_lock(settings, lock_timeout):
+        with holding_publish_lock(settings, lock_timeout, observer):
             observer.begin()
             report = _publish_locked(settings, secondaries, full, dry_run, force, canary,
                                      max_parallel, stop_on_failure, observer, caller, mine)

@@ -71,6 +71,10 @@ class ProgressBars(Observer):
         for bar in self.bars.values():
             bar.close()
 
+    def waiting(self, why: str) -> None:
+        with self.lock:
+            click.echo(f"esmirror: {why}", err=True)
+
     def progress(self, secondary: Secondary, sent: int, files_sent: int = 0) -> None:
         bar = self.bars.get(secondary)
         if bar is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from app.core.errors import MirrorError, RemoteError
@@ -21,6 +22,7 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
     """One browse: what the secondary holds, whether it drifted, whether it refuses us."""
     ledger = Ledger(settings)
     client = None
+    asked = time.time()  # (a push that ends while this browse is under way knows better)
     try:
         client = SecondaryClient(secondary, settings)
         info = client.browse()
@@ -45,7 +47,7 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
         refused = None
     except Refused as exc:
         refused = exc.message
-    ledger.record_contact(secondary, info, refused)
+    ledger.record_contact(secondary, info, refused, asked=asked)
 
 
 def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None) -> None:

@@ -149,6 +149,32 @@ def test_agent_waits_for_the_publish_lock_held_by_another_publish(fleet, make_re
         agent.stop()
 
 
+def test_a_publish_waiting_for_the_publish_lock_says_so(fleet):
+    """It waited in silence while the agent held the lock (retrying a slow secondary)."""
+    import filelock
+
+    f = fleet(1)
+    lock = filelock.FileLock(f.master.data_dir / ".esmirror" / "publish.lock")
+    lock.acquire()  # as the agent would hold it
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir", str(f.master.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()
+        assert not (f.secondaries[0].data_dir / "catalogs.xml").exists()
+        lock.release()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        assert "esmirror: another publish holds this master's publish lock" in err, err
+        assert (f.secondaries[0].data_dir / "catalogs.xml").exists()
+    finally:
+        if lock.is_locked:
+            lock.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_progress_bars_on_a_terminal(fleet):
     try:
         leader, follower = pty.openpty()
@@ -221,3 +247,21 @@ def test_status_says_refused_for_tls_and_for_another_master(fleet, make_receiver
     assert refused_tls["state"] == "refused", refused_tls
     assert refused_tls["detail"].startswith(f"TLS to 127.0.0.1:{tls.port} failed")
     assert "ca-bundle.crt" in refused_tls["detail"]
+
+
+def test_a_browse_sent_before_a_push_ended_does_not_undo_what_the_push_recorded(tmp_path):
+    """The agent's periodic browse answered (generation 2) while a push of generation 4 was
+    committing, and was saved after it: status showed generation 2 for minutes."""
+    from app.core.express import Secondary
+    from app.core.ledger import Ledger
+
+    settings = load_settings(make_install(tmp_path / "m").root)
+    ledger, secondary = Ledger(settings), Secondary("127.0.0.1", 21002)
+    asked = time.time()
+    time.sleep(0.01)
+    ledger.record_push(secondary, {"state": "in-sync", "generation": 4, "digest": "d4"}, 4, "d4")
+    ledger.record_contact(secondary, {"generation": 2, "digest": "d2", "drift": False}, asked=asked)
+    entry = ledger.read()[secondary.name]
+    assert entry["observed"]["generation"] == 4 and entry["confirmed_generation"] == 4
+    ledger.record_contact(secondary, {"generation": 2, "digest": "d2", "drift": False}, asked=time.time())
+    assert ledger.read()[secondary.name]["observed"]["generation"] == 2  # a later look is news

@@ -69,10 +69,14 @@ class Ledger:
 
     # --- what talking to a secondary taught us -----------------------------
     def record_contact(self, secondary: Secondary, info: dict[str, Any],
-                       refused: str | None = None) -> None:
-        """A browse answered: what it holds now, and whether it refuses this master."""
+                       refused: str | None = None, asked: float | None = None) -> None:
+        """A browse answered: what it holds now, and whether it refuses this master.
+        ``asked``: when the browse was sent; a push recorded since knows better what it holds."""
         with self.edit() as data:
             entry = self.entry(data, secondary)
+            if asked is not None and (entry.get("observed") or {}).get("epoch", 0) > asked:
+                entry["last_contact"] = now_iso()
+                return
             _observe(entry, info)
             entry["refused"] = refused
 
@@ -145,7 +149,8 @@ def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
                          "archive_bytes": info.get("archive_bytes",
                                                    (entry.get("observed") or {}).get("archive_bytes")),
                          "warnings": list(info.get("warnings") or []),
-                         "express_version": info.get("express_version"), "at": now_iso()}
+                         "express_version": info.get("express_version"), "at": now_iso(),
+                         "epoch": time.time()}  # (which of two answers is the newer)
     entry["last_contact"] = now_iso()
     entry["unreachable_since"] = None
     entry["error"] = None
