@@ -91,6 +91,7 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert good["state"] == "in-sync" and good["generation"] == 1 and good["last_contact"]
     assert len(good["unreadable_paths"]) == 1 and "/nowhere" in good["unreadable_paths"][0]
     assert bad["state"] == "refused" and "9.5.2" in bad["detail"] and VERSION in bad["detail"]
+    assert bad["next_retry"].endswith("Z") and bad["next_retry"] > bad["last_push"]["at"]  # ISO, as the rest
     assert status["publishes"][0]["caller"].startswith("command line")
     assert status["publishes"][0]["ok"] is False
     rc, _, out = esmirror("status", "--install-dir", str(f.master.root))

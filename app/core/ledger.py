@@ -9,6 +9,7 @@ master's last publish, so the CLI, ``GET status`` and the HTML page agree.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import random
 import time
 from typing import Any, Iterator
@@ -212,7 +213,7 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                      "unreadable_paths": [w for w in seen.get("warnings") or []
                                           if w.startswith("catalog ") and "not readable" in w],
                      "warnings": seen.get("warnings") or [],
-                     "next_retry": (entry or {}).get("next_retry"),
+                     "next_retry": _iso((entry or {}).get("next_retry")),  # (epoch in the ledger)
                      "last_push": (entry or {}).get("last_push")})
     publishes = [{k: r.get(k) for k in ("id", "created", "caller", "state", "ok", "generation",
                                         "error", "finished")}
@@ -224,6 +225,13 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
             "generation": published.get("generation"), "digest": published.get("digest"),
             "published_at": published.get("published_at"),
             "agent": agent_pulse(settings), "secondaries": rows, "publishes": publishes}
+
+
+def _iso(epoch: Any) -> str | None:
+    """An epoch as the ISO time every other field of the status shows."""
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def agent_pulse(settings: Settings) -> dict[str, Any]:
