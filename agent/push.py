@@ -14,7 +14,7 @@ from app.core.apply import commit_limit, room_needed
 from app.core import delta
 from app.core.errors import MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
-from app.core.manifest import ChunkFeed, Growing, Manifest
+from app.core.manifest import ChunkFeed, Growing, Manifest, diff
 from app.core.settings import Settings
 
 from .client import Body, SecondaryClient, unforeseen
@@ -380,7 +380,8 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
     inodes = info.get("free_inodes")
     if isinstance(inodes, int):
         # each file added or changed becomes a new file there (an upload, or a copy)
-        files = sum(1 for p, e in want.files.items() if p not in there.files or there.files[p] != e)
+        change = diff(there, want)
+        files = len(change.added) + len(change.changed)
         if files + INODE_RESERVE > inodes:
             raise NoRoom(f"{secondary.name} has no room for this set: it brings {files} new files but "
                          f"the filesystem there has only {inodes} inodes free (one per file; df -i "

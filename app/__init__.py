@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     from . import admin, errors, peer
     from .core.apply import WorkingDir
     from .core.signing import Verifier
+    from .core.store import read_only_note
     from .gunicorn_body import GunicornBody
     from .ipfilter import IPFilter
 
@@ -46,8 +47,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
             raise
         # a filesystem remounted read-only (after an I/O error, say): serve what can be read,
         # browse and status say why pushes fail, and each write answers so
-        note = (f"{exc.filename or settings.data_dir} is on a read-only filesystem: pushes will "
-                "fail until it is remounted read-write")
+        note = read_only_note(exc.filename or settings.data_dir)
         try:
             own_id = (settings.state_dir / "self-id").read_text(encoding="utf-8").strip()
         except OSError:

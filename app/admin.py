@@ -13,7 +13,7 @@ from .core.express import Secondary, read_mirrors, resolve_canary, select_second
 from .core.ledger import agent_pulse, fleet_status
 from .core.publishes import PublishQueue, parse_options
 from .core.settings import Settings
-from .core.store import read_only
+from .core.store import read_only, read_only_note
 
 bp = Blueprint("admin", __name__)
 STATUS_REFRESH_SECONDS = 10
@@ -146,7 +146,7 @@ def _status() -> dict[str, Any]:
         generation = me["generation"]
         stuck = read_only(settings.data_dir)
         if stuck:
-            detail = f"{settings.data_dir} is on a read-only filesystem: pushes fail until it is remounted"
+            detail = read_only_note(settings.data_dir)
         elif generation is None:
             detail = "no master has pushed a set to this server yet"
         elif me["drift"]:

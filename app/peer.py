@@ -19,7 +19,7 @@ from .core.express import express_version, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
-from .core.store import check_sha, free_inodes, read_only
+from .core.store import check_sha, free_inodes, read_only, read_only_note
 
 bp = Blueprint("peer", __name__)
 _RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
@@ -89,8 +89,7 @@ def identity(recorded: bool = False) -> dict[str, Any]:
     current = None if recorded and state.get("digest") else workdir.scan()
     warnings = [] if current is None else list(current.warnings) + left_alone(current)
     if read_only(settings.data_dir):
-        warnings.append(f"{settings.data_dir} is on a read-only filesystem: pushes fail until it "
-                        "is remounted read-write")
+        warnings.append(read_only_note(settings.data_dir))
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -898,7 +899,7 @@ class WorkingDir:
                 crash_point("archive-trashed")
                 shutil.rmtree(gone, ignore_errors=True)
                 removed.append(entry["id"])
-        uploads = self.store.drop_uploads() if caller is not None else (0, 0)
+        uploads = self.store.clear(older_than=math.inf) if caller is not None else (0, 0)
         if caller is not None:
             audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
                   files=len(removed), outcome="ok", removed=sorted(removed),

@@ -8,6 +8,7 @@ handler opened for that line only: a rotation by one process is seen by all.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import json
 import logging
 import logging.handlers
@@ -29,7 +30,12 @@ def audit_path(settings: Settings) -> Path:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso_time(time.time())
+
+
+def iso_time(epoch: float) -> str:
+    """A time as esmirror's records and status show it: UTC, seconds, ``Z``."""
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def command_line_caller() -> str:

@@ -9,14 +9,13 @@ master's last publish, so the CLI, ``GET status`` and the HTML page agree.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import random
 import time
 from typing import Any, Iterator
 
 import filelock
 
-from .audit import now_iso
+from .audit import iso_time, now_iso
 from .express import Secondary, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue
@@ -201,6 +200,7 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
         entry = ledger.get(secondary.name)
         state, detail = secondary_state(entry, published)
         seen = (entry or {}).get("observed") or {}
+        retry = (entry or {}).get("next_retry")  # (an epoch in the ledger)
         rows.append({"name": secondary.name, "host": secondary.host, "port": secondary.port,
                      "ssl": secondary.ssl, "state": state, "detail": detail,
                      "generation": seen.get("generation"),
@@ -213,7 +213,8 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                      "unreadable_paths": [w for w in seen.get("warnings") or []
                                           if w.startswith("catalog ") and "not readable" in w],
                      "warnings": seen.get("warnings") or [],
-                     "next_retry": _iso((entry or {}).get("next_retry")),  # (epoch in the ledger)
+                     "next_retry": iso_time(retry) if isinstance(retry, (int, float))
+                     and not isinstance(retry, bool) else None,
                      "last_push": (entry or {}).get("last_push")})
     publishes = [{k: r.get(k) for k in ("id", "created", "caller", "state", "ok", "generation",
                                         "error", "finished")}
@@ -225,13 +226,6 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
             "generation": published.get("generation"), "digest": published.get("digest"),
             "published_at": published.get("published_at"),
             "agent": agent_pulse(settings), "secondaries": rows, "publishes": publishes}
-
-
-def _iso(epoch: Any) -> str | None:
-    """An epoch as the ISO time every other field of the status shows."""
-    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
-        return None
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def agent_pulse(settings: Settings) -> dict[str, Any]:

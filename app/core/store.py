@@ -391,13 +391,9 @@ def what_is_full(path: Path) -> tuple[str, int]:
     of inodes (one per file) says "no space" too, while df shows plenty free."""
     try:
         free = shutil.disk_usage(path).free
-        st = os.statvfs(path)
-        out_of_inodes = st.f_files > 0 and st.f_favail == 0
-    except AttributeError:  # (Windows has no statvfs)
-        out_of_inodes = False
     except OSError:
         return f"the disk is full at {path}", 0
-    if out_of_inodes:
+    if free_inodes(path) == 0:
         return (f"the filesystem at {path} has no free inodes left (one per file; {free} bytes "
                 "are still free, so df shows no problem: df -i does)", free)
     return f"the disk is full at {path} ({free} bytes free now)", free
@@ -419,6 +415,11 @@ def read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except (AttributeError, OSError):  # (Windows has no statvfs)
         return False
+
+
+def read_only_note(path: Path | str) -> str:
+    """What browse, status and the receiver's start say of a read-only working dir."""
+    return f"{path} is on a read-only filesystem: pushes fail until it is remounted read-write"
 
 
 class BlobStore:
@@ -620,16 +621,22 @@ class BlobStore:
                 tmp.unlink(missing_ok=True)
         return [sha for _, sha in done]
 
-    def clear(self, older_than: float, shared: bool = False) -> None:
-        """Drop blobs stored before ``older_than`` (after a successful apply they are live files).
+    def clear(self, older_than: float, shared: bool = False) -> tuple[int, int]:
+        """Drop blobs stored before ``older_than`` (after a successful apply they are live files;
+        ``math.inf``: every blob, which the master uploads again if it still needs one). Returns
+        (blobs dropped, bytes that freed). Call with the commit lock held (a commit links them).
 
         ``shared`` (recovery): also every blob name that shares its file with another name:
         a commit killed after its switch, before it dropped the names of the blobs it linked
         into place. Such a blob changes with the live file (an edit in place), so it is no
         longer the content its name says; the master uploads it again if it is needed."""
+        count = freed = 0
         for entry, st in self._stored():
             if st.st_mtime < older_than or (shared and st.st_nlink > 1):
                 Path(entry.path).unlink(missing_ok=True)
+                count += 1
+                freed += st.st_size if st.st_nlink == 1 else 0  # (one linked live too frees nothing)
+        return count, freed
 
     def uploaded(self) -> list[str]:
         """The blobs here, verified on upload and waiting for a commit (a push cut short
@@ -637,16 +644,6 @@ class BlobStore:
         live file's (see clear), not a blob."""
         return sorted(entry.name for entry, st in self._stored()
                       if SHA256_RE.match(entry.name) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
-
-    def drop_uploads(self) -> tuple[int, int]:
-        """Delete every blob here: (how many, the bytes that frees). Call with the commit lock
-        held (a commit links them); the master uploads again what it still needs."""
-        count = freed = 0
-        for entry, st in self._stored():
-            Path(entry.path).unlink(missing_ok=True)
-            count += 1
-            freed += st.st_size if st.st_nlink == 1 else 0  # (one linked live too frees nothing)
-        return count, freed
 
     def _stored(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
         """Each entry of blobs/ with its stat (one removed meanwhile is skipped)."""
