@@ -270,37 +270,90 @@ _SENDFILE = hasattr(os, "sendfile") and os.name == "posix"
 class _Deadline:
     """A wall-clock limit on the request this thread makes: when it passes, the connection
     the request uses is shut down, which ends any wait on it (the request then fails, and
-    ``expired`` says why)."""
+    ``expired`` says why). An ``Interrupt`` fired meanwhile cuts it the same way."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, interrupt: "Interrupt | None" = None) -> None:
         self.seconds = seconds
         self.expired = False
+        self.cut = False
         self.connection: Any = None
+        self.interrupt = interrupt
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def __enter__(self) -> "_Deadline":
         _ACTIVE.deadline = self
         self._timer.start()
+        if self.interrupt is not None:
+            self.interrupt.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
+        if self.interrupt is not None:
+            self.interrupt.unwatch(self)
         _ACTIVE.deadline = None
 
     def watch(self, connection: Any) -> None:
         self.connection = connection
-        if self.expired:  # (it passed while connecting)
-            self._expire()
+        if self.expired or self.cut:  # (it passed while connecting)
+            self._shut()
 
     def _expire(self) -> None:
         self.expired = True
+        self._shut()
+
+    def stop(self) -> None:
+        """Cut the request now (its interrupt fired)."""
+        self.cut = True
+        self._shut()
+
+    def _shut(self) -> None:
         sock = getattr(self.connection, "sock", None)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class Interrupted(MirrorError):
+    """A push was asked to stop before its end (``Interrupt.fire``)."""
+
+
+class Interrupt:
+    """Stops pushes from another thread: the agent's catch-up, when a publish wants the
+    publish lock. Requests in flight are cut, as a deadline cuts them, and no more are
+    sent. A secondary applies a set whole or not at all, and keeps what was uploaded
+    for the next push, so the work done is not lost."""
+
+    def __init__(self) -> None:
+        self.why: str | None = None
+        self._lock = threading.Lock()
+        self._watched: set[_Deadline] = set()
+
+    def fire(self, why: str) -> None:
+        with self._lock:
+            self.why = self.why or why
+            watched = list(self._watched)
+        for deadline in watched:
+            deadline.stop()
+
+    def watch(self, deadline: _Deadline) -> None:
+        with self._lock:
+            self._watched.add(deadline)
+            fired = self.why is not None
+        if fired:
+            deadline.stop()
+
+    def unwatch(self, deadline: _Deadline) -> None:
+        with self._lock:
+            self._watched.discard(deadline)
+
+    def check(self, secondary: Secondary) -> None:
+        """Raise ``Interrupted`` once fired."""
+        if self.why is not None:
+            raise Interrupted(f"push to {secondary.name} stopped: {self.why}")
 
 
 _ACTIVE = threading.local()  # .deadline: the _Deadline of the request this thread is making
@@ -389,8 +442,10 @@ def batch_body(items: list[tuple[str, Path, int]]) -> Body:
 class SecondaryClient:
     """The receiver API of one secondary, as the push agent uses it."""
 
-    def __init__(self, secondary: Secondary, settings: Settings) -> None:
+    def __init__(self, secondary: Secondary, settings: Settings,
+                 interrupt: Interrupt | None = None) -> None:
         self.secondary = secondary
+        self.interrupt = interrupt
         self.base = secondary.base_url + settings.prefix
         self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
         self.session = make_session(secondary, settings)
@@ -414,6 +469,8 @@ class SecondaryClient:
         for attempt in range(attempts):
             if attempt > 1:
                 time.sleep(BACKOFF * 2 ** (attempt - 1))
+            if self.interrupt is not None:
+                self.interrupt.check(self.secondary)
             if self.signer is not None:
                 headers = kwargs.setdefault("headers", {})
                 headers.update(self.signer.headers(method, f"/{route}", content_sha256,
@@ -424,9 +481,11 @@ class SecondaryClient:
                 "working; check that server and the network to it, then publish again",
                 kind="unreachable")
             try:
-                with _Deadline(limit) as deadline:
+                with _Deadline(limit, self.interrupt) as deadline:
                     response = self.session.request(method, f"{self.base}/{route}", **kwargs)
             except (requests.exceptions.RequestException, OSError) as exc:
+                if deadline.cut and self.interrupt is not None:
+                    self.interrupt.check(self.secondary)
                 if deadline.expired:
                     raise too_slow from None
                 if not isinstance(exc, requests.exceptions.RequestException):
@@ -438,6 +497,8 @@ class SecondaryClient:
                     message += ("; the commit's answer was lost, so the set may be live there: "
                                 "'esmirror status' shows what it holds")
                 raise RemoteError(message, kind="unreachable") from None
+            if deadline.cut and self.interrupt is not None:  # (likewise)
+                self.interrupt.check(self.secondary)
             if deadline.expired:  # (cut off mid-head, an answer can parse as a broken one)
                 raise too_slow
             if response.status_code in RETRY_STATUSES and attempt + 1 < attempts:

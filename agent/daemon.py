@@ -8,6 +8,11 @@ confirms the generation the master wants there. Every ``check_interval`` it
 browses every secondary so the status page shows drift, archive size and
 unreadable Paths without anyone asking.
 
+Catch-ups and the periodic look run beside the loop, so a slow secondary holds up
+neither: a catch-up holds the publish lock, and steps aside (``Interrupt``) as soon as
+a publish is asked for, here or by ``esmirror publish``; what it uploaded stays on the
+secondary for the publish's push to reuse.
+
 Restarts are safe: a request is on disk before its 202, a request found
 ``running`` at start is run again (pushing the whole set is idempotent), and a
 secondary's debt is in the ledger, not in memory.
@@ -31,7 +36,8 @@ from app.core.publishes import PublishQueue
 from app.core.settings import Settings
 from app.core.state import write_json
 
-from .fleet import Observer, catch_up, publish, resolve_canary
+from .client import Interrupt
+from .fleet import Observer, catch_up, publish, publish_waiting, resolve_canary
 from .push import PushResult
 from .status import check_fleet
 
@@ -118,6 +124,9 @@ class Agent:
         self.started = now_iso()
         self.next_check = 0.0
         self.checking: threading.Thread | None = None
+        self.catching: threading.Thread | None = None
+        self.interrupt = Interrupt()  # the running catch-up's
+        self.next_catch_up = 0.0  # (after a catch-up that failed: not at once again)
 
     # --- the loop ----------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -152,6 +161,9 @@ class Agent:
                     log.exception("unexpected error in the agent; going on")
                 stop.wait(pause)
         finally:
+            if self.catching is not None and self.catching.is_alive():
+                self.interrupt.fire("the agent is stopping")
+                self.catching.join(timeout=10)
             beating.set()
             if pulse.is_alive():
                 pulse.join(timeout=5)
@@ -162,16 +174,25 @@ class Agent:
     def step(self) -> None:
         """One pass: the oldest pending request, else catch-up, and the periodic look."""
         pending = self.queue.pending()
+        catching = self.catching is not None and self.catching.is_alive()
         if pending:
+            if catching:  # the request runs once the catch-up has let the publish lock go
+                self._step_aside("a publish was asked for")
+                return
             self.handle(pending[0], pending[1:])
             return
         mirrors = select_secondaries(self.settings)
-        due = self.ledger.due(mirrors)
-        if due:
-            log.info("catching up %s", ", ".join(s.name for s in due))
-            for result in catch_up(self.settings, due):
-                log.info("catch-up %s:%s: %s %s", result.host, result.port, result.state,
-                         result.error or "")
+        if catching:
+            if publish_waiting(self.settings):
+                self._step_aside("'esmirror publish' is waiting for the publish lock")
+        elif time.monotonic() >= self.next_catch_up:
+            due = self.ledger.due(mirrors)
+            if due:
+                log.info("catching up %s", ", ".join(s.name for s in due))
+                self.interrupt = Interrupt()
+                self.catching = threading.Thread(target=self._catch_up, args=(due, self.interrupt),
+                                                 name="catch-up", daemon=True)
+                self.catching.start()
         if time.monotonic() >= self.next_check and not (self.checking and self.checking.is_alive()):
             # on its own thread: a secondary that answers slowly or never must not hold up
             # requests, catch-up or a stop (a daemon thread: a stop does not wait for it)
@@ -179,6 +200,25 @@ class Agent:
             self.checking = threading.Thread(target=self._check, args=(mirrors,), name="check",
                                              daemon=True)
             self.checking.start()
+
+    def _step_aside(self, why: str) -> None:
+        if not self.interrupt.why:
+            log.info("catch-up stops: %s", why)
+        self.interrupt.fire(why)
+
+    def _catch_up(self, due: list[Secondary], interrupt: Interrupt) -> None:
+        try:
+            for result in catch_up(self.settings, due, interrupt=interrupt):
+                log.info("catch-up %s: %s %s", result.name, result.state, result.error or "")
+            return
+        except MirrorError as exc:  # a damaged ledger, say: its message says what to do
+            log.error("catch-up failed: %s; trying again in %.0f s", exc.message, WRITE_TROUBLE_PAUSE)
+        except OSError as exc:  # a full disk or a permission
+            log.error("catch-up failed: cannot read or write %s: %s; trying again in %.0f s",
+                      exc.filename or "this master's state", exc.strerror or exc, WRITE_TROUBLE_PAUSE)
+        except Exception:
+            log.exception("catch-up failed; trying again in %.0f s", WRITE_TROUBLE_PAUSE)
+        self.next_catch_up = time.monotonic() + WRITE_TROUBLE_PAUSE
 
     def _check(self, mirrors: list[Secondary]) -> None:
         try:

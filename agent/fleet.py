@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import filelock
@@ -29,11 +32,13 @@ from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
 from app.core.state import read_json, stable_id, write_json
 
-from .client import tls_context
+from .client import Interrupt, tls_context
 from .push import LocalSet, Opening, PushResult, ScanNews, push
 
 __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
-           "resolve_canary", "publish", "catch_up", "publish_lock"]
+           "resolve_canary", "publish", "catch_up", "publish_lock", "publish_waiting"]
+
+WAITING_PULSE = 2.0  # how often a publish waiting for the lock renews its marker (seconds)
 
 
 class PublishFailed(MirrorError):
@@ -112,21 +117,65 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
 
 @contextlib.contextmanager
 def holding_publish_lock(settings: Settings, timeout: float, observer: Observer) -> Iterator[None]:
-    """The publish lock; a publish that has to wait for it (the agent's push to a slow
-    secondary, another publish) says so instead of waiting in silence."""
+    """The publish lock; a publish that has to wait for it says so instead of waiting in
+    silence, and one that waits without limit (a person's) asks the agent's catch-up to
+    step aside (``publish_waiting``)."""
     lock = publish_lock(settings, timeout)
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
         if timeout == 0:
             raise
-        observer.waiting("another publish holds this master's publish lock (the agent's, retrying "
-                         "a secondary, or another 'esmirror publish'); waiting for it to end")
-        lock.acquire()
+        observer.waiting("another publish holds this master's publish lock (another 'esmirror "
+                         "publish', or the agent's; a catch-up of the agent's steps aside within "
+                         "seconds); waiting for it to end")
+        if timeout > 0:
+            lock.acquire()
+        else:
+            _wait_asking(settings, lock)
     try:
         yield
     finally:
         lock.release()
+
+
+def _waiting_markers(settings: Settings) -> Iterator[Path]:
+    return settings.state_dir.glob("publish-waiting.*")
+
+
+def _wait_asking(settings: Settings, lock: filelock.BaseFileLock) -> None:
+    """Wait for the lock, keeping a marker fresh meanwhile: the agent, seeing it, stops a
+    catch-up that holds the lock (a slow secondary's could hold it for many minutes)."""
+    marker = settings.state_dir / f"publish-waiting.{os.getpid()}"
+    try:
+        while True:
+            with contextlib.suppress(OSError):  # (a full disk: the wait may only be longer)
+                marker.touch()
+            try:
+                lock.acquire(timeout=WAITING_PULSE)
+                return
+            except filelock.Timeout:
+                continue
+    finally:
+        with contextlib.suppress(OSError):
+            marker.unlink(missing_ok=True)
+
+
+def publish_waiting(settings: Settings) -> bool:
+    """Whether a publish waits for the publish lock: its marker was renewed lately. Markers
+    left by a publish that was killed while it waited are removed."""
+    now = time.time()
+    waiting = False
+    for marker in _waiting_markers(settings):
+        try:
+            age = now - marker.stat().st_mtime
+            if age < 3 * WAITING_PULSE:
+                waiting = True
+            elif age > 60 * WAITING_PULSE:
+                marker.unlink()
+        except OSError:
+            continue
+    return waiting
 
 
 def master_hash_cache(settings: Settings,
@@ -195,7 +244,7 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
     """Ledger and audit log for every secondary actually pushed to."""
     ledger = Ledger(settings)
     for result in results:
-        if result.state in ("skipped", "dry-run"):
+        if result.state in ("skipped", "dry-run", "interrupted"):
             continue
         ledger.record_push(Secondary(result.host, result.port), result.to_json(), generation, digest)
         audit(settings, "push", caller=caller, master=master, generation=generation,
@@ -322,13 +371,16 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
 
 
 def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int | None = None,
-             observer: Observer | None = None, lock_timeout: float = 1.0) -> list[PushResult]:
+             observer: Observer | None = None, lock_timeout: float = 1.0,
+             interrupt: Interrupt | None = None) -> list[PushResult]:
     """Push again, to secondaries that missed it, the set the master last published to them.
 
     No reload, no new generation: the same set, once more. Only possible while
     the master's set is still that one (same digest); otherwise the secondary
     waits for the next publish, and status says so. Returns [] when another
-    publish holds the lock (the caller tries again later).
+    publish holds the lock (the caller tries again later). ``interrupt``, fired,
+    stops it: those pushes end ``interrupted`` and are not recorded (the secondary
+    is still due).
     """
     if not secondaries:
         return []
@@ -360,6 +412,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
             by_generation.setdefault(int(entries[secondary.name]["wanted_generation"]), []).append(secondary)
         results: list[PushResult] = []
         for generation, group in sorted(by_generation.items()):
+            if interrupt is not None and interrupt.why:
+                break
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
                              scanned.chunk_lists, cache.chunk_index)
 
@@ -367,7 +421,7 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
                 live = PushResult(secondary.host, secondary.port)
                 return push(secondary, settings, local, mine, False, False,
                             lambda n: (observer.progress(secondary, n, live.files_sent)
-                                       if observer else None), live)
+                                       if observer else None), live, interrupt=interrupt)
 
             done = fan_out(group, one, None, max_parallel, False, observer)
             _record(settings, done, generation, digest, "agent", mine["self"], "catch-up")

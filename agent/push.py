@@ -17,7 +17,7 @@ from app.core.express import Secondary
 from app.core.manifest import ChunkFeed, Growing, Manifest, diff
 from app.core.settings import Settings
 
-from .client import Body, SecondaryClient, unforeseen
+from .client import Body, Interrupt, Interrupted, SecondaryClient, unforeseen
 
 SMALL_FILE = 1024 * 1024          # files up to this size travel in batches
 BATCH_BYTES = 32 * 1024 * 1024    # one POST blobs body
@@ -67,7 +67,7 @@ class LocalSet:
 class PushResult:
     host: str
     port: int
-    state: str = "failed"   # in-sync | failed | unreachable | refused | dry-run
+    state: str = "failed"   # in-sync | failed | unreachable | refused | dry-run | skipped | interrupted
     error: str | None = None
     bytes_sent: int = 0
     files_sent: int = 0
@@ -234,11 +234,13 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
 def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],
          full: bool = False, dry_run: bool = False,
          progress: Callable[[int], None] | None = None,
-         result: PushResult | None = None, opening: Opening | None = None) -> PushResult:
+         result: PushResult | None = None, opening: Opening | None = None,
+         interrupt: Interrupt | None = None) -> PushResult:
     """Bring one secondary to exactly ``local``; never raises, the result says what happened.
 
     ``result``, when given, is filled as the push goes (a watcher reads files_sent live);
-    ``opening``, when given, has browsed the secondary already.
+    ``opening``, when given, has browsed the secondary already; ``interrupt``, when
+    fired, stops the push (state ``interrupted``).
     """
     result = result or PushResult(secondary.host, secondary.port)
     client = None
@@ -249,7 +251,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             info = opening.browsed.result()
             fetched = opening.manifest()
         else:
-            client = SecondaryClient(secondary, settings)
+            client = SecondaryClient(secondary, settings, interrupt)
             info = client.browse(recorded=True)
         check_peer(secondary, info, mine)
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
@@ -313,6 +315,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         result.warnings = list(answer.get("warnings") or [])
     except Refused as exc:
         result.state, result.error = "refused", exc.message
+    except Interrupted as exc:
+        result.state, result.error = "interrupted", exc.message
     except RemoteError as exc:
         if exc.details.get("kind") == "unreachable":
             result.state = "unreachable"

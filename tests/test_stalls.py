@@ -98,6 +98,7 @@ class SlowPeer:
                     rest += piece
                 body, buffered = rest[:length], rest[length:]
                 first = head.split(b"\r\n", 1)[0]
+                slowly = bool(self.drip and self.drip.search(first))  # (as the request came)
                 self.seen.append(first)
                 if self.upstream is None:
                     self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000, True)
@@ -109,7 +110,7 @@ class SlowPeer:
                     answer_head, answer_body = answer
                     while len(answer_body) < _content_length(answer_head):
                         answer_body += up.recv(65536)
-                self._send(conn, answer_head + answer_body, bool(self.drip and self.drip.search(first)))
+                self._send(conn, answer_head + answer_body, slowly)
         except OSError:
             return
         finally:
@@ -247,3 +248,55 @@ def test_ctrl_c_stops_a_publish_waiting_on_a_slow_secondary_at_once(tmp_path, sl
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("asker", ["agent", "command line"])
+def test_a_catch_up_to_a_slow_secondary_steps_aside_for_a_publish(tmp_path, slow_peer, make_receiver,
+                                                                  asker):
+    """The agent's catch-up of a slow secondary held the publish lock to its end: a publish
+    asked for meanwhile, through the agent or by 'esmirror publish', waited as long (here
+    the commit's answer alone drips for minutes). The catch-up now steps aside at once."""
+    from agentproc import FAST_AGENT, AgentProcess, http, wait_for
+    from conftest import esmirror, free_port, set_files
+
+    secondary = make_install(tmp_path / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    port = free_port()
+    peer = slow_peer(upstream=port, every=0.5)
+    master = make_install(tmp_path / "m", {"express_version": VERSION, **FAST_AGENT},
+                          [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    # generation 1 while the secondary is down: the agent will owe it a catch-up
+    rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    assert rc == 1 and report["secondaries"][0]["state"] == "unreachable", out
+    master_receiver = make_receiver(master) if asker == "agent" else None
+    make_receiver(secondary, port=port)
+    peer.drip = re.compile(rb"^POST \S*/commit ")
+    agent = AgentProcess(master, tmp_path / "agent.log").start()
+    try:
+        wait_for("the catch-up's commit is answered, slowly",
+                 lambda: any(b"/commit " in line for line in peer.seen), 60)
+        peer.drip = None  # what comes next is relayed at full speed
+        (master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"generation 2")
+        started = time.monotonic()
+        if master_receiver is not None:
+            request_id = http().post(f"{master_receiver.url}/publish", json={}, timeout=10).json()["id"]
+
+            def finished():
+                record = http().get(f"{master_receiver.url}/publish/{request_id}", timeout=10).json()
+                return record if record["state"] in ("done", "failed") else None
+            record = wait_for("the publish ends", finished, 100)
+            assert record["state"] == "done" and record["ok"], record
+            assert record["generation"] == 2
+        else:
+            rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json", timeout=100)
+            assert rc == 0 and report["generation"] == 2, out
+            assert "a catch-up of the agent's steps aside within seconds); waiting for it to end" in out
+        took = time.monotonic() - started
+        assert took < 30, took
+        assert set_files(secondary.data_dir) == set_files(master.data_dir)
+        assert (secondary.data_dir / "indexes" / "tile-1.idx").read_bytes() == b"generation 2"
+        wait_for("the agent logs why the catch-up stopped", lambda: "catch-up stops: " in agent.output(), 10)
+        assert not list((master.data_dir / ".esmirror").glob("publish-waiting.*"))
+    finally:
+        agent.stop()
+    assert "Traceback" not in agent.output(), agent.output()
