@@ -269,15 +269,22 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
     if progress:
         observer = _AlsoProgress(observer, progress)
     mine = master_identity(settings)
+    spent: list[int] = []  # the generation number, once taken
     try:
         with holding_publish_lock(settings, lock_timeout, observer):
             observer.begin()
             report = _publish_locked(settings, secondaries, full, dry_run, force, canary,
-                                     max_parallel, stop_on_failure, observer, caller, mine)
+                                     max_parallel, stop_on_failure, observer, caller, mine, spent)
     except MirrorError as exc:
         if not dry_run:
             audit(settings, "publish", caller=caller, master=mine["self"], generation=None,
                   files=None, outcome="failed", error=exc.message)
+        raise
+    except KeyboardInterrupt:
+        if not dry_run and spent:  # some secondaries may hold that generation: the log says why
+            audit(settings, "publish", caller=caller, master=mine["self"], generation=spent[0],
+                  files=None, outcome="interrupted", error="stopped on this master (Ctrl-C) while "
+                  "it pushed; 'esmirror status' shows what each secondary holds")
         raise
     if not dry_run:
         failed = [r for r in report.secondaries if not r.ok]
@@ -307,7 +314,7 @@ def _progress_row(result: PushResult) -> dict[str, Any]:
 def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool, dry_run: bool,
                     force: bool, canary: Secondary | None, max_parallel: int | None,
                     stop_on_failure: bool, observer: Observer, caller: str | None,
-                    mine: dict[str, Any]) -> PublishReport:
+                    mine: dict[str, Any], spent: list[int]) -> PublishReport:
     catalogs = settings.data_dir / CATALOGS_XML
     if not catalogs.is_file():
         what = "is not a file" if catalogs.exists() else "does not exist"
@@ -349,6 +356,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
         if not dry_run:
             write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
                                       "published_at": now_iso()})
+            spent.append(generation)
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
                          scanned.chunk_lists, cache.chunk_index)
 

@@ -8,6 +8,7 @@ restarted. The limits are shortened here (module constants); the defaults are mi
 """
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -234,9 +235,11 @@ def test_ctrl_c_stops_a_publish_waiting_on_a_slow_secondary_at_once(tmp_path, sl
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not peer.seen and time.monotonic() < deadline:  # its browse is being answered
+        counter = master.data_dir / ".esmirror" / "master.json"
+        # its browse is being answered, and generation 1 is taken
+        while not (peer.seen and counter.exists()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert peer.seen, "the publish never asked"
+        assert peer.seen and counter.exists(), "the publish never asked"
         proc.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         out, err = proc.communicate(timeout=30)
@@ -244,6 +247,10 @@ def test_ctrl_c_stops_a_publish_waiting_on_a_slow_secondary_at_once(tmp_path, sl
         assert proc.returncode == 130, (out, err)
         assert "esmirror: interrupted; a secondary applies a set whole or not at all" in err
         assert "Traceback" not in err
+        # the audit log says the publish of generation 1 ended there, not nothing
+        last = json.loads((master.data_dir / ".esmirror" / "audit.log").read_text().splitlines()[-1])
+        assert (last["event"], last["generation"], last["outcome"]) == ("publish", 1, "interrupted"), last
+        assert "stopped on this master (Ctrl-C)" in last["error"]
     finally:
         if proc.poll() is None:
             proc.kill()
