@@ -152,6 +152,43 @@ def test_new_files_take_their_place_even_over_a_symlink_the_scan_skips(fleet, tm
     assert leftovers == []
 
 
+def test_a_symlink_to_a_folder_where_a_file_goes_is_set_aside_and_its_target_untouched(fleet, tmp_path):
+    """The switch took a symlink to a folder, standing where a new file goes, for a folder
+    of the old set: it walked into the target outside the working dir, removed the empty
+    folders there, then failed (500) on the first non-empty one, publish after publish."""
+    command, flag = _reload_script(tmp_path)
+    f = fleet(1, secondary_ini={"reload_command": command})
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    outside = tmp_path / "outside"
+    for folder in ("emptyA", "emptyB/deeper", "keep"):
+        (outside / folder).mkdir(parents=True)
+    (outside / "keep" / "data.txt").write_text("kept")
+    before = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
+    link = secondary.data_dir / "indexes" / "new.idx"
+    os.symlink(outside, link)
+    (f.master.data_dir / "indexes" / "new.idx").write_bytes(b"a file where the link was")
+
+    flag.write_text("fail")  # a push rolled back puts the link back as it was
+    rc, report, out = f.publish()
+    assert rc == 1 and "the previous set is back" in report["secondaries"][0]["error"], out
+    assert link.is_symlink() and os.readlink(link) == str(outside)
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+
+    flag.write_text("ok")
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert not link.is_symlink() and link.read_bytes() == b"a file where the link was"
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+    # the link itself is kept in the archive entry, as a file found there would be
+    entry = archive_entries(secondary)[-1]
+    meta = json.loads((secondary.data_dir / "archive" / entry["id"] / "archive.json").read_text())
+    assert meta["set_aside"] == ["indexes/new.idx"], meta
+    kept = secondary.data_dir / "archive" / entry["id"] / "files" / "indexes" / "new.idx"
+    assert kept.is_symlink() and os.readlink(kept) == str(outside)
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
 def test_failing_reload_on_master_stops_the_publish(fleet, tmp_path):
     command, flag = _reload_script(tmp_path)
     flag.write_text("fail")

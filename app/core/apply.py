@@ -257,12 +257,18 @@ def left_alone(scanned: ScanResult) -> list[str]:
     return [f"{problem}; this file is left where it is, outside the set" for problem in scanned.unsafe]
 
 
-def _is_file(path: Path) -> bool:
-    """A regular file (not a symlink) is there."""
+def _mode(path: Path) -> int | None:
+    """What stands at ``path`` itself (a symlink is not followed); None for nothing."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        return os.lstat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        return False
+        return None
+
+
+def _is_dir(path: Path) -> bool:
+    """A real folder is there: a symlink to one is not (walking it would reach outside)."""
+    mode = _mode(path)
+    return mode is not None and stat.S_ISDIR(mode)
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:
@@ -331,6 +337,8 @@ def sweep_dead_tmp(state_dir: Path) -> None:
 
 def _remove_empty_tree(folder: Path) -> None:
     """rmdir a folder and its empty subfolders; OSError (not empty) if any file is left."""
+    if not _is_dir(folder):  # (os.walk would follow a symlink given as the top)
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
     for sub, _dirs, _files in os.walk(folder, topdown=False):
         os.rmdir(sub)
 
@@ -455,15 +463,16 @@ class WorkingDir:
             folders.make(arch.parent)
             _link_or_copy(work, arch)
             crash_point("switch-archive")
-        elif _is_file(work):
-            # a file the scan leaves out (its name is unsafe, or clashes by case with one of the
-            # set's) stands where a new file goes: kept in the archive, never overwritten
+        elif (mode := _mode(work)) is not None and not stat.S_ISDIR(mode):
+            # what the scan leaves out (a file whose name is unsafe, or clashes by case with one
+            # of the set's; a symlink, whose target is never touched) stands where a new file
+            # goes: kept in the archive, never overwritten nor written through
             arch = self._archived(journal, op)
             folders.make(arch.parent)
             os.replace(work, arch)
             journal.setdefault("set_aside", []).append(op["path"])
             crash_point("switch-set-aside")
-        if work.is_dir():  # a folder of the old set gives way to a file: its files went first
+        if _is_dir(work):  # a folder of the old set gives way to a file: its files went first
             _remove_empty_tree(work)  # anything still in it (not part of the set) stops the switch
             folders.forget()          # (and folders known under it are gone)
         folders.make(work.parent)
@@ -484,7 +493,7 @@ class WorkingDir:
             work, staged, arch = self._paths(journal, op)
             if op["kind"] == "remove":
                 if arch.exists():
-                    if work.is_dir():  # the folder new files went into: emptied by the undo above
+                    if _is_dir(work):  # the folder new files went into: emptied by the undo above
                         _remove_empty_tree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(arch, work)
@@ -497,13 +506,13 @@ class WorkingDir:
                     arch.unlink(missing_ok=True)
             elif op["existed"]:
                 if arch.exists():
-                    if work.is_dir():
+                    if _is_dir(work):
                         shutil.rmtree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(arch, work)
             else:
                 work.unlink(missing_ok=True)
-            if op["kind"] == "put" and not op["existed"] and arch.exists():  # a file set aside
+            if op["kind"] == "put" and not op["existed"] and os.path.lexists(arch):  # set aside
                 work.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(arch, work)
             crash_point("rollback-op")
@@ -753,7 +762,7 @@ class WorkingDir:
                     **({"set_aside": set_aside} if set_aside else {}),
                     # its size, so listing the archive (every browse) need not stat every file
                     "bytes": sum(current.files[p].size for p in archived)
-                    + sum((self.archive_dir / archive_id / "files" / p).stat().st_size for p in set_aside),
+                    + sum(os.lstat(self.archive_dir / archive_id / "files" / p).st_size for p in set_aside),
                     "previous_digest": current.digest,
                     "digest": new.digest,
                     **(about or {}),
