@@ -169,6 +169,9 @@ def test_full_resends_every_byte(fleet):
     assert rc == 0, out
     total = sum(os.path.getsize(f.master.data_dir / p) for p in set_files(f.master.data_dir))
     assert report["secondaries"][0]["bytes_sent"] == total
+    # what it sent again is live already: no second copy of the set waits in the blob store
+    blobs = f.secondaries[0].data_dir / ".esmirror" / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file()] if blobs.exists() else True
 
 
 def test_secondary_option_limits_the_push(fleet):

@@ -666,6 +666,7 @@ class WorkingDir:
         if change.empty:
             result = CommitResult(generation or 0, new.digest, None, 0, 0, 0, warnings)
             self._record(generation, master, new, None)
+            self.store.clear(older_than=started)  # (what a --full push sent again is live already)
             return result
 
         self._check_own_folders()
