@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.apply import prune_empty_dirs
+from app.core.apply import prune_emptied
 from app.core.catalogs import validate_catalogs
 from app.core.errors import ConfigError, InvalidSet
 from app.core.express import read_mirrors
@@ -232,16 +232,18 @@ def test_large_blobs_bypass_the_page_cache_and_keep_every_byte(tmp_path):
             shutil.rmtree(place, ignore_errors=True)
 
 
-def test_folders_left_empty_go_nested_ones_too_but_never_inside_archive_or_state(tmp_path):
-    for folder in ("a/b/c", "keep/empty", "archive/x/empty", ".esmirror/tmp", "Archive/y"):
+def test_folders_a_commit_left_empty_go_with_their_empty_parents_and_no_others(tmp_path):
+    """Every empty folder of the working dir used to go at every commit, one rolled back
+    too: an admin's or Express Server's own empty folder included."""
+    for folder in ("a/b/c", "keep/empty", "localcache", "indexes/emptysub"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "keep" / "catalog.idx").write_bytes(b"x")
-    prune_empty_dirs(tmp_path, ("archive", ".esmirror"))
-    assert not (tmp_path / "a").exists()
-    assert not (tmp_path / "keep" / "empty").exists() and (tmp_path / "keep" / "catalog.idx").exists()
-    # esmirror's own folders (any case on a case-blind disk) are not the set's to prune
-    assert (tmp_path / "archive" / "x" / "empty").is_dir() and (tmp_path / ".esmirror" / "tmp").is_dir()
-    assert (tmp_path / "Archive" / "y").is_dir()
+    (tmp_path / "indexes" / "tile.idx").write_bytes(b"x")
+    prune_emptied(tmp_path, ["a/b/c/gone.idx", "keep/gone.idx", "indexes/gone.idx", "top.idx"])
+    assert not (tmp_path / "a").exists()  # c, then b, then a: each left empty
+    assert (tmp_path / "keep" / "catalog.idx").exists() and (tmp_path / "keep" / "empty").is_dir()
+    assert (tmp_path / "localcache").is_dir() and (tmp_path / "indexes" / "emptysub").is_dir()
+    assert (tmp_path / "indexes" / "tile.idx").exists()
 
 
 def test_a_commit_tells_the_hash_cache_what_it_put_so_the_next_scan_reads_nothing(tmp_path):

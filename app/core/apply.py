@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection, Iterable, NamedTuple
 
 import filelock
 
@@ -343,20 +343,18 @@ def _remove_empty_tree(folder: Path) -> None:
         os.rmdir(sub)
 
 
-def prune_empty_dirs(root: Path, skip_top: tuple[str, ...]) -> None:
-    """Folders left empty in the working directory are removed (SPEC §2)."""
-    folders = []
-    for folder, dirs, _ in os.walk(root):
-        if folder == str(root):
-            # never walked: the archive and the state dir can hold far more files than the set
-            dirs[:] = [d for d in dirs if d.casefold() not in skip_top]
-        else:
-            folders.append(folder)
-    for folder in reversed(folders):  # deepest first, so a parent left empty goes too
+def prune_emptied(root: Path, paths: Iterable[str]) -> None:
+    """The folders of ``paths`` (files a commit removed, or put and then took back) that are
+    left empty are removed, deepest first, and so are their parents left empty in turn
+    (SPEC §2). Folders the commit did not touch stay, empty or not: Express Server or an
+    admin may keep one there."""
+    folders = {"/".join(parts[:depth]) for parts in (p.split("/") for p in paths)
+               for depth in range(1, len(parts))}
+    for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
         try:
-            os.rmdir(folder)
+            os.rmdir(root / folder)
         except OSError:
-            pass  # not empty
+            pass  # not empty (or gone)
 
 
 def _created(name: str, meta: dict[str, Any]) -> str:
@@ -517,7 +515,7 @@ class WorkingDir:
                 os.replace(arch, work)
             crash_point("rollback-op")
         shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
-        prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
+        prune_emptied(self.data_dir, [op["path"] for op in journal["ops"]])
         if "state_before" in journal and self.state() != journal["state_before"]:
             write_json(self.state_path, journal["state_before"])  # state.json may name the new set
         self.journal_path.unlink(missing_ok=True)
@@ -782,7 +780,7 @@ class WorkingDir:
             shutil.rmtree(stage, ignore_errors=True)
         self.journal_path.unlink()  # the commit point
         crash_point("committed")
-        prune_empty_dirs(self.data_dir, ("archive", ".esmirror"))
+        prune_emptied(self.data_dir, change.removed)
         self.store.clear(older_than=started)
         self.prune_archive(self.settings.archive_keep)
         self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
