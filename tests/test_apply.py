@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -684,3 +685,27 @@ def test_a_restore_after_a_release_does_not_lock_the_new_master_out(fleet):
     rc, report, out = f.publish()
     assert rc == 0, out
     assert (secondary.data_dir / "indexes" / "tile-1.idx").read_bytes() == b"new master's, again"
+
+
+def test_an_admins_archive_clear_drops_the_idle_parts_of_a_large_upload_that_died(fleet):
+    """A file sent in parts (over max_upload_bytes, or 4 GiB) whose push died left its
+    '.partial' for 6 hours, past restarts and past 'archive clear', which every no-room
+    message recommends; it can be gigabytes. Parts still arriving are left alone."""
+    f = fleet(1)
+    secondary, url = f.secondaries[0], f.receivers[0].url
+    partials = []
+    for n in range(2):
+        whole = os.urandom(4096) + bytes([n])
+        sha = hashlib.sha256(whole).hexdigest()
+        answer = requests.put(f"{url}/blobs/{sha}", data=whole[:2048], timeout=30, headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes 0-2047/{len(whole)}"})
+        assert answer.status_code in (200, 202), answer.text
+        partials.append(secondary.data_dir / ".esmirror" / "tmp" / f"{sha}.partial")
+    assert all(p.stat().st_size == 2048 for p in partials)
+    an_hour_ago = time.time() - 3600
+    os.utime(partials[0], (an_hour_ago, an_hour_ago))  # its master died an hour ago
+    rc, _, out = esmirror("archive", "clear", "--keep", "20", "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    assert "dropped 1 upload(s)" in out and "(2048 bytes;" in out, out
+    assert not partials[0].exists() and partials[1].exists()

@@ -872,8 +872,9 @@ class WorkingDir:
         """Remove archive entries beyond the newest ``keep`` and/or older than the given age.
 
         An admin's clear (``caller`` given) is audited, and also drops the uploads a push cut
-        short left waiting for a commit: every "no room" message sends the admin here, and
-        those hold space too (the master sends them again if it needs them). archive_keep's
+        short left waiting for a commit, and the idle parts of one cut short mid-file: every
+        "no room" message sends the admin here, and those hold space too (the master sends
+        them again if it needs them). archive_keep's
         pruning is neither. Works on a full disk: it only frees space."""
         entries = self.archives()
         now = dt.datetime.now(dt.timezone.utc)
@@ -907,8 +908,13 @@ class WorkingDir:
                 crash_point("archive-trashed")
                 shutil.rmtree(gone, ignore_errors=True)
                 removed.append(entry["id"])
-        uploads = self.store.clear(older_than=math.inf) if caller is not None else (0, 0)
+        uploads = (0, 0)
         if caller is not None:
+            blobs = self.store.clear(older_than=math.inf)
+            # and the parts of a large file whose push died (kept for it to resume) once idle
+            # for longer than any upload waits between writes
+            parts = self.store.clear_stale_tmp(older_than=IDLE_TMP)
+            uploads = (blobs[0] + parts[0], blobs[1] + parts[1])
             audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
                   files=len(removed), outcome="ok", removed=sorted(removed),
                   asked={"keep": keep, "older_than_days": older_than_days, "all": everything},

@@ -655,20 +655,27 @@ class BlobStore:
             except FileNotFoundError:
                 continue
 
-    def clear_stale_tmp(self, older_than: float = 6 * 3600) -> None:
-        """Temp files of uploads that died (a kill -9 mid-body) go after a while."""
+    def clear_stale_tmp(self, older_than: float = 6 * 3600) -> tuple[int, int]:
+        """Temp files of uploads that died (a kill -9 mid-body) go after ``older_than``
+        seconds untouched; a file's parts wait that long for the master to resume them.
+        Returns (files dropped, bytes)."""
+        count = freed = 0
         if not self.tmp.is_dir():
-            return
+            return count, freed
         limit = time.time() - older_than
         for entry in os.scandir(self.tmp):
             try:
-                if entry.stat().st_mtime < limit:
-                    if entry.is_dir():
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime < limit:
+                    if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path, ignore_errors=True)
                     else:
                         os.unlink(entry.path)
+                        freed += st.st_size
+                    count += 1
             except FileNotFoundError:
                 pass
+        return count, freed
 
 
 def check_sha(sha: str) -> None:
