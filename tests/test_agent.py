@@ -168,6 +168,11 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
     assert row["state"] == "unreachable" and row["unreachable_since"], row
     assert "connection refused" in row["detail"]
 
+    def tries():
+        rows = http().get(f"{master.url}/status", timeout=10).json()["secondaries"]
+        return next(r for r in rows if r["name"] == name)["failed_tries"] >= 4
+    wait_for("the agent tries again, and again", tries, 60)
+
     down.env = None
     down.start()  # same port, no fault
     started = time.monotonic()
@@ -188,6 +193,10 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
     assert status["generation"] == 1 and len(status["publishes"]) == 1
     catchups = [e for e in audit_lines(f.master) if e["event"] == "push" and e.get("why") == "catch-up"]
     assert catchups and catchups[-1]["outcome"] == "in-sync" and catchups[-1]["caller"] == "agent"
+    # each try that failed as the one before did is counted, not logged: a secondary down for
+    # weeks, retried every few minutes, would push everything else out of the audit log
+    assert [e["outcome"] for e in catchups] == ["in-sync"], catchups
+    assert catchups[-1]["failed_tries"] >= 4, catchups
 
 
 def test_agent_killed_mid_publish_loses_no_request(fleet, make_receiver, agents):

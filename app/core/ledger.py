@@ -91,10 +91,13 @@ class Ledger:
             entry["error"] = error
 
     def record_push(self, secondary: Secondary, result: dict[str, Any], generation: int,
-                    digest: str, rng: random.Random | None = None) -> None:
-        """A push ended: the secondary should now hold (generation, digest); did it?"""
+                    digest: str, rng: random.Random | None = None) -> tuple[str | None, int]:
+        """A push ended: the secondary should now hold (generation, digest); did it?
+        Returns how the push before it ended (its state, or None) and the failed pushes
+        since the secondary was last in sync (this one included)."""
         with self.edit() as data:
             entry = self.entry(data, secondary)
+            before = (entry.get("last_push") or {}).get("state")
             entry["wanted_generation"], entry["wanted_digest"] = generation, digest
             entry["stale"] = None
             state = result.get("state")
@@ -104,12 +107,13 @@ class Ledger:
             entry["last_push"]["wanted_generation"] = generation
             tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
             if state == "in-sync":
+                failed = int(entry.get("failures") or 0)
                 entry["confirmed_generation"], entry["confirmed_digest"] = generation, digest
                 entry["failures"], entry["next_retry"] = 0, None
                 entry["refused"] = entry["error"] = None
                 _observe(entry, {"generation": result.get("generation"), "drift": False,
                                  "digest": result.get("digest") or digest})
-                return
+                return before, failed
             entry["failures"] = int(entry.get("failures") or 0) + 1
             entry["next_retry"] = time.time() + retry_delay(self.settings, entry["failures"], rng)
             entry["error"] = result.get("error")
@@ -120,6 +124,7 @@ class Ledger:
                 entry["last_contact"] = now_iso()
                 if tls:
                     entry["refused"] = result.get("error")
+            return before, entry["failures"]
 
     def record_stale(self, secondary: Secondary, why: str) -> None:
         """Catch-up is impossible until the next publish (the master's set moved on)."""
@@ -213,6 +218,7 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                      "unreadable_paths": [w for w in seen.get("warnings") or []
                                           if w.startswith("catalog ") and "not readable" in w],
                      "warnings": seen.get("warnings") or [],
+                     "failed_tries": (entry or {}).get("failures") or 0,
                      "next_retry": iso_time(retry) if isinstance(retry, (int, float))
                      and not isinstance(retry, bool) else None,
                      "last_push": (entry or {}).get("last_push")})
