@@ -179,7 +179,10 @@ class Agent:
             if catching:  # the request runs once the catch-up has let the publish lock go
                 self._step_aside("a publish was asked for")
                 return
-            self.handle(pending[0], pending[1:])
+            for index, record in enumerate(pending):  # (those superseded all in this pass)
+                if not self.supersede(record, pending[index + 1:]):
+                    self.handle(record)
+                    break
             return
         mirrors = select_secondaries(self.settings)
         if catching:
@@ -251,13 +254,17 @@ class Agent:
             log.warning("cannot write the heartbeat: %s", exc)
 
     # --- one request ------------------------------------------------------------
-    def handle(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> None:
+    def supersede(self, record: dict[str, Any], newer: list[dict[str, Any]]) -> bool:
+        """Mark ``record`` superseded if a newer request covers it; True if it was."""
         covering = [r for r in newer if _covers(r, record)]
-        if covering:
-            record.update(state="superseded", superseded_by=covering[-1]["id"], finished=now_iso())
-            self.queue.save(record)
-            log.info("publish %s superseded by %s", record["id"], covering[-1]["id"])
-            return
+        if not covering:
+            return False
+        record.update(state="superseded", superseded_by=covering[-1]["id"], finished=now_iso())
+        self.queue.save(record)
+        log.info("publish %s superseded by %s", record["id"], covering[-1]["id"])
+        return True
+
+    def handle(self, record: dict[str, Any]) -> None:
         options = record["options"]
         try:
             targets = select_secondaries(self.settings, options.get("secondaries") or [])

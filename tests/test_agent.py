@@ -287,6 +287,22 @@ def test_rollout_canary_and_stop_on_failure(fleet):
     assert rc == 2 and "--canary 127.0.0.1 names 3 secondaries" in out and "HOST:PORT" in out
 
 
+def test_a_burst_of_requests_is_superseded_in_one_pass(fleet, make_receiver, agents):
+    """Sixty requests queued at once: the agent marked one superseded per tick (half a
+    second), re-reading every record each time, so the last ran half a minute later."""
+    f, master = master_fleet(fleet, make_receiver, count=1)
+    ids = [http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"] for _ in range(60)]
+    agents(f.master)
+    started = time.monotonic()
+    record = wait_for("the newest request ends", lambda: finished(master, ids[-1]), 60)
+    took = time.monotonic() - started
+    assert record["state"] == "done" and record["ok"], record
+    states = [progress(master, i)["state"] for i in ids]
+    assert states == ["superseded"] * 59 + ["done"], states
+    assert took < 15, took
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+
+
 def test_a_newer_request_supersedes_only_one_that_does_no_more_than_it():
     from agent.daemon import _covers
 

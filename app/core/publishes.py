@@ -72,6 +72,9 @@ def parse_options(data: Any) -> dict[str, Any]:
 class PublishQueue:
     def __init__(self, settings: Settings) -> None:
         self.dir = queue_dir(settings)
+        # records seen finished: they never change again, so the agent's look at the
+        # queue every tick does not read them again (an hour's history can be thousands)
+        self._finished: set[str] = set()
 
     def path(self, request_id: str) -> Path:
         if not _ID_RE.match(request_id):
@@ -98,25 +101,50 @@ class PublishQueue:
             raise NotFound(f"no publish {request_id} on this master")
         return record
 
+    def _files(self) -> list[Path]:
+        """The record files, oldest first (ids sort by creation time)."""
+        return sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        """A record; None for a half-written or foreign file (skipped)."""
+        try:
+            record = read_json(path)
+        except (ValueError, OSError):
+            return None
+        return record if isinstance(record, dict) and "id" in record else None
+
     def all(self) -> list[dict[str, Any]]:
-        """Every record, oldest first; a half-written or foreign file is skipped."""
-        records = []
-        if not self.dir.is_dir():
-            return records
-        for path in sorted(self.dir.glob("*.json")):
-            try:
-                record = read_json(path)
-            except (ValueError, OSError):
-                continue
-            if isinstance(record, dict) and "id" in record:
-                records.append(record)
-        return records
+        """Every record, oldest first."""
+        return [r for r in map(self._read, self._files()) if r is not None]
 
     def pending(self) -> list[dict[str, Any]]:
-        return [r for r in self.all() if r.get("state") in PENDING]
+        """The requests queued or running, oldest first; finished ones are read once."""
+        files = self._files()
+        self._finished &= {path.name for path in files}  # (pruned ones are forgotten)
+        records = []
+        for path in files:
+            if path.name in self._finished:
+                continue
+            record = self._read(path)
+            if record is None:
+                continue
+            if record.get("state") in PENDING:
+                records.append(record)
+            else:
+                self._finished.add(path.name)
+        return records
 
     def history(self, count: int = 10) -> list[dict[str, Any]]:
-        return list(reversed(self.all()))[:count]
+        """The newest ``count`` records, newest first (only those are read)."""
+        records: list[dict[str, Any]] = []
+        for path in reversed(self._files()):
+            if len(records) >= count:
+                break
+            record = self._read(path)
+            if record is not None:
+                records.append(record)
+        return records
 
     def prune(self, keep: int = HISTORY_KEEP, younger_kept: float = HISTORY_MIN_AGE) -> None:
         """Keep the newest ``keep`` finished records, and every one created in the last
