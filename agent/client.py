@@ -653,6 +653,7 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "self": (_server_id, "a server id"),
         "warnings": (_texts, "a list of texts"), "archive_bytes": (_whole, "a byte count"),
         "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
+        "part_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
         "free_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a byte count"),
         "reserve_bytes": (_whole, "a byte count"),
         "free_inodes": (_whole_or_none, "a count of inodes or null"),

@@ -287,7 +287,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
             _upload(client, local, todo, part_size, result, progress,
-                    [] if full else remote.get("files", []))
+                    [] if full else remote.get("files", []), file_part_size(info))
             have |= set(todo)
             try:
                 answer = _commit(client, local, base, full)
@@ -337,6 +337,14 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         if client is not None:
             client.close()
     return result
+
+
+def file_part_size(info: dict[str, Any]) -> int:
+    """The largest part a whole file is sent in: what the secondary takes in one body, or
+    less when its server writes each body to disk before storing it (``part_bytes``: on
+    one disk, the upload then needs its size twice over; a part's twice is little)."""
+    return min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART),
+               int(info.get("part_bytes") or MAX_PART))
 
 
 def _commit(client: SecondaryClient, local: LocalSet, base: str, full: bool) -> dict[str, Any]:
@@ -475,7 +483,7 @@ def _stream_delta(client: SecondaryClient, feed: ChunkFeed,
 
 def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,
             result: PushResult, progress: Callable[[int], None] | None,
-            remote_files: list[dict[str, Any]] | None = None) -> None:
+            remote_files: list[dict[str, Any]] | None = None, file_part: int | None = None) -> None:
     """Small files in batches, large ones streamed one by one (as a delta against the
     secondary's older copy when it has one); a few requests at a time."""
     batch_limit = min(BATCH_BYTES, part_size)  # no body may exceed what the secondary accepts
@@ -519,7 +527,7 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             sent = _send_delta(client, local, sha, size, rel, remote_files, part_size)
             if sent is not None:
                 return 1, sent
-        client.put_blob(sha, path, size, part_size, moved)
+        client.put_blob(sha, path, size, file_part or part_size, moved)
         return 1, 0  # (its bytes were counted as they went)
 
     # Batches first: each is one thread creating its files one by one on the secondary

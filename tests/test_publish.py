@@ -203,6 +203,26 @@ def test_bodies_never_exceed_the_secondary_limit_large_files_go_in_parts(fleet):
     assert report["secondaries"][0]["files_sent"] == 8
 
 
+def test_a_server_that_writes_bodies_to_disk_first_gets_large_files_in_parts(fleet, make_receiver):
+    """waitress (the embedded server, and IIS's) writes a whole body to a temp file before
+    the app stores it: on one disk a 5 GiB file needed 7.9 GiB at the peak, and a file
+    over half the free space could never be pushed. It asks for parts; gunicorn does not."""
+    from agent.push import MAX_PART, file_part_size
+    from app.peer import SPOOLED_PART_BYTES
+
+    f = fleet(1, start=False)
+    asked = {}
+    for server in ("waitress", "gunicorn"):
+        receiver = make_receiver(f.secondaries[0], server=server)
+        asked[server] = requests.get(f"{receiver.url}/browse", timeout=30).json()
+        receiver.stop()
+    assert asked["waitress"]["part_bytes"] == SPOOLED_PART_BYTES == 256 * 1024**2
+    assert "part_bytes" not in asked["gunicorn"]
+    assert file_part_size(asked["waitress"]) == SPOOLED_PART_BYTES
+    assert file_part_size(asked["gunicorn"]) == MAX_PART
+    assert file_part_size({**asked["waitress"], "max_upload_bytes": 2 * 1024**2}) == 2 * 1024**2
+
+
 @pytest.mark.parametrize("through", ["sendfile", "TLS-style reads"])
 def test_a_file_range_goes_out_exactly_and_a_file_cut_short_is_named(tmp_path, through):
     """Large files leave the master as FileSpans (sendfile over plain HTTP, reads over
