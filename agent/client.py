@@ -19,7 +19,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from app.core.errors import ConfigError, MirrorError, RemoteError, one_line
+from app.core.errors import ChangedWhileSent, ConfigError, MirrorError, RemoteError, one_line
 from app.core.express import Secondary
 from app.core.manifest import SHA256_RE, Manifest
 from app.core.settings import Settings
@@ -117,9 +117,6 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
 
 def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
     """Plain words for TLS and network failures."""
-    changed = _wrapped(exc, ChangedWhileSent)  # raised while urllib3 sent the body
-    if changed is not None:
-        return f"sending to {secondary.name} stopped: {changed}"
     text = str(exc)
     unverified = _wrapped(exc, ssl.SSLCertVerificationError)
     reason = (getattr(unverified, "verify_message", None) or str(unverified)) if unverified else None
@@ -215,15 +212,6 @@ class Body:
         if sent != self.len:  # the secondary would wait for the rest
             raise ChangedWhileSent(f"a request body was {sent} bytes, not the {self.len} announced "
                                    "(a file changed while being sent); publish again")
-
-
-class ChangedWhileSent(OSError):
-    """A file held fewer bytes than the scan found when they were sent."""
-
-    @classmethod
-    def file(cls, path: Path, start: int, length: int, got: int) -> "ChangedWhileSent":
-        return cls(f"{path} changed while being sent (bytes {start}-{start + length - 1} were "
-                   f"asked for, {got} were there); publish again once it is written")
 
 
 class FileSpan:
@@ -486,6 +474,9 @@ class SecondaryClient:
             except (requests.exceptions.RequestException, OSError) as exc:
                 if deadline.cut and self.interrupt is not None:
                     self.interrupt.check(self.secondary)
+                changed = _wrapped(exc, ChangedWhileSent)  # (urllib3 wraps what the body raised)
+                if changed is not None:  # this master's file, not the secondary or the network
+                    raise changed from None
                 if deadline.expired:
                     raise too_slow from None
                 if not isinstance(exc, requests.exceptions.RequestException):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 from app.core import PROTOCOL
 from app.core.apply import commit_limit, room_needed
 from app.core import delta
-from app.core.errors import MirrorError, NoRoom, RemoteError
+from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
 from app.core.manifest import ChunkFeed, Growing, Manifest, diff
 from app.core.settings import Settings
@@ -329,6 +329,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             result.error += "\n  " + "\n  ".join(body["reasons"])
     except MirrorError as exc:
         result.error = exc.message
+    except ChangedWhileSent as exc:  # (failed: the secondary and the network are fine)
+        result.error = f"sending to {secondary.name} stopped: {exc}"
     except OSError as exc:
         result.error = f"reading {exc.filename or 'a file'} on this master failed: {exc.strerror}"
     except Exception as exc:  # a bug meeting an answer nobody foresaw: fail this secondary, not all
@@ -517,8 +519,23 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             if progress:
                 progress(count)
 
+    def naming_files(exc: RemoteError) -> RemoteError:
+        """A secondary's 400 over a blob names its hash: say which file of this master it is
+        (the usual cause is a file written to while it was sent)."""
+        if exc.http_status != 400:
+            return exc
+        named = sorted(rel for sha, rel in todo.items() if sha[:12] in exc.message)
+        if not named:
+            return exc
+        return RemoteError(f"{exc.message} (on this master: {', '.join(named[:5])}"
+                           f"{' …' if len(named) > 5 else ''}; if it was being written, publish "
+                           "again once it is written)", status=exc.http_status, **exc.details)
+
     def send_batch(batch: list[tuple[str, Path, int]]) -> tuple[int, int]:
-        client.post_blobs(batch)
+        try:
+            client.post_blobs(batch)
+        except RemoteError as exc:
+            raise naming_files(exc) from None
         return len(batch), sum(i[2] for i in batch)
 
     def send_large(item: tuple[str, Path, int, str]) -> tuple[int, int]:
@@ -527,7 +544,10 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             sent = _send_delta(client, local, sha, size, rel, remote_files, part_size)
             if sent is not None:
                 return 1, sent
-        client.put_blob(sha, path, size, file_part or part_size, moved)
+        try:
+            client.put_blob(sha, path, size, file_part or part_size, moved)
+        except RemoteError as exc:
+            raise naming_files(exc) from None
         return 1, 0  # (its bytes were counted as they went)
 
     # Batches first: each is one thread creating its files one by one on the secondary

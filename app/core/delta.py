@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
-from .errors import BadRequest, untrusted_json
+from .errors import BadRequest, ChangedWhileSent, untrusted_json
 from .manifest import MAX_FILE_SIZE, SHA256_RE, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
@@ -173,7 +173,7 @@ def plan(path: Path, size: int, bases: list[Base], chunks: list[str] | None = No
     if chunks is None:
         _, chunks, _ = hash_chunks(path, chunk_size)
     if len(chunks) != -(-size // chunk_size):
-        raise OSError(f"{path} changed size while being read")
+        raise ChangedWhileSent(f"{path} changed size while being read; publish again once it is written")
     ops: list[Copy | Literal] = []
     for n, digest in enumerate(chunks):
         merged = _merge(ops, _chunk_op(n, digest, size, chunk_size, bases, where))
@@ -252,7 +252,8 @@ def body_blocks(path: Path, size: int, bases: list[Base], ops: list[Copy | Liter
                 while left:
                     data = fh.read(min(block, left))
                     if not data:
-                        raise OSError(f"{path} shrank while being sent")
+                        raise ChangedWhileSent(f"{path} shrank while being sent; publish again "
+                                               "once it is written")
                     yield data
                     left -= len(data)
 

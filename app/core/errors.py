@@ -94,6 +94,16 @@ class RemoteError(MirrorError):
         self.http_status = status
 
 
+class ChangedWhileSent(OSError):
+    """A file of the master's set held other bytes than the scan found when they were sent
+    (an OSError: it is raised inside socket writes and body generators)."""
+
+    @classmethod
+    def file(cls, path: Any, start: int, length: int, got: int) -> "ChangedWhileSent":
+        return cls(f"{path} changed while being sent (bytes {start}-{start + length - 1} were "
+                   f"asked for, {got} were there); publish again once it is written")
+
+
 def one_line(text: Any, limit: int = 300) -> str:
     """Words from elsewhere (a secondary's answer, an exception) as one line of at most
     ``limit`` characters: they end up in one-line reports, messages and the ledger."""
