@@ -204,6 +204,9 @@ Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
     try:
         httpd.start()
         publish_owned_by(master, secondary, world["user"], httpd.log)
+        # the daemon's umask=0027: what it writes is owner and group only, whatever httpd's umask
+        modes = {oct((secondary.data_dir / rel).stat().st_mode & 0o777) for rel in set_files(secondary.data_dir)}
+        assert modes == {"0o640"}, modes
 
         url = f"http://127.0.0.1:{port}{PREFIX}"
         # WSGIChunkedRequest On: a chunked body reaches the app (its JSON 411), not httpd's own 411
