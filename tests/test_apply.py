@@ -556,6 +556,11 @@ def test_a_local_file_differing_by_case_is_set_aside_never_overwritten(fleet):
     (master / "a.idx").write_bytes(b"the set's file, renamed")
     rc, report, out = f.publish()
     assert rc == 0, out
+    # the commit's answer says where the admin's file went, not that it was left in place
+    warnings = report["secondaries"][0]["warnings"]
+    assert not any("left where it is" in w for w in warnings), warnings
+    assert any("stood where the set puts one, and were kept in archive entry" in w and "a.idx" in w
+               for w in warnings), warnings
     assert set_files(secondary.data_dir) == set_files(master)
     assert (secondary.data_dir / "a.idx").read_bytes() == b"the set's file, renamed"
     entry = archive_entries(secondary)[-1]

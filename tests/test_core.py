@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 import subprocess
 import sys
 import time
@@ -75,9 +76,29 @@ def test_scan_skips_archive_state_and_symlinks(tmp_path):
     (tmp_path / ".esmirror" / "state.json").write_text("{}")
     (tmp_path / "catalogs.xml").write_text("<CatalogConfig/>")
     os.symlink(tmp_path / "catalogs.xml", tmp_path / "link.xml")
+    os.mkfifo(tmp_path / "pipe.idx")
     result = scan(tmp_path)
     assert list(result.manifest.files) == ["catalogs.xml"]
-    assert any("link.xml" in w and "symlink" in w for w in result.warnings)
+    # each skipped entry is called what it is (a FIFO was called a symlink)
+    assert "link.xml: skipped, a symlink (only regular files are mirrored)" in result.warnings
+    assert "pipe.idx: skipped, a named pipe (FIFO) (only regular files are mirrored)" in result.warnings
+
+
+def test_two_names_that_print_alike_are_shown_as_code_points(tmp_path):
+    """'indexes/café.idx' and 'indexes/café.idx' (composed, decomposed) told a person nothing."""
+    composed, decomposed = "café.idx", unicodedata.normalize("NFD", "café.idx")
+    with pytest.raises(InvalidSet) as refused:
+        Manifest.from_list([{"path": decomposed, "sha256": "a" * 64, "size": 1},
+                            {"path": composed, "sha256": "b" * 64, "size": 1}])
+    assert "'caf\\xe9.idx'" in " ".join(refused.value.reasons), refused.value.reasons
+    assert "'cafe\\u0301.idx'" in " ".join(refused.value.reasons), refused.value.reasons
+    (tmp_path / composed).write_bytes(b"1")
+    (tmp_path / decomposed).write_bytes(b"2")
+    (tmp_path / "Foo.idx").write_bytes(b"3")
+    (tmp_path / "foo.idx").write_bytes(b"4")
+    unsafe = scan(tmp_path).unsafe
+    assert any("caf\\xe9.idx" in u and "cafe\\u0301.idx" in u for u in unsafe), unsafe
+    assert any("Foo.idx" in u and "\\x" not in u for u in unsafe), unsafe  # (case shows as it is)
 
 
 def test_scan_include_exclude(tmp_path):

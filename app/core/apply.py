@@ -169,6 +169,7 @@ class CommitResult:
     changed: int
     removed: int
     warnings: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)  # kept in the archive entry: see left_alone
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -251,10 +252,13 @@ class _Folders:
         self.known.clear()
 
 
-def left_alone(scanned: ScanResult) -> list[str]:
+def left_alone(scanned: ScanResult, set_aside: Collection[str] = ()) -> list[str]:
     """The files in a secondary's working dir that no set can hold (unsafe names): a push
-    neither removes nor archives them, so an admin should hear of them."""
-    return [f"{problem}; this file is left where it is, outside the set" for problem in scanned.unsafe]
+    neither removes nor archives them, so an admin should hear of them. Those a commit
+    has just set aside (``set_aside``: a new file of the set took the name) went to the
+    archive instead, which its answer says."""
+    return [f"{problem}; this file is left where it is, outside the set" for problem in scanned.unsafe
+            if not any(problem.startswith(f"{rel}: ") for rel in set_aside)]
 
 
 def _mode(path: Path) -> int | None:
@@ -546,7 +550,7 @@ class WorkingDir:
                            "fetch the manifest again", digest=scanned.manifest.digest)
         new = scanned.manifest if request.manifest is None else request.manifest
         result = self._apply(scanned, new, request.generation, request.master, state)
-        result.warnings += left_alone(scanned)
+        result.warnings += left_alone(scanned, result.set_aside)
         return result
 
     def _check_own_folders(self) -> None:
@@ -784,8 +788,13 @@ class WorkingDir:
         self.store.clear(older_than=started)
         self.prune_archive(self.settings.archive_keep)
         self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
-        return CommitResult(generation or 0, new.digest, archive_id,
-                            len(change.added), len(change.changed), len(change.removed), warnings)
+        set_aside = sorted(journal.get("set_aside", []))
+        if set_aside:
+            warnings.append(f"{len(set_aside)} file(s) found here outside the set stood where the "
+                            f"set puts one, and were kept in archive entry {archive_id}: "
+                            f"{', '.join(set_aside[:5])}{' …' if len(set_aside) > 5 else ''}")
+        return CommitResult(generation or 0, new.digest, archive_id, len(change.added),
+                            len(change.changed), len(change.removed), warnings, set_aside)
 
     def _remember_hashes(self, cache: HashCache | None, new: Manifest, puts: list[str]) -> None:
         """Tell the hash cache what the files just put hold (every byte was verified on the

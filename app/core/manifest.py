@@ -211,7 +211,7 @@ class Manifest:
             key = collision_key(path)
             if key in seen:
                 reasons.append(f"{path!r} and {seen[key]!r} are the same file on Windows/macOS "
-                               "(they differ only by case or Unicode form)")
+                               f"(they differ only by case or Unicode form{spelled(path, seen[key])})")
                 continue
             seen[key] = path
             files[path] = FileEntry(sha, size)
@@ -663,6 +663,27 @@ class ScanResult:
     cache: HashCache | None = None  # the scan's, for a commit to add what it wrote
 
 
+def not_a_file(full: str) -> str:
+    """What stands at ``full`` instead of a regular file, in words."""
+    try:
+        mode = os.lstat(full).st_mode
+    except OSError:
+        return "gone, or unreadable"
+    for test, words in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def spelled(one: str, other: str) -> str:
+    """Two names that print alike (one composed, one decomposed: é and e + ◌́) shown as
+    code points, so a person can tell which is which; else nothing."""
+    if one.casefold() == other.casefold():  # (a difference of case shows)
+        return ""
+    return f": {ascii(one)} and {ascii(other)}"
+
+
 def walk_files(data_dir: Path, prefix: str = "") -> Iterator[tuple[str, str, os.stat_result | None]]:
     """Every entry under the working dir except archive/ and .esmirror/ (no symlinks followed).
 
@@ -710,7 +731,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         if (inc and not matches_any(rel, inc)) or (exc and matches_any(rel, exc)):
             continue
         if st is None or not stat.S_ISREG(st.st_mode):
-            warnings.append(f"{rel}: skipped, not a regular file (symlinks are never mirrored)")
+            warnings.append(f"{rel}: skipped, {not_a_file(full)} (only regular files are mirrored)")
             continue
         problem = path_problem(rel)
         key = collision_key(rel)
@@ -720,10 +741,11 @@ def scan(data_dir: Path, cache: HashCache | None = None,
                 # the first by name stays in the set, whatever order the folder lists them in:
                 # which file the set holds must not change from one scan to the next
                 unsafe.append(f"{other}: same name as {rel!r} on Windows (differs only by case or "
-                              "Unicode form)")
+                              f"Unicode form{spelled(other, rel)})")
                 files.pop(other, None)
             else:
-                problem = f"same name as {other!r} on Windows (differs only by case or Unicode form)"
+                problem = (f"same name as {other!r} on Windows (differs only by case or Unicode "
+                           f"form{spelled(rel, other)})")
         if problem:
             unsafe.append(f"{rel}: {problem}")
             continue
