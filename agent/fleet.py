@@ -365,7 +365,8 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                                       "published_at": now_iso()})
             spent.append(generation)
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                         scanned.chunk_lists, cache.chunk_index)
+                         scanned.chunk_lists, cache.chunk_index,
+                         skipped=() if force else tuple(scanned.skipped))
 
         def one(secondary: Secondary) -> PushResult:
             live = PushResult(secondary.host, secondary.port)

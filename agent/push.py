@@ -40,6 +40,9 @@ class LocalSet:
     # rel → (sha256, chunk size, chunk hashes) of large files the scan read (no re-read to plan a delta)
     chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
     chunk_index: delta.ChunkIndex | None = None  # where the scan keeps them for the next change
+    # entries of the master's working dir the set skips (symlinks...): a secondary's files
+    # under them would be removed there, which a push refuses without --force (hidden_there)
+    skipped: tuple[str, ...] = ()
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -263,6 +266,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             remote, there = {"digest": want.digest}, want
         else:
             remote, there = fetched if fetched is not None else client.manifest()
+        check_nothing_hidden(secondary, there, want, local.skipped)
         # its files' contents, and the blobs a push cut short left there (not with --full)
         uploaded = set() if full else set(remote.get("uploaded") or [])
         have = set() if full else there.hashes() | uploaded
@@ -361,6 +365,31 @@ def _commit(client: SecondaryClient, local: LocalSet, base: str, full: bool) -> 
             if exc.http_status != 400:
                 raise
     return client.commit(body, files=local.list_json)
+
+
+def check_nothing_hidden(secondary: Secondary, there: Manifest, want: Manifest,
+                         skipped: tuple[str, ...]) -> None:
+    """Refuse before sending a byte to remove a secondary's files that stand, on this
+    master, behind an entry the set skips: a folder moved elsewhere and symlinked back
+    would otherwise empty that folder on every secondary ('all in sync')."""
+    if not skipped:
+        return
+    hidden: dict[str, int] = {}
+    for path in there.files:
+        if path in want.files:
+            continue
+        for entry in skipped:
+            if path == entry or path.startswith(entry + "/"):
+                hidden[entry] = hidden.get(entry, 0) + 1
+                break
+    if hidden:
+        which = ", ".join(f"{entry} ({count} file{'s' if count > 1 else ''})"
+                          for entry, count in sorted(hidden.items())[:5])
+        raise MirrorError(f"{secondary.name} holds files that this master's set leaves out because "
+                          f"they are behind a symlink (or another entry that is not a regular file) "
+                          f"here: {which}. Publishing would remove them there; nothing was sent. Make "
+                          "each a real folder or file on this master, or publish with --force to "
+                          "remove them from the secondaries (they go to each one's archive)")
 
 
 def check_list_fits(secondary: Secondary, info: dict[str, Any], local: LocalSet) -> None:

@@ -500,3 +500,29 @@ def test_a_file_changed_after_the_scan_fails_its_push_naming_the_file(fleet, whi
     assert "answered 400" in result.error and f"(on this master: {which}; if it was being written, " \
         "publish again once it is written)" in result.error, result.error
     assert set_files(f.secondaries[0].data_dir) == {}
+
+
+def test_a_folder_behind_a_symlink_on_the_master_is_not_removed_from_secondaries_without_force(fleet, tmp_path):
+    """An admin moves overviews/ to another disk and symlinks it back: the set skips the
+    symlink (as it must), and every secondary's overviews/ was archived away, the publish
+    saying 'all in sync' with one warning among others."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0].data_dir
+    held = sorted(p for p in set_files(secondary) if p.startswith("overviews/"))
+    assert held
+    moved = tmp_path / "bigdisk" / "overviews"
+    moved.parent.mkdir()
+    (f.master.data_dir / "overviews").rename(moved)
+    os.symlink(moved, f.master.data_dir / "overviews")
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    [result] = report["secondaries"]
+    assert result["state"] == "failed" and result["bytes_sent"] == 0, result
+    assert f"overviews ({len(held)} file" in result["error"], result["error"]
+    assert "Publishing would remove them there; nothing was sent" in result["error"]
+    assert sorted(p for p in set_files(secondary) if p.startswith("overviews/")) == held
+    rc, report, out = f.publish("--force")  # the admin means it: they go to the archive
+    assert rc == 0, out
+    assert not [p for p in set_files(secondary) if p.startswith("overviews/")]
+    assert set_files(secondary) == set_files(f.master.data_dir)

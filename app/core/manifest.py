@@ -661,6 +661,7 @@ class ScanResult:
     # chunk hashes of large files read by this scan (HashCache ``chunked``)
     chunk_lists: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
     cache: HashCache | None = None  # the scan's, for a commit to add what it wrote
+    skipped: list[str] = field(default_factory=list)  # symlinks and other entries not mirrored
 
 
 def not_a_file(full: str) -> str:
@@ -726,12 +727,14 @@ def scan(data_dir: Path, cache: HashCache | None = None,
     files: dict[str, FileEntry] = {}
     warnings: list[str] = []
     unsafe: list[str] = []
+    skipped: list[str] = []
     seen: dict[str, str] = {}
     for rel, full, st in walk_files(data_dir):
         if (inc and not matches_any(rel, inc)) or (exc and matches_any(rel, exc)):
             continue
         if st is None or not stat.S_ISREG(st.st_mode):
             warnings.append(f"{rel}: skipped, {not_a_file(full)} (only regular files are mirrored)")
+            skipped.append(rel)
             continue
         problem = path_problem(rel)
         key = collision_key(rel)
@@ -766,4 +769,5 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         unsafe.append(f"{rel}: {why}")
         files.pop(rel, None)
     cache.save(files)
-    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists, cache)
+    return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists, cache,
+                      sorted(skipped))
