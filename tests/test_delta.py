@@ -514,3 +514,28 @@ def test_a_file_written_to_while_the_scan_reads_it_is_read_again_never_named_tor
     result = scan(data, HashCache(cache_file, (DELTA_MIN, CHUNK_SIZE), write_in_place_always))
     assert [u for u in result.unsafe if u.startswith("small.idx: kept changing")], result.unsafe
     assert "small.idx" not in result.manifest.files
+
+
+def test_chunk_lists_of_content_gone_from_the_set_go_after_a_day(tmp_path):
+    """The lists were capped by count alone (256, newest first): a deleted 4 GiB file's list
+    (about 1 MB) stayed while the count allowed, and a list of a live file that rarely
+    changes was the one pushed out."""
+    from app.core.delta import ChunkIndex
+
+    data, state = tmp_path / "data", tmp_path / "state"
+    data.mkdir()
+    (data / "live.idx").write_bytes(b"live content")
+    live = hashlib.sha256(b"live content").hexdigest()
+    gone, fresh = "a" * 64, "b" * 64
+    index = ChunkIndex(state)
+    for sha in (live, gone, fresh):
+        index.save(sha, ["0" * 64])
+    two_days_ago = time.time() - 2 * 86400
+    for sha in (live, gone):
+        os.utime(index.dir / sha, (two_days_ago, two_days_ago))
+    stray_tmp = index.dir / f"{gone}.4242.1.tmp"  # a writer killed mid-save, long ago
+    stray_tmp.write_text("{")
+    os.utime(stray_tmp, (two_days_ago, two_days_ago))
+    scan(data, HashCache(state / "hashes.json", chunk_index=index))
+    # live content keeps its list however old; one saved just now may be an upload's
+    assert sorted(p.name for p in index.dir.iterdir()) == sorted([live, fresh])

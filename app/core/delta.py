@@ -36,9 +36,10 @@ import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Iterator
 
 from .errors import BadRequest, ChangedWhileSent, untrusted_json
 from .manifest import MAX_FILE_SIZE, SHA256_RE, ChunkFeed, hash_chunks, path_problem
@@ -51,6 +52,7 @@ DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
 MAX_HEADER = 64 * 1024
 MAX_BASES = 4
 CACHE_ENTRIES = 256               # chunk lists kept on a secondary, newest first
+STALE_LISTS = 86400.0             # seconds a list of content no longer in the set is kept
 READ_BLOCK = 1024 * 1024
 _FRAME_RE = re.compile(rb"^(?:C (\d{1,4}) (\d{1,20}) (\d{1,20})|L (\d{1,20}))\n$")
 _END_RE = re.compile(rb"^E ([0-9a-f]{64})\n$")
@@ -120,6 +122,23 @@ class ChunkIndex:
                 os.unlink(old.path)
         except OSError:
             pass  # a cache: costs a re-read next time
+
+    def prune(self, live: Collection[str], idle: float = STALE_LISTS) -> None:
+        """Drop the lists of content no longer in the set once ``idle`` seconds old (one saved
+        just now may be an upload's, about to be committed), and dead writers' temp files.
+        Each list of a 4 GiB file is about 1 MB: by count alone, deleted files' lists could
+        hold hundreds of MB."""
+        cutoff = time.time() - idle
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.name not in live and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
 
     def forget(self, sha: str) -> None:
         """Drop a list found wrong (a delta built from it failed the whole-file check)."""

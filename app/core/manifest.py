@@ -769,5 +769,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         unsafe.append(f"{rel}: {why}")
         files.pop(rel, None)
     cache.save(files)
+    if cache.chunk_index is not None:
+        cache.chunk_index.prune({entry.sha256 for entry in files.values()})
     return ScanResult(Manifest(files), sorted(warnings), sorted(unsafe), cache.chunk_lists, cache,
                       sorted(skipped))
