@@ -272,5 +272,6 @@ def commit():  # type: ignore[no-untyped-def]
         raise
     audit(_settings(), "commit", caller=caller, master=commit_request.master,
           generation=result.generation, outcome="ok", archive_id=result.archive_id,
-          files={"added": result.added, "changed": result.changed, "removed": result.removed})
+          files={"added": result.added, "changed": result.changed, "removed": result.removed},
+          **({"archive_pruned": result.pruned} if result.pruned else {}))
     return jsonify(result.to_json())

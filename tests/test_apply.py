@@ -467,6 +467,11 @@ def test_archive_keep_prunes_after_each_apply(fleet):
         (data / "indexes" / "tile-0.idx").write_bytes(b"keep %d" % step)
         assert f.publish()[0] == 0
     assert [e["generation"] for e in archive_entries(f.secondaries[0])] == [3, 4]
+    # the secondary's audit log says which entries went, and when (with the commit that did it)
+    commits = [e for e in read_audit(load_settings(f.secondaries[0].root)) if e["event"] == "commit"]
+    pruned = [(e["generation"], e.get("archive_pruned")) for e in commits]
+    # (generation 1 found nothing to archive: entries came with 2, 3 and 4, and 4 was one too many)
+    assert [(g, len(ids)) for g, ids in pruned if ids] == [(4, 1)] and "-g2-" in pruned[-1][1][0], pruned
 
 
 def test_stale_base_and_older_generation_get_409_and_change_nothing(fleet):

@@ -170,6 +170,7 @@ class CommitResult:
     removed: int
     warnings: list[str] = field(default_factory=list)
     set_aside: list[str] = field(default_factory=list)  # kept in the archive entry: see left_alone
+    pruned: list[str] = field(default_factory=list)     # archive entries archive_keep removed
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -786,7 +787,7 @@ class WorkingDir:
         crash_point("committed")
         prune_emptied(self.data_dir, change.removed)
         self.store.clear(older_than=started)
-        self.prune_archive(self.settings.archive_keep)
+        pruned = self.prune_archive(self.settings.archive_keep)
         self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
         set_aside = sorted(journal.get("set_aside", []))
         if set_aside:
@@ -794,7 +795,7 @@ class WorkingDir:
                             f"set puts one, and were kept in archive entry {archive_id}: "
                             f"{', '.join(set_aside[:5])}{' …' if len(set_aside) > 5 else ''}")
         return CommitResult(generation or 0, new.digest, archive_id, len(change.added),
-                            len(change.changed), len(change.removed), warnings, set_aside)
+                            len(change.changed), len(change.removed), warnings, set_aside, pruned)
 
     def _remember_hashes(self, cache: HashCache | None, new: Manifest, puts: list[str]) -> None:
         """Tell the hash cache what the files just put hold (every byte was verified on the
