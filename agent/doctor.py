@@ -727,7 +727,8 @@ def _check_catalogs(report: CheckReport, settings: Settings, account: pwd.struct
     if account is None:
         return
     for name, target in sorted(result.catalog_paths.items()):
-        blocked = blocked_at(Path(target), account, 4 | 1 if Path(target).is_dir() else 4)
+        where = path.parent / target  # (a relative Path is read from var/data; absolute: as is)
+        blocked = blocked_at(where, account, 4 | 1 if where.is_dir() else 4)
         if blocked:
             report.add("error", "catalogs", f"catalog {name!r}: Path {target} is not readable by "
                        f"{account.pw_name}: {blocked[0]}: {blocked[1]}", file=str(path),

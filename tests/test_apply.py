@@ -385,6 +385,24 @@ def test_unreadable_catalog_paths_warn_unless_require_paths(fleet, tmp_path):
     assert any("/nonexistent/dem" in w for w in browse["warnings"])
 
 
+def test_a_relative_catalog_path_is_read_from_var_data_on_every_server(fleet, tmp_path):
+    """A relative Path was checked against the working folder of whichever process looked:
+    the admin's shell for publish, httpd's or the service's for a receiver. The same
+    catalogs.xml was then readable on one side and not on the other."""
+    f = fleet(1, master_ini={"require_paths": "true"})
+    catalogs = f.master.data_dir / "catalogs.xml"
+    relative = os.path.relpath(tmp_path / "images" / "dem", f.master.data_dir)
+    assert relative.startswith("..")
+    catalogs.write_text(catalogs.read_text().replace(f"{tmp_path}/images/dem", relative))
+    rc, report, out = f.publish()  # (this test runs in the repository, not in var/data)
+    assert rc == 0, out
+    assert not any("not readable" in w for w in report["secondaries"][0]["warnings"]), report
+    catalogs.write_text(catalogs.read_text().replace(relative, "../nowhere/dem"))
+    rc, report, out = f.publish()
+    assert rc == 1 and "require_paths = true" in out, out
+    assert f"Path ../nowhere/dem (read as {f.master.data_dir}/../nowhere/dem) is not readable" in out
+
+
 def test_two_publishes_at_the_same_moment_never_interleave(fleet):
     f = fleet(2)
     assert f.publish()[0] == 0

@@ -655,9 +655,9 @@ class WorkingDir:
 
         warnings: list[str] = []
         if CATALOGS_XML in puts:
-            report = validate_catalogs(source(CATALOGS_XML).read_bytes())
+            report = validate_catalogs(source(CATALOGS_XML).read_bytes(), base=self.data_dir)
         else:
-            report = validate_catalogs((self.data_dir / CATALOGS_XML).read_bytes())
+            report = validate_catalogs((self.data_dir / CATALOGS_XML).read_bytes(), base=self.data_dir)
         if report.problems:
             raise InvalidSet("catalogs.xml is invalid; nothing was changed", report.problems)
         warnings += report.unreadable_paths()

@@ -20,16 +20,24 @@ CATALOGS_XML = "catalogs.xml"
 class CatalogReport:
     problems: list[str] = field(default_factory=list)      # the set must be refused
     catalog_paths: dict[str, str] = field(default_factory=dict)  # catalog name → Path
+    base: Path | None = None  # the folder of catalogs.xml: where a relative Path is read from
 
     def unreadable_paths(self) -> list[str]:
-        """Catalog Paths this server cannot read (images are shared, never mirrored)."""
-        return [f"catalog {name!r}: Path {path} is not readable on this server"
-                for name, path in sorted(self.catalog_paths.items())
-                if not os.access(path, os.R_OK)]
+        """Catalog Paths this server cannot read (images are shared, never mirrored). A
+        relative one is read from the folder of catalogs.xml (var/data), whatever folder
+        the command or the server runs in, so every process gives the same answer."""
+        unreadable = []
+        for name, path in sorted(self.catalog_paths.items()):
+            where = Path(path) if self.base is None else self.base / path  # (absolute: as is)
+            if not os.access(where, os.R_OK):
+                read_as = "" if str(where) == path else f" (read as {where})"
+                unreadable.append(f"catalog {name!r}: Path {path}{read_as} is not readable on this server")
+        return unreadable
 
 
-def validate_catalogs(data: bytes, source: str = CATALOGS_XML) -> CatalogReport:
-    report = CatalogReport()
+def validate_catalogs(data: bytes, source: str = CATALOGS_XML, base: Path | None = None) -> CatalogReport:
+    """``base``: the folder of catalogs.xml, for relative Paths (see unreadable_paths)."""
+    report = CatalogReport(base=base)
     try:
         root = parse_xml(data, source)
     except etree.XMLSyntaxError as exc:
@@ -78,4 +86,4 @@ def validate_catalogs(data: bytes, source: str = CATALOGS_XML) -> CatalogReport:
 
 
 def validate_catalogs_file(path: Path) -> CatalogReport:
-    return validate_catalogs(path.read_bytes(), str(path))
+    return validate_catalogs(path.read_bytes(), str(path), path.parent)
