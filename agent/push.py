@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 from app.core import PROTOCOL
 from app.core.apply import commit_limit, room_needed
+from app.core.audit import now_iso
 from app.core import delta
 from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
@@ -79,6 +80,7 @@ class PushResult:
     digest: str | None = None
     archive_id: str | None = None
     warnings: list[str] = field(default_factory=list)
+    ended: str | None = None  # when this push ended (a publish's last may end minutes later)
 
     @property
     def ok(self) -> bool:
@@ -342,6 +344,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
     finally:
         if client is not None:
             client.close()
+        result.ended = now_iso()
     return result
 
 

@@ -307,3 +307,23 @@ def test_a_catch_up_to_a_slow_secondary_steps_aside_for_a_publish(tmp_path, slow
     finally:
         agent.stop()
     assert "Traceback" not in agent.output(), agent.output()
+
+
+def test_each_secondary_records_when_its_own_push_ended(tmp_path, slow_peer, make_receiver):
+    """last_push.at was the end of the whole publish for every secondary: a fast one looked
+    as if it had been pushed to when the slowest one ended."""
+    from conftest import esmirror
+
+    receivers = [make_receiver(make_install(tmp_path / f"s{n}", {"allow_push": "127.0.0.1",
+                                                                 "express_version": VERSION}))
+                 for n in range(2)]
+    peer = slow_peer(upstream=receivers[1].port, drip=r"^POST \S*/commit ", every=0.01)
+    master = make_install(tmp_path / "m", {"express_version": VERSION},
+                          [("127.0.0.1", receivers[0].port, "none"), ("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    assert rc == 0, out
+    fast, slow = report["secondaries"]
+    assert fast["ended"] < slow["ended"], report  # (ISO times: seconds apart)
+    rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json")
+    assert [row["last_push"]["at"] for row in status["secondaries"]] == [fast["ended"], slow["ended"]]

@@ -103,7 +103,7 @@ class Ledger:
             state = result.get("state")
             entry["last_push"] = {k: result.get(k) for k in
                                   ("state", "error", "bytes_sent", "files_sent", "generation")}
-            entry["last_push"]["at"] = now_iso()
+            entry["last_push"]["at"] = result.get("ended") or now_iso()
             entry["last_push"]["wanted_generation"] = generation
             tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
             if state == "in-sync":
