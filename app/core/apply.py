@@ -44,7 +44,8 @@ import filelock
 from .audit import audit
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
-from .errors import BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed
+from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed,
+                     Unavailable)
 from .faults import crash_point
 from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff, scan,
                        settled, walk_files)
@@ -435,6 +436,13 @@ class WorkingDir:
                 return self.recover()
         except filelock.Timeout:
             return None  # a commit is running in another worker: its journal and staging are live
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            # half a set may be live: nothing is answered from it until the rollback has run
+            raise Unavailable(f"a commit on this server was cut short and must be rolled back "
+                              f"before it answers, but {self.data_dir} is on a read-only filesystem; "
+                              "remount it read-write: the next request puts the previous set back") from None
 
     def _staging_left(self) -> bool:
         try:

@@ -81,6 +81,12 @@ class NoRoom(MirrorError):
     status = 507
 
 
+class Unavailable(MirrorError):
+    """This server cannot answer until an admin fixes something it names (503)."""
+
+    status = 503
+
+
 class Damaged(MirrorError, ValueError):
     """One of esmirror's own records cannot be read back (a ValueError too, for callers
     that skip what they cannot parse)."""
