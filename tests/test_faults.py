@@ -253,6 +253,16 @@ def _on_tmpfs(tmpfs, install, size: str, inodes: int | None = None) -> None:
     install.data_dir.mkdir()
 
 
+def _published_on_tmpfs(tmpfs, fleet, size: str):
+    """One secondary whose var/ is a tmpfs of ``size``, the set published to it."""
+    f = fleet(1, start=False)
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    _on_tmpfs(tmpfs, secondary, size)
+    receiver.start()
+    assert f.publish()[0] == 0
+    return f, secondary, receiver
+
+
 def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpfs, fleet):
     f = fleet(1, start=False)
     secondary = f.secondaries[0]
@@ -393,11 +403,7 @@ def test_out_of_inodes_is_told_apart_and_a_failed_record_names_its_file(tmpfs, t
 def test_a_read_only_working_dir_is_said_and_the_receiver_still_starts(tmpfs, fleet):
     """Linux remounts a filesystem read-only after I/O errors. The receiver then reported ok,
     answered pushes 'check that LT_IS_USER owns var/data', and did not start again at all."""
-    f = fleet(1, start=False)
-    secondary, receiver = f.secondaries[0], f.receivers[0]
-    _on_tmpfs(tmpfs, secondary, "32m")
-    receiver.start()
-    assert f.publish()[0] == 0
+    f, secondary, receiver = _published_on_tmpfs(tmpfs, fleet, "32m")
     before = set_files(secondary.data_dir)
     var = secondary.data_dir.parent
     subprocess.run(["mount", "-o", "remount,ro", str(var)], check=True)
@@ -610,11 +616,7 @@ def test_a_commit_cut_short_before_its_disk_went_read_only_is_rolled_back_once_w
     """A receiver killed mid-switch leaves a journal; the filesystem then goes read-only (the
     kernel does that after I/O errors). The rollback cannot run until it is writable again:
     until then the server says so, and afterwards the next push finds the old set intact."""
-    f = fleet(1, start=False)
-    secondary, receiver = f.secondaries[0], f.receivers[0]
-    _on_tmpfs(tmpfs, secondary, "32m")
-    receiver.start()
-    assert f.publish()[0] == 0
+    f, secondary, receiver = _published_on_tmpfs(tmpfs, fleet, "32m")
     before = set_files(secondary.data_dir)
     receiver.stop()
     receiver.env = {"ESMIRROR_CRASH_AT": "switch-put:2"}  # killed half way through the switch
