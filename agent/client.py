@@ -469,7 +469,9 @@ class SecondaryClient:
                 "working; check that server and the network to it, then publish again",
                 kind="unreachable")
             try:
-                with _Deadline(limit, self.interrupt) as deadline:
+                # a commit under way is let finish (within its deadline): cut, it could
+                # apply there with nobody recording it
+                with _Deadline(limit, None if route == "commit" else self.interrupt) as deadline:
                     response = self.session.request(method, f"{self.base}/{route}", **kwargs)
             except (requests.exceptions.RequestException, OSError) as exc:
                 if deadline.cut and self.interrupt is not None:

@@ -25,7 +25,7 @@ from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
-from app.core.ledger import Ledger
+from app.core.ledger import Ledger, lags
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
@@ -415,6 +415,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         todo: list[Secondary] = []
         for secondary in secondaries:
             entry = entries.get(secondary.name) or {}
+            if not lags(entry):  # (a publish while this waited for the lock brought it)
+                continue
             if entry.get("wanted_digest") == digest and not scanned.unsafe:
                 todo.append(secondary)
             else:
@@ -430,8 +432,9 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         for generation, group in sorted(by_generation.items()):
             if interrupt is not None and interrupt.why:
                 break
+            # (never --force: files behind a symlink here stay there until a person says so)
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                             scanned.chunk_lists, cache.chunk_index)
+                             scanned.chunk_lists, cache.chunk_index, skipped=tuple(scanned.skipped))
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
                 live = PushResult(secondary.host, secondary.port)

@@ -506,7 +506,9 @@ def test_a_folder_behind_a_symlink_on_the_master_is_not_removed_from_secondaries
     """An admin moves overviews/ to another disk and symlinks it back: the set skips the
     symlink (as it must), and every secondary's overviews/ was archived away, the publish
     saying 'all in sync' with one warning among others."""
-    f = fleet(1)
+    from agentproc import FAST_AGENT, AgentProcess, wait_for
+
+    f = fleet(1, master_ini=FAST_AGENT)
     assert f.publish()[0] == 0
     secondary = f.secondaries[0].data_dir
     held = sorted(p for p in set_files(secondary) if p.startswith("overviews/"))
@@ -521,6 +523,16 @@ def test_a_folder_behind_a_symlink_on_the_master_is_not_removed_from_secondaries
     assert result["state"] == "failed" and result["bytes_sent"] == 0, result
     assert f"overviews ({len(held)} file" in result["error"], result["error"]
     assert "Publishing would remove them there; nothing was sent" in result["error"]
+    assert sorted(p for p in set_files(secondary) if p.startswith("overviews/")) == held
+    # nor does the agent's catch-up of that secondary remove them (it did, within a second)
+    agent = AgentProcess(f.master, tmp_path / "agent.log").start()
+    try:
+        def tried_again():
+            rc, status, _ = esmirror("status", "--install-dir", str(f.master.root), "--json")
+            return status["secondaries"][0]["failed_tries"] >= 3
+        wait_for("the agent tries a catch-up, twice", tried_again, 60)
+    finally:
+        agent.stop()
     assert sorted(p for p in set_files(secondary) if p.startswith("overviews/")) == held
     rc, report, out = f.publish("--force")  # the admin means it: they go to the archive
     assert rc == 0, out

@@ -139,13 +139,17 @@ class Ledger:
         out = []
         for secondary in mirrors:
             entry = data.get(secondary.name)
-            if not entry or entry.get("wanted_generation") is None or entry.get("stale"):
-                continue
-            behind = (entry.get("confirmed_generation") != entry.get("wanted_generation")
-                      or entry.get("confirmed_digest") != entry.get("wanted_digest"))
-            if behind and (entry.get("next_retry") or 0) <= now:
+            if entry and lags(entry) and (entry.get("next_retry") or 0) <= now:
                 out.append(secondary)
         return out
+
+
+def lags(entry: dict[str, Any]) -> bool:
+    """The secondary does not hold what was last pushed to it, and a catch-up may bring it."""
+    if entry.get("wanted_generation") is None or entry.get("stale"):
+        return False
+    return (entry.get("confirmed_generation") != entry.get("wanted_generation")
+            or entry.get("confirmed_digest") != entry.get("wanted_digest"))
 
 
 def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
