@@ -262,7 +262,7 @@ def test_a_catch_up_to_a_slow_secondary_steps_aside_for_a_publish(tmp_path, slow
                                                                   asker):
     """The agent's catch-up of a slow secondary held the publish lock to its end: a publish
     asked for meanwhile, through the agent or by 'esmirror publish', waited as long (here
-    the commit's answer alone drips for minutes). The catch-up now steps aside at once."""
+    the manifest's answer alone drips for many minutes). The catch-up now steps aside at once."""
     from agentproc import FAST_AGENT, AgentProcess, http, wait_for
     from conftest import esmirror, free_port, set_files
 
@@ -277,11 +277,11 @@ def test_a_catch_up_to_a_slow_secondary_steps_aside_for_a_publish(tmp_path, slow
     assert rc == 1 and report["secondaries"][0]["state"] == "unreachable", out
     master_receiver = make_receiver(master) if asker == "agent" else None
     make_receiver(secondary, port=port)
-    peer.drip = re.compile(rb"^POST \S*/commit ")
+    peer.drip = re.compile(rb"^GET \S*/manifest ")
     agent = AgentProcess(master, tmp_path / "agent.log").start()
     try:
-        wait_for("the catch-up's commit is answered, slowly",
-                 lambda: any(b"/commit " in line for line in peer.seen), 60)
+        wait_for("the catch-up's manifest is answered, slowly",
+                 lambda: any(b"/manifest " in line for line in peer.seen), 60)
         peer.drip = None  # what comes next is relayed at full speed
         (master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"generation 2")
         started = time.monotonic()
