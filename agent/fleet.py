@@ -242,17 +242,17 @@ def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult]
 def _record(settings: Settings, results: list[PushResult], generation: int, digest: str,
             caller: str | None, master: str, why: str) -> None:
     """Ledger and audit log for every secondary actually pushed to. A catch-up that ends
-    as the try before it did is not logged again (a secondary down for weeks, retried
-    every few minutes, would push everything else out of the log): the ledger counts
-    the tries, and the line of the next change says how many there were."""
+    as the try before it did (same state, same error) is not logged again (a secondary
+    down for weeks, retried every few minutes, would push everything else out of the
+    log): the ledger counts the tries, and the line of the next change says how many."""
     ledger = Ledger(settings)
     for result in results:
         if result.state in ("skipped", "dry-run", "interrupted"):
             continue
         before, tries = ledger.record_push(Secondary(result.host, result.port), result.to_json(),
                                            generation, digest)
-        if why == "catch-up" and not result.ok and before == result.state:
-            continue
+        if why == "catch-up" and not result.ok and before == (result.state, result.error):
+            continue  # (the same failure, in the same words: a new cause is logged)
         audit(settings, "push", caller=caller, master=master, generation=generation,
               files=result.files_sent, outcome=result.state, secondary=result.name,
               bytes=result.bytes_sent, why=why, error=result.error,

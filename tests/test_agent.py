@@ -374,3 +374,27 @@ def test_a_secondary_that_never_answers_holds_up_nothing(fleet, make_receiver, a
         started = time.monotonic()
         agent.stop()  # SIGTERM
         assert agent.proc.returncode == 0 and time.monotonic() - started < 15, agent.output()
+
+
+def test_a_catch_up_failing_for_a_new_reason_is_logged(tmp_path):
+    """Repeats were told apart by the state word alone: a secondary failing first for want
+    of room, then because another master owns it, then for bad TLS, logged only the first."""
+    from agent.demo import make_install
+    from agent.fleet import _record
+    from agent.push import PushResult
+    from app.core.audit import read_audit
+    from app.core.settings import load_settings
+
+    settings = load_settings(make_install(tmp_path / "m", {}, [("127.0.0.1", 8081, "none")]).root)
+    tries = [("publish", "failed", "answered 507: no room"), ("catch-up", "failed", "answered 507: no room"),
+             ("catch-up", "failed", "answered 409: owned by another master"),
+             ("catch-up", "failed", "answered 409: owned by another master"),
+             ("catch-up", "unreachable", "connection refused"),
+             ("catch-up", "unreachable", "TLS: certificate is not valid for the name"),
+             ("catch-up", "in-sync", None)]
+    for why, state, error in tries:
+        _record(settings, [PushResult("127.0.0.1", 8081, state=state, error=error)], 1, "d" * 64,
+                "agent", "m", why)
+    logged = [(e["why"], e["outcome"], e["error"]) for e in read_audit(settings) if e["event"] == "push"]
+    assert logged == [tries[0], tries[2], tries[4], tries[5], tries[6]], logged
+    assert [e.get("failed_tries") for e in read_audit(settings) if e.get("why") == "catch-up"] == [3, 5, 6, 6]

@@ -737,3 +737,25 @@ def test_an_admins_archive_clear_drops_the_idle_parts_of_a_large_upload_that_die
     assert rc == 0, out
     assert "dropped 1 upload(s)" in out and "(2048 bytes;" in out, out
     assert not partials[0].exists() and partials[1].exists()
+
+
+def test_folders_a_commit_emptied_are_gone_even_if_it_was_killed_at_its_commit_point(fleet):
+    """The folders went after the commit point, and nothing tried again: a receiver killed
+    right there left them empty for good."""
+    f = fleet(1)
+    deep = f.master.data_dir / "deep" / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "f.idx").write_bytes(b"deep down")
+    assert f.publish()[0] == 0
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    assert (secondary.data_dir / "deep" / "a" / "b" / "c" / "f.idx").exists()
+    shutil.rmtree(f.master.data_dir / "deep")
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": "committed:1"}
+    receiver.start()
+    f.publish()  # (its answer is lost: the receiver dies at the commit point)
+    receiver.stop()
+    receiver.env = None
+    receiver.start()
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+    assert not (secondary.data_dir / "deep").exists()

@@ -791,9 +791,11 @@ class WorkingDir:
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+        # before the commit point: killed after it, nothing would remove them; killed before,
+        # the rollback makes the folders of the files it puts back
+        prune_emptied(self.data_dir, change.removed)
         self.journal_path.unlink()  # the commit point
         crash_point("committed")
-        prune_emptied(self.data_dir, change.removed)
         self.store.clear(older_than=started)
         pruned = self.prune_archive(self.settings.archive_keep)
         self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime

@@ -91,13 +91,14 @@ class Ledger:
             entry["error"] = error
 
     def record_push(self, secondary: Secondary, result: dict[str, Any], generation: int,
-                    digest: str, rng: random.Random | None = None) -> tuple[str | None, int]:
+                    digest: str, rng: random.Random | None = None) -> tuple[tuple[Any, Any], int]:
         """A push ended: the secondary should now hold (generation, digest); did it?
-        Returns how the push before it ended (its state, or None) and the failed pushes
-        since the secondary was last in sync (this one included)."""
+        Returns how the push before it ended ((state, error), or Nones) and the failed
+        pushes since the secondary was last in sync (this one included)."""
         with self.edit() as data:
             entry = self.entry(data, secondary)
-            before = (entry.get("last_push") or {}).get("state")
+            last = entry.get("last_push") or {}
+            before = (last.get("state"), last.get("error"))
             entry["wanted_generation"], entry["wanted_digest"] = generation, digest
             entry["stale"] = None
             state = result.get("state")
