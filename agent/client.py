@@ -644,6 +644,7 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "generation": (_whole_or_none, "a generation"),
         "digest": (_text_or_none, "a digest"), "master": (_text_or_none, "a master id"),
         "self": (_server_id, "a server id"),
+        "role": (lambda v: v in ("master", "secondary"), "master or secondary"),
         "warnings": (_texts, "a list of texts"), "archive_bytes": (_whole, "a byte count"),
         "max_upload_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),
         "part_bytes": (lambda v: _whole(v) and v >= MIN_PART, f"a byte count of {MIN_PART} or more"),

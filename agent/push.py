@@ -230,10 +230,16 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
         if info.get(key) != mine[key]:
             raise Refused(f"{secondary.name} runs {label} {info.get(key)!r} but this master runs "
                           f"{mine[key]!r}; all servers must match")
+    if info.get("role") == "master":
+        raise Refused(f"{secondary.name} is a master itself (its iserv-cfg.xml lists Mirrors) and "
+                      "takes no pushes: if it was promoted while this master was down, take it out "
+                      "of this master's Mirrors; if not, remove the Mirrors there")
     owner = info.get("master")
     if owner and owner != mine["self"]:
         raise Refused(f"{secondary.name} is mirrored from another master ({owner}); this master is "
-                      f"{mine['self']}. Run 'esmirror release' on {secondary.host} to hand it over")
+                      f"{mine['self']}. If it should follow this master (the other was retired), run "
+                      f"'esmirror release' on {secondary.host}; if not, take it out of this "
+                      "master's Mirrors")
 
 
 def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],

@@ -15,7 +15,7 @@ from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
 from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,
                           untrusted_json)
-from .core.express import express_version, platform_tag
+from .core.express import express_version, lists_mirrors, platform_tag
 from .core.manifest import path_problem
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
@@ -104,6 +104,9 @@ def identity(recorded: bool = False) -> dict[str, Any]:
         "master": state.get("master"),
         "applied_at": state.get("applied_at"),
         "self": workdir.self_id,
+        # a master (its iserv-cfg.xml lists Mirrors) takes no pushes: a master pushing here
+        # is one whose secondary was promoted while it was down
+        "role": "master" if lists_mirrors(settings.iserv_cfg) else "secondary",
         "drift": None if current is None
         else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,

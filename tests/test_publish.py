@@ -538,3 +538,31 @@ def test_a_folder_behind_a_symlink_on_the_master_is_not_removed_from_secondaries
     assert rc == 0, out
     assert not [p for p in set_files(secondary) if p.startswith("overviews/")]
     assert set_files(secondary) == set_files(f.master.data_dir)
+
+
+def test_a_promoted_secondary_refuses_its_old_master(fleet):
+    """The master dies, a secondary is promoted (Mirrors added to its iserv-cfg.xml) and
+    edited; the old master comes back and publishes: it overwrote the new master's set
+    and reported it in sync."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    promoted = f.secondaries[0]
+    cfg = promoted.etc_dir / "iserv-cfg.xml"
+    cfg.write_text(cfg.read_text().replace("<ImageManager/>", '<ImageManager/>\n  <Mirrors>\n'
+                                           '    <Secondary host="192.0.2.7" port="8080"/>\n  </Mirrors>'))
+    (promoted.data_dir / "indexes" / "new-master-only.idx").write_bytes(b"the new master's own")
+    before = set_files(promoted.data_dir)
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"the old master again")
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    [result] = report["secondaries"]
+    assert result["state"] == "refused", result
+    assert "is a master itself (its iserv-cfg.xml lists Mirrors) and takes no pushes" in result["error"]
+    assert set_files(promoted.data_dir) == before
+    info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
+    assert info["role"] == "master"
+    # a commit that skips the look (an older agent, a script) is refused there too
+    answer = requests.post(f"{f.receivers[0].url}/commit", timeout=30, json={
+        "generation": 9, "master": info["master"], "base": info["digest"], "unchanged": True})
+    assert answer.status_code == 409 and "this server is a master" in answer.json()["error"], answer.text
+    assert set_files(promoted.data_dir) == before

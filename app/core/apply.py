@@ -47,6 +47,7 @@ from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed,
                      Unavailable)
 from .faults import crash_point
+from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff, scan,
                        settled, walk_files)
 from .settings import Settings
@@ -549,6 +550,11 @@ class WorkingDir:
 
     def _commit_locked(self, request: CommitRequest) -> CommitResult:
         state = self.state()
+        if lists_mirrors(self.settings.iserv_cfg):  # (a secondary promoted, its old master back)
+            raise Conflict(f"this server is a master: {self.settings.iserv_cfg} lists <Mirrors>, so "
+                           "it takes no pushes. If it was promoted, take it out of the pushing "
+                           "master's Mirrors (and that master out of allow_push here)",
+                           master=self.self_id)
         self._check_owner(state, request.master)
         if state.get("master") == request.master and request.generation < (state.get("generation") or 0):
             raise Conflict(f"generation {request.generation} is older than generation "

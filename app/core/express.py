@@ -158,6 +158,15 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
     return secondaries
 
 
+def lists_mirrors(iserv_cfg: Path) -> bool:
+    """This server is a master: its iserv-cfg.xml lists at least one secondary. A file that
+    cannot be read or parsed says nothing of the kind (check and publish report it)."""
+    try:
+        return parse_file(iserv_cfg).find(".//Mirrors/Secondary") is not None
+    except (etree.XMLSyntaxError, ValueError, OSError):
+        return False
+
+
 def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:
     """The Mirrors list, or the members named ``HOST`` or ``HOST:PORT`` (``[v6]:PORT``)."""
     mirrors = read_mirrors(settings.iserv_cfg)
