@@ -33,7 +33,7 @@ from app.core.express import Secondary, select_secondaries
 from app.core.faults import crash_point
 from app.core.ledger import Ledger
 from app.core.publishes import PublishQueue
-from app.core.settings import Settings
+from app.core.settings import Settings, load_settings
 from app.core.state import write_json
 
 from .client import Interrupt
@@ -127,6 +127,7 @@ class Agent:
         self.catching: threading.Thread | None = None
         self.interrupt = Interrupt()  # the running catch-up's
         self.next_catch_up = 0.0  # (after a catch-up that failed: not at once again)
+        self.settings_read = self._ini_stamp()
 
     # --- the loop ----------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -171,8 +172,35 @@ class Agent:
             single.release()
             log.info("agent stopped")
 
+    def _ini_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.settings.ini_path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reread_settings(self) -> None:
+        """esmirror.ini changed: read it again, as the next 'esmirror publish' would, so the
+        agent's publishes and catch-ups never push another set than the command line's
+        (include, exclude, shared_secret_file, retries). A file that no longer reads keeps
+        the settings in use, and says so."""
+        stamp = self._ini_stamp()
+        if stamp == self.settings_read:
+            return
+        self.settings_read = stamp
+        try:
+            fresh = load_settings(self.settings.install_dir)
+        except MirrorError as exc:
+            log.error("%s changed but cannot be used (%s); going on with the settings read before",
+                      self.settings.ini_path, exc.message)
+            return
+        self.settings = fresh
+        self.ledger = Ledger(fresh)
+        log.info("%s changed: settings read again", fresh.ini_path)
+
     def step(self) -> None:
         """One pass: the oldest pending request, else catch-up, and the periodic look."""
+        self.reread_settings()
         pending = self.queue.pending()
         catching = self.catching is not None and self.catching.is_alive()
         if pending:

@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.config.update(test_config)
     workdir = WorkingDir(settings)
     app.extensions["esmirror.workdir"] = workdir
+    app.extensions["esmirror.files_stamp"] = settings.files_stamp()  # (browse says when it is stale)
     app.register_blueprint(peer.bp)
     app.register_blueprint(admin.bp)
     errors.register(app)

@@ -79,6 +79,17 @@ def _signed_content() -> str | None:
     return g.get("esmirror_signed_content")
 
 
+def settings_changed() -> list[str]:
+    """A warning when esmirror.ini or the secret changed since this receiver read them."""
+    settings = _settings()
+    if settings.files_stamp() == current_app.extensions.get("esmirror.files_stamp"):
+        return []
+    return [f"{settings.ini_path} (or its shared_secret_file) changed since this receiver started, "
+            "and it still runs with what it read then (allow_push, archive_keep, the secret…): "
+            "restart it to use the change (apachectl graceful, systemctl restart "
+            "esmirror-receiver, or recycle the IIS site)"]
+
+
 def identity(recorded: bool = False) -> dict[str, Any]:
     """What ``browse`` tells. ``recorded``: the digest the last commit recorded will do, with
     no scan of every file (a publish's first look: its commit checks the set itself, under
@@ -90,6 +101,7 @@ def identity(recorded: bool = False) -> dict[str, Any]:
     warnings = [] if current is None else list(current.warnings) + left_alone(current)
     if read_only(settings.data_dir):
         warnings.append(read_only_note(settings.data_dir))
+    warnings += settings_changed()
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():
@@ -273,6 +285,7 @@ def commit():  # type: ignore[no-untyped-def]
               else None, generation=data.get("generation") if isinstance(data, dict) else None,
               files=None, outcome=f"refused {exc.status}", error=exc.message)
         raise
+    result.warnings += settings_changed()
     audit(_settings(), "commit", caller=caller, master=commit_request.master,
           generation=result.generation, outcome="ok", archive_id=result.archive_id,
           files={"added": result.added, "changed": result.changed, "removed": result.removed},

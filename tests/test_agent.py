@@ -398,3 +398,22 @@ def test_a_catch_up_failing_for_a_new_reason_is_logged(tmp_path):
     logged = [(e["why"], e["outcome"], e["error"]) for e in read_audit(settings) if e["event"] == "push"]
     assert logged == [tries[0], tries[2], tries[4], tries[5], tries[6]], logged
     assert [e.get("failed_tries") for e in read_audit(settings) if e.get("why") == "catch-up"] == [3, 5, 6, 6]
+
+
+def test_the_agent_reads_esmirror_ini_again_when_it_changes(fleet, make_receiver, agents):
+    """An exclude added to esmirror.ini reached 'esmirror publish' at once, but the running
+    agent kept the settings of its start: its publishes put the excluded file back, and
+    its catch-ups, scanning another set than the one published, gave secondaries up."""
+    f, master = master_fleet(fleet, make_receiver, count=1)
+    agent = agents(f.master)
+    first = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    assert wait_for("the first publish ends", lambda: finished(master, first), 60)["ok"]
+    excluded = f.secondaries[0].data_dir / "overviews" / "basemap.ovr"
+    assert excluded.exists()
+    ini = f.master.etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text() + "exclude = overviews/basemap.ovr\n")
+    second = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    record = wait_for("the second publish ends", lambda: finished(master, second), 60)
+    assert record["ok"], record
+    assert not excluded.exists()  # a file the set leaves out goes to the secondary's archive
+    assert "esmirror.ini changed: settings read again" in agent.output()

@@ -759,3 +759,23 @@ def test_folders_a_commit_emptied_are_gone_even_if_it_was_killed_at_its_commit_p
     receiver.start()
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
     assert not (secondary.data_dir / "deep").exists()
+
+
+def test_a_receiver_says_when_its_esmirror_ini_changed_since_it_started(fleet):
+    """A receiver reads esmirror.ini once: an admin who took the master out of allow_push
+    saw its pushes go on being applied, with nothing saying a restart was needed."""
+    f = fleet(1)
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+
+    def stale() -> bool:
+        info = requests.get(f"{receiver.url}/browse", timeout=30).json()
+        return any("changed since this receiver started" in w for w in info["warnings"])
+    assert not stale()
+    ini = secondary.etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text() + "archive_keep = 3\n")
+    assert stale()
+    rc, report, out = f.publish()  # the master's report carries it too
+    assert rc == 0 and any("restart it to use the change" in w for w in report["secondaries"][0]["warnings"]), out
+    receiver.stop()
+    receiver.start()
+    assert not stale()

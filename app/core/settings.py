@@ -123,6 +123,19 @@ class Settings:
     def ini_path(self) -> Path:
         return self.etc_dir / "esmirror.ini"
 
+    def files_stamp(self) -> tuple[Any, ...]:
+        """When esmirror.ini and the shared secret were last changed: a long-running receiver
+        compares it with the one of its start (its settings are read once)."""
+        stamps: list[Any] = []
+        secret = self.shared_secret_file.strip()
+        for path in (self.ini_path, (self.etc_dir / secret) if secret else None):
+            try:
+                st = os.stat(path) if path is not None else None
+                stamps.append((st.st_mtime_ns, st.st_size) if st else None)
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
     def reload_argv(self) -> list[str]:
         return command_argv(self.reload_command)
 
