@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import filelock
 
@@ -39,6 +39,7 @@ __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "sel
            "resolve_canary", "publish", "catch_up", "publish_lock", "publish_waiting"]
 
 WAITING_PULSE = 2.0  # how often a publish waiting for the lock renews its marker (seconds)
+BROWSES_AWAITED = 5.0  # seconds a publish waits for its first browses before numbering itself
 
 
 class PublishFailed(MirrorError):
@@ -251,6 +252,15 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
             continue
         before, tries = ledger.record_push(Secondary(result.host, result.port), result.to_json(),
                                            generation, digest)
+        if not result.ok and (result.generation or 0) >= generation:  # (push: a 409 for an older one)
+            counter_path = settings.state_dir / "master.json"
+            counter = read_json(counter_path, {}) or {}
+            if int(counter.get("generation", 0)) < result.generation:
+                write_json(counter_path, {**counter, "generation": result.generation})
+            # a catch-up of this generation would be refused the same way, again and again
+            ledger.record_stale(Secondary(result.host, result.port),
+                                f"it holds generation {result.generation}, newer than the one this master "
+                                "published; the next publish brings it here")
         if why == "catch-up" and not result.ok and before == (result.state, result.error):
             continue  # (the same failure, in the same words: a new cause is logged)
         audit(settings, "push", caller=caller, master=master, generation=generation,
@@ -312,6 +322,29 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
     return report
 
 
+def highest_generation_seen(settings: Settings, master: str, openings: Iterable[Opening] = ()) -> int:
+    """The highest generation of this master that its secondaries hold or were sent, as far
+    as this master knows: its ledger, and the browses of this publish already answered. A
+    master whose var/data was restored from a backup has an older counter than its
+    secondaries, which refuse an older generation (409); it continues from theirs."""
+    seen = [0]
+    for entry in Ledger(settings).read().values():
+        observed = entry.get("observed") or {}
+        seen += [g for g in (entry.get("wanted_generation"), entry.get("confirmed_generation"))
+                 if isinstance(g, int)]
+        if observed.get("master") == master and isinstance(observed.get("generation"), int):
+            seen.append(observed["generation"])
+    openings = list(openings)
+    if openings:  # (their answers usually came while this master scanned; a slow one is not waited for)
+        cf.wait([o.browsed for o in openings], timeout=BROWSES_AWAITED)
+    for opening in openings:
+        if opening.browsed.done() and opening.browsed.exception() is None:
+            info = opening.browsed.result()
+            if info.get("master") == master and isinstance(info.get("generation"), int):
+                seen.append(info["generation"])
+    return max(seen)
+
+
 def _progress_row(result: PushResult) -> dict[str, Any]:
     return {"name": result.name, "state": result.state,
             "bytes_sent": result.bytes_sent, "files_sent": result.files_sent, "error": result.error,
@@ -359,7 +392,9 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                                 "include/exclude")
         counter_path = settings.state_dir / "master.json"
         counter = read_json(counter_path, {}) or {}
-        generation = int(counter.get("generation", 0)) + (0 if dry_run else 1)
+        last = max(int(counter.get("generation", 0)),
+                   highest_generation_seen(settings, mine["self"], openings.values()))
+        generation = last + (0 if dry_run else 1)
         if not dry_run:
             write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
                                       "published_at": now_iso()})

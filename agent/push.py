@@ -339,6 +339,13 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         body = exc.details.get("body") or {}
         if body.get("reasons"):
             result.error += "\n  " + "\n  ".join(body["reasons"])
+        held = body.get("generation")
+        if exc.http_status == 409 and isinstance(held, int) and not isinstance(held, bool) \
+                and held >= local.generation:  # (fleet._record moves this master's counter on)
+            result.generation = held
+            result.error += (f"; this master's generation counter is behind that server's ({held}): "
+                             "was its var/data restored from a backup? The next publish continues "
+                             f"from {held + 1}")
     except MirrorError as exc:
         result.error = exc.message
     except ChangedWhileSent as exc:  # (failed: the secondary and the network are fine)

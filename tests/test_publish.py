@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -566,3 +567,33 @@ def test_a_promoted_secondary_refuses_its_old_master(fleet):
         "generation": 9, "master": info["master"], "base": info["digest"], "unchanged": True})
     assert answer.status_code == 409 and "this server is a master" in answer.json()["error"], answer.text
     assert set_files(promoted.data_dir) == before
+
+
+def test_a_master_restored_from_a_backup_continues_from_its_secondaries_generation(fleet, tmp_path):
+    """A master's var/data restored from a backup has an older generation counter than its
+    secondaries, which refuse an older generation from it (409): every publish failed, and
+    the agent retried for ever, until someone published as many times as the backup was old."""
+    f = fleet(2)
+    first, second = (f"127.0.0.1:{r.port}" for r in f.receivers)
+    assert f.publish()[0] == 0
+    backup = tmp_path / "backup"
+    shutil.copytree(f.master.data_dir, backup, symlinks=True)  # generation 1, ledger and all
+    for n, targets in ((2, ()), (3, ("--secondary", second)), (4, ("--secondary", second))):
+        (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"generation %d" % n)
+        assert f.publish(*targets)[0] == 0
+    shutil.rmtree(f.master.data_dir)
+    shutil.copytree(backup, f.master.data_dir, symlinks=True)
+    (f.master.data_dir / "indexes" / "tile-2.idx").write_bytes(b"after the restore")
+    # the first secondary's browse is in before the publish numbers itself: it holds 2, so 3;
+    # the second, pushed after it, holds 4 and refuses 3, saying what happened
+    rc, report, out = f.publish("--max-parallel", "1")
+    assert rc == 1, out
+    assert report["generation"] == 3
+    states = {f"{r['host']}:{r['port']}": (r["state"], r["error"]) for r in report["secondaries"]}
+    assert states[first] == ("in-sync", None)
+    assert states[second][0] == "failed" and "this master's generation counter is behind that " \
+        "server's (4): was its var/data restored from a backup? The next publish continues from 5" \
+        in states[second][1], states
+    rc, report, out = f.publish()
+    assert rc == 0 and report["generation"] == 5, out
+    assert set_files(f.secondaries[1].data_dir) == set_files(f.master.data_dir)
