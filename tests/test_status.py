@@ -266,3 +266,29 @@ def test_a_browse_sent_before_a_push_ended_does_not_undo_what_the_push_recorded(
     assert entry["observed"]["generation"] == 4 and entry["confirmed_generation"] == 4
     ledger.record_contact(secondary, {"generation": 2, "digest": "d2", "drift": False}, asked=time.time())
     assert ledger.read()[secondary.name]["observed"]["generation"] == 2  # a later look is news
+
+
+def test_a_clock_set_back_stops_neither_retries_nor_news_nor_the_no_agent_warning(tmp_path):
+    """Times in the ledger and the heartbeat are wall-clock times. Written before the clock
+    was put back by hours, they sat 'in the future': no catch-up for that long, every newer
+    browse thrown away as older, and a dead agent shown running."""
+    from app.core.express import Secondary
+    from app.core.ledger import Ledger, agent_pulse
+    from app.core.state import write_json
+
+    settings = load_settings(make_install(tmp_path / "m", {"retry_max": "300"}).root)
+    ledger, secondary = Ledger(settings), Secondary("127.0.0.1", 21002)
+    ledger.record_push(secondary, {"state": "unreachable", "error": "connection refused"}, 1, "d1")
+    hours_ahead = time.time() + 3 * 3600
+    with ledger.edit() as data:
+        data[secondary.name]["next_retry"] = hours_ahead
+        data[secondary.name]["observed"] = {"generation": 0, "epoch": hours_ahead}
+    assert ledger.due([secondary]) == [secondary]
+    ledger.record_contact(secondary, {"generation": 1, "digest": "d1", "drift": False}, asked=time.time())
+    assert ledger.read()[secondary.name]["observed"]["generation"] == 1
+    write_json(settings.state_dir / "agent.json", {"pid": 1, "started": "", "heartbeat": hours_ahead,
+                                                    "stopped": False})
+    assert agent_pulse(settings)["running"] is False
+    write_json(settings.state_dir / "agent.json", {"pid": 1, "started": "", "heartbeat": time.time(),
+                                                    "stopped": False})
+    assert agent_pulse(settings)["running"] is True

@@ -23,6 +23,7 @@ from .settings import Settings
 from .state import read_json, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
+HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
 
 
 def master_record(settings: Settings) -> dict[str, Any]:
@@ -74,7 +75,9 @@ class Ledger:
         ``asked``: when the browse was sent; a push recorded since knows better what it holds."""
         with self.edit() as data:
             entry = self.entry(data, secondary)
-            if asked is not None and (entry.get("observed") or {}).get("epoch", 0) > asked:
+            recorded = (entry.get("observed") or {}).get("epoch", 0)
+            # (one recorded "in the future" came before the clock was set back: not newer)
+            if asked is not None and asked < recorded <= time.time():
                 entry["last_contact"] = now_iso()
                 return
             _observe(entry, info)
@@ -140,7 +143,9 @@ class Ledger:
         out = []
         for secondary in mirrors:
             entry = data.get(secondary.name)
-            if entry and lags(entry) and (entry.get("next_retry") or 0) <= now:
+            # a retry more than retry_max ahead was set before the clock was put back: due
+            retry = (entry.get("next_retry") or 0) if entry else 0
+            if entry and lags(entry) and (retry <= now or retry > now + self.settings.retry_max + 1):
                 out.append(secondary)
         return out
 
@@ -193,7 +198,7 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
     elif push.get("state") not in (None, "in-sync") and push.get("error"):
         detail += f"; last push {push['state']}: {push['error']}"
         if entry.get("next_retry"):
-            detail += f" (the agent retries at {time.strftime('%H:%M:%S', time.localtime(entry['next_retry']))})"
+            detail += f" (the agent retries at {iso_time(entry['next_retry'])})"
     return "behind", detail
 
 
@@ -243,6 +248,7 @@ def agent_pulse(settings: Settings) -> dict[str, Any]:
     """Whether an agent is looking after this master: its heartbeat file, and how fresh."""
     beat = read_json(settings.state_dir / "agent.json", {}) or {}
     age = time.time() - float(beat.get("heartbeat") or 0)
-    running = bool(beat) and not beat.get("stopped") and age < AGENT_SILENT_AFTER
+    # (a beat "from the future" was written before the clock was put back: it says nothing)
+    running = bool(beat) and not beat.get("stopped") and -HEARTBEAT_SKEW < age < AGENT_SILENT_AFTER
     return {"running": running, "pid": beat.get("pid"), "started": beat.get("started"),
             "seconds_since_heartbeat": round(age, 1) if beat else None}
