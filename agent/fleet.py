@@ -450,7 +450,7 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         todo: list[Secondary] = []
         for secondary in secondaries:
             entry = entries.get(secondary.name) or {}
-            if not lags(entry):  # (a publish while this waited for the lock brought it)
+            if not lags(entry, mine["self"]):  # (a publish while this waited for the lock brought it)
                 continue
             if entry.get("wanted_digest") == digest and not scanned.unsafe:
                 todo.append(secondary)

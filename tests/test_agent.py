@@ -419,3 +419,28 @@ def test_the_agent_reads_esmirror_ini_again_when_it_changes(fleet, make_receiver
     assert record["ok"], record
     assert not excluded.exists()  # a file the set leaves out goes to the secondary's archive
     assert "esmirror.ini changed: settings read again" in agent.output()
+
+
+def test_a_secondary_restored_from_a_backup_is_caught_up(fleet, make_receiver, agents, tmp_path):
+    """A secondary whose var/data came back from last week's backup (its own record and
+    all) showed 'behind' until the next publish: the ledger trusted the push it had
+    confirmed, and a look that found an older set of ours did not reopen the debt."""
+    import shutil
+
+    f, master = master_fleet(fleet, make_receiver, count=1)
+    assert f.publish()[0] == 0
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    backup = tmp_path / "backup"
+    shutil.copytree(secondary.data_dir, backup)
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"generation 2")
+    assert f.publish()[0] == 0
+    receiver.stop()
+    shutil.rmtree(secondary.data_dir)
+    shutil.copytree(backup, secondary.data_dir)
+    receiver.start()
+    agents(f.master)
+
+    wait_for("the agent brings the restored secondary back to generation 2",
+             lambda: set_files(secondary.data_dir) == set_files(f.master.data_dir), 60)
+    rows = http().get(f"{master.url}/status", timeout=10).json()["secondaries"]
+    assert rows[0]["state"] == "in-sync", rows

@@ -20,7 +20,7 @@ from .express import Secondary, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue
 from .settings import Settings
-from .state import read_json, write_json
+from .state import read_json, stable_id, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
@@ -140,22 +140,30 @@ class Ledger:
         """Secondaries that lag what was pushed to them and whose retry time has come."""
         now = time.time() if now is None else now
         data = self.read()
+        mine = stable_id(self.settings.state_dir / "self-id")
         out = []
         for secondary in mirrors:
             entry = data.get(secondary.name)
             # a retry more than retry_max ahead was set before the clock was put back: due
             retry = (entry.get("next_retry") or 0) if entry else 0
-            if entry and lags(entry) and (retry <= now or retry > now + self.settings.retry_max + 1):
+            if entry and lags(entry, mine) and (retry <= now or retry > now + self.settings.retry_max + 1):
                 out.append(secondary)
         return out
 
 
-def lags(entry: dict[str, Any]) -> bool:
-    """The secondary does not hold what was last pushed to it, and a catch-up may bring it."""
+def lags(entry: dict[str, Any], master: str | None = None) -> bool:
+    """The secondary does not hold what was last pushed to it, and a catch-up may bring it:
+    it never confirmed it, or a later look found it holding another set of ours without
+    drift (restored from a backup, rebuilt), not one edited by hand (a person's fix,
+    which only a publish undoes) nor one of another master's (``master``: this one's id)."""
     if entry.get("wanted_generation") is None or entry.get("stale"):
         return False
-    return (entry.get("confirmed_generation") != entry.get("wanted_generation")
-            or entry.get("confirmed_digest") != entry.get("wanted_digest"))
+    if (entry.get("confirmed_generation") != entry.get("wanted_generation")
+            or entry.get("confirmed_digest") != entry.get("wanted_digest")):
+        return True
+    seen = entry.get("observed") or {}
+    return (bool(seen.get("digest")) and seen.get("digest") != entry.get("wanted_digest")
+            and not seen.get("drift") and master is not None and seen.get("master") == master)
 
 
 def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
