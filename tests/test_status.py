@@ -292,3 +292,17 @@ def test_a_clock_set_back_stops_neither_retries_nor_news_nor_the_no_agent_warnin
     write_json(settings.state_dir / "agent.json", {"pid": 1, "started": "", "heartbeat": time.time(),
                                                     "stopped": False})
     assert agent_pulse(settings)["running"] is True
+
+
+def test_a_typo_in_mirrors_is_shown_on_the_masters_status_page(fleet, make_receiver):
+    """port="18104x" in iserv-cfg.xml: the master's page said 'Secondary (no Mirrors here)'
+    and its JSON 'role: secondary', the error only on the command line and in the agent's log."""
+    f = fleet(1)
+    master = make_receiver(f.master)
+    cfg = f.master.etc_dir / "iserv-cfg.xml"
+    cfg.write_text(cfg.read_text().replace(f'port="{f.receivers[0].port}"', f'port="{f.receivers[0].port}x"'))
+    status = http().get(f"{master.url}/status", timeout=30).json()
+    assert status["role"] == "master" and status["ok"] is False, status
+    assert f"port='{f.receivers[0].port}x' is not a port number" in status["error"], status
+    page = http().get(f"{master.url}/", timeout=30).text
+    assert "Mirrors cannot be read" in page and "is not a port number" in page

@@ -212,10 +212,16 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
 
 def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
     """Every secondary's state from the ledger, the last publishes, and the agent's pulse."""
+    error = None
     try:
         mirrors = read_mirrors(settings.iserv_cfg)
-    except ConfigError:
+    except ConfigError as exc:
         mirrors = []
+        try:  # a master's Mirrors with a typo: still a master, whose page must say what is wrong
+            if "<Mirrors" in settings.iserv_cfg.read_text(encoding="utf-8", errors="replace"):
+                error = exc.message
+        except OSError:
+            pass
     published = master_record(settings)
     ledger = Ledger(settings).read()
     rows = []
@@ -245,7 +251,7 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                  | {"secondaries": [{k: s.get(k) for k in ("name", "state", "error")}
                                     for s in r.get("secondaries") or []]}
                  for r in PublishQueue(settings).history(history)]
-    return {"role": "master" if mirrors else "secondary",
+    return {"role": "master" if mirrors or error else "secondary", "error": error,
             "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows),
             "generation": published.get("generation"), "digest": published.get("digest"),
             "published_at": published.get("published_at"),
