@@ -230,6 +230,11 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
         if info.get(key) != mine[key]:
             raise Refused(f"{secondary.name} runs {label} {info.get(key)!r} but this master runs "
                           f"{mine[key]!r}; all servers must match")
+    if info.get("self") and info.get("self") == mine["self"]:
+        raise Refused(f"{secondary.name} has this master's own id ({mine['self']}): its var/data was "
+                      "copied from this master, .esmirror/ included. Delete var/data/.esmirror/"
+                      f"self-id on {secondary.host} (a new id is made), restart its receiver, "
+                      "and publish again")
     if info.get("role") == "master":
         raise Refused(f"{secondary.name} is a master itself (its iserv-cfg.xml lists Mirrors) and "
                       "takes no pushes: if it was promoted while this master was down, take it out "

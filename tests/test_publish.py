@@ -597,3 +597,25 @@ def test_a_master_restored_from_a_backup_continues_from_its_secondaries_generati
     rc, report, out = f.publish()
     assert rc == 0 and report["generation"] == 5, out
     assert set_files(f.secondaries[1].data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_secondary_seeded_with_the_masters_own_state_is_refused_saying_why(fleet):
+    """A new secondary seeded with 'cp -a' of the master's var/data, .esmirror/ included,
+    took the master's own id: its page showed the master's history and agent, and a push
+    to it went on as if nothing were wrong."""
+    f = fleet(1)
+    seeded = f.secondaries[0]
+    assert f.publish()[0] == 0  # (the master's state now holds its id, ledger, history)
+    f.receivers[0].stop()
+    shutil.rmtree(seeded.data_dir)
+    shutil.copytree(f.master.data_dir, seeded.data_dir)
+    f.receivers[0].start()
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    [result] = report["secondaries"]
+    assert result["state"] == "refused" and "has this master's own id" in result["error"], result
+    assert "Delete var/data/.esmirror/self-id on 127.0.0.1" in result["error"]
+    f.receivers[0].stop()
+    (seeded.data_dir / ".esmirror" / "self-id").unlink()
+    f.receivers[0].start()
+    assert f.publish()[0] == 0
