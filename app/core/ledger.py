@@ -189,9 +189,11 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
     if entry.get("refused"):
         return "refused", entry["refused"]
     push = entry.get("last_push") or {}
-    if push.get("state") == "refused":
-        return "refused", push.get("error") or ""
     seen = entry.get("observed") or {}
+    # a refused push stands until a look after it was not refused (the cause was fixed since:
+    # then it is only behind, and the next push or catch-up brings it)
+    if push.get("state") == "refused" and not (seen.get("at") or "") > (push.get("at") or ""):
+        return "refused", push.get("error") or ""
     if seen.get("drift"):
         return "drift", (f"files were changed by hand after generation {seen.get('generation')} was "
                          "applied; the next publish repairs them and archives the edited files")
