@@ -302,7 +302,9 @@ def archive_list(install_dir: str | None, as_json: bool) -> None:
         what = f"restore of {e['restored_from']}" if e.get("restored_from") else \
             f"generation {e['replaced_generation'] if e['replaced_generation'] is not None else '-'} -> " \
             f"{e['generation'] if e['generation'] is not None else '-'}"
-        click.echo(f"{e['id']}  {e['created']}  {what}  {len(e.get('files') or [])} file(s)  {e['bytes']} bytes")
+        kept = f" (+{len(e['set_aside'])} found outside the set)" if e.get("set_aside") else ""
+        click.echo(f"{e['id']}  {e['created']}  {what}  {len(e.get('files') or [])} file(s){kept}  "
+                   f"{e['bytes']} bytes")
 
 
 @archive.command("clear")

@@ -194,6 +194,16 @@ def test_a_symlink_to_a_folder_where_a_file_goes_is_set_aside_and_its_target_unt
     kept = secondary.data_dir / "archive" / entry["id"] / "files" / "indexes" / "new.idx"
     assert kept.is_symlink() and os.readlink(kept) == str(outside)
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+    # the listing shows what the entry keeps beside the set's files, and a restore says it
+    # does not put those back (they were invisible in both)
+    assert entry["set_aside"] == ["indexes/new.idx"], entry
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(secondary.root))
+    assert rc == 0 and "(+1 found outside the set)" in out, out
+    rc, restored, out = esmirror("archive", "restore", entry["id"], "--json", "--install-dir",
+                                 str(secondary.root))
+    assert rc == 0, out
+    assert any("found outside the set when entry" in w and "indexes/new.idx" in w
+               for w in restored["warnings"]), restored
 
 
 def test_failing_reload_on_master_stops_the_publish(fleet, tmp_path):

@@ -886,7 +886,7 @@ class WorkingDir:
                 # the folder's own name, never what the record says: clear removes this folder
                 entries.append({k: meta.get(k) for k in
                                 ("generation", "replaced_generation", "master", "files",
-                                 "restored_from", "damaged")}
+                                 "set_aside", "restored_from", "damaged")}
                                | {"id": child.name, "created": _created(child.name, meta), "bytes": size})
         return entries
 
@@ -1036,8 +1036,15 @@ class WorkingDir:
             # one: an older master's number would refuse the owner's next publish as older
             generation = meta.get("replaced_generation") if meta.get("master") == state.get("master") \
                 else state.get("generation")
-            return self._apply(scanned, target, generation, state.get("master"),
-                               state, {"restored_from": archive_id})
+            result = self._apply(scanned, target, generation, state.get("master"),
+                                 state, {"restored_from": archive_id})
+            kept = meta.get("set_aside") or []
+            if kept:  # not part of any set: a restore does not put them back, and says where they are
+                result.warnings.append(
+                    f"{len(kept)} file(s) found outside the set when entry {archive_id} was made are "
+                    f"not put back (a set never holds them): {', '.join(kept[:5])}"
+                    f"{' …' if len(kept) > 5 else ''}; they stay in {self.archive_dir / archive_id / 'files'}")
+            return result
 
     def release(self, caller: str | None = None) -> str | None:
         """Forget the owning master (an admin's decision on this secondary, audited)."""
