@@ -104,7 +104,9 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
     assert f.publish()[0] == 0
     secondary = f.secondaries[0]
     # folders of Express Server's or an admin's own, empty: no commit of a set touches them
-    own = [secondary.data_dir / "localcache", secondary.data_dir / "indexes" / "emptysub"]
+    # (and one the new set puts a file into: a rollback takes the file back, not the folder)
+    own = [secondary.data_dir / "localcache", secondary.data_dir / "indexes" / "emptysub",
+           secondary.data_dir / "newdir"]
     for folder in own:
         folder.mkdir()
     before = snapshot(secondary)
@@ -114,6 +116,10 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
     (data / "indexes" / "tile-1.idx").write_bytes(b"changed")
     (data / "overviews" / "basemap.ovr").unlink()
     (data / "indexes" / "new.idx").write_bytes(b"added")
+    (data / "newdir").mkdir()
+    (data / "newdir" / "f.idx").write_bytes(b"into a folder the secondary already had")
+    (data / "brand" / "new").mkdir(parents=True)
+    (data / "brand" / "new" / "f.idx").write_bytes(b"into folders the switch makes")
 
     for mode, why in (("fail", "exited with 3"), ("hang", "timed out after 1 s")):
         flag.write_text(mode)
@@ -125,6 +131,7 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
             assert "ltcsd: catalog orthos-2024 could not be loaded" in error
         assert snapshot(secondary) == before, mode  # byte for byte, no archive entry, same generation
         assert all(folder.is_dir() for folder in own), mode
+        assert not (secondary.data_dir / "brand").exists(), mode  # made by the switch, taken back
         # the reload really ran against the new set before it was rolled back
         assert (tmp_path / "seen-catalogs.xml").read_text() != new_catalogs  # last run: the old set again
     # a reload that timed out was stopped with what it had started

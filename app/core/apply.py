@@ -350,14 +350,18 @@ def _remove_empty_tree(folder: Path) -> None:
         os.rmdir(sub)
 
 
-def prune_emptied(root: Path, paths: Iterable[str]) -> None:
-    """The folders of ``paths`` (files a commit removed, or put and then took back) that are
-    left empty are removed, deepest first, and so are their parents left empty in turn
-    (SPEC §2). Folders the commit did not touch stay, empty or not: Express Server or an
-    admin may keep one there."""
-    folders = {"/".join(parts[:depth]) for parts in (p.split("/") for p in paths)
-               for depth in range(1, len(parts))}
-    for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
+def folders_of(paths: Iterable[str]) -> set[str]:
+    """Every folder on the way to each of ``paths`` (relative, '/'-separated)."""
+    return {"/".join(parts[:depth]) for parts in (p.split("/") for p in paths)
+            for depth in range(1, len(parts))}
+
+
+def prune_emptied(root: Path, paths: Iterable[str] = (), folders: Iterable[str] = ()) -> None:
+    """The folders of ``paths`` (files a commit removed), and ``folders`` (those a commit
+    rolled back had made), that are left empty are removed, deepest first, parents
+    included (SPEC §2). Folders the commit did not touch stay, empty or not: Express
+    Server or an admin may keep one there."""
+    for folder in sorted(folders_of(paths) | set(folders), key=lambda f: f.count("/"), reverse=True):
         try:
             os.rmdir(root / folder)
         except OSError:
@@ -529,7 +533,10 @@ class WorkingDir:
                 os.replace(arch, work)
             crash_point("rollback-op")
         shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
-        prune_emptied(self.data_dir, [op["path"] for op in journal["ops"]])
+        if "new_folders" in journal:
+            prune_emptied(self.data_dir, folders=journal["new_folders"])
+        else:  # (a journal written before they were listed)
+            prune_emptied(self.data_dir, [op["path"] for op in journal["ops"]])
         if "state_before" in journal and self.state() != journal["state_before"]:
             write_json(self.state_path, journal["state_before"])  # state.json may name the new set
         self.journal_path.unlink(missing_ok=True)
@@ -745,8 +752,11 @@ class WorkingDir:
         ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
 
         archive_id = self._new_archive_id(generation)
+        # the folders the switch will make: a rollback removes these, and no folder that was
+        # here before, empty or not
+        new_folders = sorted(f for f in folders_of(puts) if not _is_dir(self.data_dir / f))
         journal = {"tx": tx, "archive_id": archive_id, "generation": generation,
-                   "phase": "switching", "ops": ops, "state_before": state}
+                   "phase": "switching", "ops": ops, "state_before": state, "new_folders": new_folders}
         try:
             write_json(self.journal_path, journal)
             crash_point("journal")
