@@ -556,19 +556,35 @@ class SecondaryClient:
         return answer, parsed
 
     def put_blob(self, sha: str, path: Path, size: int, part_size: int,
-                 moved: Callable[[int], None] | None = None) -> None:
+                 moved: Callable[[int], None] | None = None, start: int = 0) -> None:
         """One file, streamed; above ``part_size`` in parts with Content-Range. ``moved``
-        hears of the bytes as they go."""
-        if size <= part_size:
+        hears of the bytes as they go. ``start``: the bytes of it the secondary holds from
+        an upload cut short (its manifest's ``partial``): the parts resume there."""
+        if not 0 < start < size and size <= part_size:
             self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, 0, size, moved),
                           headers={"Content-Type": "application/octet-stream"})
             return
-        start = 0
+        start = start if 0 < start < size else 0
+        resumed = start > 0
+        turns = 3  # (the secondary says where to resume)
         while start < size:
             length = min(part_size, size - start)
-            self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, start, length, moved), headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"bytes {start}-{start + length - 1}/{size}"})
+            try:
+                self._request("PUT", f"blobs/{sha}", sha, data=file_range(path, start, length, moved), headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {start}-{start + length - 1}/{size}"})
+            except RemoteError as exc:
+                body = exc.details.get("body") or {}
+                resume = body.get("resume_from")
+                if turns and exc.http_status == 409 and _whole(resume) and resume < size:
+                    turns, start = turns - 1, resume  # it holds more, or less, than we thought
+                    continue
+                if resumed and exc.http_status == 400 and start + length == size:
+                    # the whole did not hash to its name: the start kept there was of another
+                    # version (or damaged), and is gone now; send the file whole, once
+                    resumed, start = False, 0
+                    continue
+                raise
             start += length
 
     def post_blobs(self, items: list[tuple[str, Path, int]]) -> None:
@@ -653,6 +669,8 @@ ANSWERS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "free_inodes": (_whole_or_none, "a count of inodes or null"),
     },
     "manifest": {"digest": (_sha, "a SHA-256"), "files": (lambda v: isinstance(v, list), "a list"),
+                 "partial": (lambda v: isinstance(v, dict) and all(_sha(k) and _whole(n) for k, n in v.items()),
+                             "a map of SHA-256 to byte counts"),
                  "uploaded": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},
     "chunks": {"chunk_size": (_whole, "a byte count"),
                "chunks": (lambda v: isinstance(v, list) and all(map(_sha, v)), "a list of SHA-256s")},

@@ -304,7 +304,8 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         for attempt in range(COMMIT_TRIES):
             todo = _to_send(want, have)
             _upload(client, local, todo, part_size, result, progress,
-                    [] if full else remote.get("files", []), file_part_size(info))
+                    [] if full else remote.get("files", []), file_part_size(info),
+                    {} if full else remote.get("partial") or {})
             have |= set(todo)
             try:
                 answer = _commit(client, local, base, full)
@@ -535,7 +536,8 @@ def _stream_delta(client: SecondaryClient, feed: ChunkFeed,
 
 def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part_size: int,
             result: PushResult, progress: Callable[[int], None] | None,
-            remote_files: list[dict[str, Any]] | None = None, file_part: int | None = None) -> None:
+            remote_files: list[dict[str, Any]] | None = None, file_part: int | None = None,
+            partial: dict[str, int] | None = None) -> None:
     """Small files in batches, large ones streamed one by one (as a delta against the
     secondary's older copy when it has one); a few requests at a time."""
     batch_limit = min(BATCH_BYTES, part_size)  # no body may exceed what the secondary accepts
@@ -595,7 +597,7 @@ def _upload(client: SecondaryClient, local: LocalSet, todo: dict[str, str], part
             if sent is not None:
                 return 1, sent
         try:
-            client.put_blob(sha, path, size, file_part or part_size, moved)
+            client.put_blob(sha, path, size, file_part or part_size, moved, (partial or {}).get(sha, 0))
         except RemoteError as exc:
             raise naming_files(exc) from None
         return 1, 0  # (its bytes were counted as they went)

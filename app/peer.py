@@ -151,8 +151,10 @@ def manifest():  # type: ignore[no-untyped-def]
     current = workdir.scan().manifest
     return jsonify({"generation": workdir.state().get("generation"), "digest": current.digest,
                     "files": current.to_list(),
-                    # blobs of a push cut short: the next push need not send them again
-                    "uploaded": workdir.store.uploaded()})
+                    # blobs of a push cut short: the next push need not send them again,
+                    "uploaded": workdir.store.uploaded(),
+                    # and how much of each large file sent in parts arrived: it resumes there
+                    "partial": workdir.store.partials()})
 
 
 @bp.put("/blobs/<sha>")

@@ -1,6 +1,7 @@
 """Issue 2 end to end: a master publishes to secondaries on real waitress and gunicorn servers."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -619,3 +620,28 @@ def test_a_secondary_seeded_with_the_masters_own_state_is_refused_saying_why(fle
     (seeded.data_dir / ".esmirror" / "self-id").unlink()
     f.receivers[0].start()
     assert f.publish()[0] == 0
+
+
+def test_a_large_file_cut_short_in_parts_resumes_where_it_stopped(fleet):
+    """The secondary kept the parts of a file whose push died (.partial, 6 hours), but the
+    master always started again at byte 0, and the secondary then dropped what it had."""
+    f = fleet(1, secondary_ini={"max_upload_bytes": "1M"})  # the 3 MiB index travels in 1 MiB parts
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": "upload-part:1"}  # dies once the first part is written
+    receiver.start()
+    assert f.publish()[0] == 1
+    receiver.stop()
+    receiver.env = None
+    receiver.start()
+    held = requests.get(f"{receiver.url}/manifest", timeout=30).json()
+    big = f.master.data_dir / "indexes" / "orthos-2024.idx"
+    sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    assert held["partial"] == {sha: 1024 * 1024}, held["partial"]
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    sizes = {hashlib.sha256((f.master.data_dir / p).read_bytes()).hexdigest(): (f.master.data_dir / p).stat().st_size
+             for p in set_files(f.master.data_dir)}
+    expected = sum(size for s, size in sizes.items() if s not in held["uploaded"]) - 1024 * 1024
+    assert report["secondaries"][0]["bytes_sent"] == expected, (report, expected)
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)

@@ -638,6 +638,23 @@ class BlobStore:
                 freed += st.st_size if st.st_nlink == 1 else 0  # (one linked live too frees nothing)
         return count, freed
 
+    def partials(self) -> dict[str, int]:
+        """sha256 → bytes here of a large file whose upload in parts was cut short: the
+        master resumes it from there instead of sending it all again."""
+        found: dict[str, int] = {}
+        try:
+            entries = list(os.scandir(self.tmp))
+        except OSError:
+            return found
+        for entry in entries:
+            sha, dot, kind = entry.name.partition(".")
+            if dot and kind == "partial" and SHA256_RE.match(sha):
+                try:
+                    found[sha] = entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+        return found
+
     def uploaded(self) -> list[str]:
         """The blobs here, verified on upload and waiting for a commit (a push cut short
         leaves them): a master need not send them again. A name linked elsewhere too is a
