@@ -312,3 +312,16 @@ def test_a_typo_in_mirrors_is_shown_on_the_masters_status_page(fleet, make_recei
     assert f"port='{f.receivers[0].port}x' is not a port number" in status["error"], status
     page = http().get(f"{master.url}/", timeout=30).text
     assert "Mirrors cannot be read" in page and "is not a port number" in page
+
+
+def test_a_request_made_after_the_clock_was_set_back_is_still_the_newest(tmp_path):
+    """Ids came from the wall clock alone: after the clock was put back an hour, a new request
+    sorted before the ones queued just before, and superseding took it for the older."""
+    from app.core.publishes import PublishQueue, new_id
+
+    queue = PublishQueue(load_settings(make_install(tmp_path / "m").root))
+    ahead = queue.submit({}, "test", [])
+    ahead_id = new_id(time.time() + 3600)  # made before the clock went back an hour
+    (queue.dir / f"{ahead['id']}.json").rename(queue.dir / f"{ahead_id}.json")
+    newest = queue.submit({}, "test", [])
+    assert newest["id"] > ahead_id

@@ -11,6 +11,7 @@ made with ``esmirror publish`` are recorded here too, already finished.
 """
 from __future__ import annotations
 
+import calendar
 import os
 import re
 import time
@@ -33,9 +34,14 @@ def queue_dir(settings: Settings) -> Path:
     return settings.state_dir / "queue"
 
 
-def new_id(now: float | None = None) -> str:
-    """Sorts by creation time to the microsecond (which request is newer decides superseding)."""
+def new_id(now: float | None = None, after: str | None = None) -> str:
+    """Sorts by creation time to the microsecond (which request is newer decides superseding);
+    ``after``: the newest id so far, which this one must sort after even if the clock was
+    set back since."""
     now = time.time() if now is None else now
+    if after and _ID_RE.match(after):
+        newest = calendar.timegm(time.strptime(after[:15], "%Y%m%dT%H%M%S")) + int(after[15:21]) / 1e6
+        now = max(now, newest + 2e-6)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}"
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
@@ -84,7 +90,8 @@ class PublishQueue:
 
     def submit(self, options: dict[str, Any], caller: str | None, targets: list[str],
                state: str = "queued") -> dict[str, Any]:
-        record = {"id": new_id(), "created": now_iso(), "caller": caller, "options": options,
+        files = self._files()
+        record = {"id": new_id(after=files[-1].stem if files else None), "created": now_iso(), "caller": caller, "options": options,
                   "state": state, "ok": None, "generation": None, "digest": None, "error": None,
                   "started": None, "finished": None, "superseded_by": None, "runs": 0,
                   "secondaries": [{"name": t, "state": "pending", "bytes_sent": 0, "files_sent": 0,
