@@ -115,6 +115,7 @@ def identity(recorded: bool = False) -> dict[str, Any]:
         "digest": state["digest"] if current is None else current.manifest.digest,
         "master": state.get("master"),
         "applied_at": state.get("applied_at"),
+        "restored_from": state.get("restored_from"),  # the set is an admin's restore of that entry
         "self": workdir.self_id,
         # a master (its iserv-cfg.xml lists Mirrors) takes no pushes: a master pushing here
         # is one whose secondary was promoted while it was down

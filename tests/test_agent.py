@@ -444,3 +444,17 @@ def test_a_secondary_restored_from_a_backup_is_caught_up(fleet, make_receiver, a
              lambda: set_files(secondary.data_dir) == set_files(f.master.data_dir), 60)
     rows = http().get(f"{master.url}/status", timeout=10).json()["secondaries"]
     assert rows[0]["state"] == "in-sync", rows
+    # an admin's own restore from the secondary's archive is a person's fix: the agent
+    # leaves it to the next publish (it undid it within a second)
+    newest = esmirror("archive", "list", "--json", "--install-dir", str(secondary.root))[1]["archive"][-1]
+    rc, _, out = esmirror("archive", "restore", newest["id"], "--install-dir", str(secondary.root))
+    assert rc == 0, out
+    kept = set_files(secondary.data_dir)
+    assert kept != set_files(f.master.data_dir)
+
+    def told():
+        row = http().get(f"{master.url}/status", timeout=10).json()["secondaries"][0]
+        return "an admin restored archive entry" in row["detail"] and row
+    wait_for("status says an admin restored it", told, 30)
+    time.sleep(3)  # several looks and passes of the agent
+    assert set_files(secondary.data_dir) == kept

@@ -796,7 +796,7 @@ class WorkingDir:
                     **(about or {}),
                 })
             crash_point("archived")
-            self._record(generation, master, new, archive_id)
+            self._record(generation, master, new, archive_id, (about or {}).get("restored_from"))
             crash_point("recorded")
         except BaseException as exc:
             self._rollback(journal)
@@ -853,11 +853,13 @@ class WorkingDir:
         return MirrorError(f"{during} failed on {where}: {exc.strerror}; nothing was changed")
 
     def _record(self, generation: int | None, master: str | None, new: Manifest,
-                archive_id: str | None) -> None:
+                archive_id: str | None, restored_from: str | None = None) -> None:
         write_json(self.state_path, {
             "generation": generation, "master": master, "digest": new.digest,
             "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "archive_id": archive_id,
+            # an admin's restore: the master's agent must not undo it (only a publish does)
+            **({"restored_from": restored_from} if restored_from else {}),
         })
 
     def _new_archive_id(self, generation: int | None) -> str:

@@ -154,8 +154,9 @@ class Ledger:
 def lags(entry: dict[str, Any], master: str | None = None) -> bool:
     """The secondary does not hold what was last pushed to it, and a catch-up may bring it:
     it never confirmed it, or a later look found it holding another set of ours without
-    drift (restored from a backup, rebuilt), not one edited by hand (a person's fix,
-    which only a publish undoes) nor one of another master's (``master``: this one's id)."""
+    drift (restored from a backup, rebuilt); not one edited by hand nor one an admin
+    restored from its archive (a person's fix, which only a publish undoes), nor one of
+    another master's (``master``: this one's id)."""
     if entry.get("wanted_generation") is None or entry.get("stale"):
         return False
     if (entry.get("confirmed_generation") != entry.get("wanted_generation")
@@ -163,12 +164,14 @@ def lags(entry: dict[str, Any], master: str | None = None) -> bool:
         return True
     seen = entry.get("observed") or {}
     return (bool(seen.get("digest")) and seen.get("digest") != entry.get("wanted_digest")
-            and not seen.get("drift") and master is not None and seen.get("master") == master)
+            and not seen.get("drift") and not seen.get("restored_from")
+            and master is not None and seen.get("master") == master)
 
 
 def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
     entry["observed"] = {"generation": info.get("generation"), "digest": info.get("digest"),
                          "drift": bool(info.get("drift")), "master": info.get("master"),
+                         "restored_from": info.get("restored_from"),
                          "archive_bytes": info.get("archive_bytes",
                                                    (entry.get("observed") or {}).get("archive_bytes")),
                          "warnings": list(info.get("warnings") or []),
@@ -203,7 +206,10 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
         return "behind", "this master has not published yet"
     detail = (f"holds generation {seen.get('generation')}, the master published generation "
               f"{published['generation']}")
-    if entry.get("stale"):
+    if seen.get("restored_from"):
+        detail += (f"; an admin restored archive entry {seen['restored_from']} there (the next "
+                   "publish overwrites it; the agent does not)")
+    elif entry.get("stale"):
         detail += f"; {entry['stale']}"
     elif push.get("state") not in (None, "in-sync") and push.get("error"):
         detail += f"; last push {push['state']}: {push['error']}"
