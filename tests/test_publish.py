@@ -645,3 +645,19 @@ def test_a_large_file_cut_short_in_parts_resumes_where_it_stopped(fleet):
     expected = sum(size for s, size in sizes.items() if s not in held["uploaded"]) - 1024 * 1024
     assert report["secondaries"][0]["bytes_sent"] == expected, (report, expected)
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_mirrors_entry_that_leads_back_to_the_master_itself_is_named_as_such(fleet, make_receiver):
+    """The master's own receiver listed in its Mirrors was refused as 'copied from this
+    master: delete its self-id', advice that, followed, broke the whole fleet."""
+    f = fleet(1)
+    own = make_receiver(f.master)
+    cfg = f.master.etc_dir / "iserv-cfg.xml"
+    cfg.write_text(cfg.read_text().replace("</Mirrors>", f'<Secondary host="127.0.0.1" port="{own.port}"/></Mirrors>'))
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    mine = next(r for r in report["secondaries"] if r["port"] == own.port)
+    assert mine["state"] == "refused" and "is this master itself" in mine["error"], mine
+    assert "self-id" not in mine["error"]
+    other = next(r for r in report["secondaries"] if r["port"] != own.port)
+    assert other["state"] == "in-sync", other
