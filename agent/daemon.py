@@ -128,6 +128,7 @@ class Agent:
         self.interrupt = Interrupt()  # the running catch-up's
         self.next_catch_up = 0.0  # (after a catch-up that failed: not at once again)
         self.settings_read = self._ini_stamp()
+        self.unusable: Any = ()  # the stamp of a file that was gone or did not read (said once)
 
     # --- the loop ----------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -185,15 +186,20 @@ class Agent:
         (include, exclude, shared_secret_file, retries). A file that no longer reads keeps
         the settings in use, and says so."""
         stamp = self._ini_stamp()
-        if stamp == self.settings_read:
+        if stamp == self.settings_read or stamp == self.unusable:
             return
-        self.settings_read = stamp
+        if stamp is None:  # an editor's rename-then-write, or a slip: defaults would change the set
+            log.warning("%s is gone; going on with the settings read before", self.settings.ini_path)
+            self.unusable = stamp
+            return
         try:
             fresh = load_settings(self.settings.install_dir)
-        except MirrorError as exc:
+        except MirrorError as exc:  # (half written, say: the next change is read again)
             log.error("%s changed but cannot be used (%s); going on with the settings read before",
                       self.settings.ini_path, exc.message)
+            self.unusable = stamp
             return
+        self.settings_read, self.unusable = stamp, ()
         self.settings = fresh
         self.ledger = Ledger(fresh)
         log.info("%s changed: settings read again", fresh.ini_path)

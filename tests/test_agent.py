@@ -419,6 +419,14 @@ def test_the_agent_reads_esmirror_ini_again_when_it_changes(fleet, make_receiver
     assert record["ok"], record
     assert not excluded.exists()  # a file the set leaves out goes to the secondary's archive
     assert "esmirror.ini changed: settings read again" in agent.output()
+    # gone for a moment (an editor's rename-then-write): not the defaults, which have no exclude
+    ini.rename(ini.with_name("esmirror.ini.bak"))
+    wait_for("the agent notices", lambda: "esmirror.ini is gone; going on with the settings read "
+             "before" in agent.output(), 30)
+    third = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+    assert wait_for("the third publish ends", lambda: finished(master, third), 60)["ok"]
+    assert not excluded.exists()
+    ini.with_name("esmirror.ini.bak").rename(ini)
 
 
 def test_a_secondary_restored_from_a_backup_is_caught_up(fleet, make_receiver, agents, tmp_path):
