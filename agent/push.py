@@ -81,6 +81,9 @@ class PushResult:
     archive_id: str | None = None
     warnings: list[str] = field(default_factory=list)
     ended: str | None = None  # when this push ended (a publish's last may end minutes later)
+    # refused by the browse check (versions, owner, role): a later look sees whether that was
+    # fixed. A refusal of the push routes themselves (allow_push, the secret) only a push can
+    refused_by_look: bool = False
 
     @property
     def ok(self) -> bool:
@@ -335,7 +338,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         result.archive_id = answer.get("archive_id")
         result.warnings = list(answer.get("warnings") or [])
     except Refused as exc:
-        result.state, result.error = "refused", exc.message
+        result.state, result.error, result.refused_by_look = "refused", exc.message, True
     except Interrupted as exc:
         result.state, result.error = "interrupted", exc.message
     except RemoteError as exc:

@@ -56,13 +56,17 @@ def test_states_say_what_a_person_needs():
     assert secondary_state(down, published) == ("unreachable",
                                                  "since 2026-01-01T00:00:00Z: connection refused")
     refused = {**seen, "last_push": {"state": "refused", "error": "another master",
-                                     "at": "2026-01-01T00:00:00Z"}}
+                                     "at": "2026-01-01T00:00:00Z", "refused_by_look": True}}
     assert secondary_state(refused, published) == ("refused", "another master")
     # fixed since (a later look was not refused): behind, saying why the last push failed; it
     # stayed red until the next publish
     fixed = {**refused, "observed": {**seen["observed"], "at": "2026-01-01T00:05:00Z"}}
     state, detail = secondary_state(fixed, published)
     assert state == "behind" and "last push refused: another master" in detail, detail
+    # but a refusal of the push routes (allow_push), which a look never tries, stands
+    routes = {**fixed, "last_push": {**fixed["last_push"], "error": "answered 403 to GET manifest",
+                                     "refused_by_look": False}}
+    assert secondary_state(routes, published) == ("refused", "answered 403 to GET manifest")
 
 
 def test_audit_log_is_one_json_line_per_event_and_rotates(tmp_path):

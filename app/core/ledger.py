@@ -106,7 +106,8 @@ class Ledger:
             entry["stale"] = None
             state = result.get("state")
             entry["last_push"] = {k: result.get(k) for k in
-                                  ("state", "error", "bytes_sent", "files_sent", "generation")}
+                                  ("state", "error", "bytes_sent", "files_sent", "generation",
+                                   "refused_by_look")}
             entry["last_push"]["at"] = result.get("ended") or now_iso()
             entry["last_push"]["wanted_generation"] = generation
             tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
@@ -193,9 +194,11 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
         return "refused", entry["refused"]
     push = entry.get("last_push") or {}
     seen = entry.get("observed") or {}
-    # a refused push stands until a look after it was not refused (the cause was fixed since:
-    # then it is only behind, and the next push or catch-up brings it)
-    if push.get("state") == "refused" and not (seen.get("at") or "") > (push.get("at") or ""):
+    # a push refused by what a look checks too (versions, owner, role) stands until a look
+    # after it was let in: fixed since, it is only behind, and the next push brings it. One
+    # the push routes refused (allow_push, the secret), which a look never tries, stands.
+    fixed = push.get("refused_by_look") and (seen.get("at") or "") > (push.get("at") or "")
+    if push.get("state") == "refused" and not fixed:
         return "refused", push.get("error") or ""
     if seen.get("drift"):
         return "drift", (f"files were changed by hand after generation {seen.get('generation')} was "
