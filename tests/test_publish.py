@@ -661,3 +661,23 @@ def test_a_mirrors_entry_that_leads_back_to_the_master_itself_is_named_as_such(f
     assert "self-id" not in mine["error"]
     other = next(r for r in report["secondaries"] if r["port"] != own.port)
     assert other["state"] == "in-sync", other
+
+
+def test_a_master_whose_iserv_cfg_is_broken_still_takes_no_pushes(fleet):
+    """A promoted secondary with a Mirrors list in an iserv-cfg.xml that no longer parses
+    (one tag left open) was taken for a secondary: the old master's publish overwrote it."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    promoted = f.secondaries[0]
+    cfg = promoted.etc_dir / "iserv-cfg.xml"
+    cfg.write_text('<?xml version="1.0"?>\n<ImageServer>\n  <ImageManager>\n  <Mirrors>\n'
+                   '    <Secondary host="192.0.2.7"/>\n  </Mirrors>\n</ImageServer>\n')
+    before = set_files(promoted.data_dir)
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"the old master again")
+    rc, report, out = f.publish()
+    assert rc == 1 and report["secondaries"][0]["state"] == "refused", out
+    assert set_files(promoted.data_dir) == before
+    # a Mirrors only in a comment of a broken file is no Mirrors
+    cfg.write_text('<?xml version="1.0"?>\n<ImageServer>\n  <ImageManager>\n'
+                   '  <!-- <Mirrors><Secondary host="192.0.2.7"/></Mirrors> -->\n</ImageServer>\n')
+    assert f.publish()[0] == 0

@@ -159,12 +159,19 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
 
 
 def lists_mirrors(iserv_cfg: Path) -> bool:
-    """This server is a master: its iserv-cfg.xml lists at least one secondary. A file that
-    cannot be read or parsed says nothing of the kind (check and publish report it)."""
+    """This server is a master: its iserv-cfg.xml lists at least one secondary. One whose
+    XML is broken is a master when a <Mirrors> stands in it outside comments: it refuses
+    pushes rather than take a set over a promoted master's (publish reports the error)."""
     try:
         return parse_file(iserv_cfg).find(".//Mirrors/Secondary") is not None
-    except (etree.XMLSyntaxError, ValueError, OSError):
+    except OSError:
         return False
+    except (etree.XMLSyntaxError, ValueError):
+        try:
+            text = iserv_cfg.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return "<Mirrors" in re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)
 
 
 def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:

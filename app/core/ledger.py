@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import filelock
 
 from .audit import iso_time, now_iso
-from .express import Secondary, read_mirrors
+from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue
 from .settings import Settings
@@ -228,11 +228,8 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
         mirrors = read_mirrors(settings.iserv_cfg)
     except ConfigError as exc:
         mirrors = []
-        try:  # a master's Mirrors with a typo: still a master, whose page must say what is wrong
-            if "<Mirrors" in settings.iserv_cfg.read_text(encoding="utf-8", errors="replace"):
-                error = exc.message
-        except OSError:
-            pass
+        if lists_mirrors(settings.iserv_cfg) or "<Mirrors" in exc.message:
+            error = exc.message  # a master's Mirrors with a typo: its page says what is wrong
     published = master_record(settings)
     ledger = Ledger(settings).read()
     rows = []
