@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -124,14 +125,20 @@ class Settings:
         return self.etc_dir / "esmirror.ini"
 
     def files_stamp(self) -> tuple[Any, ...]:
-        """When esmirror.ini and the shared secret were last changed: a long-running receiver
-        compares it with the one of its start (its settings are read once)."""
+        """What esmirror.ini and the shared secret hold (digests): a long-running receiver
+        compares it with the one of its start (its settings are read once). By content, so
+        a touch is no change; the secret found where signing looks for it (~ expanded)."""
         stamps: list[Any] = []
-        secret = self.shared_secret_file.strip()
-        for path in (self.ini_path, (self.etc_dir / secret) if secret else None):
+        paths: list[Path | None] = [self.ini_path, None]
+        if self.shared_secret_file.strip():
             try:
-                st = os.stat(path) if path is not None else None
-                stamps.append((st.st_mtime_ns, st.st_size) if st else None)
+                secret = Path(self.shared_secret_file).expanduser()
+                paths[1] = secret if secret.is_absolute() else self.etc_dir / secret
+            except RuntimeError:  # (~someone who does not exist: signing says so)
+                pass
+        for path in paths:
+            try:
+                stamps.append(hashlib.sha256(path.read_bytes()).hexdigest() if path else None)
             except OSError:
                 stamps.append(None)
         return tuple(stamps)
