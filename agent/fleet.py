@@ -255,8 +255,9 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
         if not result.ok and (result.generation or 0) >= generation:  # (push: a 409 for an older one)
             counter_path = settings.state_dir / "master.json"
             counter = read_json(counter_path, {}) or {}
-            if int(counter.get("generation", 0)) < result.generation:
-                write_json(counter_path, {**counter, "generation": result.generation})
+            # (the next publish numbers itself after it; what was published stays as it was)
+            if int(counter.get("generation_floor", 0)) < result.generation:
+                write_json(counter_path, {**counter, "generation_floor": result.generation})
             # a catch-up of this generation would be refused the same way, again and again
             ledger.record_stale(Secondary(result.host, result.port),
                                 f"it holds generation {result.generation}, newer than the one this master "
@@ -392,7 +393,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                                 "include/exclude")
         counter_path = settings.state_dir / "master.json"
         counter = read_json(counter_path, {}) or {}
-        last = max(int(counter.get("generation", 0)),
+        last = max(int(counter.get("generation", 0)), int(counter.get("generation_floor", 0)),
                    highest_generation_seen(settings, mine["self"], openings.values()))
         generation = last + (0 if dry_run else 1)
         if not dry_run:
