@@ -681,3 +681,33 @@ def test_a_master_whose_iserv_cfg_is_broken_still_takes_no_pushes(fleet):
     cfg.write_text('<?xml version="1.0"?>\n<ImageServer>\n  <ImageManager>\n'
                    '  <!-- <Mirrors><Secondary host="192.0.2.7"/></Mirrors> -->\n</ImageServer>\n')
     assert f.publish()[0] == 0
+
+
+def test_a_resumed_upload_follows_where_the_secondary_says_it_stands(fleet):
+    """The master resumes from the size its look found; if more (or less) arrived since,
+    the secondary answers 409 with resume_from, and the master goes on from there."""
+    from agent.client import SecondaryClient
+    from app.core.express import Secondary
+    from app.core.settings import load_settings
+
+    f = fleet(1, secondary_ini={"max_upload_bytes": "1M"})
+    big = f.master.data_dir / "indexes" / "orthos-2024.idx"
+    data = big.read_bytes()
+    sha, mib = hashlib.sha256(data).hexdigest(), 1024 * 1024
+    url = f"{f.receivers[0].url}/blobs/{sha}"
+    for start in (0, mib):  # two parts arrived: 2 MiB stand there
+        answer = requests.put(url, data=data[start:start + mib], timeout=30, headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"bytes {start}-{start + mib - 1}/{len(data)}"})
+        assert answer.status_code == 202, answer.text
+    sent: list[int] = []
+    client = SecondaryClient(Secondary("127.0.0.1", f.receivers[0].port), load_settings(f.master.root))
+    try:
+        client.put_blob(sha, big, len(data), mib, sent.append, start=mib)  # its look said 1 MiB
+    finally:
+        client.close()
+    # the part it sent from 1 MiB was refused (its bytes had gone: no 100-continue), then
+    # only the rest after the 2 MiB went
+    assert sent == [mib, len(data) - 2 * mib], sent
+    stored = requests.get(f"{f.receivers[0].url}/manifest", timeout=30).json()
+    assert sha in stored["uploaded"] and stored["partial"] == {}, stored
