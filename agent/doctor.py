@@ -31,7 +31,7 @@ from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, shell_value, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Settings, load_settings
-from app.core.signing import read_secret, secret_path
+from app.core.signing import read_secret
 
 # where distributions keep the main config, tried in order when --httpd-conf is not given
 DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
@@ -691,7 +691,7 @@ def _check_secret(report: CheckReport, settings: Settings, account: pwd.struct_p
     """The signing secret must load as publish and the receiver load it, be readable by the
     account the receiver runs as, and be readable by nobody else."""
     try:
-        path = secret_path(settings)
+        path = settings.secret_path()
         if path is None:
             return
         read_secret(settings)

@@ -124,19 +124,27 @@ class Settings:
     def ini_path(self) -> Path:
         return self.etc_dir / "esmirror.ini"
 
+    def secret_path(self) -> Path | None:
+        """The shared secret's file; a relative name is taken inside ``ImageServer/etc/``."""
+        if not self.shared_secret_file:
+            return None
+        try:
+            path = Path(self.shared_secret_file).expanduser()
+        except RuntimeError as exc:  # ~someone who does not exist
+            raise ConfigError(f"shared_secret_file {self.shared_secret_file!r}: {exc}; fix it in "
+                              f"{self.ini_path}") from None
+        return path if path.is_absolute() else self.etc_dir / path
+
     def files_stamp(self) -> tuple[Any, ...]:
         """What esmirror.ini and the shared secret hold (digests): a long-running receiver
         compares it with the one of its start (its settings are read once). By content, so
-        a touch is no change; the secret found where signing looks for it (~ expanded)."""
+        a touch is no change."""
         stamps: list[Any] = []
-        paths: list[Path | None] = [self.ini_path, None]
-        if self.shared_secret_file.strip():
-            try:
-                secret = Path(self.shared_secret_file).expanduser()
-                paths[1] = secret if secret.is_absolute() else self.etc_dir / secret
-            except RuntimeError:  # (~someone who does not exist: signing says so)
-                pass
-        for path in paths:
+        try:
+            secret = self.secret_path()
+        except ConfigError:  # (signing says so)
+            secret = None
+        for path in (self.ini_path, secret):
             try:
                 stamps.append(hashlib.sha256(path.read_bytes()).hexdigest() if path else None)
             except OSError:

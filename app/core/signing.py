@@ -52,22 +52,10 @@ _NONCE = re.compile(r"^[0-9a-f]{32}$")
 _PRUNE_EVERY = 60.0
 
 
-def secret_path(settings: Settings) -> Path | None:
-    """The secret file; a relative name is taken inside ``ImageServer/etc/``."""
-    if not settings.shared_secret_file:
-        return None
-    try:
-        path = Path(settings.shared_secret_file).expanduser()
-    except RuntimeError as exc:  # ~someone who does not exist
-        raise ConfigError(f"shared_secret_file {settings.shared_secret_file!r}: {exc}; fix it in "
-                          f"{settings.ini_path}") from None
-    return path if path.is_absolute() else settings.etc_dir / path
-
-
 def read_secret(settings: Settings) -> bytes | None:
     """The shared secret, or None when signing is off. A bad file is a configuration error:
     signing must never be silently off because the file could not be read."""
-    path = secret_path(settings)
+    path = settings.secret_path()
     if path is None:
         return None
     try:
