@@ -33,7 +33,7 @@ from app.core.express import Secondary, select_secondaries
 from app.core.faults import crash_point
 from app.core.ledger import Ledger
 from app.core.publishes import PublishQueue
-from app.core.settings import Settings, load_settings
+from app.core.settings import Settings, content_digest, load_settings
 from app.core.state import write_json
 
 from .client import Interrupt
@@ -127,7 +127,7 @@ class Agent:
         self.catching: threading.Thread | None = None
         self.interrupt = Interrupt()  # the running catch-up's
         self.next_catch_up = 0.0  # (after a catch-up that failed: not at once again)
-        self.settings_read = self._ini_stamp()
+        self.settings_read = content_digest(settings.ini_path)
         self.unusable: Any = ()  # the stamp of a file that was gone or did not read (said once)
 
     # --- the loop ----------------------------------------------------------
@@ -173,19 +173,12 @@ class Agent:
             single.release()
             log.info("agent stopped")
 
-    def _ini_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.settings.ini_path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
     def reread_settings(self) -> None:
         """esmirror.ini changed: read it again, as the next 'esmirror publish' would, so the
         agent's publishes and catch-ups never push another set than the command line's
         (include, exclude, shared_secret_file, retries). A file that no longer reads keeps
         the settings in use, and says so."""
-        stamp = self._ini_stamp()
+        stamp = content_digest(self.settings.ini_path)  # (the secret is read again at every push)
         if stamp == self.settings_read or stamp == self.unusable:
             return
         if stamp is None:  # an editor's rename-then-write, or a slip: defaults would change the set

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import filelock
@@ -25,12 +24,12 @@ from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
 from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
-from app.core.ledger import Ledger, lags
+from app.core.ledger import Ledger, lags, master_record, master_record_path
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
-from app.core.state import read_json, stable_id, write_json
+from app.core.state import stable_id, write_json
 
 from .client import Interrupt, tls_context
 from .push import LocalSet, Opening, PushResult, ScanNews, push
@@ -140,10 +139,6 @@ def holding_publish_lock(settings: Settings, timeout: float, observer: Observer)
         lock.release()
 
 
-def _waiting_markers(settings: Settings) -> Iterator[Path]:
-    return settings.state_dir.glob("publish-waiting.*")
-
-
 def _wait_asking(settings: Settings, lock: filelock.BaseFileLock) -> None:
     """Wait for the lock, keeping a marker fresh meanwhile: the agent, seeing it, stops a
     catch-up that holds the lock (a slow secondary's could hold it for many minutes)."""
@@ -167,7 +162,7 @@ def publish_waiting(settings: Settings) -> bool:
     left by a publish that was killed while it waited are removed."""
     now = time.time()
     waiting = False
-    for marker in _waiting_markers(settings):
+    for marker in settings.state_dir.glob("publish-waiting.*"):
         try:
             age = now - marker.stat().st_mtime
             if age < 3 * WAITING_PULSE:
@@ -253,11 +248,11 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
         before, tries = ledger.record_push(Secondary(result.host, result.port), result.to_json(),
                                            generation, digest)
         if not result.ok and (result.generation or 0) >= generation:  # (push: a 409 for an older one)
-            counter_path = settings.state_dir / "master.json"
-            counter = read_json(counter_path, {}) or {}
+            counter = master_record(settings)
             # (the next publish numbers itself after it; what was published stays as it was)
             if int(counter.get("generation_floor", 0)) < result.generation:
-                write_json(counter_path, {**counter, "generation_floor": result.generation})
+                write_json(master_record_path(settings),
+                           {**counter, "generation_floor": result.generation})
             # a catch-up of this generation would be refused the same way, again and again
             ledger.record_stale(Secondary(result.host, result.port),
                                 f"it holds generation {result.generation}, newer than the one this master "
@@ -391,14 +386,13 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                                 "include/exclude in esmirror.ini leave it out, and a secondary refuses "
                                 "a set without it. Nothing was sent: make it a regular file, or fix "
                                 "include/exclude")
-        counter_path = settings.state_dir / "master.json"
-        counter = read_json(counter_path, {}) or {}
+        counter = master_record(settings)
         last = max(int(counter.get("generation", 0)), int(counter.get("generation_floor", 0)),
                    highest_generation_seen(settings, mine["self"], openings.values()))
         generation = last + (0 if dry_run else 1)
         if not dry_run:
-            write_json(counter_path, {"generation": generation, "digest": scanned.manifest.digest,
-                                      "published_at": now_iso()})
+            write_json(master_record_path(settings), {"generation": generation, "published_at": now_iso(),
+                                                      "digest": scanned.manifest.digest})
             spent.append(generation)
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
                          scanned.chunk_lists, cache.chunk_index,

@@ -233,10 +233,10 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
         if info.get(key) != mine[key]:
             raise Refused(f"{secondary.name} runs {label} {info.get(key)!r} but this master runs "
                           f"{mine[key]!r}; all servers must match")
-    if info.get("self") and info.get("self") == mine["self"] and info.get("role") == "master":
-        raise Refused(f"{secondary.name} is this master itself (a Mirrors entry, or another name "
-                      "for it, that leads back here): take it out of Mirrors")
-    if info.get("self") and info.get("self") == mine["self"]:
+    if info.get("self") == mine["self"]:
+        if info.get("role") == "master":
+            raise Refused(f"{secondary.name} is this master itself (a Mirrors entry, or another "
+                          "name for it, that leads back here): take it out of Mirrors")
         raise Refused(f"{secondary.name} has this master's own id ({mine['self']}): its var/data was "
                       "copied from this master, .esmirror/ included. Delete var/data/.esmirror/"
                       f"self-id on {secondary.host} (a new id is made), restart its receiver, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import filelock
@@ -26,9 +27,14 @@ AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no a
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
 
 
+def master_record_path(settings: Settings) -> Path:
+    return settings.state_dir / "master.json"
+
+
 def master_record(settings: Settings) -> dict[str, Any]:
-    """The master's last publish: ``{generation, digest, published_at}`` (empty before the first)."""
-    return read_json(settings.state_dir / "master.json", {}) or {}
+    """The master's last publish: ``{generation, digest, published_at}`` (empty before the
+    first), and ``generation_floor`` when a secondary refused an older generation."""
+    return read_json(master_record_path(settings), {}) or {}
 
 
 def retry_delay(settings: Settings, failures: int, rng: random.Random | None = None) -> float:

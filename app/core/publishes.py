@@ -91,7 +91,8 @@ class PublishQueue:
     def submit(self, options: dict[str, Any], caller: str | None, targets: list[str],
                state: str = "queued") -> dict[str, Any]:
         files = self._files()
-        record = {"id": new_id(after=files[-1].stem if files else None), "created": now_iso(), "caller": caller, "options": options,
+        newest = files[-1].stem if files else None
+        record = {"id": new_id(after=newest), "created": now_iso(), "caller": caller, "options": options,
                   "state": state, "ok": None, "generation": None, "digest": None, "error": None,
                   "started": None, "finished": None, "superseded_by": None, "runs": 0,
                   "secondaries": [{"name": t, "state": "pending", "bytes_sent": 0, "files_sent": 0,

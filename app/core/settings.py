@@ -139,17 +139,11 @@ class Settings:
         """What esmirror.ini and the shared secret hold (digests): a long-running receiver
         compares it with the one of its start (its settings are read once). By content, so
         a touch is no change."""
-        stamps: list[Any] = []
         try:
             secret = self.secret_path()
         except ConfigError:  # (signing says so)
             secret = None
-        for path in (self.ini_path, secret):
-            try:
-                stamps.append(hashlib.sha256(path.read_bytes()).hexdigest() if path else None)
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
+        return content_digest(self.ini_path), content_digest(secret) if secret else None
 
     def reload_argv(self) -> list[str]:
         return command_argv(self.reload_command)
@@ -254,6 +248,14 @@ def _line_of(text: str, key: str) -> int:
         if re.match(rf"\s*{re.escape(key)}\s*[=:]", line, re.IGNORECASE):
             return number
     return 0
+
+
+def content_digest(path: Path) -> str | None:
+    """SHA-256 of a (small) file's content; None when it cannot be read (gone, say)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def load_settings(install_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
