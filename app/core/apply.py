@@ -675,10 +675,8 @@ class WorkingDir:
             return self.store.path(sha) if sha in stored else self.data_dir / here[sha]
 
         warnings: list[str] = []
-        if CATALOGS_XML in puts:
-            report = validate_catalogs(source(CATALOGS_XML).read_bytes(), base=self.data_dir)
-        else:
-            report = validate_catalogs((self.data_dir / CATALOGS_XML).read_bytes(), base=self.data_dir)
+        catalogs = source(CATALOGS_XML) if CATALOGS_XML in puts else self.data_dir / CATALOGS_XML
+        report = validate_catalogs(catalogs.read_bytes(), base=self.data_dir)
         if report.problems:
             raise InvalidSet("catalogs.xml is invalid; nothing was changed", report.problems)
         warnings += report.unreadable_paths()
@@ -912,8 +910,9 @@ class WorkingDir:
         An admin's clear (``caller`` given) is audited, and also drops the uploads a push cut
         short left waiting for a commit, and the idle parts of one cut short mid-file: every
         "no room" message sends the admin here, and those hold space too (the master sends
-        them again if it needs them). archive_keep's
-        pruning is neither. Works on a full disk: it only frees space."""
+        them again if it needs them). archive_keep's pruning does neither (the commit that
+        pruned names the entries in its own audit line). Works on a full disk: it only frees
+        space."""
         entries = self.archives()
         now = dt.datetime.now(dt.timezone.utc)
         removed = []
