@@ -52,7 +52,7 @@ from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collisi
                        settled, walk_files)
 from .settings import Settings
 from .state import read_json, stable_id, write_json
-from .store import CHUNK, BlobStore, durable_flush, what_is_full
+from .store import CHUNK, BlobStore, clone_file, durable_flush, what_is_full
 
 LOCK_TIMEOUT = 600.0
 ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
@@ -289,12 +289,17 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
 
 
 def _copy_verified(src: Path, dst: Path, sha: str) -> None:
-    """Copy a file while hashing it; it must still be the content we planned on."""
+    """Copy a file while hashing it; it must still be the content we planned on. A clone
+    where the filesystem can make one (no bytes written, no space taken), hashed as it is."""
     hasher = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            hasher.update(chunk)
-            fout.write(chunk)
+    with open(src, "rb") as fin, open(dst, "w+b") as fout:
+        if clone_file(fin.fileno(), fout.fileno()):
+            while chunk := fout.read(CHUNK):
+                hasher.update(chunk)
+        else:
+            while chunk := fin.read(CHUNK):
+                hasher.update(chunk)
+                fout.write(chunk)
     if hasher.hexdigest() != sha:
         dst.unlink(missing_ok=True)
         raise Conflict(f"{src.name} changed on this server during the commit; push again")

@@ -45,7 +45,7 @@ from .errors import BadRequest, ChangedWhileSent, untrusted_json
 from .manifest import MAX_FILE_SIZE, SHA256_RE, ChunkFeed, hash_chunks, path_problem
 
 if TYPE_CHECKING:  # (store imports this module)
-    from .store import BlobWriter
+    from .store import BlobWriter, PatchWriter
 
 CHUNK_SIZE = 256 * 1024
 DELTA_MIN = 4 * 1024 * 1024       # smaller files are cheaper to send whole
@@ -409,7 +409,8 @@ class _OutputChunks:
         return self.chunks
 
 
-def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryIO], out: "BlobWriter",
+def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryIO],
+            out: "BlobWriter | PatchWriter",
             consumed: int, base_chunks: list[list[str] | None] | None = None) -> list[str] | None:
     """Write the new file to ``out`` (which hashes every byte written) from the frames of ``stream``.
 
@@ -447,9 +448,13 @@ def rebuild(stream: BinaryIO, length: int | None, size: int, bases: list[BinaryI
             if index >= len(bases) or written + count > size or offset + count > sizes[index]:
                 raise BadRequest(f"delta copy from base {index} runs past the file or that base, "
                                  "or names no base")
-            src = bases[index]
-            src.seek(offset)
-            _pump(src, out, count)
+            if out.in_place(index, offset):  # (over a clone of that base: already there)
+                if out.keep(count) < count:
+                    raise BadRequest("a delta frame ends early (a base that is shorter here)")
+            else:
+                src = bases[index]
+                src.seek(offset)
+                _pump(src, out, count)
             listing.copy(written, index, offset, count)
         written += count
     if length is not None and remaining:
@@ -467,7 +472,7 @@ def read_end(stream: BinaryIO) -> str:
     return match.group(1).decode()
 
 
-def _pump(source: BinaryIO, out: "BlobWriter", count: int,
+def _pump(source: BinaryIO, out: "BlobWriter | PatchWriter", count: int,
           seen: Callable[[memoryview | bytes], object] | None = None) -> None:
     if out.receive(source, count, seen) < count:
         raise BadRequest("a delta frame ends early (the body, or a base that is shorter here)")
