@@ -9,6 +9,7 @@ import contextlib
 import errno
 import functools
 import gc
+import io
 import json
 import os
 import sys
@@ -82,11 +83,64 @@ def start_up() -> Iterator[None]:
         gc.enable()
 
 
+class _Output(io.TextIOWrapper):
+    """stdout whose failure ends the output, not the command: a reader gone (``| head``,
+    ``| true``) or a full disk after a publish ran must not report the publish failed.
+
+    The first error is kept and the stream goes on into /dev/null (so no flush at exit
+    fails again); run() then says what happened, and the exit code stays the command's.
+    """
+
+    failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return super().write(text)
+        except OSError as exc:
+            self._fail(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failed is None:
+            self.failed = exc
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.fileno())
+        os.close(devnull)
+
+
+def _streams() -> _Output | None:
+    """Standard streams a command can always write to: one closed (cron's ``2>&-``) is
+    /dev/null, as no stream at all made a publish fail before it started."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+    out = sys.stdout
+    if not isinstance(out, io.TextIOWrapper) or out.name != "<stdout>":
+        return None  # (a test harness's capture, or stdout replaced above)
+    out.flush()
+    wrapped = _Output(out.detach(), encoding=out.encoding, errors=out.errors,
+                      line_buffering=out.line_buffering)
+    sys.stdout = wrapped
+    return wrapped
+
+
 def run() -> None:
     """``esmirror`` as a program (the console script, ``python -m agent``)."""
+    out = _streams()
     try:
         main(prog_name="esmirror")
     finally:
+        if out is not None:
+            out.flush()
+            if out.failed is not None and out.failed.errno != errno.EPIPE:
+                click.echo(f"esmirror: cannot write to standard output: {out.failed.strerror or out.failed}; "
+                           "the command itself ran (its exit code says how it went)", err=True)
         # Spare the interpreter's last collections at exit a walk over everything made
         # since start_up(): the process is ending, so it all goes anyway.
         gc.freeze()

@@ -5,8 +5,11 @@ import hashlib
 import http.server
 import json
 import os
+import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ import requests
 
 from agent.client import ChangedWhileSent, FileSpan
 from agent.demo import make_install, write_sample_set
-from conftest import VERSION, esmirror, session_from, set_files, tree
+from conftest import REPO, VERSION, esmirror, session_from, set_files, tree
 
 SERVERS = ["waitress", "gunicorn"]
 
@@ -711,3 +714,25 @@ def test_a_resumed_upload_follows_where_the_secondary_says_it_stands(fleet):
     assert sent == [mib, len(data) - 2 * mib], sent
     stored = requests.get(f"{f.receivers[0].url}/manifest", timeout=30).json()
     assert sha in stored["uploaded"] and stored["partial"] == {}, stored
+
+
+def test_output_that_cannot_be_written_never_turns_a_publish_into_a_failure(fleet):
+    """A reader gone (``| true``, ``| head``), a full disk behind stdout, or a stream
+    cron closed: the publish runs and exits with its own code; only a real write error
+    is said, once, on stderr."""
+    f = fleet(1)
+    catalogs = f.master.data_dir / "catalogs.xml"
+    cli = f"{shlex.quote(sys.executable)} -m agent"
+    master = shlex.quote(str(f.master.root))
+    for n, (line, said) in enumerate([
+            (f"{cli} publish --install-dir {master} | true", ""),
+            (f"{cli} publish --json --install-dir {master} >/dev/full",
+             "cannot write to standard output: No space left on device; the command itself ran"),
+            (f"{cli} publish --install-dir {master} >/dev/null 2>&-", ""),
+            (f"{cli} publish --install-dir {master} >&-", "")]):
+        catalogs.write_text(catalogs.read_text() + f"<!-- {n} -->\n", encoding="utf-8")
+        done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, (line, done.stderr)
+        assert done.stderr.strip() == (f"esmirror: {said} (its exit code says how it went)" if said else ""), \
+            (line, done.stderr)
+        assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir), line
