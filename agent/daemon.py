@@ -331,8 +331,14 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
     """Run until SIGTERM/SIGINT (systemd stop, Ctrl-C, a Windows service stop)."""
     import signal
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s esmirror agent: %(message)s")
+    # UTC with its Z, as status, the audit log and the archive show times: one clock to line
+    # them up by, whatever the machine's zone
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03dZ esmirror agent: %(message)s",
+                                           datefmt="%Y-%m-%dT%H:%M:%S"))
+    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.getLogger("filelock").setLevel(logging.INFO)  # its every try at a lock is noise in -v
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

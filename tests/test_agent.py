@@ -466,3 +466,34 @@ def test_a_secondary_restored_from_a_backup_is_caught_up(fleet, make_receiver, a
     wait_for("status says an admin restored it", told, 30)
     time.sleep(3)  # several looks and passes of the agent
     assert set_files(secondary.data_dir) == kept
+
+
+def test_the_agent_logs_in_utc_like_status_and_its_verbose_log_is_its_own(fleet, tmp_path):
+    """Under any TZ, the log's times are UTC with a Z (status, audit and archive use UTC);
+    -v shows the agent's steps, not filelock's every try at a lock."""
+    import re
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    from conftest import REPO, stop_session
+
+    f = fleet(1, master_ini=FAST_AGENT)
+    log = tmp_path / "agent-v.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "agent", "-v", "--install-dir", str(f.master.root)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**__import__("os").environ, "TZ": "Pacific/Kiritimati"})
+    try:
+        wait_for("the agent starts", lambda: "agent started" in log.read_text(), 60)
+        time.sleep(3)  # a few periodic looks, each taking the agent's locks
+    finally:
+        stop_session(proc)
+    lines = log.read_text().splitlines()
+    assert lines and not any("Attempting to acquire lock" in line or "Lock " in line for line in lines), lines[:20]
+    now = datetime.now(timezone.utc)
+    for line in lines:
+        match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d{3}Z esmirror agent: ", line)
+        assert match, line
+        at = datetime.fromisoformat(match.group(1)).replace(tzinfo=timezone.utc)
+        assert abs((now - at).total_seconds()) < 600, line  # (Kiritimati is UTC+14)
