@@ -16,7 +16,7 @@ from .core.delta import CHUNK_SIZE, ChunkIndex
 from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,
                           untrusted_json)
 from .core.express import express_version, lists_mirrors, platform_tag
-from .core.manifest import path_problem
+from .core.manifest import name_encoding_note, path_problem
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
 from .core.store import check_sha, free_inodes, read_only, read_only_note
@@ -102,6 +102,8 @@ def identity(recorded: bool = False) -> dict[str, Any]:
     if read_only(settings.data_dir):
         warnings.append(read_only_note(settings.data_dir))
     warnings += settings_changed()
+    if (note := name_encoding_note()) is not None:
+        warnings.append(note)
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():

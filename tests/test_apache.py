@@ -201,6 +201,8 @@ def test_publish_through_mod_wsgi_daemon_as_lt_is_user(world, tmp_path):
     httpd = Httpd(world["base"] / "httpd-wsgi", port, f"""WSGISocketPrefix {world['base']}/httpd-wsgi/run/wsgi
 Include {out}/esmirror-wsgi.conf""", ["wsgi"], world["user"])
     master = master_for(tmp_path, port)
+    # httpd runs under Debian's LANG=C: the daemon's lang/locale let it write names beyond ASCII
+    (master.data_dir / "indexes" / "café-ü.idx").write_bytes(os.urandom(100))
     try:
         httpd.start()
         publish_owned_by(master, secondary, world["user"], httpd.log)

@@ -736,3 +736,28 @@ def test_output_that_cannot_be_written_never_turns_a_publish_into_a_failure(flee
         assert done.stderr.strip() == (f"esmirror: {said} (its exit code says how it went)" if said else ""), \
             (line, done.stderr)
         assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir), line
+
+
+def test_a_receiver_whose_python_encodes_names_as_ascii_says_so_instead_of_failing_500(fleet):
+    """mod_wsgi's Python under Debian's LANG=C encodes file names as ASCII (the python
+    command would switch to UTF-8; an embedded one does not). A set with é in a name or
+    a catalog Path got 'internal error' on every push; now the 503 and browse say why
+    and what to set, and an ASCII set still goes through."""
+    ascii_env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    f = fleet(1, start=False)
+    f.receivers[0].env = ascii_env
+    f.receivers[0].start()
+    catalogs = f.master.data_dir / "catalogs.xml"
+    catalogs.write_text(catalogs.read_text().replace("/dem</Path>", "/dém</Path>"), encoding="utf-8")
+    rc, report, out = f.publish()
+    assert rc == 0, out  # (ASCII names; the catalog Path only warns)
+    assert any("cannot be checked" in w and "C.UTF-8" in w for w in report["secondaries"][0]["warnings"]), report
+    (f.master.data_dir / "indexes" / "café.idx").write_bytes(b"x")
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "answered 503" in error and "encodes file names as ascii" in error, error
+    assert "cannot write 'indexes/café.idx'" in error and "lang=C.UTF-8 locale=C.UTF-8" in error, error
+    info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
+    assert any("not UTF-8" in w for w in info["warnings"]), info
+    assert not (f.secondaries[0].data_dir / "indexes" / "café.idx").exists()

@@ -48,8 +48,8 @@ from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoR
                      Unavailable)
 from .faults import crash_point
 from .express import lists_mirrors
-from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff, scan,
-                       settled, walk_files)
+from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff,
+                       name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
 from .state import read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, clone_file, durable_flush, what_is_full
@@ -568,6 +568,9 @@ class WorkingDir:
                            "master's Mirrors (and that master out of allow_push here)",
                            master=self.self_id)
         self._check_owner(state, request.master)
+        if request.manifest is not None and (names := unwritable_names(request.manifest.files)):
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise Unavailable(f"cannot write {names[0]!r}{more}, nothing was changed: {name_encoding_note()}")
         if state.get("master") == request.master and request.generation < (state.get("generation") or 0):
             raise Conflict(f"generation {request.generation} is older than generation "
                            f"{state['generation']} already applied here", generation=state["generation"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from .manifest import name_encoding_note
 from .xmlsafe import parse_xml
 
 # letters and digits of any script (SPEC: "letters, digits"; an ASCII-only rule would refuse
@@ -29,8 +30,14 @@ class CatalogReport:
         unreadable = []
         for name, path in sorted(self.catalog_paths.items()):
             where = Path(path) if self.base is None else self.base / path  # (absolute: as is)
-            if not os.access(where, os.R_OK):
-                read_as = "" if str(where) == path else f" (read as {where})"
+            read_as = "" if str(where) == path else f" (read as {where})"
+            try:
+                readable = os.access(where, os.R_OK)
+            except UnicodeEncodeError:  # (see manifest.name_encoding_note)
+                unreadable.append(f"catalog {name!r}: Path {path}{read_as} cannot be checked: "
+                                  f"{name_encoding_note()}")
+                continue
+            if not readable:
                 unreadable.append(f"catalog {name!r}: Path {path}{read_as} is not readable on this server")
         return unreadable
 

@@ -5,6 +5,7 @@ Both sides compute it the same way, so the set digest (SPEC §2) agrees.
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import json
@@ -12,6 +13,7 @@ import os
 import queue
 import re
 import stat
+import sys
 import threading
 import time
 import unicodedata
@@ -51,6 +53,31 @@ PATHS_CACHED = 16384
 # A file name of these characters alone needs only the checks path_problem makes of it
 # itself: most names are like this, so a scan checks each folder once, not every path.
 _PLAIN_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def name_encoding_note() -> str | None:
+    """Why this process cannot write every file name, or None. Python encodes names as its
+    locale says; one embedded in httpd (mod_wsgi) under a C or POSIX locale, which Debian's
+    apache2 envvars set, gets ASCII: the python command switches to UTF-8 there, it does not."""
+    encoding = sys.getfilesystemencoding()
+    if codecs.lookup(encoding).name == "utf-8":
+        return None
+    return (f"this receiver's Python encodes file names as {encoding}, not UTF-8 (a C or POSIX "
+            "locale): give it a UTF-8 locale (lang=C.UTF-8 locale=C.UTF-8 on WSGIDaemonProcess, "
+            "as esmirror deploy apache renders; else LANG=C.UTF-8) and restart it")
+
+
+def unwritable_names(paths: Iterable[str]) -> list[str]:
+    """The paths this process cannot give the filesystem (see name_encoding_note)."""
+    if name_encoding_note() is None:
+        return []
+    unwritable = []
+    for path in paths:
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError:
+            unwritable.append(path)
+    return unwritable
 
 
 def path_problem(path: Any) -> str | None:
