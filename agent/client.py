@@ -434,6 +434,7 @@ class SecondaryClient:
                  interrupt: Interrupt | None = None) -> None:
         self.secondary = secondary
         self.interrupt = interrupt
+        self.prefix = settings.prefix
         self.base = secondary.base_url + settings.prefix
         self.signer = Signer.from_settings(settings)  # None unless shared_secret_file is set
         self.session = make_session(secondary, settings)
@@ -502,7 +503,7 @@ class SecondaryClient:
             try:
                 body = response.json()
             except (ValueError, RecursionError):
-                body = {"error": _not_from_esmirror(response)}
+                body = {"error": _not_from_esmirror(response, self.prefix)}
             body = _error_body(body)
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
                               f"{route}: {body['error']}", status=response.status_code,
@@ -700,12 +701,25 @@ def _error_body(body: Any) -> dict[str, Any]:
     return body
 
 
-def _not_from_esmirror(response: requests.Response) -> str:
+def _not_from_esmirror(response: requests.Response, prefix: str) -> str:
     """An error body that is not the receiver's JSON: the web server in front answered
-    (httpd's Require, IIS's ipSecurity, a proxy). Its page title, not its HTML."""
+    (httpd's Require, IIS's ipSecurity, a proxy). Its page title, not its HTML, and what
+    that answer usually means there."""
     text = response.text
     title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     summary = " ".join((title.group(1) if title else text[:200]).split()) or response.reason
+    status = response.status_code
+    if status == 404:
+        meaning = (f"nothing is mounted at {prefix} there: compare this master's prefix with that "
+                   "server's WSGIScriptAlias, ProxyPass or IIS application (esmirror check there)")
+    elif status == 500:
+        meaning = ("the receiver failed before it could answer, most often because it cannot start "
+                   "(its settings, its venv, var/data's owner): that web server's error log says why, "
+                   "and esmirror check on that server")
+    elif status in (502, 503, 504):
+        meaning = ("it could not get an answer from the receiver behind it: is that running "
+                   "(systemctl status esmirror-receiver, the IIS app pool)? Its log says why")
+    else:
+        meaning = "check that server's rules and limits for this route (esmirror deploy renders them)"
     return (f"{summary!r}: the web server (httpd, IIS, a proxy or the WSGI server) answered, not "
-            "the esmirror receiver; check that server's rules and limits for this route (esmirror "
-            "deploy renders them)")
+            f"the esmirror receiver; {meaning}")

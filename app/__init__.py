@@ -6,9 +6,12 @@ imported when an app is made.
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
+from .core.errors import MirrorError
 from .core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -71,8 +74,40 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
 
 
 def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
-    """The app mounted at the settings' prefix: what every server runs."""
-    from .ipfilter import PrefixMount
+    """The app mounted at the settings' prefix: what every server runs.
 
-    settings = settings or load_settings()
-    return PrefixMount(create_app(settings), settings.prefix)
+    Without ``settings`` (the WSGI entry point of httpd, IIS or a gunicorn unit), a receiver
+    that cannot start still answers: every request gets a 503 saying why, so the master
+    shows the cause (an esmirror.ini typo after a graceful restart, the venv, the owner of
+    var/data) instead of the web server's bare 500. ``esmirror serve`` stops instead.
+    """
+    given = settings
+    try:
+        from .ipfilter import PrefixMount
+
+        settings = settings or load_settings()
+        return PrefixMount(create_app(settings), settings.prefix)
+    except (MirrorError, OSError, ImportError) as exc:
+        if given is not None:
+            raise
+        return _cannot_start(exc)
+
+
+def _cannot_start(exc: Exception) -> Callable[..., Any]:
+    if isinstance(exc, MirrorError):
+        why = exc.message
+    elif isinstance(exc, ImportError):
+        why = (f"its Python ({sys.prefix}) cannot import {exc.name or exc}: the venv lacks esmirror's "
+               "packages, or the web server runs another Python than the venv's (mod_wsgi's "
+               "python-home, its build)")
+    else:
+        why = (f"{exc.filename}: {exc.strerror or exc}; check that the account it runs as (LT_IS_USER) "
+               "owns var/data and can read ImageServer/etc")
+    log.error("the esmirror receiver cannot start: %s", why)
+    body = json.dumps({"error": f"this esmirror receiver cannot start (fix this, then restart it): {why}"}).encode()
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("503 Service Unavailable", [("Content-Type", "application/json"),
+                                                   ("Content-Length", str(len(body)))])
+        return [body]
+    return application

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from agent.client import ChangedWhileSent, FileSpan
-from agent.demo import make_install, write_sample_set
+from agent.demo import free_port, make_install, write_sample_set
 from conftest import REPO, VERSION, esmirror, session_from, set_files, tree
 
 SERVERS = ["waitress", "gunicorn"]
@@ -355,9 +355,11 @@ def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
             b"<title>403 Forbidden</title>\n</head><body>\n<h1>Forbidden</h1>\n"
             b"<p>You don't have permission to access this resource.</p>\n</body></html>\n")
 
+    answer = [403]
+
     class Httpd(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(403)
+            self.send_response(answer[0])
             self.send_header("Content-Type", "text/html; charset=iso-8859-1")
             self.send_header("Content-Length", str(len(page)))
             self.end_headers()
@@ -374,15 +376,25 @@ def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
                               [("127.0.0.1", server.server_port, "none")])
         write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
         rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+        assert rc == 1, out
+        error = report["secondaries"][0]["error"]
+        assert report["secondaries"][0]["state"] == "refused", error
+        assert "answered 403 to GET browse: '403 Forbidden': the web server" in error, error
+        assert "not the esmirror receiver" in error and "<" not in error, error
+        assert "rules and limits" in error, error
+        # the same page for other answers says what those usually mean there
+        for answer[0], meaning in [(404, "nothing is mounted at /lizardtech/mirror there"),
+                                   (500, "the receiver failed before it could answer"),
+                                   (503, "could not get an answer from the receiver behind it")]:
+            rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+            assert rc == 1, out
+            error = report["secondaries"][0]["error"]
+            assert f"answered {answer[0]} to GET browse" in error and meaning in error, error
+            assert "rules and limits" not in error, error
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-    assert rc == 1, out
-    error = report["secondaries"][0]["error"]
-    assert report["secondaries"][0]["state"] == "refused", error
-    assert "answered 403 to GET browse: '403 Forbidden': the web server" in error, error
-    assert "not the esmirror receiver" in error and "<" not in error, error
 
 
 def test_the_collector_is_back_on_after_a_command_start_up_even_one_that_failed():
@@ -761,3 +773,28 @@ def test_a_receiver_whose_python_encodes_names_as_ascii_says_so_instead_of_faili
     info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
     assert any("not UTF-8" in w for w in info["warnings"]), info
     assert not (f.secondaries[0].data_dir / "indexes" / "café.idx").exists()
+
+
+def test_a_receiver_that_cannot_start_under_a_web_server_answers_why(tmp_path):
+    """Behind httpd, IIS or a gunicorn unit, a receiver whose esmirror.ini no longer reads
+    (a typo, then a graceful restart) was the web server's bare 500 or no worker at all;
+    now each request gets a 503 naming the file, the line and how to restart it."""
+    from conftest import spawn_listening, stop_session
+
+    port = free_port()
+    secondary = make_install(tmp_path / "secondary", {"allow_psuh": "127.0.0.1", "express_version": VERSION})
+    master = make_install(tmp_path / "master", {"express_version": VERSION}, [("127.0.0.1", port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    gunicorn = spawn_listening([sys.executable, "-m", "gunicorn", "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                                "app.wsgi:application"], port, tmp_path / "gunicorn.log", cwd=REPO,
+                               env={**os.environ, "ESMIRROR_INSTALL_DIR": str(secondary.root)})
+    try:
+        rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    finally:
+        stop_session(gunicorn)
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "answered 503 to GET browse: this esmirror receiver cannot start (fix this, then restart it): " \
+        in error, error
+    assert "esmirror.ini:2: unknown key 'allow_psuh'" in error, error
+    assert "cannot start" in (tmp_path / "gunicorn.log").read_text()  # and its log says so
