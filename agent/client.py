@@ -132,7 +132,7 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
         elif "unable to get local issuer" in low:
             why = "its certificate's CA is not in ca-bundle.crt"
         elif "wrong version number" in low or "record layer" in low:
-            why = "it does not speak HTTPS on that port (is ssl set right?)"
+            why = "it does not speak HTTPS on that port; if it serves plain HTTP, set its ssl to none"
         else:
             why = reason
         return f"TLS to {secondary.name} failed: {why}"
@@ -144,7 +144,9 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
                 f"{BROWSE_TIMEOUT:.0f} s for a browse, {READ_TIMEOUT:.0f} s otherwise); check that "
                 "it is up and the network to it, then publish again")
     if "refused" in text.lower():
-        return f"cannot connect to {secondary.name}: connection refused (is esmirror running there?)"
+        return (f"cannot connect to {secondary.name}: connection refused, nothing listens on port "
+                f"{secondary.port} there; check that port in its <Secondary> (80 when left out, even "
+                "for HTTPS) and that its web server or receiver is running")
     if _wrapped(exc, http.client.RemoteDisconnected, ConnectionResetError) is not None:
         hint = ("if that port speaks HTTPS, set its ssl to noverify or strict" if secondary.ssl == "none"
                 else "if that port speaks plain HTTP, set its ssl to none")

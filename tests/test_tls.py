@@ -266,3 +266,17 @@ def test_plain_http_to_a_tls_port_says_to_check_ssl(https_pair, certs):
     assert (f"127.0.0.1:{port} closed the connection without answering; if that port speaks HTTPS, "
             "set its ssl to noverify or strict") in out, out
     assert "Max retries" not in out and "RemoteDisconnected" not in out
+
+
+def test_tls_to_a_plain_http_gunicorn_port_says_to_set_ssl_to_none(tmp_path, make_receiver):
+    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1",
+                                                      "express_version": VERSION})
+    receiver = make_receiver(secondary, server="gunicorn")
+    master = make_install(tmp_path / "master", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "noverify")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    rc, report, out = publish(master)
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert error == (f"TLS to 127.0.0.1:{receiver.port} failed: it does not speak HTTPS on that port; "
+                     "if it serves plain HTTP, set its ssl to none"), error
