@@ -210,7 +210,7 @@ def _unreadable_for(account: str, venv: Path) -> list[str]:
     for target in [venv, *code_outside(venv)]:
         blocked = blocked_at(target, who, 4 | 1)
         if blocked:
-            return [f"{account} cannot read {target} ({blocked[0]}: {blocked[1]}); httpd's daemon and "
+            return [f"{account} cannot read {target}: {blocked[1]}; httpd's daemon and "
                     f"the gunicorn unit run as {account}: give --venv a venv it can read (esmirror check "
                     "says the same after installing)"]
     return []

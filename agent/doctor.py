@@ -348,7 +348,8 @@ def account_groups(account: pwd.struct_passwd) -> set[int]:
 
 
 def blocked_at(path: Path, account: pwd.struct_passwd, bits: int) -> tuple[Path, str] | None:
-    """Where ``account`` is stopped from using ``path`` with ``bits`` (4 r, 2 w, 1 x), if anywhere.
+    """Where ``account`` is stopped from using ``path`` with ``bits`` (4 r, 2 w, 1 x), if anywhere,
+    and why in words that name that place: "www-data cannot enter /root (owner root, mode 0700)".
 
     Every parent must let it through (x); that is what catches a venv under a 0700 /root.
     ACLs are not read: a mode-bit refusal that an ACL lifts is reported all the same.
@@ -363,17 +364,24 @@ def blocked_at(path: Path, account: pwd.struct_passwd, bits: int) -> tuple[Path,
         try:
             st = parent.stat()
         except OSError as exc:
-            return parent, exc.strerror or str(exc)
+            return parent, f"{parent}: {exc.strerror or exc}"
         if not _mode_allows(st, account, groups, 1):
-            return parent, f"mode {stat.filemode(st.st_mode)} owner {_owner(st)} lets {account.pw_name} not pass"
+            return parent, f"{account.pw_name} cannot enter {parent} ({_owner_mode(st)})"
     try:
         st = path.stat()
     except OSError as exc:
-        return path, exc.strerror or str(exc)
+        return path, f"{path}: {exc.strerror or exc}"
     if not _mode_allows(st, account, groups, bits):
-        need = "".join(c for c, b in (("r", 4), ("w", 2), ("x", 1)) if bits & b)
-        return path, f"mode {stat.filemode(st.st_mode)} owner {_owner(st)}: {account.pw_name} lacks {need}"
+        verbs = ("list", "write in", "enter") if stat.S_ISDIR(st.st_mode) else ("read", "write", "run")
+        lacking = [verb for verb, bit in zip(verbs, (4, 2, 1))
+                   if bits & bit and not _mode_allows(st, account, groups, bit)]
+        said = ", ".join(lacking[:-1]) + " or " + lacking[-1] if len(lacking) > 1 else lacking[0]
+        return path, f"{account.pw_name} cannot {said} {path} ({_owner_mode(st)})"
     return None
+
+
+def _owner_mode(st: os.stat_result) -> str:
+    return f"owner {_owner(st)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def _owner(st: os.stat_result) -> str:
@@ -409,8 +417,10 @@ class CheckReport:
 
     def add(self, level: str, topic: str, message: str, where: Where | None = None,
             fix: str | None = None, file: str | None = None) -> None:
-        self.findings.append(Finding(level, topic, message, where.file if where else file,
-                                     where.line if where else None, fix))
+        finding = Finding(level, topic, message, where.file if where else file,
+                          where.line if where else None, fix)
+        if finding not in self.findings:  # one place reached by several paths is one finding
+            self.findings.append(finding)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "install_dir": self.install_dir, "lt_is_user": self.lt_is_user,
@@ -704,7 +714,7 @@ def _check_secret(report: CheckReport, settings: Settings, account: pwd.struct_p
         blocked = blocked_at(path, account, 4)
         if blocked:
             report.add("error", "secret", f"{account.pw_name} (LT_IS_USER) cannot read the shared "
-                       f"secret: {blocked[0]}: {blocked[1]}", file=str(path),
+                       f"secret {path}: {blocked[1]}", file=str(path),
                        fix=f"chown {account.pw_name} {path}; chmod 600 {path}")
             return
     mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -726,13 +736,19 @@ def _check_catalogs(report: CheckReport, settings: Settings, account: pwd.struct
         report.add("error", "catalogs", problem, file=str(path), fix="correct catalogs.xml at that line")
     if account is None:
         return
+    stopped: dict[str, list[tuple[str, str]]] = {}  # why → catalogs: one folder may stop several
     for name, target in sorted(result.catalog_paths.items()):
         where = path.parent / target  # (a relative Path is read from var/data; absolute: as is)
         blocked = blocked_at(where, account, 4 | 1 if where.is_dir() else 4)
         if blocked:
-            report.add("error", "catalogs", f"catalog {name!r}: Path {target} is not readable by "
-                       f"{account.pw_name}: {blocked[0]}: {blocked[1]}", file=str(path),
-                       fix=f"mount the shared image repository at {target} readable by {account.pw_name}")
+            stopped.setdefault(blocked[1], []).append((name, target))
+    for why, catalogs in stopped.items():
+        names = ", ".join(repr(name) for name, _ in catalogs)
+        targets = ", ".join(target for _, target in catalogs)
+        report.add("error", "catalogs", f"catalog{'s' if len(catalogs) > 1 else ''} {names}: Path "
+                   f"{targets} {'is' if len(catalogs) == 1 else 'are'} not readable by {account.pw_name}: "
+                   f"{why}", file=str(path),
+                   fix=f"mount the shared image repository at {targets} readable by {account.pw_name}")
     if not result.problems:
         report.add("ok", "catalogs", f"{path}: {len(result.catalog_paths)} catalog(s)")
 
@@ -740,25 +756,26 @@ def _check_catalogs(report: CheckReport, settings: Settings, account: pwd.struct
 def _check_working_dir(report: CheckReport, settings: Settings, account: pwd.struct_passwd) -> None:
     data = settings.data_dir
     blocked = blocked_at(data, account, 7)
-    problems = [blocked] if blocked else []
+    problems = dict([blocked]) if blocked else {}  # one finding per place that stops it
     if not blocked:
         for count, (root, dirs, files) in enumerate(os.walk(data)):
             if count > _MAX_DIRS:
                 break
-            for d in dirs:
+            for d in list(dirs):
                 hit = blocked_at(Path(root) / d, account, 7)
                 if hit:
-                    problems.append(hit)
+                    problems.setdefault(*hit)
+                    dirs.remove(d)  # what is inside would be stopped at the same folder
             for f in files:
                 hit = blocked_at(Path(root) / f, account, 4)
                 if hit:
-                    problems.append(hit)
+                    problems.setdefault(*hit)
             if len(problems) >= 5:
                 break
-    for where, why in problems[:5]:
+    for where, why in list(problems.items())[:5]:
         inside = where == data or data in where.parents
         report.add("error", "permissions", f"{account.pw_name} (LT_IS_USER) cannot read/write/delete in "
-                   f"the working dir: {where}: {why}", file=str(where),
+                   f"the working dir {data}: {why}", file=str(where),
                    fix=f"chown -R {account.pw_name} {data} (the receiver runs as this account)" if inside
                    else f"let {account.pw_name} pass {where} (chmod o+x {where}) or move the install")
     if not problems:
@@ -793,7 +810,7 @@ def _check_wsgi_code(report: CheckReport, httpd: HttpdConfig, account: pwd.struc
                 mode = "o+r" if blocked[0] == Path(os.path.abspath(target)) and not target.is_dir() \
                     else "o+x"
                 report.add("error", "wsgi", f"WSGIDaemonProcess {daemon.name} runs as {who.pw_name}, who "
-                           f"cannot read {target}: {blocked[0]}: {blocked[1]}", daemon.where,
+                           f"cannot read {target}: {blocked[1]}", daemon.where,
                            fix=f"move {target} where {who.pw_name} can read it (not under a 0700 home "
                                f"such as /root), or chmod {mode} {blocked[0]}")
                 break

@@ -472,7 +472,8 @@ def test_a_venv_reached_through_a_symlink_into_a_0700_dir_is_caught(tmp_path):
     (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
         f"WSGIDaemonProcess esmirror user={user} python-home={tmp_path}/pub/venv home=/\n")
     rc, _, text = check(root, conf)
-    assert rc == 1 and f"cannot read {tmp_path}/pub/venv: {private}: mode drwx------" in text, text
+    assert rc == 1 and f"cannot read {tmp_path}/pub/venv: {user} cannot enter {private} (owner root, " \
+        "mode 0700)" in text, text
 
 
 def test_the_gunicorn_units_user_is_compared_with_lt_is_user(tmp_path):
@@ -512,3 +513,35 @@ def test_a_daemon_option_quoted_whole_is_an_error(tmp_path):
     esm.write_text(f'WSGIDaemonProcess esmirror user={user} home="/" python-home=/usr\n')
     rc, report, text = check(root, conf, "--json")
     assert rc == 0, text
+
+
+@pytest.mark.skipif(not ROOT or account() == "root", reason="needs root and an account other than root")
+def test_a_folder_that_stops_the_account_is_reported_once_in_plain_words(tmp_path):
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    data = root / "ImageServer" / "var" / "data"
+    locked = data / "locked"
+    (locked / "deeper").mkdir(parents=True)
+    for name in ("a.idx", "b.idx", "deeper/c.idx"):
+        (locked / name).write_text("x")
+    subprocess.run(["chown", "-R", "root:root", str(locked)], check=True)
+    locked.chmod(0o700)
+    images = tmp_path / "private" / "images"
+    (images / "orthos").mkdir(parents=True)
+    (images / "dem").mkdir()
+    (tmp_path / "private").chmod(0o700)
+    (data / "catalogs.xml").write_text(
+        f'<CatalogConfig><Catalog name="orthos"><Path>{images}/orthos</Path></Catalog>'
+        f'<Catalog name="dem"><Path>{images}/dem</Path></Catalog></CatalogConfig>')
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1, text
+    permissions = [f for f in errors_of(report) if f["topic"] == "permissions"]
+    assert len(permissions) == 1, text
+    assert f"{user} cannot list, write in or enter {locked} (owner root, mode 0700)" \
+        in permissions[0]["message"], text
+    catalogs = [f for f in errors_of(report) if f["topic"] == "catalogs"]
+    assert len(catalogs) == 1 and "'dem', 'orthos'" in catalogs[0]["message"], text
+    assert f"{user} cannot enter {tmp_path / 'private'} (owner root, mode 0700)" in catalogs[0]["message"]
+    rc, _, text = check(root, conf)
+    assert "lets" not in text and "not pass" not in text and len(text.splitlines()) == len(set(text.splitlines()))
