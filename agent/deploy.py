@@ -92,7 +92,8 @@ def _group_of(user: str) -> str:
         return user  # not an account here (rendering for another machine): its own group
 
 
-def _shown(net: Network) -> str:
+def shown_network(net: Network) -> str:
+    """A network as esmirror.ini and httpd write it: a single address without /32 or /128."""
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
@@ -107,7 +108,7 @@ def _writable(networks: tuple[Network, ...]) -> list[Network]:
 
 def require_line(networks: tuple[Network, ...]) -> str:
     """Apache 2.4 ``Require`` for an allow list; an empty list admits nobody, as the receiver does."""
-    unique = list(dict.fromkeys(_shown(n) for n in _writable(networks)))
+    unique = list(dict.fromkeys(shown_network(n) for n in _writable(networks)))
     return f"Require ip {' '.join(unique)}" if unique else "Require all denied"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import ipaddress
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 try:
     import pwd
@@ -30,8 +32,10 @@ except ImportError:  # Windows: no Unix accounts; IIS's app pool account is docu
 from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, shell_value, write_lt_is_user
-from app.core.settings import PUSH_ROUTES, Settings, load_settings
+from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks
 from app.core.signing import read_secret
+
+from .deploy import apache_word, require_line, shown_network
 
 # where distributions keep the main config, tried in order when --httpd-conf is not given
 DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
@@ -39,6 +43,8 @@ DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf"
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MAX_DIRS = 20000  # a bounded walk of var/data for permissions
 MAX_INCLUDE_DEPTH = 128  # httpd's own limit on nested Includes
+# sections httpd decides at start-up: what they hold belongs to the section around them
+_TRANSPARENT = frozenset({"ifmodule", "ifdefine", "iffile", "ifversion", "ifdirective", "ifsection"})
 DEFAULT_RECEIVER_UNIT = "/etc/systemd/system/esmirror-receiver.service"  # deploy/apache/README.md
 # compiled into httpd on Debian and most builds (`apache2 -l`), when no httpd here can say
 _COMPILED_IN = ("core.c", "mod_so.c", "mod_watchdog.c", "http_core.c", "mod_log_config.c",
@@ -112,6 +118,28 @@ class WsgiDaemon:
 
 
 @dataclass
+class LocationSection:
+    """A <Location>, <LocationMatch> or <Location ~> and the access lines httpd reads inside it."""
+
+    path: str        # the URL-path, or the regex of <LocationMatch>/<Location ~>
+    regex: bool
+    where: Where
+    requires: list[Directive] = field(default_factory=list)
+    plain: bool = True  # False: a Require sits in <RequireAll>, <Limit>…, which this check does not model
+
+    def matches(self, url: str) -> bool:
+        """Whether httpd applies this section to ``url`` (wildcard Locations are not modelled)."""
+        if self.regex:
+            try:
+                return re.search(self.path, url) is not None
+            except re.error:
+                return False  # httpd itself refuses to start on it
+        if glob.has_magic(self.path):
+            return False
+        return url == self.path or url.startswith(self.path if self.path.endswith("/") else self.path + "/")
+
+
+@dataclass
 class HttpdConfig:
     """What esmirror needs from httpd's configuration."""
 
@@ -120,7 +148,9 @@ class HttpdConfig:
     user: Directive | None = None
     daemons: list[WsgiDaemon] = field(default_factory=list)
     script_aliases: list[Directive] = field(default_factory=list)
-    location_matches: list[Directive] = field(default_factory=list)  # <LocationMatch "regex">
+    locations: list[LocationSection] = field(default_factory=list)  # in the order httpd reads them
+    # ProxyPass as [URL-path, URL]; inside a <Location> the path is the Location's
+    proxy_passes: list[Directive] = field(default_factory=list)
     problems: list[tuple[str, str, Where | None]] = field(default_factory=list)  # (level, what, where)
     unreadable: list[str] = field(default_factory=list)  # files it includes that could not be read
 
@@ -192,6 +222,18 @@ class _Reader:
         self.defines: set[str] = set(re.findall(r"-D\s*([A-Za-z0-9_]+)", arguments))
         self.modules = compiled_in_modules()  # <IfModule>: these, then each LoadModule read
         self.seen: set[Path] = set()
+        # the sections open where the reader is: a LocationSection, or the name of another section
+        # (an Include inside a <Location> adds to that Location, as in httpd)
+        self.sections: list[LocationSection | str] = []
+
+    def location(self) -> LocationSection | None:
+        """The <Location> a directive here belongs to; a start-up conditional in between is transparent."""
+        for section in reversed(self.sections):
+            if isinstance(section, LocationSection):
+                return section
+            if section not in _TRANSPARENT:
+                return None
+        return None
 
     def problem(self, level: str, message: str, where: Where | None) -> None:
         self.config.problems.append((level, message, where))
@@ -245,21 +287,33 @@ class _Reader:
                          "(User, WSGIDaemonProcess) is not known to this check", None)
             return
         skipping = 0  # how deep inside a section httpd does not read
+        outer = len(self.sections)
         for number, line in lines:
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
             where = Where(str(path), number)
             if text.startswith("</"):
-                skipping = max(0, skipping - 1)
+                if skipping:
+                    skipping -= 1
+                elif len(self.sections) > outer:
+                    self.sections.pop()
                 continue
             if text.startswith("<"):
                 name, rest = (text.rstrip(">").split(None, 1) + [""])[:2]
                 section, argument = name[1:].lower(), self.expand(rest, where).strip().strip('"')
                 if skipping or not self.active(section, argument):
                     skipping += 1  # (its closing tag ends it; sections nest within a file)
-                elif section == "locationmatch" and argument:
-                    self.config.location_matches.append(Directive(name[1:], [argument], rest, where))
+                elif section in ("location", "locationmatch") and argument:
+                    regex = section == "locationmatch" or argument.startswith("~")
+                    opened = LocationSection(argument.lstrip("~").strip().strip('"'), regex, where)
+                    self.config.locations.append(opened)
+                    self.sections.append(opened)
+                else:
+                    inside = self.location()
+                    if inside is not None and section not in _TRANSPARENT:
+                        inside.plain = False  # <RequireAll>, <Limit>…: not a plain list of addresses
+                    self.sections.append(section)
                 continue
             if skipping:
                 continue
@@ -295,6 +349,17 @@ class _Reader:
                 self.config.daemons.append(WsgiDaemon(args[0], options, where))
             elif key == "wsgiscriptalias" and len(args) >= 2:
                 self.config.script_aliases.append(directive)
+            elif key == "require" and args:
+                inside = self.location()
+                if inside is not None:
+                    inside.requires.append(directive)
+            elif key == "proxypass" and args:
+                inside = self.location()
+                if inside is None and len(args) >= 2:
+                    self.config.proxy_passes.append(Directive(name, args[:2], directive.raw, where))
+                elif inside is not None and not inside.regex:  # in a <Location>: its path is the first
+                    self.config.proxy_passes.append(Directive(name, [inside.path, args[0]], directive.raw, where))
+        del self.sections[outer:]  # (a section left open does not reach into the next file)
 
     def include(self, pattern: str, optional: bool, where: Where, depth: int) -> None:
         target = self.resolve(pattern)
@@ -485,6 +550,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_wsgi_code(report, httpd, account)
         _check_mount(report, httpd, settings)
         _check_push_routes(report, httpd, settings)
+        _check_require_ip(report, httpd, settings)
     return report
 
 
@@ -518,7 +584,7 @@ def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser) -> 
 
 
 def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
-    """esmirror's WSGIScriptAlias must mount it at the prefix every master pushes to."""
+    """esmirror's WSGIScriptAlias (or ProxyPass) must mount it at the prefix every master pushes to."""
     for directive in httpd.esmirror_aliases():
         alias, script = directive.args[0], Path(directive.args[1])
         if not os.access(script, os.R_OK):
@@ -528,18 +594,37 @@ def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) ->
                        f"{settings.prefix} ({settings.ini_path}): masters push to the prefix",
                        directive.where,
                        fix=f"change the WSGIScriptAlias at {directive.where} to {settings.prefix}, or set "
-                           f"prefix = {alias} in {settings.ini_path} on every server")
+                           f"prefix = {alias.rstrip('/')} in {settings.ini_path} on every server")
+        elif alias != settings.prefix:
+            # the alias takes the slash of /prefix/manifest: the app is left "manifest", no route
+            report.add("error", "prefix", f"WSGIScriptAlias mounts esmirror at {alias}, with a trailing "
+                       "slash: httpd answers 404 for every route, pushes included", directive.where,
+                       fix=f"drop the trailing slash at {directive.where}: WSGIScriptAlias {settings.prefix} "
+                           f"{apache_word(str(script))} …; then reload httpd")
+    for directive in httpd.proxy_passes:
+        path, url = directive.args
+        target = urlsplit(url).path
+        if url == "!" or settings.prefix not in (path.rstrip("/"), target.rstrip("/")):
+            continue  # not proxied, or another application's
+        if path.endswith("/") != target.endswith("/"):
+            # httpd swaps the one for the other as written: /prefix/manifest becomes /prefixmanifest
+            sample = path.rstrip("/") + "/manifest"
+            origin = url[:len(url) - len(target)] if target else url
+            report.add("error", "prefix", f"ProxyPass forwards {path} to {url}: one ends with a slash and "
+                       f"the other does not, so {sample} reaches the receiver as "
+                       f"{target + sample[len(path):]} and every route answers 404", directive.where,
+                       fix=f"at {directive.where} end both with a slash or neither, as esmirror deploy "
+                           f"apache renders it (<Location {path.rstrip('/')}> ProxyPass "
+                           f"{origin}{target.rstrip('/')}); then reload httpd")
 
 
 def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
     """A <LocationMatch> that opens push routes to allow_push must open all of them: one left
     to the prefix's allow_admin is refused by httpd (403) to a master on another host."""
-    for section in httpd.location_matches:
-        try:
-            pattern = re.compile(section.args[0])
-        except re.error:
-            continue  # httpd itself refuses to start on it
-        opened = [r for r in PUSH_ROUTES if pattern.search(f"{settings.prefix}/{r}/x")]
+    for section in httpd.locations:
+        if not section.regex:
+            continue
+        opened = [r for r in PUSH_ROUTES if section.matches(f"{settings.prefix}/{r}/x")]
         if opened and len(opened) < len(PUSH_ROUTES):
             left = [r for r in PUSH_ROUTES if r not in opened]
             report.add("error", "push-routes", f"<LocationMatch> opens {', '.join(opened)} to the "
@@ -548,6 +633,89 @@ def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settin
                        section.where,
                        fix=f"render the Apache files again (esmirror deploy apache), or make the "
                            f"<LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
+
+
+def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
+    """httpd's ``Require ip`` on esmirror's routes must admit what esmirror.ini's lists admit:
+    an allow_push changed without rendering the Apache files again leaves httpd refusing the
+    master (403) while the receiver would let it in."""
+    kinds = [("allow_push", settings.allow_push, [(r, f"{settings.prefix}/{r}/x") for r in PUSH_ROUTES]),
+             ("allow_push + allow_admin", settings.allow_push + settings.allow_admin,
+              [("browse", f"{settings.prefix}/browse")]),
+             ("allow_admin", settings.allow_admin, [("status, publish, archive", f"{settings.prefix}/status")])]
+    for setting, networks, urls in kinds:
+        # httpd applies <Location>/<LocationMatch> in the order it reads them; the last one with
+        # a Require decides (AuthMerging Off, httpd's default)
+        decided: dict[int, list[str]] = {}
+        for route, url in urls:
+            index = next((i for i in reversed(range(len(httpd.locations)))
+                          if httpd.locations[i].requires and httpd.locations[i].matches(url)), None)
+            if index is not None:
+                decided.setdefault(index, []).append(route)
+        for index, routes in sorted(decided.items()):
+            section = httpd.locations[index]
+            allowed = _required_networks(section)
+            if allowed is None:
+                continue  # not a plain list of addresses: not what deploy renders, not compared
+            words = " ".join(w for d in section.requires for w in d.args[1:] if d.args[0].lower() == "ip")
+            where = section.requires[0].where
+            wanted, have = _address_set(networks), _address_set(allowed)
+            if wanted == have:
+                report.add("ok", "require-ip", f"httpd's Require ip on {', '.join(routes)} = {setting}", where)
+                continue
+            refused, extra = _not_covered(wanted, have), _not_covered(have, wanted)
+            effects = []
+            if refused:
+                effects.append(f"httpd refuses {' '.join(refused)} (403) before esmirror sees the request")
+            if extra:
+                effects.append(f"httpd lets in {' '.join(extra)}, which {setting} does not list")
+            report.add("error", "require-ip", f"httpd allows {words or 'nobody (Require all denied)'} on "
+                       f"{', '.join(routes)} ({where}) but {setting} in {settings.ini_path} is "
+                       f"{' '.join(map(shown_network, networks)) or 'empty (nobody)'}: {'; '.join(effects)}",
+                       where,
+                       fix=f"render the Apache files again (esmirror deploy apache --install-dir "
+                           f"{settings.install_dir}), which writes '{require_line(networks)}' there; run "
+                           "esmirror check; then reload httpd (apachectl configtest && apachectl graceful)")
+
+
+def _required_networks(section: LocationSection) -> list[Network] | None:
+    """The addresses a section's ``Require ip`` lines admit (any of them, as httpd's implicit
+    RequireAny), or None when it requires something else."""
+    if not section.plain:
+        return None
+    found: list[Network] = []
+    for directive in section.requires:
+        kind = [a.lower() for a in directive.args[:2]]
+        if kind == ["all", "denied"]:
+            continue
+        if kind[0] != "ip":
+            return None
+        for word in directive.args[1:]:
+            parts = word.split(".")
+            if "/" not in word and ":" not in word and len(parts) < 4 and all(p.isdigit() for p in parts if p):
+                # httpd's partial address: 10.1 is 10.1.0.0/16
+                given = [p for p in parts if p]
+                word = ".".join(given + ["0"] * (4 - len(given))) + f"/{8 * len(given)}"
+            try:
+                found += parse_networks(word)
+            except ValueError:
+                return None  # httpd refuses to start on it, or this check does not know the form
+    return found
+
+
+def _address_set(networks: tuple[Network, ...] | list[Network]) -> frozenset[Network]:
+    """The addresses admitted, one way of writing them: ::/1 and 8000::/1 are ::/0."""
+    out: set[Network] = set()
+    for version in (4, 6):
+        out.update(ipaddress.collapse_addresses(n for n in networks if n.version == version))
+    return frozenset(out)
+
+
+def _not_covered(networks: frozenset[Network], by: frozenset[Network]) -> list[str]:
+    """The networks of ``networks`` that ``by`` does not admit whole, as written in esmirror.ini."""
+    left = [n for n in networks if not any(n.version == b.version and n.subnet_of(b)  # type: ignore[arg-type]
+                                           for b in by)]
+    return [shown_network(n) for n in sorted(left, key=lambda n: (n.version, n))]
 
 
 def account_name(user: str) -> str:

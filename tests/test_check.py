@@ -515,6 +515,91 @@ def test_a_daemon_option_quoted_whole_is_an_error(tmp_path):
     assert rc == 0, text
 
 
+def write_ini(root: Path, **settings: str) -> None:
+    (root / "ImageServer" / "etc" / "esmirror.ini").write_text(
+        "[esmirror]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+@pytest.mark.parametrize("variant", ["esmirror-wsgi.conf", "esmirror-proxy.conf"])
+def test_allow_lists_changed_after_rendering_are_reported_until_rendered_again(tmp_path, variant):
+    """httpd keeps the Require ip lines it was rendered with: an allow_push changed later makes
+    httpd refuse the master (403) while check used to say all is well."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    out = tmp_path / "rendered"
+    render = ("deploy", "apache", "--install-dir", str(root), "--out", str(out), "--httpd-conf", str(conf))
+    rc, _, text = esmirror(*render)
+    assert rc == 0, text
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(f"Include {out}/{variant}\n")
+    snippet = out / variant
+    rc, report, text = check(root, conf, "--json")
+    assert not [f for f in errors_of(report) if f["topic"] == "require-ip"], text
+
+    # the same addresses in another order and spelling are the same list
+    write_ini(root, allow_push="192.0.2.10/32", allow_admin="::1 127.0.0.1")
+    rc, report, text = check(root, conf, "--json")
+    assert not [f for f in errors_of(report) if f["topic"] == "require-ip"], text
+
+    # a new master's address in allow_push, the Apache files not rendered again
+    write_ini(root, allow_push="2001:db8::/64 192.0.2.20")
+    rc, _, text = check(root, conf)
+    assert rc == 1 and "all is well" not in text, text
+    rc, report, text = check(root, conf, "--json")
+    push_line = next(n for n, l in enumerate(snippet.read_text().splitlines(), 1)
+                     if l.strip() == "Require ip 192.0.2.10")  # (browse's line lists allow_admin too)
+    [push] = [f for f in errors_of(report) if f["topic"] == "require-ip" and f["line"] == push_line]
+    assert push["file"] == str(snippet), push
+    assert "httpd allows 192.0.2.10 on manifest, blobs, chunks, delta, commit" in push["message"]
+    assert "allow_push in " in push["message"] and "is 2001:db8::/64 192.0.2.20" in push["message"]
+    assert "httpd refuses 192.0.2.20 2001:db8::/64 (403)" in push["message"]
+    assert "esmirror deploy apache" in push["fix"] and "esmirror check" in push["fix"] \
+        and "reload" in push["fix"] and "Require ip 2001:db8::/64 192.0.2.20" in push["fix"]
+
+    # allow_admin is rendered on the prefix the same way
+    write_ini(root, allow_push="192.0.2.10", allow_admin="198.51.100.0/24")
+    rc, report, text = check(root, conf, "--json")
+    [admin] = [f for f in errors_of(report) if f["topic"] == "require-ip" and "status" in f["message"]]
+    assert rc == 1 and admin["line"] == line_of(snippet, "Require ip 127.0.0.1 ::1"), text
+    assert "httpd allows 127.0.0.1 ::1 on status, publish, archive" in admin["message"]
+    assert "httpd refuses 198.51.100.0/24" in admin["message"] and "lets in 127.0.0.1 ::1" in admin["message"]
+
+    rc, _, text = esmirror(*render)
+    assert rc == 0, text
+    rc, report, text = check(root, conf, "--json")
+    assert not [f for f in errors_of(report) if f["topic"] == "require-ip"], text
+    assert any(f["topic"] == "require-ip" and f["level"] == "ok" for f in report["findings"]), text
+
+
+def test_a_mount_with_a_trailing_slash_is_an_error(tmp_path):
+    """WSGIScriptAlias /prefix/ makes httpd answer 404 for every route; ProxyPass breaks the
+    same way when only one of its two sides ends with a slash."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    entry = tmp_path / "esmirror.wsgi"
+    entry.write_text("from app.wsgi import application\n")
+    snippet = conf.parent / "conf-enabled" / "esmirror.conf"
+    snippet.write_text(f"WSGIDaemonProcess esmirror user={user} home=/\n"
+                       f"WSGIScriptAlias /lizardtech/mirror/ {entry}\n")
+    rc, report, text = check(root, conf, "--json")
+    [bad] = errors_of(report)
+    assert rc == 1 and bad["topic"] == "prefix" and bad["line"] == 2, text
+    assert "trailing slash" in bad["message"] and "404" in bad["message"]
+    assert "drop the trailing slash" in bad["fix"] and f"WSGIScriptAlias /lizardtech/mirror {entry}" in bad["fix"]
+
+    snippet.write_text("<Location /lizardtech/mirror/>\n"
+                       "    ProxyPass http://127.0.0.1:8081/lizardtech/mirror timeout=600\n</Location>\n")
+    rc, report, text = check(root, conf, "--json")
+    [bad] = errors_of(report)
+    assert rc == 1 and bad["topic"] == "prefix" and bad["line"] == 2, text
+    assert "/lizardtech/mirror/manifest reaches the receiver as /lizardtech/mirrormanifest" in bad["message"]
+    assert "end both with a slash or neither" in bad["fix"]
+    snippet.write_text("ProxyPass /lizardtech/mirror/ http://127.0.0.1:8081/lizardtech/mirror/\n")
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 0, text
+
+
 @pytest.mark.skipif(not ROOT or account() == "root", reason="needs root and an account other than root")
 def test_a_folder_that_stops_the_account_is_reported_once_in_plain_words(tmp_path):
     user = account()
