@@ -136,6 +136,80 @@ def test_an_ini_file_written_wrong_is_named_by_line(tmp_path, ini_text, words):
     one_line_error(rc, out, 2, *words)
 
 
+NOTEPAD_INI = "[esmirror]\r\n; the masters' network (café)\r\nallow_push = 10.1.2.0/24\r\n"
+
+
+@pytest.mark.parametrize("saved", [
+    b"\xff\xfe" + NOTEPAD_INI.encode("utf-16-le"),  # Notepad's "Unicode"
+    b"\xfe\xff" + NOTEPAD_INI.encode("utf-16-be"),  # "Unicode big endian"
+], ids=["utf-16-le", "utf-16-be"])
+def test_an_ini_saved_by_a_windows_editor_is_read(tmp_path, saved):
+    """Saved as UTF-16 with a byte-order mark, esmirror.ini was refused with "'utf-8' codec
+    can't decode byte 0xff in position 0"."""
+    install = install_with(tmp_path)
+    (install.etc_dir / "esmirror.ini").write_bytes(saved)
+    out_dir = tmp_path / "out"
+    rc, _, out = esmirror("deploy", "apache", "--httpd-conf", "", "--out", str(out_dir),
+                          "--install-dir", str(install.root))
+    assert rc == 0, out
+    assert "Require ip 10.1.2.0/24" in (out_dir / "esmirror-wsgi.conf").read_text()
+
+
+@pytest.mark.parametrize("saved,words", [
+    # Latin-1 (or cp1252) é in a comment: the line to fix, not a byte offset
+    (b"[esmirror]\narchive_keep = 3\n; caf\xe9 au lait\n",
+     ["esmirror.ini:3: not UTF-8 (byte 0xe9); save the file as UTF-8"]),
+    # a NUL after a value (a bad copy): said plainly, not as a strange address
+    (b"[esmirror]\nallow_admin = ::1\x00\n",
+     ["esmirror.ini:2: holds a NUL character (binary junk"]),
+    (b"\x00" * 512, ["esmirror.ini:1: holds a NUL character"]),  # zeroed by a crash
+    ("[esmirror]\narchive_keep = 3\n".encode("utf-16-le"),
+     ["esmirror.ini: holds NUL characters between all its letters", "UTF-16 saved without a "
+      "byte-order mark; save the file as UTF-8"]),
+    # UTF-16 is read as such: its lines are counted as the editor shows them
+    (b"\xff\xfe" + "[esmirror]\r\n; é\r\nallow_admin = 127.0.0.3/24\r\n".encode("utf-16-le"),
+     ["esmirror.ini:3: bad value for allow_admin"]),
+    (b"\xff\xfe" + "[esmirror]\r\narchive_keep = 3\r\n".encode("utf-16-le") + b"\x0a",
+     ["esmirror.ini:3: not UTF-16 (byte 0x0a); save the file as UTF-8"]),
+], ids=["latin-1", "nul", "zeroed", "utf-16-no-bom", "utf-16-bad-value", "utf-16-odd-byte"])
+def test_an_ini_in_another_encoding_or_with_junk_is_named_by_line(tmp_path, saved, words):
+    install = install_with(tmp_path)
+    (install.etc_dir / "esmirror.ini").write_bytes(saved)
+    rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))
+    one_line_error(rc, out, 2, *words)
+    assert "position" not in out and "\\x00" not in out, out
+
+
+def test_a_utf16_ini_is_read_again_by_the_agent_and_watched_by_the_receiver(tmp_path, caplog):
+    """The agent reads esmirror.ini again when it changes, a receiver warns that it changed:
+    both kept saying the UTF-16 file 'cannot be used' / would not start on it at all."""
+    import logging
+
+    from agent.daemon import Agent
+    from app import create_app
+    from app.core.settings import load_settings
+
+    install = install_with(tmp_path, {"allow_push": "127.0.0.1", "express_version": "9.5"})
+    ini = install.etc_dir / "esmirror.ini"
+    ini.write_bytes(ini.read_text().encode("utf-16"))
+    client = create_app(load_settings(install.root)).test_client()
+
+    def stale() -> bool:
+        answer = client.get("/browse", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        assert answer.status_code == 200, answer.text
+        return any("changed since this receiver started" in w for w in answer.json["warnings"])
+    assert not stale()
+    os.utime(ini)  # touched, not changed
+    assert not stale()
+    agent = Agent(load_settings(install.root))
+    ini.write_bytes((ini.read_text(encoding="utf-16") + "exclude = overviews/**\n").encode("utf-16"))
+    assert stale()
+    with caplog.at_level(logging.INFO, logger="esmirror.agent"):
+        agent.reread_settings()
+    assert "esmirror.ini changed: settings read again" in caplog.text, caplog.text
+    assert agent.settings.exclude == ("overviews/**",)
+
+
 def test_a_reload_command_that_is_a_folder_is_named(tmp_path):
     from app.core.apply import run_reload
     from app.core.settings import load_settings

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bom import bom_encoding
 from .errors import ConfigError
 
 DEFAULT_PREFIX = "/lizardtech/mirror"
@@ -196,10 +197,9 @@ def command_argv(command: str, windows: bool = os.name == "nt") -> list[str]:
 
 
 def _parse_command(text: str) -> str:
-    """A command line, checked now: a quote left open or a NUL byte fails at load, not at reload."""
+    """A command line, checked now: a quote left open fails at load, not at reload (a NUL
+    byte never gets here: _decode_ini refuses the file)."""
     command = text.strip()
-    if "\0" in command:
-        raise ValueError("holds a NUL byte")
     command_argv(command)
     return command
 
@@ -282,11 +282,40 @@ def load_settings(install_dir: str | os.PathLike[str] | None = None, **overrides
     return Settings(install_dir=root, source=str(ini), **values)
 
 
+def _decode_ini(ini: Path, data: bytes) -> str:
+    """esmirror.ini's bytes as text: UTF-8, or UTF-8/UTF-16 (LE, BE) after a byte-order mark,
+    as Windows editors save it. Bytes of another encoding, and NUL characters (binary junk
+    from a bad copy, or a file zeroed by a crash), are refused by line: otherwise they show
+    up as a confusing value, or a byte offset nobody can find in an editor."""
+    codec, skip = bom_encoding(data) or ("utf-8", 0)
+    body = data[skip:]
+    name = "UTF-8" if codec == "utf-8" else "UTF-16"
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as exc:
+        # lines end at "\n", as configparser counts them
+        line = body[:exc.start].decode(codec, errors="replace").count("\n") + 1
+        bad = body[exc.start:exc.end]
+        shown = " ".join(f"0x{b:02x}" for b in bad)
+        raise ConfigError(f"{ini}:{line}: not {name} ({'byte' if len(bad) == 1 else 'bytes'} "
+                          f"{shown}); save the file as UTF-8") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        odd, even = body[1::2], body[0::2]
+        if codec == "utf-8" and odd and (odd.count(0) == len(odd)) != (even.count(0) == len(even)):
+            raise ConfigError(f"{ini}: holds NUL characters between all its letters: it is UTF-16 "
+                              "saved without a byte-order mark; save the file as UTF-8")
+        raise ConfigError(f"{ini}:{text.count(chr(10), 0, nul) + 1}: holds a NUL character (binary "
+                          "junk, e.g. from a bad copy or a crash); remove it, or write the file again")
+    return text
+
+
 def _read_ini(ini: Path) -> dict[str, Any]:
     try:
-        text = ini.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{ini}: cannot read: {exc}") from None
+        data = ini.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{ini}: cannot read: {exc.strerror or exc}") from None
+    text = _decode_ini(ini, data)
     # ";" or "#" after a space starts a comment, as in most ini files ops write
     parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
     try:
