@@ -43,6 +43,17 @@ def test_a_mirrors_entry_that_is_not_a_host_and_port_is_a_configuration_error(tm
     one_line_error(rc, out, 2, "iserv-cfg.xml:", *words)
 
 
+def test_a_wrong_element_in_namespaced_mirrors_is_named_as_written(tmp_path):
+    """Under <ImageServer xmlns="…"> no <Mirrors> was found at all, so a typo in it was
+    never named: publish said this server is not a master."""
+    install = install_with(tmp_path)
+    cfg = install.etc_dir / "iserv-cfg.xml"
+    namespaced = '<ImageServer xmlns="http://www.lizardtech.com/iserv">'
+    cfg.write_text(cfg.read_text().replace("<ImageServer>", namespaced).replace("<Secondary ", "<Secondry "))
+    rc, _, out = esmirror("publish", "--dry-run", "--install-dir", str(install.root))
+    one_line_error(rc, out, 2, "iserv-cfg.xml:5: <Secondry> inside <Mirrors>; only <Secondary> belongs there")
+
+
 @pytest.mark.parametrize("key,value,words", [
     ("reload_command", '"unbalanced', ["reload_command", "No closing quotation"]),
     ("reload_timeout", "inf", ["reload_timeout"]),

@@ -558,16 +558,38 @@ def test_a_folder_behind_a_symlink_on_the_master_is_not_removed_from_secondaries
     assert set_files(secondary) == set_files(f.master.data_dir)
 
 
-def test_a_promoted_secondary_refuses_its_old_master(fleet):
+ISERV_NS = '<ImageServer xmlns="http://www.lizardtech.com/iserv">'
+
+
+def _in_namespace(text: str) -> bytes:
+    return text.replace("<ImageServer>", ISERV_NS).encode()
+
+
+def _utf16_broken(text: str) -> bytes:  # Notepad's "Unicode", and a tag left open
+    return text.replace("</ImageServer>", "<Broken></ImageServer>").encode("utf-16")
+
+
+def _prefixed_broken(text: str) -> bytes:
+    return (text.replace("<ImageServer>", '<ImageServer xmlns:i="http://www.lizardtech.com/iserv">')
+            .replace("Mirrors>", "i:Mirrors>").replace("<Secondary", "<i:Secondary")
+            .replace("</ImageServer>", "<Broken></ImageServer>").encode())
+
+
+@pytest.mark.parametrize("saved", [str.encode, _in_namespace, _utf16_broken, _prefixed_broken],
+                         ids=["plain", "default-namespace", "utf-16-broken", "prefixed-broken"])
+def test_a_promoted_secondary_refuses_its_old_master(fleet, saved):
     """The master dies, a secondary is promoted (Mirrors added to its iserv-cfg.xml) and
     edited; the old master comes back and publishes: it overwrote the new master's set
-    and reported it in sync."""
+    and reported it in sync. It still did when the promoted server's iserv-cfg.xml had a
+    default namespace (xmlns= on the root), or was UTF-16 or used a prefix (<i:Mirrors>)
+    and did not parse."""
     f = fleet(1)
     assert f.publish()[0] == 0
     promoted = f.secondaries[0]
     cfg = promoted.etc_dir / "iserv-cfg.xml"
-    cfg.write_text(cfg.read_text().replace("<ImageManager/>", '<ImageManager/>\n  <Mirrors>\n'
-                                           '    <Secondary host="192.0.2.7" port="8080"/>\n  </Mirrors>'))
+    cfg.write_bytes(saved(cfg.read_text().replace("<ImageManager/>", '<ImageManager/>\n  <Mirrors>\n'
+                                                  '    <Secondary host="192.0.2.7" port="8080"/>\n'
+                                                  '  </Mirrors>')))
     (promoted.data_dir / "indexes" / "new-master-only.idx").write_bytes(b"the new master's own")
     before = set_files(promoted.data_dir)
     (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"the old master again")
@@ -584,6 +606,18 @@ def test_a_promoted_secondary_refuses_its_old_master(fleet):
         "generation": 9, "master": info["master"], "base": info["digest"], "unchanged": True})
     assert answer.status_code == 409 and "this server is a master" in answer.json()["error"], answer.text
     assert set_files(promoted.data_dir) == before
+
+
+def test_a_master_whose_iserv_cfg_has_a_default_namespace_publishes(fleet):
+    """<ImageServer xmlns="http://www.lizardtech.com/iserv">: publish said "has no <Mirrors>
+    element: this server is not a master"."""
+    f = fleet(1)
+    cfg = f.master.etc_dir / "iserv-cfg.xml"
+    cfg.write_bytes(_in_namespace(cfg.read_text()))
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert [s["state"] for s in report["secondaries"]] == ["in-sync"]
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
 
 
 def test_a_master_restored_from_a_backup_continues_from_its_secondaries_generation(fleet, tmp_path):

@@ -14,7 +14,7 @@ from lxml import etree
 
 from .errors import ConfigError
 from .settings import Settings
-from .xmlsafe import parse_file
+from .xmlsafe import parse_file, xml_text
 
 TLS_MODES = ("none", "noverify", "strict")
 
@@ -113,6 +113,23 @@ def parse_secondary_spec(text: str, ssl: str = "none") -> Secondary:
     return Secondary(host, port or 80, ssl)
 
 
+def _local_name(element: etree._Element) -> str:
+    """An element's name without its namespace: Express Server reads <Mirrors> the same
+    with or without an xmlns on the root, and so must esmirror."""
+    return etree.QName(element).localname
+
+
+def _shown_name(element: etree._Element) -> str:
+    """An element's name as the file spells it, for messages (never ``{uri}name``)."""
+    return f"{element.prefix}:{_local_name(element)}" if element.prefix else _local_name(element)
+
+
+# {*}: in any namespace, or none (<ImageServer xmlns="http://www.lizardtech.com/iserv">)
+_MIRRORS = ".//{*}Mirrors"
+# the same in the text of a file that does not parse: <Mirrors or <x:Mirrors, not <MirrorsOld
+_MIRRORS_TAG = re.compile(r"<(?:[\w.-]+:)?Mirrors(?![\w.:-])")
+
+
 def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
     """The secondaries listed by a master; ``[]`` when it has no ``Mirrors``."""
     try:
@@ -121,7 +138,7 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         raise ConfigError(f"{iserv_cfg}: not found; a master lists its secondaries there") from None
     except (etree.XMLSyntaxError, ValueError, OSError) as exc:
         raise ConfigError(f"{iserv_cfg}: not readable XML: {exc}") from None
-    mirrors = root.findall(".//Mirrors")
+    mirrors = root.findall(_MIRRORS)
     if len(mirrors) > 1:
         raise ConfigError(f"{iserv_cfg}:{mirrors[1].sourceline}: a second <Mirrors> element; keep one")
     if not mirrors:
@@ -131,8 +148,9 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         if not isinstance(element.tag, str):
             continue  # comments
         where = f"{iserv_cfg}:{element.sourceline}"
-        if element.tag != "Secondary":
-            raise ConfigError(f"{where}: <{element.tag}> inside <Mirrors>; only <Secondary> belongs there")
+        if _local_name(element) != "Secondary":
+            raise ConfigError(f"{where}: <{_shown_name(element)}> inside <Mirrors>; only <Secondary> "
+                              "belongs there")
         host = (element.get("host") or "").strip()
         if not host:
             raise ConfigError(f'{where}: <Secondary> needs host="…"')
@@ -163,15 +181,15 @@ def lists_mirrors(iserv_cfg: Path) -> bool:
     XML is broken is a master when a <Mirrors> stands in it outside comments: it refuses
     pushes rather than take a set over a promoted master's (publish reports the error)."""
     try:
-        return parse_file(iserv_cfg).find(".//Mirrors/Secondary") is not None
+        return parse_file(iserv_cfg).find(_MIRRORS + "/{*}Secondary") is not None
     except OSError:
         return False
     except (etree.XMLSyntaxError, ValueError):
         try:
-            text = iserv_cfg.read_text(encoding="utf-8", errors="replace")
+            text = xml_text(iserv_cfg.read_bytes())  # (UTF-16 from Notepad, too)
         except OSError:
             return False
-        return "<Mirrors" in re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)
+        return _MIRRORS_TAG.search(re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)) is not None
 
 
 def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:
