@@ -132,6 +132,9 @@ def _streams() -> _Output | None:
 
 def run() -> None:
     """``esmirror`` as a program (the console script, ``python -m agent``)."""
+    from app.core.state import keep_owner_rights
+
+    keep_owner_rights()
     out = _streams()
     try:
         main(prog_name="esmirror")

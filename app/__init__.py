@@ -81,6 +81,9 @@ def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
     shows the cause (an esmirror.ini typo after a graceful restart, the venv, the owner of
     var/data) instead of the web server's bare 500. ``esmirror serve`` stops instead.
     """
+    from .core.state import keep_owner_rights
+
+    keep_owner_rights()
     given = settings
     try:
         from .ipfilter import PrefixMount

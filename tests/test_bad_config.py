@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,51 @@ def test_root_is_warned_off_a_working_dir_another_account_owns(tmp_path):
     assert rc == 0 and "warning: running as root" in out and "sudo -u nobody esmirror" in out, out
     rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))  # writes nothing
     assert "warning" not in out, out
+
+
+@pytest.mark.parametrize("umask", ["0277", "0777"])
+def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(tmp_path, make_receiver, umask):
+    """A unit's UMask= typo made .esmirror/ and its records unusable for good, even for
+    later commands under a sane umask; esmirror keeps its owner's rights. Run as an
+    account that permissions bind (root's do not)."""
+    import pwd
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    from agent.demo import write_sample_set
+    from conftest import REPO, VERSION, set_files
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to run the CLI as another account")
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    if subprocess.run([*as_nobody, sys.executable, "-c", "import agent.cli"], cwd=REPO,
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{REPO} is not readable by nobody")
+    base = Path(tempfile.mkdtemp(prefix="esmirror-umask-"))
+    try:
+        os.chmod(base, 0o755)
+        secondary = make_install(base / "secondary", {"allow_push": "127.0.0.1", "express_version": VERSION})
+        receiver = make_receiver(secondary)
+        master = make_install(base / "master", {"express_version": VERSION},
+                              [("127.0.0.1", receiver.port, "none")])
+        write_sample_set(master.data_dir, base / "images", big_mb=1)
+        subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(master.root)], check=True)
+
+        def publish(umask: str) -> subprocess.CompletedProcess:
+            line = f"umask {umask}; exec {shlex.quote(sys.executable)} -m agent publish --install-dir " \
+                   f"{shlex.quote(str(master.root))}"
+            return subprocess.run([*as_nobody, "sh", "-c", line], capture_output=True, text=True, cwd=REPO,
+                                  timeout=120)
+
+        done = publish(umask)
+        assert done.returncode == 0, done.stdout + done.stderr
+        catalogs = master.data_dir / "catalogs.xml"
+        catalogs.write_text(catalogs.read_text() + "<!-- again -->\n", encoding="utf-8")
+        done = publish("0022")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert set_files(secondary.data_dir) == set_files(master.data_dir)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -10,6 +10,16 @@ from typing import Any
 from .errors import Damaged, one_line
 
 
+def keep_owner_rights() -> None:
+    """Take the owner's bits out of the process umask, keeping what it denies group and others.
+
+    A umask that denies the owner (0277, 0777: a unit's UMask= typo) made esmirror's own
+    folders and records under .esmirror/ unwritable, or unreadable, for good: every later
+    command and receiver failed on them, whatever its umask. Call once, at start-up."""
+    if os.name == "posix":
+        os.umask(os.umask(0) & 0o077)
+
+
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
