@@ -389,7 +389,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
         counter = master_record(settings)
         last = max(int(counter.get("generation", 0)), int(counter.get("generation_floor", 0)),
                    highest_generation_seen(settings, mine["self"], openings.values()))
-        generation = last + (0 if dry_run else 1)
+        generation = last + 1  # (a dry run shows the number it would take, and takes none)
         if not dry_run:
             write_json(master_record_path(settings), {"generation": generation, "published_at": now_iso(),
                                                       "digest": scanned.manifest.digest})

@@ -22,7 +22,8 @@ def human_bytes(n: int) -> str:
 
 
 def print_publish(report: PublishReport) -> None:
-    click.echo(f"generation {report.generation}: {report.files} files, "
+    dry_run = bool(report.secondaries) and all(r.state == "dry-run" for r in report.secondaries)
+    click.echo(f"{'dry run of ' if dry_run else ''}generation {report.generation}: {report.files} files, "
                f"{human_bytes(report.bytes)}, digest {report.digest[:16]}…")
     for warning in report.warnings:
         click.echo(f"warning: {warning}")
@@ -37,7 +38,7 @@ def print_publish(report: PublishReport) -> None:
         for warning in r.warnings:
             click.echo(f"{r.name}: warning: {warning}")
     failed = [r for r in report.secondaries if not r.ok]
-    if report.secondaries and all(r.state == "dry-run" for r in report.secondaries):
+    if dry_run:
         click.echo("dry run: nothing was sent; the files and bytes above are what a publish would send")
         return
     click.echo("all secondaries in sync" if not failed else

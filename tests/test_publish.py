@@ -155,8 +155,10 @@ def test_dry_run_sends_nothing(fleet):
     assert rc == 0, out
     assert report["secondaries"][0]["state"] == "dry-run"
     assert report["secondaries"][0]["files_sent"] == 8
+    assert report["generation"] == 1  # the number it would take (and takes none)
     assert set_files(f.secondaries[0].data_dir) == {}
-    assert f.publish()[0] == 0
+    rc, report, out = f.publish()
+    assert rc == 0 and report["generation"] == 1, out
     (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
     before = set_files(f.secondaries[0].data_dir)
     rc, report, out = f.publish("--dry-run")  # what would go: the one changed file
@@ -165,6 +167,7 @@ def test_dry_run_sends_nothing(fleet):
     assert rc == 0 and report["secondaries"][0]["files_sent"] == 8, out
     rc, _, text = esmirror("publish", "--install-dir", str(f.master.root), "--dry-run")
     assert rc == 0 and "dry run: nothing was sent" in text and "in sync" not in text, text
+    assert text.startswith("dry run of generation 2: "), text
     assert set_files(f.secondaries[0].data_dir) == before
 
 
