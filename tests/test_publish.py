@@ -836,3 +836,20 @@ def test_a_receiver_that_cannot_start_under_a_web_server_answers_why(tmp_path):
         in error, error
     assert "esmirror.ini:2: unknown key 'allow_psuh'" in error, error
     assert "cannot start" in (tmp_path / "gunicorn.log").read_text()  # and its log says so
+
+
+def test_a_name_that_is_not_utf8_is_shown_escaped_the_same_everywhere(fleet):
+    """Python's own escape (\\udcff) or a replacement character (�) hid which file to
+    rename; both sides now show the bytes as \\xff, whatever the terminal."""
+    f = fleet(1)
+    bad = os.fsdecode(b"indexes/\xff\xfe.idx")
+    (f.master.data_dir / bad).write_bytes(b"x")
+    rc, _, out = esmirror("publish", "--install-dir", str(f.master.root))
+    assert r"indexes/\xff\xfe.idx: not valid UTF-8: rename it" in out, out
+    (f.master.data_dir / bad).unlink()
+    (f.secondaries[0].data_dir / "indexes").mkdir(exist_ok=True)
+    (f.secondaries[0].data_dir / bad).write_bytes(b"x")
+    rc, _, out = esmirror("publish", "--install-dir", str(f.master.root))
+    assert rc == 0, out
+    assert r"indexes/\xff\xfe.idx: not valid UTF-8: rename it" in out, out
+    assert "\\udc" not in out and "\ufffd" not in out, out

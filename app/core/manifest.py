@@ -97,6 +97,17 @@ def path_problem(path: Any) -> str | None:
     return _path_problem(path)
 
 
+def shown_path(path: str) -> str:
+    """A name as messages show it: one whose bytes are not UTF-8 with those bytes escaped
+    (``\\xff``), the same on the master, in a secondary's answer and on any terminal, so the
+    file to rename can be found (``ls -b`` shows them in octal)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @functools.lru_cache(maxsize=PATHS_CACHED)
 def _path_problem(path: str) -> str | None:
     if not path:
@@ -104,7 +115,7 @@ def _path_problem(path: str) -> str | None:
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
-        return "not valid UTF-8"
+        return "not valid UTF-8: rename it"
     if len(encoded) > MAX_PATH_BYTES:
         return f"longer than {MAX_PATH_BYTES} bytes"
     if path.startswith("/") or _DRIVE_RE.match(path):
@@ -760,7 +771,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
         if (inc and not matches_any(rel, inc)) or (exc and matches_any(rel, exc)):
             continue
         if st is None or not stat.S_ISREG(st.st_mode):
-            warnings.append(f"{rel}: skipped, {not_a_file(full)} (only regular files are mirrored)")
+            warnings.append(f"{shown_path(rel)}: skipped, {not_a_file(full)} (only regular files are mirrored)")
             skipped.append(rel)
             continue
         problem = path_problem(rel)
@@ -777,7 +788,7 @@ def scan(data_dir: Path, cache: HashCache | None = None,
                 problem = (f"same name as {other!r} on Windows (differs only by case or Unicode "
                            f"form{spelled(rel, other)})")
         if problem:
-            unsafe.append(f"{rel}: {problem}")
+            unsafe.append(f"{shown_path(rel)}: {problem}")
             continue
         seen[key] = rel
         try:
@@ -788,12 +799,12 @@ def scan(data_dir: Path, cache: HashCache | None = None,
                 except ChangedWhileRead:  # written to while read: read it again as it is now
                     st = os.stat(full)
             else:
-                unsafe.append(f"{rel}: kept changing while it was read ({READ_TRIES} times); publish "
+                unsafe.append(f"{shown_path(rel)}: kept changing while it was read ({READ_TRIES} times); publish "
                               "again once whatever writes it is done")
         except FileNotFoundError:
             continue  # removed while scanning
     for rel, why in inside_files(seen):  # (only where names differ by case: A.idx, a.idx/x; D/x, d/y)
-        unsafe.append(f"{rel}: {why}")
+        unsafe.append(f"{shown_path(rel)}: {why}")
         files.pop(rel, None)
     cache.save(files)
     if cache.chunk_index is not None:
