@@ -49,6 +49,12 @@ DEFAULT_RECEIVER_UNIT = "/etc/systemd/system/esmirror-receiver.service"  # deplo
 # compiled into httpd on Debian and most builds (`apache2 -l`), when no httpd here can say
 _COMPILED_IN = ("core.c", "mod_so.c", "mod_watchdog.c", "http_core.c", "mod_log_config.c",
                 "mod_logio.c", "mod_version.c", "mod_unixd.c")
+# a DT_NEEDED name in the module's string table: NUL on both sides, e.g. "libpython3.11.so.1.0"
+_LIBPYTHON_RE = re.compile(rb"\0libpython(\d+)\.(\d+)[a-z]*\.so[0-9.]*\0")
+_MAX_MODULE_BYTES = 64 << 20  # mod_wsgi.so is well under 1 MiB; do not slurp a wrong file whole
+# where distributions put their modules and their interpreter (deploy/apache/README.md)
+_DISTRIBUTION_LIBS = (Path("/usr/lib"), Path("/usr/lib64"))
+_DISTRIBUTION_BINS = (Path("/usr/bin"), Path("/bin"))
 
 
 def module_key(name: str) -> str:
@@ -118,6 +124,12 @@ class WsgiDaemon:
 
 
 @dataclass
+class LoadedModule:
+    path: Path   # resolved against ServerRoot, as httpd does
+    where: Where
+
+
+@dataclass
 class LocationSection:
     """A <Location>, <LocationMatch> or <Location ~> and the access lines httpd reads inside it."""
 
@@ -151,6 +163,7 @@ class HttpdConfig:
     locations: list[LocationSection] = field(default_factory=list)  # in the order httpd reads them
     # ProxyPass as [URL-path, URL]; inside a <Location> the path is the Location's
     proxy_passes: list[Directive] = field(default_factory=list)
+    wsgi_module: LoadedModule | None = None  # the LoadModule wsgi_module httpd acts on
     problems: list[tuple[str, str, Where | None]] = field(default_factory=list)  # (level, what, where)
     unreadable: list[str] = field(default_factory=list)  # files it includes that could not be read
 
@@ -332,6 +345,9 @@ class _Reader:
                 self.vars.pop(args[0], None)
             elif key == "loadmodule" and args:
                 self.modules.add(module_key(args[0]))
+                # httpd keeps the first and skips a repeat ("already loaded, skipping")
+                if module_key(args[0]) == "wsgi" and len(args) > 1 and self.config.wsgi_module is None:
+                    self.config.wsgi_module = LoadedModule(self.resolve(args[1]), where)
             elif key in ("include", "includeoptional") and args:
                 self.include(args[0], optional=key == "includeoptional", where=where, depth=depth)
             elif key == "user" and args:
@@ -548,6 +564,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_working_dir(report, settings, account)
     if httpd is not None:
         _check_wsgi_code(report, httpd, account)
+        _check_venv_python(report, httpd)
         _check_mount(report, httpd, settings)
         _check_push_routes(report, httpd, settings)
         _check_require_ip(report, httpd, settings)
@@ -1008,14 +1025,93 @@ def code_outside(home: Path) -> list[Path]:
     return found
 
 
+def read_pyvenv_cfg(home: Path) -> dict[str, str]:
+    """A venv's pyvenv.cfg as ``site`` reads it (``key = value``, keys lower-cased); {} if none."""
+    try:
+        text = (home / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" in line:
+            key, value = line.split("=", 1)
+            found[key.strip().lower()] = value.strip()
+    return found
+
+
 def _venv_interpreter(home: Path) -> list[Path]:
     """The interpreter a venv points at (pyvenv.cfg ``home``), which the daemon user must read too."""
+    base = read_pyvenv_cfg(home).get("home")
+    return [Path(base)] if base else []
+
+
+def venv_version(cfg: dict[str, str]) -> tuple[int, int] | None:
+    """The Python major.minor a venv was made from (its :func:`read_pyvenv_cfg`): ``version``
+    (venv) or ``version_info`` (virtualenv)."""
+    for key in ("version", "version_info"):
+        match = re.match(r"(\d+)\.(\d+)", cfg.get(key, ""))
+        if match:
+            return int(match.group(1)), int(match.group(2))
+    return None
+
+
+def linked_libpython(module: Path) -> tuple[int, int] | None:
+    """The Python major.minor a mod_wsgi module embeds, from the libpython3.N it links;
+    None when it cannot be read or links none (a static build), so nothing is claimed."""
     try:
-        text = (home / "pyvenv.cfg").read_text(encoding="utf-8")
+        with module.open("rb") as handle:
+            data = handle.read(_MAX_MODULE_BYTES)
     except OSError:
-        return []
-    match = re.search(r"^home\s*=\s*(.+)$", text, re.MULTILINE)
-    return [Path(match.group(1).strip())] if match else []
+        return None
+    match = _LIBPYTHON_RE.search(data)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether ``path``, as written or where its symlinks lead, is in one of ``roots``."""
+    return any(p == root or root in p.parents
+               for p in (Path(os.path.abspath(path)), Path(os.path.realpath(path))) for root in roots)
+
+
+def _check_venv_python(report: CheckReport, httpd: HttpdConfig) -> None:
+    """python-home must be a venv of the Python mod_wsgi embeds: another minor version cannot
+    import its packages, another build of the same one fails with undefined symbols."""
+    module = httpd.wsgi_module
+    embeds = linked_libpython(module.path) if module else None
+    if module is None or embeds is None:
+        return  # no module, unreadable or static: nothing known to compare with
+    wanted = "%d.%d" % embeds
+    loaded = f"{module.path} (LoadModule at {module.where})"
+    distribution = _under(module.path, _DISTRIBUTION_LIBS)
+    for daemon in httpd.esmirror_daemons():
+        home = daemon.options.get("python-home")
+        cfg = read_pyvenv_cfg(Path(home)) if home else {}
+        version = venv_version(cfg)
+        if not home or version is None:
+            continue  # not a venv (python-home=/usr) or one that does not say
+        base = cfg.get("home")
+        made = "%d.%d" % version
+        where = f"WSGIDaemonProcess {daemon.name}'s python-home {home}"
+        # a module of one's own build embeds that build's python, wherever it lives
+        python = f"/usr/bin/python{wanted}" if distribution else f"python{wanted}"
+        built = "" if distribution else f" (the one {module.path} was built with)"
+        remake = (f"remake the venv from {python}{built}: {python} -m venv --clear {home}, then "
+                  f"reinstall esmirror into it ({home}/bin/pip install /path/to/esmirror)")
+        if version != embeds:
+            report.add("error", "wsgi", f"{where} is a venv of Python {made} (home = {base or '?'} in "
+                       f"{home}/pyvenv.cfg), but the mod_wsgi httpd loads, {loaded}, embeds Python "
+                       f"{wanted} (it links libpython{wanted}): under httpd the receiver cannot import "
+                       "its packages", daemon.where,
+                       fix=f"{remake}; or pip install mod_wsgi into the venv and put the LoadModule line "
+                           f"that {home}/bin/mod_wsgi-express module-config prints in place of {module.where}")
+        elif distribution and base and Path(os.path.normpath(base)) not in _DISTRIBUTION_BINS:
+            report.add("error", "wsgi", f"{where} is a venv of the Python {made} in {base} (pyvenv.cfg "
+                       f"home), not of the distribution's /usr/bin/python{wanted} that {loaded} embeds: "
+                       f"a {wanted} from another build fails with undefined symbols or cannot see the "
+                       "venv's packages", daemon.where, fix=remake)
+        else:
+            report.add("ok", "wsgi", f"{where} is a venv of Python {made}, the one {module.path} embeds",
+                       daemon.where)
 
 
 def print_check(report: CheckReport, verbose: bool = True) -> None:

@@ -630,3 +630,98 @@ def test_a_folder_that_stops_the_account_is_reported_once_in_plain_words(tmp_pat
     assert f"{user} cannot enter {tmp_path / 'private'} (owner root, mode 0700)" in catalogs[0]["message"]
     rc, _, text = check(root, conf)
     assert "lets" not in text and "not pass" not in text and len(text.splitlines()) == len(set(text.splitlines()))
+
+
+DEBIAN_MOD_WSGI = Path("/usr/lib/apache2/modules/mod_wsgi.so")
+
+
+def wsgi_venv(tmp_path: Path, conf: Path, user: str, home: str, version: str) -> Path:
+    """A python-home whose pyvenv.cfg says which Python made it (no real venv is needed)."""
+    venv = tmp_path / "venv"
+    venv.mkdir(exist_ok=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = false\n"
+                                     f"version = {version}\n")
+    (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
+        f"WSGIDaemonProcess esmirror user={user} python-home={venv} home=/\n")
+    return venv
+
+
+def other_build(tmp_path: Path) -> Path:
+    """The bin folder of a Python built apart from the distribution's (as pyenv does)."""
+    bin_dir = tmp_path / "pyenv" / "versions" / "3.11.7" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    return bin_dir
+
+
+def test_a_venv_of_another_minor_than_the_module_links_is_an_error(tmp_path):
+    """A mod_wsgi of one's own build linking libpython3.9, and a venv of 3.11: nothing imports."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    module = tmp_path / "modules" / "mod_wsgi.so"
+    module.parent.mkdir()
+    module.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 57 + b"\0libc.so.6\0libpython3.9.so.1.0\0"
+                       b"wsgi_module\0" + bytes(range(256)))
+    load = conf.parent / "mods-enabled" / "wsgi.load"
+    load.write_text(f"# mod_wsgi-express module-config\nLoadModule wsgi_module {module}\n")
+    venv = wsgi_venv(tmp_path, conf, user, "/usr/bin", "3.11.2")
+    rc, _, text = check(root, conf)
+    assert rc == 1, text
+    error = next(l for l in text.splitlines() if "ERROR" in l and "python-home" in l)
+    assert f"python-home {venv} is a venv of Python 3.11 (home = /usr/bin in {venv}/pyvenv.cfg)" in error
+    assert f"{module} (LoadModule at {load}:2), embeds Python 3.9 (it links libpython3.9)" in error
+    assert f"({conf.parent / 'conf-enabled' / 'esmirror.conf'}:1)" in error
+    fix = text.splitlines()[text.splitlines().index(error) + 1]
+    assert f"fix: remake the venv from python3.9 (the one {module} was built with): python3.9 -m venv " \
+           f"--clear {venv}, then reinstall esmirror into it" in fix
+    assert f"{venv}/bin/mod_wsgi-express module-config prints in place of {load}:2" in fix
+
+    wsgi_venv(tmp_path, conf, user, str(other_build(tmp_path)), "3.9.1")  # not the distribution's: fine
+    rc, _, text = check(root, conf)
+    assert rc == 0, text
+    assert f"OK       wsgi: WSGIDaemonProcess esmirror's python-home {venv} is a venv of Python 3.9, " \
+           f"the one {module} embeds" in text
+
+    # a static build links no libpython, a missing module cannot be read: nothing is claimed
+    wsgi_venv(tmp_path, conf, user, "/usr/bin", "3.11.2")
+    for content in (b"\x7fELF\0libc.so.6\0", None):
+        if content is None:
+            module.unlink()
+        else:
+            module.write_bytes(content)
+        rc, _, text = check(root, conf)
+        assert rc == 0 and "libpython" not in text and "is a venv of" not in text, text
+
+
+@pytest.mark.skipif(not DEBIAN_MOD_WSGI.is_file() or b"\0libpython3.11.so" not in DEBIAN_MOD_WSGI.read_bytes(),
+                    reason="needs Debian 12's libapache2-mod-wsgi-py3 (links libpython3.11)")
+def test_debians_mod_wsgi_needs_a_venv_of_debians_python(tmp_path):
+    """The probe's case: a venv of pyenv's 3.11.7 under Debian's module fails with undefined symbols."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)  # LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
+    load = f"{conf.parent / 'mods-enabled' / 'wsgi.load'}:1"
+    venv = wsgi_venv(tmp_path, conf, user, "/usr/bin", "3.9.1")
+    rc, _, text = check(root, conf)
+    assert rc == 1, text
+    assert f"python-home {venv} is a venv of Python 3.9 (home = /usr/bin in {venv}/pyvenv.cfg), but the " \
+           f"mod_wsgi httpd loads, {DEBIAN_MOD_WSGI} (LoadModule at {load}), embeds Python 3.11 " \
+           "(it links libpython3.11)" in text
+    assert f"fix: remake the venv from /usr/bin/python3.11: /usr/bin/python3.11 -m venv --clear {venv}" in text
+
+    pyenv = other_build(tmp_path)
+    wsgi_venv(tmp_path, conf, user, str(pyenv), "3.11.7")
+    rc, _, text = check(root, conf)
+    assert rc == 1, text
+    error = next(l for l in text.splitlines() if "ERROR" in l and "python-home" in l)
+    assert f"python-home {venv} is a venv of the Python 3.11 in {pyenv} (pyvenv.cfg home), not of the " \
+           f"distribution's /usr/bin/python3.11 that {DEBIAN_MOD_WSGI} (LoadModule at {load}) embeds" in error
+    assert "undefined symbols" in error
+    assert f"fix: remake the venv from /usr/bin/python3.11: /usr/bin/python3.11 -m venv --clear {venv}, " \
+           "then reinstall esmirror into it" in text
+
+    wsgi_venv(tmp_path, conf, user, "/usr/bin", "3.11.2")
+    rc, _, text = check(root, conf)
+    assert rc == 0, text
+    assert f"OK       wsgi: WSGIDaemonProcess esmirror's python-home {venv} is a venv of Python 3.11, " \
+           f"the one {DEBIAN_MOD_WSGI} embeds" in text
