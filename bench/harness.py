@@ -189,12 +189,12 @@ class Trash:
         self.emptied_early = 0
 
     def discard(self, path: Path) -> None:
-        self.dir.mkdir(exist_ok=True)
-        if shutil.disk_usage(self.dir).free < 4 * self.set_bytes + 2 * 1024**3:
+        if shutil.disk_usage(path).free < 4 * self.set_bytes + 2 * 1024**3:
             self.empty()
             self.emptied_early += 1
             print("  (disk short: the trash was emptied mid-run; file creation after this "
                   "may be slower for a few minutes)", file=self.log, flush=True)
+        self.dir.mkdir(exist_ok=True)  # (again after emptying it)
         self.count += 1
         os.replace(path, self.dir / str(self.count))
 
