@@ -154,7 +154,8 @@ NOTEPAD_INI = "[esmirror]\r\n; the masters' network (café)\r\nallow_push = 10.1
 @pytest.mark.parametrize("saved", [
     b"\xff\xfe" + NOTEPAD_INI.encode("utf-16-le"),  # Notepad's "Unicode"
     b"\xfe\xff" + NOTEPAD_INI.encode("utf-16-be"),  # "Unicode big endian"
-], ids=["utf-16-le", "utf-16-be"])
+    NOTEPAD_INI.replace("\r\n", "\r").encode("utf-8"),  # old Mac line ends
+], ids=["utf-16-le", "utf-16-be", "cr"])
 def test_an_ini_saved_by_a_windows_editor_is_read(tmp_path, saved):
     """Saved as UTF-16 with a byte-order mark, esmirror.ini was refused with "'utf-8' codec
     can't decode byte 0xff in position 0"."""

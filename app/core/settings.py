@@ -293,8 +293,7 @@ def _decode_ini(ini: Path, data: bytes) -> str:
     try:
         text = body.decode(codec)
     except UnicodeDecodeError as exc:
-        # lines end at "\n", as configparser counts them
-        line = body[:exc.start].decode(codec, errors="replace").count("\n") + 1
+        line = _line_at(body[:exc.start].decode(codec, errors="replace"))
         bad = body[exc.start:exc.end]
         shown = " ".join(f"0x{b:02x}" for b in bad)
         raise ConfigError(f"{ini}:{line}: not {name} ({'byte' if len(bad) == 1 else 'bytes'} "
@@ -305,9 +304,20 @@ def _decode_ini(ini: Path, data: bytes) -> str:
         if codec == "utf-8" and odd and (odd.count(0) == len(odd)) != (even.count(0) == len(even)):
             raise ConfigError(f"{ini}: holds NUL characters between all its letters: it is UTF-16 "
                               "saved without a byte-order mark; save the file as UTF-8")
-        raise ConfigError(f"{ini}:{text.count(chr(10), 0, nul) + 1}: holds a NUL character (binary "
+        raise ConfigError(f"{ini}:{_line_at(text[:nul])}: holds a NUL character (binary "
                           "junk, e.g. from a bad copy or a crash); remove it, or write the file again")
-    return text
+    # every editor's line ends: configparser splits at "\n" only, so a file of old Mac "\r"
+    # ends was one line, its [esmirror] header, and every setting was silently lost
+    return _one_line_end(text)
+
+
+def _one_line_end(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _line_at(before: str) -> int:
+    """The line number of the character after ``before``, whatever the line ends."""
+    return _one_line_end(before).count("\n") + 1
 
 
 def _read_ini(ini: Path) -> dict[str, Any]:
