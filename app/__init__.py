@@ -9,9 +9,11 @@ import errno
 import json
 import logging
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core.errors import MirrorError
+from .core.errors import MirrorError, one_line
 from .core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -77,40 +79,91 @@ def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
     """The app mounted at the settings' prefix: what every server runs.
 
     Without ``settings`` (the WSGI entry point of httpd, IIS or a gunicorn unit), a receiver
-    that cannot start still answers: every request gets a 503 saying why, so the master
-    shows the cause (an esmirror.ini typo after a graceful restart, the venv, the owner of
-    var/data) instead of the web server's bare 500. ``esmirror serve`` stops instead.
+    that cannot start still answers (see _NotStarted), so the master shows the cause (an
+    esmirror.ini typo after a graceful restart, the venv, the owner of var/data) instead
+    of the web server's bare 500. ``esmirror serve`` stops instead.
     """
     from .core.state import keep_owner_rights
 
     keep_owner_rights()
-    given = settings
+    if settings is not None:
+        return _mounted(settings)
     try:
-        from .ipfilter import PrefixMount
-
-        settings = settings or load_settings()
-        return PrefixMount(create_app(settings), settings.prefix)
-    except (MirrorError, OSError, ImportError) as exc:
-        if given is not None:
-            raise
-        return _cannot_start(exc)
+        return _mounted(load_settings())
+    except Exception as exc:  # (anything: the alternative is the web server's bare 500)
+        return _NotStarted(exc)
 
 
-def _cannot_start(exc: Exception) -> Callable[..., Any]:
-    if isinstance(exc, MirrorError):
-        why = exc.message
-    elif isinstance(exc, ImportError):
-        why = (f"its Python ({sys.prefix}) cannot import {exc.name or exc}: the venv lacks esmirror's "
-               "packages, or the web server runs another Python than the venv's (mod_wsgi's "
-               "python-home, its build)")
-    else:
-        why = (f"{exc.filename}: {exc.strerror or exc}; check that the account it runs as (LT_IS_USER) "
-               "owns var/data and can read ImageServer/etc")
-    log.error("the esmirror receiver cannot start: %s", why)
-    body = json.dumps({"error": f"this esmirror receiver cannot start (fix this, then restart it): {why}"}).encode()
+def _mounted(settings: Settings) -> Callable[..., Any]:
+    from .ipfilter import PrefixMount
 
-    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    return PrefixMount(create_app(settings), settings.prefix)
+
+
+class _NotStarted:
+    """The WSGI app of a receiver that could not start: 503 to every request, saying why.
+
+    What failed may pass (a lock a sibling held, a full disk, a file caught half-written),
+    so a request at most every ``RETRY`` seconds tries to start it again, and the first
+    that succeeds serves from then on: no restart needed once the cause is fixed. The
+    settings did not load, so no allow list says who may read the details (a quoted line
+    of esmirror.ini, paths): a caller on this machine, not through a proxy, gets them, as
+    does the web server's error log; anyone else gets the kind of failure only.
+    """
+
+    RETRY = 5.0
+
+    def __init__(self, exc: Exception) -> None:
+        self._app: Callable[..., Any] | None = None
+        self._trying = threading.Lock()
+        self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.kind, self.why = _why_not_started(exc)
+        self.tried = time.monotonic()
+        log.error("the esmirror receiver cannot start: %s", self.why,
+                  exc_info=not isinstance(exc, (MirrorError, OSError, ImportError)))
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if (self._app is None and time.monotonic() - self.tried >= self.RETRY
+                and self._trying.acquire(blocking=False)):
+            try:
+                self._app = _mounted(load_settings())
+                log.warning("the esmirror receiver started")
+            except Exception as exc:
+                self._failed(exc)
+            finally:
+                self._trying.release()
+        if self._app is not None:
+            return self._app(environ, start_response)
+        local = (environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1")
+                 and not any(k in environ for k in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")))
+        body = json.dumps({"error": f"this esmirror receiver cannot start ({'' if local else 'its web server log says why; '}"
+                                    f"it tries again every {self.RETRY:g} s): "
+                                    f"{self.why if local else self.kind}"}).encode()
         start_response("503 Service Unavailable", [("Content-Type", "application/json"),
                                                    ("Content-Length", str(len(body)))])
         return [body]
-    return application
+
+
+def _why_not_started(exc: Exception) -> tuple[str, str]:
+    """(the kind of failure, for anyone; the details, for this machine and the log)."""
+    if isinstance(exc, MirrorError):
+        return ("its settings do not load; esmirror check on that server names the line",
+                exc.message)
+    if isinstance(exc, ImportError):
+        return ("its Python cannot import esmirror's packages (its venv, or the web server's Python)",
+                f"its Python ({sys.prefix}) cannot import {exc.name or exc}: the venv lacks esmirror's "
+                "packages, or the web server runs another Python than the venv's (mod_wsgi's "
+                "python-home, its build)")
+    lock_file = getattr(exc, "lock_file", None)  # (filelock.Timeout)
+    if lock_file is not None:
+        return ("another process holds its commit lock (a commit under way)",
+                f"{lock_file} is held by another process (a commit under way, or one that hangs)")
+    if isinstance(exc, OSError):
+        return ("it cannot use a file of its install (its owner, permissions or a full disk)",
+                f"{exc.filename}: {exc.strerror or exc}; check that the account it runs as (LT_IS_USER) "
+                "owns var/data and can read ImageServer/etc")
+    return ("an unexpected error; its web server's log has it",
+            f"unexpected {exc.__class__.__name__}: {one_line(exc)}; this is an esmirror bug, please "
+            "report it")
