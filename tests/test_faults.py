@@ -644,3 +644,33 @@ def test_a_commit_cut_short_before_its_disk_went_read_only_is_rolled_back_once_w
     assert rc == 0, out
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir) != before
     assert not (secondary.data_dir / ".esmirror" / "journal.json").exists()
+
+
+@pytest.mark.parametrize("point", ["switch-remove:1", "switch-remove:2", "switch-put:1"])
+def test_a_folder_of_several_files_that_becomes_a_file_is_rolled_back_whole(fleet, point):
+    """Killed after some, not all, of a folder's files went to the archive (or after the
+    new file took the folder's name): the rollback took the archive's folder for a file
+    set aside, failed on it (Directory not empty) at every start, and the secondary stayed
+    down with half a set. Now the old set comes back and the next publish goes through."""
+    f = fleet(1)
+    master, secondary, receiver = f.master.data_dir, f.secondaries[0], f.receivers[0]
+    for i in range(3):
+        (master / "d" / f"x{i}").parent.mkdir(exist_ok=True)
+        (master / "d" / f"x{i}").write_bytes(b"in the folder %d" % i)
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    shutil.rmtree(master / "d")
+    (master / "d").write_bytes(b"now a file")
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": point}
+    receiver.start()
+    rc, _, out = f.publish()
+    assert rc == 1 and receiver.proc.poll() is not None, out  # killed there
+    receiver.stop()
+    receiver.env = {}
+    receiver.start()
+    assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
+    assert set_files(secondary.data_dir) == before
+    assert debris(secondary.data_dir) == []
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(master)

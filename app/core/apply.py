@@ -533,7 +533,10 @@ class WorkingDir:
                     os.replace(arch, work)
             else:
                 work.unlink(missing_ok=True)
-            if op["kind"] == "put" and not op["existed"] and os.path.lexists(arch):  # set aside
+            # a file set aside where this new one went (never a folder: see _forward). A folder
+            # there is the archive of the files a folder of this name held: they go back
+            # one by one with their removals
+            if op["kind"] == "put" and not op["existed"] and os.path.lexists(arch) and not _is_dir(arch):
                 work.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(arch, work)
             crash_point("rollback-op")
