@@ -83,35 +83,55 @@ def start_up() -> Iterator[None]:
         gc.enable()
 
 
-class _Output(io.TextIOWrapper):
-    """stdout whose failure ends the output, not the command: a reader gone (``| head``,
-    ``| true``) or a full disk after a publish ran must not report the publish failed.
+class _Output(io.BufferedIOBase):
+    """stdout's bytes, whose failure ends the output, not the command: a reader gone
+    (``| head``, ``| true``) or a full disk after a publish ran must not report the
+    publish failed.
 
-    The first error is kept and the stream goes on into /dev/null (so no flush at exit
-    fails again); run() then says what happened, and the exit code stays the command's.
+    The first error is kept and fd 1 becomes /dev/null (so no flush at exit fails again);
+    run() then says what happened, and the exit code stays the command's. It sits under
+    the text layer, so a text wrapper click makes itself (over an ASCII stdout) writes
+    through it too.
     """
 
-    failed: OSError | None = None
+    def __init__(self, out: io.BufferedIOBase) -> None:
+        super().__init__()
+        self._out = out
+        self.failed: OSError | None = None
 
-    def write(self, text: str) -> int:
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
         try:
-            return super().write(text)
+            return self._out.write(data)
         except OSError as exc:
             self._fail(exc)
-            return len(text)
+            return len(data)
 
     def flush(self) -> None:
         try:
-            super().flush()
+            self._out.flush()
         except OSError as exc:
             self._fail(exc)
+
+    def fileno(self) -> int:
+        return self._out.fileno()
+
+    def isatty(self) -> bool:
+        return self._out.isatty()
 
     def _fail(self, exc: OSError) -> None:
         if self.failed is None:
             self.failed = exc
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.fileno())
+        os.dup2(devnull, self._out.fileno())
         os.close(devnull)
+
+    def reader_gone(self) -> bool:
+        """The failure was a pipe whose reader went away (Windows reports that as EINVAL)."""
+        return self.failed is not None and (self.failed.errno == errno.EPIPE
+                                            or (os.name == "nt" and self.failed.errno == errno.EINVAL))
 
 
 def _streams() -> _Output | None:
@@ -124,10 +144,10 @@ def _streams() -> _Output | None:
     if not isinstance(out, io.TextIOWrapper) or out.name != "<stdout>":
         return None  # (a test harness's capture, or stdout replaced above)
     out.flush()
-    wrapped = _Output(out.detach(), encoding=out.encoding, errors=out.errors,
-                      line_buffering=out.line_buffering)
-    sys.stdout = wrapped
-    return wrapped
+    safe = _Output(out.detach())
+    sys.stdout = io.TextIOWrapper(safe, encoding=out.encoding, errors=out.errors,  # type: ignore[arg-type]
+                                  line_buffering=out.line_buffering, write_through=out.write_through)
+    return safe
 
 
 def run() -> None:
@@ -140,8 +160,8 @@ def run() -> None:
         main(prog_name="esmirror")
     finally:
         if out is not None:
-            out.flush()
-            if out.failed is not None and out.failed.errno != errno.EPIPE:
+            sys.stdout.flush()
+            if out.failed is not None and not out.reader_gone():
                 click.echo(f"esmirror: cannot write to standard output: {out.failed.strerror or out.failed}; "
                            "the command itself ran (its exit code says how it went)", err=True)
         # Spare the interpreter's last collections at exit a walk over everything made

@@ -53,13 +53,14 @@ class PublishReport:
     bytes: int
     secondaries: list[PushResult]
     warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False  # then ``generation`` is the one a publish would take
 
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.secondaries)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "generation": self.generation, "digest": self.digest,
+        return {"ok": self.ok, "dry_run": self.dry_run, "generation": self.generation, "digest": self.digest,
                 "files": self.files, "bytes": self.bytes, "warnings": self.warnings,
                 "secondaries": [r.to_json() for r in self.secondaries]}
 
@@ -413,7 +414,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
         _record(settings, results, generation, local.manifest.digest, caller, mine["self"], "publish")
     return PublishReport(generation, local.manifest.digest, len(local.manifest.files),
                          local.manifest.total_bytes, results,
-                         scanned.warnings + report.unreadable_paths())
+                         scanned.warnings + report.unreadable_paths(), dry_run)
 
 
 def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int | None = None,

@@ -22,7 +22,7 @@ def human_bytes(n: int) -> str:
 
 
 def print_publish(report: PublishReport) -> None:
-    dry_run = bool(report.secondaries) and all(r.state == "dry-run" for r in report.secondaries)
+    dry_run = report.dry_run
     click.echo(f"{'dry run of ' if dry_run else ''}generation {report.generation}: {report.files} files, "
                f"{human_bytes(report.bytes)}, digest {report.digest[:16]}…")
     for warning in report.warnings:

@@ -155,10 +155,10 @@ def test_dry_run_sends_nothing(fleet):
     assert rc == 0, out
     assert report["secondaries"][0]["state"] == "dry-run"
     assert report["secondaries"][0]["files_sent"] == 8
-    assert report["generation"] == 1  # the number it would take (and takes none)
+    assert report["generation"] == 1 and report["dry_run"] is True  # the number it would take (and takes none)
     assert set_files(f.secondaries[0].data_dir) == {}
     rc, report, out = f.publish()
-    assert rc == 0 and report["generation"] == 1, out
+    assert rc == 0 and report["generation"] == 1 and report["dry_run"] is False, out
     (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
     before = set_files(f.secondaries[0].data_dir)
     rc, report, out = f.publish("--dry-run")  # what would go: the one changed file
@@ -776,12 +776,14 @@ def test_output_that_cannot_be_written_never_turns_a_publish_into_a_failure(flee
     master = shlex.quote(str(f.master.root))
     for n, (line, said) in enumerate([
             (f"{cli} publish --install-dir {master} | true", ""),
+            (f"PYTHONIOENCODING=ascii {cli} publish --json --install-dir {master} | true", ""),
             (f"{cli} publish --json --install-dir {master} >/dev/full",
              "cannot write to standard output: No space left on device; the command itself ran"),
             (f"{cli} publish --install-dir {master} >/dev/null 2>&-", ""),
             (f"{cli} publish --install-dir {master} >&-", "")]):
         catalogs.write_text(catalogs.read_text() + f"<!-- {n} -->\n", encoding="utf-8")
-        done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=REPO, timeout=120)
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
         assert done.returncode == 0, (line, done.stderr)
         assert done.stderr.strip() == (f"esmirror: {said} (its exit code says how it went)" if said else ""), \
             (line, done.stderr)
@@ -795,6 +797,7 @@ def test_a_receiver_whose_python_encodes_names_as_ascii_says_so_instead_of_faili
     and what to set, and an ASCII set still goes through."""
     ascii_env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     f = fleet(1, start=False)
+    (f.secondaries[0].data_dir / "notes-é.txt").write_text("an admin's")  # outside the set
     f.receivers[0].env = ascii_env
     f.receivers[0].start()
     catalogs = f.master.data_dir / "catalogs.xml"
@@ -810,6 +813,9 @@ def test_a_receiver_whose_python_encodes_names_as_ascii_says_so_instead_of_faili
     assert "cannot write 'indexes/café.idx'" in error and "lang=C.UTF-8 locale=C.UTF-8" in error, error
     info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
     assert any("not UTF-8" in w for w in info["warnings"]), info
+    # its own file with a UTF-8 name is not blamed on the name
+    assert any("notes-é.txt: not readable as UTF-8 by this process" in w for w in info["warnings"]), \
+        info["warnings"]
     assert not (f.secondaries[0].data_dir / "indexes" / "café.idx").exists()
 
 

@@ -115,7 +115,9 @@ def _path_problem(path: str) -> str | None:
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
-        return "not valid UTF-8: rename it"
+        # (or valid, and this process cannot tell: its file-name encoding is not UTF-8)
+        return "not valid UTF-8: rename it" if name_encoding_note() is None else \
+            "not readable as UTF-8 by this process (see the warning on its locale)"
     if len(encoded) > MAX_PATH_BYTES:
         return f"longer than {MAX_PATH_BYTES} bytes"
     if path.startswith("/") or _DRIVE_RE.match(path):

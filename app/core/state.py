@@ -16,8 +16,17 @@ def keep_owner_rights() -> None:
     A umask that denies the owner (0277, 0777: a unit's UMask= typo) made esmirror's own
     folders and records under .esmirror/ unwritable, or unreadable, for good: every later
     command and receiver failed on them, whatever its umask. Call once, at start-up."""
-    if os.name == "posix":
-        os.umask(os.umask(0) & 0o077)
+    if os.name != "posix":
+        return
+    try:  # read without setting (Linux 4.7+): umask(0) for a moment could let another
+        # thread create a file anyone may write
+        with open("/proc/self/status", encoding="ascii") as fh:
+            current = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        current = os.umask(0o077)
+        os.umask(current)
+    if current & 0o700:
+        os.umask(current & 0o077)
 
 
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
