@@ -52,6 +52,11 @@ class AgentRunning(MirrorError):
     """Another agent already looks after this master."""
 
 
+class _CatchUpLog(Observer):
+    def start(self, secondary: Secondary) -> None:
+        log.info("catching up %s", secondary.name)
+
+
 class RecordObserver(Observer):
     """Keeps a request's file up to date while its publish runs (what GET publish/<id> shows)."""
 
@@ -217,8 +222,7 @@ class Agent:
                 self._step_aside("'esmirror publish' is waiting for the publish lock")
         elif time.monotonic() >= self.next_catch_up:
             due = self.ledger.due(mirrors)
-            if due:
-                log.info("catching up %s", ", ".join(s.name for s in due))
+            if due:  # (said once a push starts: while a publish holds the lock, this is every second)
                 self.interrupt = Interrupt()
                 self.catching = threading.Thread(target=self._catch_up, args=(due, self.interrupt),
                                                  name="catch-up", daemon=True)
@@ -238,8 +242,8 @@ class Agent:
 
     def _catch_up(self, due: list[Secondary], interrupt: Interrupt) -> None:
         try:
-            for result in catch_up(self.settings, due, interrupt=interrupt):
-                log.info("catch-up %s: %s %s", result.name, result.state, result.error or "")
+            for result in catch_up(self.settings, due, interrupt=interrupt, observer=_CatchUpLog()):
+                log.info("catch-up %s: %s%s", result.name, result.state, f": {result.error}" if result.error else "")
             return
         except MirrorError as exc:  # a damaged ledger, say: its message says what to do
             log.error("catch-up failed: %s; trying again in %.0f s", exc.message, WRITE_TROUBLE_PAUSE)
@@ -324,7 +328,8 @@ class Agent:
         self.queue.save(record)
         self.queue.prune()
         log.info("publish %s: generation %s, %s", record["id"], report.generation,
-                 "all in sync" if report.ok else "not all in sync")
+                 "all in sync" if report.ok else "not in sync: " + ", ".join(
+                     f"{r.name} {r.state}" for r in report.secondaries if not r.ok))
 
 
 def run_agent(settings: Settings, verbose: bool = False) -> None:
@@ -339,6 +344,9 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
     handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("filelock").setLevel(logging.INFO)  # its every try at a lock is noise in -v
+    # urllib3 warns of each retry of a connection (3 lines per push to a server that is down,
+    # two thirds of a fleet's log); the push's own line says what failed, once
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

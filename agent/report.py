@@ -109,6 +109,9 @@ def print_status(status: dict[str, Any]) -> None:
         click.echo("last publishes (newest first):")
     for p in (status.get("publishes") or [])[:5]:
         outcome = {True: ": all in sync", False: ": not all in sync"}.get(p["ok"], "")
+        targets, fleet = len(p.get("secondaries") or []), len(status["secondaries"])
+        if outcome and 0 < targets < fleet:
+            outcome += f" ({targets} of {fleet} secondaries)"
         generation = f"  generation {p['generation']}" if p["generation"] is not None else ""
         click.echo(f"  {p['created']}  {p['caller'] or '?'}  {p['state']}{outcome}{generation}"
                    + (f"  ({p['error']})" if p["error"] else ""))

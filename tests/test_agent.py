@@ -154,7 +154,7 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
     down = f.receivers[1]
     down.env = {"ESMIRROR_CRASH_AT": "stage:1"}  # the receiver dies in the middle of the commit
     down.start()
-    agents(f.master)
+    agent = agents(f.master)
     request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
     record = wait_for("the publish ends", lambda: finished(master, request_id), 90)
     states = {s["name"]: s["state"] for s in record["secondaries"]}
@@ -199,6 +199,11 @@ def test_secondary_down_during_publish_is_caught_up_after_restart(fleet, make_re
     assert [e["outcome"] for e in catchups] == ["unreachable", "in-sync"], catchups
     assert "connection refused" in catchups[0]["error"], catchups
     assert catchups[-1]["failed_tries"] >= 4, catchups
+    # its log: one line per try and what came of it; not urllib3's three retry warnings per try
+    log = agent.output()
+    assert "Retrying (Retry(" not in log and f"catching up {name}" in log, log[-3000:]
+    assert f"catch-up {name}: unreachable: cannot connect to {name}" in log, log[-3000:]
+    assert f"publish {request_id}: generation 1, not in sync: {name} unreachable" in log, log[-3000:]
 
 
 def test_agent_killed_mid_publish_loses_no_request(fleet, make_receiver, agents):

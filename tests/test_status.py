@@ -18,7 +18,7 @@ import pytest
 from agentproc import FAST_AGENT, http
 from agent.demo import make_install
 from app.core.audit import audit, read_audit
-from app.core.ledger import retry_delay, secondary_state
+from app.core.ledger import lags, retry_delay, secondary_state
 from app.core.settings import load_settings
 from conftest import REPO, VERSION, esmirror
 
@@ -67,6 +67,23 @@ def test_states_say_what_a_person_needs():
     routes = {**fixed, "last_push": {**fixed["last_push"], "error": "answered 403 to GET manifest",
                                      "refused_by_look": False}}
     assert secondary_state(routes, published) == ("refused", "answered 403 to GET manifest")
+    # left out of the last publish (--secondary): nothing will bring it but a publish
+    left_out = {**seen, "wanted_generation": 3, "wanted_digest": "d3", "last_push": {"state": "in-sync"}}
+    state, detail = secondary_state(left_out, published)
+    assert state == "behind" and "generation 5 was published to other secondaries only" in detail, detail
+    assert "publish again to bring it here" in detail, detail
+
+
+def test_a_secondary_a_running_publish_already_reached_is_not_caught_up():
+    """The ledger learns of a publish when it ends; a look before that finds secondaries
+    holding the newer generation. They were taken for lagging, and the agent logged a
+    catch-up of every healthy secondary; a catch-up would push the older set."""
+    entry = {"wanted_generation": 158, "wanted_digest": "d158", "confirmed_generation": 158,
+             "confirmed_digest": "d158",
+             "observed": {"generation": 159, "digest": "d159", "drift": False, "master": "m"}}
+    assert lags(entry, "m") is False
+    restored = {**entry, "observed": {**entry["observed"], "generation": 150, "digest": "d150"}}
+    assert lags(restored, "m") is True  # (older, from a backup: caught up, as before)
 
 
 def test_audit_log_is_one_json_line_per_event_and_rotates(tmp_path):
@@ -329,3 +346,17 @@ def test_a_request_made_after_the_clock_was_set_back_is_still_the_newest(tmp_pat
     (queue.dir / f"{ahead['id']}.json").rename(queue.dir / f"{ahead_id}.json")
     newest = queue.submit({}, "test", [])
     assert newest["id"] > ahead_id
+
+
+def test_status_after_a_publish_to_some_secondaries_says_so(fleet):
+    f = fleet(2)
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"only to the first")
+    first = f"127.0.0.1:{f.receivers[0].port}"
+    rc, _, out = esmirror("publish", "--install-dir", str(f.master.root), "--secondary", first)
+    assert rc == 0, out
+    rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
+    assert rc == 1, out
+    assert (f"127.0.0.1:{f.receivers[1].port}: behind: holds generation 1, the master published "
+            "generation 2; generation 2 was published to other secondaries only") in out, out
+    assert "done: all in sync (1 of 2 secondaries)  generation 2" in out, out

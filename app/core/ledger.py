@@ -172,7 +172,9 @@ def lags(entry: dict[str, Any], master: str | None = None) -> bool:
     seen = entry.get("observed") or {}
     return (bool(seen.get("digest")) and seen.get("digest") != entry.get("wanted_digest")
             and not seen.get("drift") and not seen.get("restored_from")
-            and master is not None and seen.get("master") == master)
+            and master is not None and seen.get("master") == master
+            # one newer than what the ledger knows was sent: a publish still running got there
+            and (seen.get("generation") or 0) <= (entry.get("wanted_generation") or 0))
 
 
 def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
@@ -224,6 +226,9 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
         detail += f"; last push {push['state']}: {push['error']}"
         if entry.get("next_retry"):
             detail += f" (the agent retries at {iso_time(entry['next_retry'])})"
+    elif (entry.get("wanted_generation") or 0) < published["generation"]:
+        detail += (f"; generation {published['generation']} was published to other secondaries "
+                   "only (the agent catches up only missed pushes): publish again to bring it here")
     return "behind", detail
 
 
