@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from typing import Any, Callable
 
 from app import make_wsgi
@@ -9,6 +10,8 @@ from app.gunicorn_body import IDLE_TIMEOUT
 from app.core.errors import ConfigError, MirrorError
 from app.core.express import host_problem, parse_port
 from app.core.settings import Settings
+
+from .deploy import shown_network
 
 
 # waitress receives every body in its one event-loop thread, recv_bytes at a time
@@ -96,6 +99,12 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
     if certfile and keyfile:
         check_certificate(certfile, keyfile)
     application = make_wsgi(settings)
+    shown = f"[{host}]" if ":" in host else host
+    # one line at start, so a log (journald's, a file) shows what runs where; requests are
+    # in the audit log
+    print(f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{shown}:{port}"
+          f"{settings.prefix} ({server}; pushes from {', '.join(map(shown_network, settings.allow_push)) or 'nobody'})",
+          file=sys.stderr, flush=True)
     if server == "waitress":
         import waitress
 

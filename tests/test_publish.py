@@ -871,3 +871,13 @@ def test_a_name_that_is_not_utf8_is_shown_escaped_the_same_everywhere(fleet):
     assert rc == 0, out
     assert r"indexes/\xff\xfe.idx: not valid UTF-8: rename it" in out, out
     assert "\\udc" not in out and "\ufffd" not in out, out
+
+
+def test_a_receiver_says_at_start_what_it_serves_where(fleet, tmp_path):
+    for server in ("waitress", "gunicorn"):
+        f = fleet(1, server=server)
+        log = (tmp_path / "secondary1.log").read_text()
+        assert (f"esmirror receiver: {f.secondaries[0].data_dir} at http://127.0.0.1:{f.receivers[0].port}"
+                f"/lizardtech/mirror ({server}; pushes from 127.0.0.1)") in log, log
+        f.stop()
+        (tmp_path / "secondary1.log").unlink()
