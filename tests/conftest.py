@@ -151,6 +151,13 @@ def spawn_listening(argv: list[str], port: int, log: Path, wait: float = 30.0, h
     raise RuntimeError(f"{argv[0]} did not listen on {host}:{port} within {wait:g} s")
 
 
+def unmount_all(mounted: list[Path]) -> None:
+    """Unmount what a test mounted, newest first (lazily if something still holds it)."""
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def stop_session(proc: subprocess.Popen, signum: int = 15) -> None:
     """Signal the process's session (SIGTERM by default), then SIGKILL if it lingers."""
     import signal

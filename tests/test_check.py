@@ -266,12 +266,18 @@ def test_no_install_is_a_usage_error(tmp_path):
     assert rc == 2 and "ImageServer" in text
 
 
-def test_wsgi_mount_at_another_path_than_the_prefix_is_reported(tmp_path):
+def wsgi_layout(tmp_path: Path) -> tuple[str, Path, Path, Path]:
+    """A Debian httpd layout, an install whose LT_IS_USER is its account, and a .wsgi entry."""
     user = account()
     root = install(tmp_path, f"LT_IS_USER={user}\n")
     conf = debian_layout(tmp_path, user)
     entry = tmp_path / "esmirror.wsgi"
     entry.write_text("from app.wsgi import application\n")
+    return user, root, conf, entry
+
+
+def test_wsgi_mount_at_another_path_than_the_prefix_is_reported(tmp_path):
+    user, root, conf, entry = wsgi_layout(tmp_path)
     (conf.parent / "conf-enabled" / "esmirror.conf").write_text(
         f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /mirror {entry}\n")
     rc, report, _ = check(root, conf, "--json")
@@ -287,11 +293,7 @@ def test_wsgi_mount_at_another_path_than_the_prefix_is_reported(tmp_path):
 def test_a_push_route_block_that_leaves_routes_to_allow_admin_is_reported(tmp_path):
     """An older or hand-written <LocationMatch> for manifest|blobs|commit only: httpd then
     refuses chunks/ and delta/ to a master outside allow_admin."""
-    user = account()
-    root = install(tmp_path, f"LT_IS_USER={user}\n")
-    conf = debian_layout(tmp_path, user)
-    entry = tmp_path / "esmirror.wsgi"
-    entry.write_text("from app.wsgi import application\n")
+    user, root, conf, entry = wsgi_layout(tmp_path)
     snippet = conf.parent / "conf-enabled" / "esmirror.conf"
     mount = f"WSGIDaemonProcess esmirror user={user} home=/\nWSGIScriptAlias /lizardtech/mirror {entry}\n"
     snippet.write_text(mount + '<LocationMatch "^/lizardtech/mirror/(manifest|blobs|commit)(/|$)">\n'
@@ -574,11 +576,7 @@ def test_allow_lists_changed_after_rendering_are_reported_until_rendered_again(t
 def test_a_mount_with_a_trailing_slash_is_an_error(tmp_path):
     """WSGIScriptAlias /prefix/ makes httpd answer 404 for every route; ProxyPass breaks the
     same way when only one of its two sides ends with a slash."""
-    user = account()
-    root = install(tmp_path, f"LT_IS_USER={user}\n")
-    conf = debian_layout(tmp_path, user)
-    entry = tmp_path / "esmirror.wsgi"
-    entry.write_text("from app.wsgi import application\n")
+    user, root, conf, entry = wsgi_layout(tmp_path)
     snippet = conf.parent / "conf-enabled" / "esmirror.conf"
     snippet.write_text(f"WSGIDaemonProcess esmirror user={user} home=/\n"
                        f"WSGIScriptAlias /lizardtech/mirror/ {entry}\n")

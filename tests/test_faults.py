@@ -25,7 +25,7 @@ import requests
 
 from agent.demo import SAMPLE_CATALOGS
 from app.core.store import BlobWriter
-from conftest import esmirror, set_files
+from conftest import esmirror, set_files, unmount_all
 
 MIB = 1024 * 1024
 
@@ -219,6 +219,18 @@ def test_a_blob_left_linked_to_a_live_file_is_never_trusted_again(fleet):
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
 
 
+def killed_at(f, receiver, point: str) -> None:
+    """Publish to a receiver that kills itself at ``point``, then start it again, clean."""
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": point}
+    receiver.start()
+    rc, _, out = f.publish()
+    assert rc == 1 and receiver.proc.poll() is not None, out  # killed there
+    receiver.stop()
+    receiver.env = {}
+    receiver.start()
+
+
 def receiver_browse(receiver) -> dict:
     import requests
 
@@ -242,9 +254,7 @@ def tmpfs():
         mounted.append(path)
 
     yield mount
-    for path in reversed(mounted):
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    unmount_all(mounted)
 
 
 def _on_tmpfs(tmpfs, install, size: str, inodes: int | None = None) -> None:
@@ -596,14 +606,7 @@ def test_a_kill_after_a_local_file_was_set_aside_puts_it_back(fleet, point):
     before = set_files(secondary.data_dir)
     (secondary.data_dir / "a.idx").write_bytes(b"LOCAL precious")
     (master / "A.idx").rename(master / "a.idx")
-    receiver.stop()
-    receiver.env = {"ESMIRROR_CRASH_AT": point}
-    receiver.start()
-    rc, _, out = f.publish()
-    assert rc == 1 and receiver.proc.poll() is not None, out  # killed there
-    receiver.stop()
-    receiver.env = {}
-    receiver.start()
+    killed_at(f, receiver, point)
     receiver_browse(receiver)  # recovery has run
     assert (secondary.data_dir / "a.idx").read_bytes() == b"LOCAL precious"
     assert {p: h for p, h in set_files(secondary.data_dir).items() if p != "a.idx"} == before
@@ -661,14 +664,7 @@ def test_a_folder_of_several_files_that_becomes_a_file_is_rolled_back_whole(flee
     before = set_files(secondary.data_dir)
     shutil.rmtree(master / "d")
     (master / "d").write_bytes(b"now a file")
-    receiver.stop()
-    receiver.env = {"ESMIRROR_CRASH_AT": point}
-    receiver.start()
-    rc, _, out = f.publish()
-    assert rc == 1 and receiver.proc.poll() is not None, out  # killed there
-    receiver.stop()
-    receiver.env = {}
-    receiver.start()
+    killed_at(f, receiver, point)
     assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
     assert set_files(secondary.data_dir) == before
     assert debris(secondary.data_dir) == []

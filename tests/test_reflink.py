@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import set_files
+from conftest import set_files, unmount_all
 
 MiB = 1024 * 1024
 BIG = 48 * MiB
@@ -42,9 +42,22 @@ def xfs(tmp_path: Path):
         mounted.append(path)
 
     yield mount
-    for path in reversed(mounted):
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    unmount_all(mounted)
+
+
+@pytest.fixture
+def big_on_xfs(xfs, fleet):
+    """A master with a 48 MiB file published to one secondary whose var/ is an XFS."""
+    f = fleet(1, start=False)
+    secondary, receiver = f.secondaries[0], f.receivers[0]
+    xfs(secondary.data_dir.parent)
+    secondary.data_dir.mkdir()
+    receiver.start()
+    big = f.master.data_dir / "indexes" / "big.idx"
+    big.write_bytes(os.urandom(BIG))
+    rc, _, out = f.publish()
+    assert rc == 0, out
+    return f, secondary, big
 
 
 def used(path: Path) -> int:
@@ -57,16 +70,8 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def test_a_changed_large_file_costs_the_secondary_only_the_space_of_its_changed_bytes(xfs, fleet):
-    f = fleet(1, start=False)
-    secondary, receiver = f.secondaries[0], f.receivers[0]
-    xfs(secondary.data_dir.parent)
-    secondary.data_dir.mkdir()
-    receiver.start()
-    big = f.master.data_dir / "indexes" / "big.idx"
-    big.write_bytes(os.urandom(BIG))
-    rc, _, out = f.publish()
-    assert rc == 0, out
+def test_a_changed_large_file_costs_the_secondary_only_the_space_of_its_changed_bytes(big_on_xfs):
+    f, secondary, big = big_on_xfs
     old = sha256(big)
 
     before = used(secondary.data_dir)
@@ -84,16 +89,8 @@ def test_a_changed_large_file_costs_the_secondary_only_the_space_of_its_changed_
     assert grew < 8 * MiB, f"the filesystem's used space grew by {grew / MiB:.1f} MiB"
 
 
-def test_a_file_renamed_on_the_master_is_a_clone_on_the_secondary_not_a_second_copy(xfs, fleet):
-    f = fleet(1, start=False)
-    secondary, receiver = f.secondaries[0], f.receivers[0]
-    xfs(secondary.data_dir.parent)
-    secondary.data_dir.mkdir()
-    receiver.start()
-    big = f.master.data_dir / "indexes" / "big.idx"
-    big.write_bytes(os.urandom(BIG))
-    rc, _, out = f.publish()
-    assert rc == 0, out
+def test_a_file_renamed_on_the_master_is_a_clone_on_the_secondary_not_a_second_copy(big_on_xfs):
+    f, secondary, big = big_on_xfs
 
     before = used(secondary.data_dir)
     shutil.copyfile(big, f.master.data_dir / "overviews" / "copy.idx")

@@ -239,12 +239,7 @@ def test_tls_to_a_plain_http_waitress_port_is_reported_after_one_handshake_timeo
     names the likely cause after one connect timeout (10 s), not after four (42 s)."""
     import time
 
-    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1",
-                                                      "express_version": VERSION})
-    receiver = make_receiver(secondary, server="waitress")
-    master = make_install(tmp_path / "master", {"express_version": VERSION},
-                          [("127.0.0.1", receiver.port, "noverify")])
-    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    secondary, receiver, master = _noverify_to_plain_http(tmp_path, make_receiver, "waitress")
     before = tree(secondary.data_dir)
     started = time.monotonic()
     rc, report, out = publish(master)
@@ -269,14 +264,20 @@ def test_plain_http_to_a_tls_port_says_to_check_ssl(https_pair, certs):
 
 
 def test_tls_to_a_plain_http_gunicorn_port_says_to_set_ssl_to_none(tmp_path, make_receiver):
-    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1",
-                                                      "express_version": VERSION})
-    receiver = make_receiver(secondary, server="gunicorn")
-    master = make_install(tmp_path / "master", {"express_version": VERSION},
-                          [("127.0.0.1", receiver.port, "noverify")])
-    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    _, receiver, master = _noverify_to_plain_http(tmp_path, make_receiver, "gunicorn")
     rc, report, out = publish(master)
     assert rc == 1, out
     error = report["secondaries"][0]["error"]
     assert error == (f"TLS to 127.0.0.1:{receiver.port} failed: it does not speak HTTPS on that port; "
                      "if it serves plain HTTP, set its ssl to none"), error
+
+
+def _noverify_to_plain_http(tmp_path, make_receiver, server: str):
+    """A master whose Mirrors says TLS (noverify) for a receiver that speaks plain HTTP."""
+    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1",
+                                                      "express_version": VERSION})
+    receiver = make_receiver(secondary, server=server)
+    master = make_install(tmp_path / "master", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "noverify")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    return secondary, receiver, master
