@@ -115,6 +115,14 @@ class _Output(io.BufferedIOBase):
         except OSError as exc:
             self._fail(exc)
 
+    @property
+    def name(self) -> Any:
+        return self._out.name
+
+    @property
+    def mode(self) -> str:
+        return "wb"
+
     def fileno(self) -> int:
         return self._out.fileno()
 

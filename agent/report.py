@@ -40,7 +40,8 @@ def print_publish(report: PublishReport) -> None:
     failed = [r for r in report.secondaries if not r.ok]
     if dry_run:
         click.echo("dry run: nothing was sent; the files and bytes above are what a publish would send")
-        return
+        if not failed:
+            return
     click.echo("all secondaries in sync" if not failed else
                f"{len(failed)} of {len(report.secondaries)} secondaries not in sync")
 

@@ -100,11 +100,15 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         check_certificate(certfile, keyfile)
     application = make_wsgi(settings)
     shown = f"[{host}]" if ":" in host else host
-    # one line at start, so a log (journald's, a file) shows what runs where; requests are
-    # in the audit log
-    print(f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{shown}:{port}"
-          f"{settings.prefix} ({server}; pushes from {', '.join(map(shown_network, settings.allow_push)) or 'nobody'})",
-          file=sys.stderr, flush=True)
+    started = (f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{shown}:{port}"
+               f"{settings.prefix} ({server}; pushes from "
+               f"{', '.join(map(shown_network, settings.allow_push)) or 'nobody'})")
+
+    def listening(arbiter: Any = None) -> None:  # (gunicorn calls it with its arbiter)
+        # one line once bound, so a log (journald's, a file) shows what runs where (the
+        # requests are in the audit log)
+        print(started, file=sys.stderr, flush=True)
+
     if server == "waitress":
         import waitress
 
@@ -112,7 +116,14 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # limit to the app, which answers 413 with a JSON message naming it
 
         try:
-            waitress.serve(application, _server=_guarded(settings), **_waitress_listen(host, port), threads=8,
+            guarded = _guarded(settings)
+
+            def create(app: Any, **kw: Any) -> Any:
+                made = guarded(app, **kw)  # (bound: a port taken fails here, before the line)
+                listening()
+                return made
+
+            waitress.serve(application, _server=create, **_waitress_listen(host, port), threads=8,
                            ident="esmirror",
                            recv_bytes=WAITRESS_RECV_BYTES,
                            max_request_body_size=settings.max_upload_bytes + 1, channel_timeout=IDLE_TIMEOUT,
@@ -135,6 +146,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         # gunicorn 27's control socket lives in $HOME, which a service account (www-data:
         # /var/www) cannot write: an alarming error at every start, for a feature unused here
         "control_socket_disable": True,
+        "when_ready": listening,
     }
 
     class Gunicorn(BaseApplication):  # type: ignore[misc]

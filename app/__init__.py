@@ -13,7 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core.errors import MirrorError, one_line
+from .core.errors import ConfigError, MirrorError, one_line
 from .core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("esmirror")
 
 
-def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> "Flask":
-    """The receiver as a Flask app; routes are relative to the mount point."""
+def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None,
+               lock_timeout: float | None = None) -> "Flask":
+    """The receiver as a Flask app; routes are relative to the mount point. ``lock_timeout``:
+    how long to wait for a commit under way before recovering (default: a commit's own)."""
     from flask import Flask
 
     from . import admin, errors, peer
@@ -45,7 +47,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     app.register_blueprint(admin.bp)
     errors.register(app)
     try:
-        with workdir.lock():
+        with workdir.lock() if lock_timeout is None else workdir.lock(lock_timeout):
             note = workdir.recover()
             own_id = workdir.self_id  # created now, so that reading routes never write
     except OSError as exc:
@@ -94,10 +96,10 @@ def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
         return _NotStarted(exc)
 
 
-def _mounted(settings: Settings) -> Callable[..., Any]:
+def _mounted(settings: Settings, lock_timeout: float | None = None) -> Callable[..., Any]:
     from .ipfilter import PrefixMount
 
-    return PrefixMount(create_app(settings), settings.prefix)
+    return PrefixMount(create_app(settings, lock_timeout=lock_timeout), settings.prefix)
 
 
 class _NotStarted:
@@ -119,24 +121,29 @@ class _NotStarted:
         self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
-        self.kind, self.why = _why_not_started(exc)
+        kind, why = _why_not_started(exc)
         self.tried = time.monotonic()
-        log.error("the esmirror receiver cannot start: %s", self.why,
-                  exc_info=not isinstance(exc, (MirrorError, OSError, ImportError)))
+        if why != getattr(self, "why", None):  # (each try logs only a new cause)
+            log.error("the esmirror receiver cannot start: %s", why,
+                      exc_info=not isinstance(exc, (MirrorError, OSError, ImportError)))
+        self.kind, self.why = kind, why
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if (self._app is None and time.monotonic() - self.tried >= self.RETRY
                 and self._trying.acquire(blocking=False)):
             try:
-                self._app = _mounted(load_settings())
-                log.warning("the esmirror receiver started")
+                if self._app is None:  # (another thread may have started it meanwhile)
+                    # a commit under way in another process holds the lock: this request
+                    # must not wait for it (minutes); the next try will do
+                    self._app = _mounted(load_settings(), lock_timeout=1.0)
+                    log.warning("the esmirror receiver started")
             except Exception as exc:
                 self._failed(exc)
             finally:
                 self._trying.release()
         if self._app is not None:
             return self._app(environ, start_response)
-        local = (environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1")
+        local = (environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
                  and not any(k in environ for k in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")))
         body = json.dumps({"error": f"this esmirror receiver cannot start ({'' if local else 'its web server log says why; '}"
                                     f"it tries again every {self.RETRY:g} s): "
@@ -148,8 +155,11 @@ class _NotStarted:
 
 def _why_not_started(exc: Exception) -> tuple[str, str]:
     """(the kind of failure, for anyone; the details, for this machine and the log)."""
-    if isinstance(exc, MirrorError):
+    if isinstance(exc, ConfigError):
         return ("its settings do not load; esmirror check on that server names the line",
+                exc.message)
+    if isinstance(exc, MirrorError):
+        return ("its working directory cannot be opened as it is; esmirror check and its log say why",
                 exc.message)
     if isinstance(exc, ImportError):
         return ("its Python cannot import esmirror's packages (its venv, or the web server's Python)",
@@ -162,8 +172,9 @@ def _why_not_started(exc: Exception) -> tuple[str, str]:
                 f"{lock_file} is held by another process (a commit under way, or one that hangs)")
     if isinstance(exc, OSError):
         return ("it cannot use a file of its install (its owner, permissions or a full disk)",
-                f"{exc.filename}: {exc.strerror or exc}; check that the account it runs as (LT_IS_USER) "
-                "owns var/data and can read ImageServer/etc")
+                f"{f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}; check that the "
+                "account it runs as (LT_IS_USER) owns var/data and can read ImageServer/etc, and "
+                "that its disk has room")
     return ("an unexpected error; its web server's log has it",
             f"unexpected {exc.__class__.__name__}: {one_line(exc)}; this is an esmirror bug, please "
             "report it")

@@ -649,6 +649,28 @@ def test_a_commit_cut_short_before_its_disk_went_read_only_is_rolled_back_once_w
     assert not (secondary.data_dir / ".esmirror" / "journal.json").exists()
 
 
+def _folder_becomes_file(f) -> dict[str, str]:
+    """d/x0..x2 published, then d made a file on the master; the secondary's set before."""
+    master = f.master.data_dir
+    for i in range(3):
+        (master / "d" / f"x{i}").parent.mkdir(exist_ok=True)
+        (master / "d" / f"x{i}").write_bytes(b"in the folder %d" % i)
+    assert f.publish()[0] == 0
+    before = set_files(f.secondaries[0].data_dir)
+    shutil.rmtree(master / "d")
+    (master / "d").write_bytes(b"now a file")
+    return before
+
+
+def _back_and_then_in_sync(f, receiver, before: dict[str, str]) -> None:
+    secondary = f.secondaries[0]
+    assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
+    assert set_files(secondary.data_dir) == before
+    assert debris(secondary.data_dir) == []
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
 @pytest.mark.parametrize("point", ["switch-remove:1", "switch-remove:2", "switch-put:1"])
 def test_a_folder_of_several_files_that_becomes_a_file_is_rolled_back_whole(fleet, point):
     """Killed after some, not all, of a folder's files went to the archive (or after the
@@ -656,17 +678,24 @@ def test_a_folder_of_several_files_that_becomes_a_file_is_rolled_back_whole(flee
     set aside, failed on it (Directory not empty) at every start, and the secondary stayed
     down with half a set. Now the old set comes back and the next publish goes through."""
     f = fleet(1)
-    master, secondary, receiver = f.master.data_dir, f.secondaries[0], f.receivers[0]
-    for i in range(3):
-        (master / "d" / f"x{i}").parent.mkdir(exist_ok=True)
-        (master / "d" / f"x{i}").write_bytes(b"in the folder %d" % i)
-    assert f.publish()[0] == 0
-    before = set_files(secondary.data_dir)
-    shutil.rmtree(master / "d")
-    (master / "d").write_bytes(b"now a file")
-    killed_at(f, receiver, point)
-    assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
-    assert set_files(secondary.data_dir) == before
-    assert debris(secondary.data_dir) == []
-    assert f.publish()[0] == 0
-    assert set_files(secondary.data_dir) == set_files(master)
+    before = _folder_becomes_file(f)
+    killed_at(f, f.receivers[0], point)
+    _back_and_then_in_sync(f, f.receivers[0], before)
+
+
+def test_that_rollback_killed_half_way_runs_again_to_the_end(fleet):
+    """Killed again in the rollback, after the folder's first file came back: the next run
+    found a folder where it meant to remove the new file (Is a directory), at every start."""
+    f = fleet(1)
+    receiver = f.receivers[0]
+    before = _folder_becomes_file(f)
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": "switch-put:1"}
+    receiver.start()
+    assert f.publish()[0] == 1 and receiver.proc.poll() is not None
+    receiver.env = {"ESMIRROR_CRASH_AT": "rollback-op:2"}
+    with pytest.raises(RuntimeError):  # (killed in the recovery it runs at start)
+        receiver.start()
+    receiver.env = {}
+    receiver.start()
+    _back_and_then_in_sync(f, receiver, before)

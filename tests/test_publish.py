@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import filelock
 import pytest
 import requests
 
@@ -846,9 +847,18 @@ def test_a_receiver_that_cannot_start_under_a_web_server_answers_why(tmp_path):
         assert through_proxy.status_code == 503, through_proxy.text
         assert "its settings do not load; esmirror check on that server names the line" \
             in through_proxy.json()["error"] and "allow_psuh" not in through_proxy.text, through_proxy.text
-        # fixed: the next try starts it, no restart needed
+        # fixed: the next try starts it, no restart needed; but a try never waits for a
+        # commit under way elsewhere (its lock held: minutes), it answers and tries later
         (secondary.etc_dir / "esmirror.ini").write_text(
             f"[esmirror]\nallow_push = 127.0.0.1\nexpress_version = {VERSION}\n", encoding="utf-8")
+        (secondary.data_dir / ".esmirror").mkdir(exist_ok=True)
+        held = filelock.FileLock(secondary.data_dir / ".esmirror" / "commit.lock")
+        with held:
+            time.sleep(5.5)
+            started = time.monotonic()
+            answer = requests.get(f"http://127.0.0.1:{port}/lizardtech/mirror/browse", timeout=60)
+            assert answer.status_code == 503 and time.monotonic() - started < 10, answer.text
+            assert "commit.lock is held by another process" in answer.json()["error"], answer.text
         time.sleep(5.5)
         rc, _, out = esmirror("publish", "--install-dir", str(master.root))
         assert rc == 0, out
