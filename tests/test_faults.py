@@ -662,6 +662,19 @@ def _folder_becomes_file(f) -> dict[str, str]:
     return before
 
 
+def _file_becomes_folder(f) -> dict[str, str]:
+    """d published as a file, then made a folder d/x0..x2 on the master; the set before."""
+    master = f.master.data_dir
+    (master / "d").write_bytes(b"a file")
+    assert f.publish()[0] == 0
+    before = set_files(f.secondaries[0].data_dir)
+    (master / "d").unlink()
+    for i in range(3):
+        (master / "d" / f"x{i}").parent.mkdir(exist_ok=True)
+        (master / "d" / f"x{i}").write_bytes(b"in the folder %d" % i)
+    return before
+
+
 def _back_and_then_in_sync(f, receiver, before: dict[str, str]) -> None:
     secondary = f.secondaries[0]
     assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
@@ -683,17 +696,21 @@ def test_a_folder_of_several_files_that_becomes_a_file_is_rolled_back_whole(flee
     _back_and_then_in_sync(f, f.receivers[0], before)
 
 
-def test_that_rollback_killed_half_way_runs_again_to_the_end(fleet):
-    """Killed again in the rollback, after the folder's first file came back: the next run
-    found a folder where it meant to remove the new file (Is a directory), at every start."""
+@pytest.mark.parametrize("change, switch, rollback", [(_folder_becomes_file, "switch-put:1", "rollback-op:2"),
+                                                      (_file_becomes_folder, "switch-put:3", "rollback-op:4")],
+                         ids=["folder-to-file", "file-to-folder"])
+def test_that_rollback_killed_half_way_runs_again_to_the_end(fleet, change, switch, rollback):
+    """Killed again in the rollback, after the old folder's first file (or the old file)
+    came back: the next run found a folder where it meant to remove the new file (Is a
+    directory), or a file where the new file's folder was (Not a directory), at every start."""
     f = fleet(1)
     receiver = f.receivers[0]
-    before = _folder_becomes_file(f)
+    before = change(f)
     receiver.stop()
-    receiver.env = {"ESMIRROR_CRASH_AT": "switch-put:1"}
+    receiver.env = {"ESMIRROR_CRASH_AT": switch}
     receiver.start()
     assert f.publish()[0] == 1 and receiver.proc.poll() is not None
-    receiver.env = {"ESMIRROR_CRASH_AT": "rollback-op:2"}
+    receiver.env = {"ESMIRROR_CRASH_AT": rollback}
     with pytest.raises(RuntimeError):  # (killed in the recovery it runs at start)
         receiver.start()
     receiver.env = {}

@@ -532,7 +532,10 @@ class WorkingDir:
                     work.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(arch, work)
             elif not _is_dir(work):  # (a folder there: the undo of its files' removal, run
-                work.unlink(missing_ok=True)  # before a crash; the new file is gone already)
+                try:                          # before a crash; the new file is gone already)
+                    work.unlink(missing_ok=True)
+                except NotADirectoryError:  # (its folder is a file again, by the same undo)
+                    pass
             # a file set aside where this new one went (never a folder: see _forward). A folder
             # there is the archive of the files a folder of this name held: they go back
             # one by one with their removals
