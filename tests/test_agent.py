@@ -455,8 +455,9 @@ def test_a_secondary_restored_from_a_backup_is_caught_up(fleet, make_receiver, a
 
     wait_for("the agent brings the restored secondary back to generation 2",
              lambda: set_files(secondary.data_dir) == set_files(f.master.data_dir), 60)
-    rows = http().get(f"{master.url}/status", timeout=10).json()["secondaries"]
-    assert rows[0]["state"] == "in-sync", rows
+    # (the files land at the commit; the ledger the status reads, when the push returns)
+    wait_for("status says so", lambda: http().get(f"{master.url}/status", timeout=10)
+             .json()["secondaries"][0]["state"] == "in-sync", 30)
     # an admin's own restore from the secondary's archive is a person's fix: the agent
     # leaves it to the next publish (it undid it within a second)
     newest = esmirror("archive", "list", "--json", "--install-dir", str(secondary.root))[1]["archive"][-1]
