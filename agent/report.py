@@ -22,8 +22,7 @@ def human_bytes(n: int) -> str:
 
 
 def print_publish(report: PublishReport) -> None:
-    dry_run = report.dry_run
-    click.echo(f"{'dry run of ' if dry_run else ''}generation {report.generation}: {report.files} files, "
+    click.echo(f"{'dry run of ' if report.dry_run else ''}generation {report.generation}: {report.files} files, "
                f"{human_bytes(report.bytes)}, digest {report.digest[:16]}…")
     for warning in report.warnings:
         click.echo(f"warning: {warning}")
@@ -38,7 +37,7 @@ def print_publish(report: PublishReport) -> None:
         for warning in r.warnings:
             click.echo(f"{r.name}: warning: {warning}")
     failed = [r for r in report.secondaries if not r.ok]
-    if dry_run:
+    if report.dry_run:
         click.echo("dry run: nothing was sent; the files and bytes above are what a publish would send")
         if not failed:
             return

@@ -99,8 +99,8 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
     if certfile and keyfile:
         check_certificate(certfile, keyfile)
     application = make_wsgi(settings)
-    shown = f"[{host}]" if ":" in host else host
-    started = (f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{shown}:{port}"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    started = (f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{address}"
                f"{settings.prefix} ({server}; pushes from "
                f"{', '.join(map(shown_network, settings.allow_push)) or 'nobody'})")
 
@@ -137,7 +137,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
     from gunicorn.app.base import BaseApplication
 
     options: dict[str, Any] = {
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "bind": address,
         "workers": workers, "worker_class": "gthread", "threads": 4, "timeout": IDLE_TIMEOUT,
         "graceful_timeout": 10, "certfile": certfile, "keyfile": keyfile,
         # gunicorn never rewrites REMOTE_ADDR from X-Forwarded-For; trusting no peer for its

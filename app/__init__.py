@@ -85,11 +85,11 @@ def make_wsgi(settings: Settings | None = None) -> Callable[..., Any]:
     esmirror.ini typo after a graceful restart, the venv, the owner of var/data) instead
     of the web server's bare 500. ``esmirror serve`` stops instead.
     """
+    if settings is not None:  # (esmirror serve: the CLI's start-up did what follows)
+        return _mounted(settings)
     from .core.state import keep_owner_rights
 
     keep_owner_rights()
-    if settings is not None:
-        return _mounted(settings)
     try:
         return _mounted(load_settings())
     except Exception as exc:  # (anything: the alternative is the web server's bare 500)

@@ -224,25 +224,20 @@ class BlobWriter:
         """Up to ``count`` bytes of ``source`` into the blob; how many there were (fewer only
         when the source ended). ``seen`` is shown each piece as it passes."""
         readinto = getattr(source, "readinto", None) if self.direct else None
+        if readinto is None:
+            return _receive_by_reading(self, source, count, seen)
         left = count
         while left:
-            if readinto is None:
-                piece: memoryview | bytes = source.read(min(CHUNK, left))
-                if not piece:
-                    break
-                self.write(piece)
-            else:
-                space = memoryview(self._buffer)[self._filled:self._filled + min(CHUNK - self._filled, left)]
-                got = readinto(space) or 0
-                if got <= 0:
-                    break
-                piece = space[:got]
-                self._filled += got
-                self.size += got
+            space = memoryview(self._buffer)[self._filled:self._filled + min(CHUNK - self._filled, left)]
+            got = readinto(space) or 0
+            if got <= 0:
+                break
+            self._filled += got
+            self.size += got
             if seen is not None:
-                seen(piece)
-            left -= len(piece)
-            if readinto is not None and self._filled == CHUNK:
+                seen(space[:got])
+            left -= got
+            if self._filled == CHUNK:
                 self._hand_over(CHUNK)
             crash_point("upload-write")
         return count - left
@@ -345,6 +340,23 @@ class BlobWriter:
         self.close()
 
 
+def _receive_by_reading(out: "BlobWriter | PatchWriter", source: "BinaryIO | BodyReader", count: int,
+                        seen: Callable[[memoryview | bytes], object] | None) -> int:
+    """``receive`` through ``out.write``, a piece at a time (what is not read straight into
+    BlobWriter's own buffers)."""
+    left = count
+    while left:
+        piece = source.read(min(CHUNK, left))
+        if not piece:
+            break
+        out.write(piece)
+        if seen is not None:
+            seen(piece)
+        left -= len(piece)
+        crash_point("upload-write")
+    return count - left
+
+
 _FICLONE = 0x40049409  # <linux/fs.h>: the target file shares the source's extents
 
 
@@ -417,17 +429,7 @@ class PatchWriter:
     def receive(self, source: "BinaryIO | BodyReader", count: int,
                 seen: Callable[[memoryview | bytes], object] | None = None) -> int:
         """As BlobWriter.receive."""
-        left = count
-        while left:
-            piece = source.read(min(CHUNK, left))
-            if not piece:
-                break
-            self.write(piece)
-            if seen is not None:
-                seen(piece)
-            left -= len(piece)
-            crash_point("upload-write")
-        return count - left
+        return _receive_by_reading(self, source, count, seen)
 
     def done(self) -> None:
         os.ftruncate(self.fd, self.size)  # the base may have been longer
