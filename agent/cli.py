@@ -20,6 +20,10 @@ import click
 from app.core.errors import ConfigError, MirrorError, one_line
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings, load_settings
 
+# seconds `status` waits for the secondaries' answers: a monitoring check must not wait out
+# each browse's own limit (60 s) for a host that drops packets or a receiver that hangs
+STATUS_TIMEOUT = 20.0
+
 
 def fail(message: str, code: int) -> None:
     click.echo(f"esmirror: {message}", err=True)
@@ -320,14 +324,17 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
 @main.command()
 @install_dir_option
 @json_option
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=STATUS_TIMEOUT, show_default=True,
+              help="Seconds to wait for the secondaries' answers; one that has not answered "
+              "by then is reported unreachable.")
 @handle_errors
-def status(install_dir: str | None, as_json: bool) -> None:
+def status(install_dir: str | None, as_json: bool, timeout: float) -> None:
     """On the master: each secondary's state now; exit 0 only if all are in sync."""
     with start_up():
         from .report import print_status
         from .status import live_status
 
-    report = live_status(settings_from(install_dir, writes_state=True))
+    report = live_status(settings_from(install_dir, writes_state=True), timeout)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

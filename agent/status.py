@@ -50,11 +50,14 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
     ledger.record_contact(secondary, info, refused, asked=asked)
 
 
-def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None) -> None:
-    """Browse every secondary, 16 at a time, and record what each answered.
+def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
+                patience: float | None = None) -> list[Secondary]:
+    """Browse every secondary, 16 at a time, and record what each answered. Returns those
+    still unanswered after ``patience`` seconds (None: wait for every browse's own limits).
 
     Daemon threads, not a pool: a secondary that never answers must not keep the agent
-    (whose periodic look this is) from exiting when it is told to stop."""
+    (whose periodic look this is) or ``status`` from exiting; a look that goes on past
+    ``patience`` still records its answer if the process lives on."""
     from .fleet import master_identity
 
     secondaries = secondaries if secondaries is not None else select_secondaries(settings)
@@ -62,7 +65,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None) 
     todo: queue.SimpleQueue[Secondary] = queue.SimpleQueue()
     for secondary in secondaries:
         todo.put(secondary)
-
+    unanswered = set(secondaries)
     failed: list[Exception] = []
 
     def work() -> None:
@@ -79,18 +82,27 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None) 
             except Exception as exc:  # a damaged ledger, say: the caller says it, once
                 failed.append(exc)
                 return
+            unanswered.discard(secondary)
 
     workers = [threading.Thread(target=work, name="look", daemon=True)
                for _ in range(max(1, min(16, len(secondaries))))]
     for worker in workers:
         worker.start()
+    deadline = None if patience is None else time.monotonic() + patience
     for worker in workers:
-        worker.join()
+        worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     if failed:
         raise failed[0]
+    return [s for s in secondaries if s in unanswered]
 
 
-def live_status(settings: Settings) -> dict[str, Any]:
-    """``esmirror status``: look now, then report from the ledger (the same view as the page)."""
-    check_fleet(settings)
+def live_status(settings: Settings, patience: float) -> dict[str, Any]:
+    """``esmirror status``: look now, then report from the ledger (the same view as the page).
+    A secondary that has not answered within ``patience`` seconds is reported unreachable."""
+    late = check_fleet(settings, patience=patience)
+    ledger = Ledger(settings)
+    for secondary in late:
+        ledger.record_unreachable(secondary, f"no answer within {patience:g} s (down, a firewall "
+                                  "dropping packets, or a hung receiver; 'esmirror status "
+                                  "--timeout' waits longer)")
     return fleet_status(settings)

@@ -327,3 +327,31 @@ def test_each_secondary_records_when_its_own_push_ended(tmp_path, slow_peer, mak
     assert fast["ended"] < slow["ended"], report  # (ISO times: seconds apart)
     rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json")
     assert [row["last_push"]["at"] for row in status["secondaries"]] == [fast["ended"], slow["ended"]]
+
+
+def test_status_reports_a_secondary_that_never_answers_within_its_timeout(tmp_path, slow_peer,
+                                                                          make_receiver):
+    """`status` waited out the browse limit (60 s) for a hung receiver or a host dropping
+    packets: longer than a monitoring check's own timeout, so the check said nothing useful."""
+    from conftest import esmirror
+
+    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
+                                                           "express_version": VERSION}))
+    peer = slow_peer()  # answers a byte every 0.2 s: its browse would take minutes
+    master = make_install(tmp_path / "m", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "none"), ("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    rc, _, out = esmirror("publish", "--install-dir", str(master.root), "--secondary",
+                          f"127.0.0.1:{receiver.port}")
+    assert rc == 0, out
+    rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json",
+                               "--timeout", "2", timeout=30)
+    assert rc == 1, out
+    good, hung = status["secondaries"]
+    assert good["state"] == "in-sync", good
+    assert hung["state"] == "unreachable", hung
+    assert "no answer within 2 s" in hung["detail"] and "--timeout" in hung["detail"], hung
+    rc, _, out = esmirror("status", "--install-dir", str(master.root), "--timeout", "2", timeout=30)
+    assert rc == 1 and f"127.0.0.1:{peer.port}: unreachable: since " in out, out
+    rc, _, out = esmirror("status", "--install-dir", str(master.root), "--timeout", "0")
+    assert rc == 2 and "--timeout" in out, out
