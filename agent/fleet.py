@@ -377,6 +377,9 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                 raise PublishFailed(f"reload_command failed on this master; nothing was sent. "
                                     f"{reload_failure(output)}")
         cache = master_hash_cache(settings, news.reading_files)
+        if full:  # trust nothing: every file is read (its stat may not have moved: a memory map)
+            for rel in list(cache.entries):
+                cache.distrust(rel)
         scanned = scan(settings.data_dir, cache, settings.include, settings.exclude)
         news.done()  # openings that saw no file read: the set is likely the same, no manifest
         if scanned.unsafe:
@@ -397,7 +400,7 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             spent.append(generation)
         local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
                          scanned.chunk_lists, cache.chunk_index,
-                         skipped=() if force else tuple(scanned.skipped))
+                         skipped=() if force else tuple(scanned.skipped), hash_cache=cache)
 
         def one(secondary: Secondary) -> PushResult:
             live = PushResult(secondary.host, secondary.port)
@@ -465,7 +468,8 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
                 break
             # (never --force: files behind a symlink here stay there until a person says so)
             local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                             scanned.chunk_lists, cache.chunk_index, skipped=tuple(scanned.skipped))
+                             scanned.chunk_lists, cache.chunk_index, skipped=tuple(scanned.skipped),
+                             hash_cache=cache)
 
             def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
                 live = PushResult(secondary.host, secondary.port)

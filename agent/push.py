@@ -15,7 +15,7 @@ from app.core.audit import now_iso
 from app.core import delta
 from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError
 from app.core.express import Secondary
-from app.core.manifest import ChunkFeed, Growing, Manifest, diff
+from app.core.manifest import ChunkFeed, Growing, HashCache, Manifest, diff
 from app.core.settings import Settings
 
 from .client import Body, Interrupt, Interrupted, SecondaryClient, unforeseen
@@ -44,6 +44,8 @@ class LocalSet:
     # entries of the master's working dir the set skips (symlinks...): a secondary's files
     # under them would be removed there, which a push refuses without --force (hidden_there)
     skipped: tuple[str, ...] = ()
+    hash_cache: HashCache | None = None  # the scan's: a file found to hold other bytes is read next time
+    _saving: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -57,6 +59,18 @@ class LocalSet:
     def chunks(self, rel: str, sha: str, chunk_size: int) -> list[str] | None:
         known = self.chunk_lists.get(rel)
         return known[2] if known and known[0] == sha and known[1] == chunk_size else None
+
+    def distrust(self, sha: str) -> list[str]:
+        """A secondary received other bytes than ``sha`` for the files that the scan found
+        holding it: they changed since, possibly without their stat moving (a write through
+        a memory map). The next scan reads them again. Returns those files."""
+        files = sorted(rel for rel, entry in self.manifest.files.items() if entry.sha256 == sha)
+        if files and self.hash_cache is not None:
+            with self._saving:  # (pushes to several secondaries run on threads)
+                for rel in files:
+                    self.hash_cache.distrust(rel)
+                self.hash_cache.save(self.manifest.files)
+        return files
 
     def distrust_chunks(self, rel: str, sha: str) -> None:
         """A delta planned from this file's chunk list failed the secondary's whole-file
@@ -349,6 +363,12 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             result.state = "refused"
         result.error = exc.message
         body = exc.details.get("body") or {}
+        changed = local.distrust(body["mismatch"]) if exc.http_status == 400 and \
+            isinstance(body.get("mismatch"), str) else []
+        if changed:
+            result.error += (f"; on this master {changed[0]} no longer holds what the scan read: it "
+                             "changed while being sent, or was written without its modification "
+                             "time moving (through a memory map). The next publish reads it again")
         if body.get("reasons"):
             result.error += "\n  " + "\n  ".join(body["reasons"])
         held = body.get("generation")

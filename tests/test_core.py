@@ -440,3 +440,24 @@ def test_a_quoted_windows_command_runs_the_program_it_names():
     line = r'"C:\Program Files\LizardTech\reload.cmd" --all "a b"'
     assert command_argv(line, windows=True) == [r"C:\Program Files\LizardTech\reload.cmd", "--all", "a b"]
     assert command_argv("sh '/opt/my reload.sh' -v", windows=False) == ["sh", "/opt/my reload.sh", "-v"]
+
+
+def test_a_file_dated_ahead_is_trusted_once_its_ctime_is_settled(tmp_path):
+    """A file whose mtime was set ahead (touch -d 2100-01-01, a copy from a clock ahead) was
+    read again at every scan, until that date: for a large index, seconds each publish."""
+    from app.core.manifest import RACY_SECONDS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    f = data / "big.idx"
+    f.write_bytes(b"A" * 1000)
+    ahead = 4102444800  # 2100-01-01
+    os.utime(f, (ahead, ahead))
+    time.sleep(RACY_SECONDS + 0.2)  # (its ctime, which the kernel set, is now settled)
+    cache_path = tmp_path / "cache.json"
+    scan(data, HashCache(cache_path))
+    cache = HashCache(cache_path)
+    cache.entries["big.idx"][4] = "f" * 64  # trusted, as the poisoned hash comes back shows
+    cache.dirty = True
+    cache.save(["big.idx"])
+    assert scan(data, HashCache(cache_path)).manifest.files["big.idx"].sha256 == "f" * 64

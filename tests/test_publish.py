@@ -891,3 +891,43 @@ def test_a_receiver_says_at_start_what_it_serves_where(fleet, tmp_path):
                 f"/lizardtech/mirror ({server}; pushes from 127.0.0.1)") in log, log
         f.stop()
         (tmp_path / "secondary1.log").unlink()
+
+
+def _cache_claims(master, rel: str, content: bytes) -> None:
+    """The master's hash cache says ``rel``, as it stands, holds ``content``: what a second
+    write through a memory map leaves (the stat as the scan saw it, other bytes)."""
+    from app.core.manifest import HASH_CACHE_FILE, HashCache, _stat_key
+
+    cache = HashCache(master.data_dir / ".esmirror" / HASH_CACHE_FILE)
+    cache.entries[rel] = _stat_key(os.stat(master.data_dir / rel)) + [hashlib.sha256(content).hexdigest()]
+    cache.dirty = True
+    cache.save(cache.entries)
+
+
+def test_full_reads_every_file_again_and_a_refused_file_is_read_at_the_next_publish(fleet):
+    """A change that leaves the stat as it was (a memory map) was missed for good: --full
+    trusted the hash cache too, and sent the new bytes under the old hash, which the
+    secondary refused (400) at every publish, blaming the network."""
+    f = fleet(1)
+    rel = "indexes/tile-0.idx"
+    assert f.publish()[0] == 0
+    path, held = f.master.data_dir / rel, f.secondaries[0].data_dir / rel
+    before = path.read_bytes()
+    path.write_bytes(b"B" * len(before))
+    _cache_claims(f.master, rel, before)
+    rc, report, out = f.publish()
+    assert rc == 0 and held.read_bytes() == before, out  # (unseen: the stat is the one cached)
+    rc, report, out = f.publish("--full")
+    assert rc == 0, out
+    assert held.read_bytes() == b"B" * len(before)
+
+    path.write_bytes(b"D" * len(before))
+    _cache_claims(f.master, rel, b"E" * len(before))  # a hash the secondary does not hold: sent
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "answered 400" in error and f"on this master {rel} no longer holds what the scan read" in error
+    assert "The next publish reads it again" in error, error
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert held.read_bytes() == b"D" * len(before)

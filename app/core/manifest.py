@@ -590,8 +590,14 @@ def hash_chunks(path: str | Path, chunk_size: int, feed: ChunkFeed | None = None
 def settled(st: os.stat_result) -> bool:
     """Written long enough ago that a change from now on moves its mtime: its hash can be
     trusted while its stat stays the same (a file written within the clock's resolution of
-    being read could change again and keep the same stat)."""
-    return time.time() - st.st_mtime > RACY_SECONDS
+    being read could change again and keep the same stat).
+
+    Any write also sets the ctime, to the kernel's clock, and nothing can set it back: a
+    ctime long past proves the same. It settles a file whose mtime was set ahead (touch -d,
+    a copy from a server whose clock is ahead), which the mtime alone would leave read again
+    at every scan until that date. (Windows' st_ctime is the creation time: mtime only.)"""
+    now = time.time()
+    return now - st.st_mtime > RACY_SECONDS or (os.name != "nt" and now - st.st_ctime > RACY_SECONDS)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
@@ -671,6 +677,15 @@ class HashCache:
         # its content is known as the file's latest (the base of its next delta)
         self.entries[rel] = (_stat_key(st) if settled(st) else UNTRUSTED_KEY) + [sha]
         self.dirty = True
+
+    def distrust(self, rel: str) -> None:
+        """Read ``rel`` again at the next scan, whatever its stat: it was found to hold other
+        bytes than its entry says (a write through a memory map can leave the stat as it was).
+        Its content stays known as the file's latest, the base of its next delta."""
+        entry = self.entries.get(rel)
+        if entry and len(entry) == 5:
+            self.entries[rel] = UNTRUSTED_KEY + [entry[4]]
+            self.dirty = True
 
     def save(self, keep: Iterable[str]) -> None:
         keep = set(keep)

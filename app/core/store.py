@@ -823,4 +823,5 @@ def _verify(hasher: "hashlib._Hash | BackgroundHash", sha: str, size: int) -> No
     got = hasher.hexdigest()
     if got != sha:
         raise BadRequest(f"blob {sha[:12]}…: the {size} bytes received hash to {got[:12]}…; "
-                         "the data was damaged in transit or the file changed while being sent")
+                         "the data was damaged in transit or the file changed while being sent",
+                         mismatch=sha)
