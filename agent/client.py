@@ -115,8 +115,9 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
     return session
 
 
-def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
-    """Plain words for TLS and network failures."""
+def describe_connection_error(secondary: Secondary, exc: Exception, answered: bool = False) -> str:
+    """Plain words for TLS and network failures; ``answered``: it answered earlier requests
+    of this push (so the channel is right, and a cut connection is a stop, not TLS)."""
     text = str(exc)
     unverified = _wrapped(exc, ssl.SSLCertVerificationError)
     reason = (getattr(unverified, "verify_message", None) or str(unverified)) if unverified else None
@@ -148,6 +149,10 @@ def describe_connection_error(secondary: Secondary, exc: Exception) -> str:
                 f"{secondary.port} there; check that port in its <Secondary> (80 when left out, even "
                 "for HTTPS) and that its web server or receiver is running")
     if _wrapped(exc, http.client.RemoteDisconnected, ConnectionResetError) is not None:
+        if answered:
+            return (f"{secondary.name} closed the connection without answering: its receiver or web "
+                    "server was stopped or restarted while it worked (a graceful reload of httpd by "
+                    "logrotate, say) or crashed; its log says which. Publish again")
         hint = ("if that port speaks HTTPS, set its ssl to noverify or strict" if secondary.ssl == "none"
                 else "if that port speaks plain HTTP, set its ssl to none")
         return (f"{secondary.name} closed the connection without answering; {hint} (is ssl set "
@@ -488,7 +493,7 @@ class SecondaryClient:
                     raise
                 if attempt + 1 < attempts and not _never_connected(exc) and not _timed_out(exc):
                     continue  # e.g. the answer was lost: ask again
-                message = describe_connection_error(self.secondary, exc)
+                message = describe_connection_error(self.secondary, exc, answered=bool(self.target))
                 if route == "commit" and not _never_connected(exc):
                     message += ("; the commit's answer was lost, so the set may be live there: "
                                 "'esmirror status' shows what it holds")
@@ -715,8 +720,9 @@ def _not_from_esmirror(response: requests.Response, prefix: str) -> str:
         meaning = (f"nothing is mounted at {prefix} there: compare this master's prefix with that "
                    "server's WSGIScriptAlias, ProxyPass or IIS application (esmirror check there)")
     elif status == 500:
-        meaning = ("the receiver failed before it could answer, most often because it cannot start "
-                   "(its settings, its venv, var/data's owner): that web server's error log says why, "
+        meaning = ("the receiver failed before it could answer: it cannot start (its settings, its "
+                   "venv, var/data's owner), or was stopped while it worked (a restart of that web "
+                   "server: logrotate reloads httpd daily); that web server's error log says which, "
                    "and esmirror check on that server")
     elif status in (502, 503, 504):
         meaning = ("it could not get an answer from the receiver behind it: is that running "

@@ -333,7 +333,8 @@ class Agent:
 
 
 def run_agent(settings: Settings, verbose: bool = False) -> None:
-    """Run until SIGTERM/SIGINT (systemd stop, Ctrl-C, a Windows service stop)."""
+    """Run until SIGTERM/SIGINT/SIGHUP (systemd stop, Ctrl-C, a Windows service stop, a
+    closed terminal); a second one stops it at once."""
     import signal
 
     # UTC with its Z, as status, the audit log and the archive show times: one clock to line
@@ -350,10 +351,16 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
-        log.info("signal %s: stopping after the current push", signum)
+        name = signal.Signals(signum).name
+        if stop.is_set():  # (a person who asks twice does not want to wait for a 20-minute push)
+            log.warning("%s again: stopping now; a publish request cut short runs again at the "
+                        "next start, and a secondary applies a set whole or not at all", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s: stopping after the current push (send it again to stop now)", name)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_signal)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     Agent(settings).run(stop)

@@ -107,7 +107,10 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
     def listening(arbiter: Any = None) -> None:  # (gunicorn calls it with its arbiter)
         # one line once bound, so a log (journald's, a file) shows what runs where (the
         # requests are in the audit log)
-        print(started, file=sys.stderr, flush=True)
+        try:
+            print(started, file=sys.stderr, flush=True)
+        except (OSError, ValueError, AttributeError):  # a full log disk, a closed stderr: serve anyway
+            pass
 
     if server == "waitress":
         import waitress

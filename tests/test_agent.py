@@ -503,3 +503,47 @@ def test_the_agent_logs_in_utc_like_status_and_its_verbose_log_is_its_own(fleet,
         assert match, line
         at = datetime.fromisoformat(match.group(1)).replace(tzinfo=timezone.utc)
         assert abs((now - at).total_seconds()) < 600, line  # (Kiritimati is UTC+14)
+
+
+def test_sighup_stops_the_agent_cleanly_and_a_second_signal_stops_it_at_once(fleet, make_receiver,
+                                                                              agents, tmp_path):
+    """SIGHUP (a closed terminal, a logrotate postrotate) killed the agent outright; a
+    second SIGTERM or Ctrl-C changed nothing, so a stop waited for the push under way,
+    however long; and status said the killed agent ran for 30 s more."""
+    import signal
+    import sys
+
+    gate, reloading = tmp_path / "gate", tmp_path / "reloading"
+    script = tmp_path / "reload.py"
+    script.write_text("import pathlib, sys, time\n"
+                      f"pathlib.Path({str(reloading)!r}).touch()\n"
+                      "for _ in range(600):  # (bounded: 2 minutes)\n"
+                      f"    if not pathlib.Path({str(gate)!r}).exists():\n"
+                      "        sys.exit(0)\n"
+                      "    time.sleep(0.2)\n")
+    gate.touch()
+    f = fleet(1, master_ini={**FAST_AGENT, "reload_command": f"{sys.executable} {script}"})
+    master = make_receiver(f.master)
+    try:
+        busy = agents(f.master)
+        request_id = http().post(f"{master.url}/publish", json={}, timeout=10).json()["id"]
+        wait_for("the publish runs reload_command", reloading.exists, 60)
+        busy.proc.send_signal(signal.SIGHUP)
+        wait_for("the agent says it stops after the publish",
+                 lambda: "SIGHUP: stopping after the current push" in busy.output(), 10)
+        assert busy.proc.poll() is None, busy.output()  # (the publish under way goes on)
+        busy.proc.send_signal(signal.SIGTERM)
+        assert busy.wait_exit(15) == 128 + signal.SIGTERM, busy.output()
+        assert "SIGTERM again: stopping now" in busy.output()
+        rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+        assert status["agent"]["running"] is False, status["agent"]  # (its heartbeat is fresh)
+    finally:
+        gate.unlink()
+    again = agents(f.master)
+    record = wait_for("the restarted agent runs the request cut short",
+                      lambda: finished(master, request_id), 90)
+    assert record["state"] == "done" and record["ok"] is True and record["runs"] == 2, record
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+    again.proc.send_signal(signal.SIGHUP)  # idle: a clean stop
+    assert again.wait_exit(15) == 0, again.output()
+    assert "agent stopped" in again.output()

@@ -716,3 +716,27 @@ def test_that_rollback_killed_half_way_runs_again_to_the_end(fleet, change, swit
     receiver.env = {}
     receiver.start()
     _back_and_then_in_sync(f, receiver, before)
+
+
+@pytest.mark.parametrize("server", ["waitress", "gunicorn"])
+def test_a_receiver_whose_log_cannot_be_written_still_serves(tmp_path, server):
+    """Its start-up line, written to a full log disk (or a closed stderr), failed the start:
+    under systemd's Restart=, a crash loop blamed on the port (waitress) or on the disk."""
+    from agent.demo import Receiver, free_port, make_install
+    from conftest import VERSION
+
+    install = make_install(tmp_path / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    receiver = Receiver(install, free_port(), server=server, log=Path("/dev/full")).start()
+    try:
+        answered = None
+        for _ in range(50):  # (bounded: 10 s) the port is bound before the line is written
+            try:
+                answered = requests.get(f"{receiver.url}/browse", timeout=5)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert answered is not None and answered.status_code == 200, answered
+        time.sleep(0.5)
+        assert receiver.proc.poll() is None
+    finally:
+        receiver.stop()

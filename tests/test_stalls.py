@@ -48,12 +48,15 @@ class SlowPeer:
 
     Without ``upstream`` it answers every request one byte every ``every`` seconds, the
     head included. With ``upstream`` (a real receiver's port) it relays requests, and drips
-    only the answers to requests whose first line matches ``drip`` (a pattern, once set).
+    only the answers to requests whose first line matches ``drip`` (a pattern, once set);
+    a request whose first line matches ``cut`` gets no answer: its connection is closed.
     """
 
-    def __init__(self, upstream: int | None = None, drip: str | None = None, every: float = 0.2) -> None:
+    def __init__(self, upstream: int | None = None, drip: str | None = None, every: float = 0.2,
+                 cut: str | None = None) -> None:
         self.upstream, self.every = upstream, every
         self.drip = re.compile(drip.encode()) if drip else None
+        self.cut = re.compile(cut.encode()) if cut else None  # requests whose connection it closes
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
@@ -101,6 +104,8 @@ class SlowPeer:
                 first = head.split(b"\r\n", 1)[0]
                 slowly = bool(self.drip and self.drip.search(first))  # (as the request came)
                 self.seen.append(first)
+                if self.cut and self.cut.search(first):
+                    return  # (as a receiver stopped while it works: no answer at all)
                 if self.upstream is None:
                     self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000, True)
                     return
@@ -355,3 +360,21 @@ def test_status_reports_a_secondary_that_never_answers_within_its_timeout(tmp_pa
     assert rc == 1 and f"127.0.0.1:{peer.port}: unreachable: since " in out, out
     rc, _, out = esmirror("status", "--install-dir", str(master.root), "--timeout", "0")
     assert rc == 2 and "--timeout" in out, out
+
+
+def test_a_receiver_that_stops_mid_commit_is_not_blamed_on_tls(tmp_path, slow_peer, make_receiver):
+    """A secondary whose web server restarted during a commit (logrotate reloads httpd) was
+    reported as 'if that port speaks HTTPS, set its ssl…', though it had answered this push."""
+    from conftest import esmirror
+
+    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
+                                                           "express_version": VERSION}))
+    peer = slow_peer(upstream=receiver.port, cut=r"^POST \S*/commit ")
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    assert rc == 1, out
+    error = report["secondaries"][0]["error"]
+    assert "closed the connection without answering: its receiver or web server was stopped or " \
+           "restarted while it worked" in error, error
+    assert "ssl" not in error and "the set may be live there" in error, error

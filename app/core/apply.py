@@ -51,7 +51,7 @@ from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff,
                        name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
-from .state import read_json, stable_id, write_json
+from .state import pid_alive, read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, clone_file, durable_flush, what_is_full
 
 LOCK_TIMEOUT = 600.0
@@ -305,18 +305,6 @@ def _copy_verified(src: Path, dst: Path, sha: str) -> None:
         raise Conflict(f"{src.name} changed on this server during the commit; push again")
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":
-        return True  # os.kill would end it; stale files there go by age alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 _TMP_PID_RE = re.compile(r"\.(\d{1,10})\.")
 IDLE_TMP = 15 * 60  # seconds: longer than gunicorn's and waitress's 600 s body timeouts
 
@@ -341,7 +329,7 @@ def sweep_dead_tmp(state_dir: Path) -> None:
             if not (match and is_tmp and entry.is_file(follow_symlinks=False)):
                 continue
             try:
-                if not _pid_alive(int(match.group(1))) or entry.stat(follow_symlinks=False).st_mtime < idle:
+                if not pid_alive(int(match.group(1))) or entry.stat(follow_symlinks=False).st_mtime < idle:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 pass

@@ -21,7 +21,7 @@ from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue
 from .settings import Settings
-from .state import read_json, stable_id, write_json
+from .state import pid_alive, read_json, stable_id, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
@@ -283,5 +283,7 @@ def agent_pulse(settings: Settings) -> dict[str, Any]:
     age = time.time() - float(beat.get("heartbeat") or 0)
     # (a beat "from the future" was written before the clock was put back: it says nothing)
     running = bool(beat) and not beat.get("stopped") and -HEARTBEAT_SKEW < age < AGENT_SILENT_AFTER
+    if running and isinstance(beat.get("pid"), int):  # killed (kill -9, a crash): at once, not in 30 s
+        running = pid_alive(beat["pid"])
     return {"running": running, "pid": beat.get("pid"), "started": beat.get("started"),
             "seconds_since_heartbeat": round(age, 1) if beat else None}

@@ -10,6 +10,20 @@ from typing import Any
 from .errors import Damaged, one_line
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (on Windows, always: os.kill would end it;
+    what a process left there goes by age alone)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def keep_owner_rights() -> None:
     """Take the owner's bits out of the process umask, keeping what it denies group and others.
 
