@@ -30,6 +30,19 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP (a stopped job, a closed terminal or ssh session) end a command as
+    Ctrl-C does: what it started is stopped and what it did is recorded, not cut off mid-way."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
+
+
 def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = "") -> Any:
     """A command's failures as one line and an exit code; ``interrupted``, what Ctrl-C adds."""
     if fn is None:
@@ -272,6 +285,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
         from .fleet import resolve_canary, select_secondaries
         from .report import ProgressBars, print_publish
 
+    stop_signals_interrupt()
     settings = settings_from(install_dir, writes_state=True)
     targets = select_secondaries(settings, secondaries)
     first = resolve_canary(targets, canary)
@@ -505,6 +519,7 @@ def demo(keep: bool) -> None:
     """A master and two secondaries on loopback: one publish, the result shown."""
     from .demo import run_demo
 
+    stop_signals_interrupt()  # (its receivers run in sessions of their own: stopped, not orphaned)
     sys.exit(run_demo(keep=keep))
 
 

@@ -37,6 +37,9 @@ from .push import LocalSet, Opening, PushResult, ScanNews, push
 __all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
            "resolve_canary", "publish", "catch_up", "publish_lock", "publish_waiting"]
 
+# (not caught up by the agent: a person who stops a rollout, a canary's say, wants it stopped)
+INTERRUPTED = ("the publish was stopped on this master (Ctrl-C, SIGTERM) before this secondary "
+               "confirmed it; publish again to bring it here")
 WAITING_PULSE = 2.0  # how often a publish waiting for the lock renews its marker (seconds)
 BROWSES_AWAITED = 5.0  # seconds a publish waits for its first browses before numbering itself
 
@@ -189,14 +192,16 @@ def _skipped(secondary: Secondary, why: str) -> PushResult:
 
 def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult],
             canary: Secondary | None = None, max_parallel: int | None = None,
-            stop_on_failure: bool = False, observer: Observer | None = None) -> list[PushResult]:
+            stop_on_failure: bool = False, observer: Observer | None = None,
+            results: dict[Secondary, PushResult] | None = None) -> list[PushResult]:
     """Push to each secondary, canary first, at most ``max_parallel`` at once; results in order.
 
     A push never raises (its result says what happened), so one secondary's
     failure never stops the others unless ``stop_on_failure`` asks for it.
+    ``results`` is filled as each push ends: what an interrupted fan-out had done.
     """
     observer = observer or Observer()
-    results: dict[Secondary, PushResult] = {}
+    results = {} if results is None else results
     stop = threading.Event()
     why_stop: list[str] = []
 
@@ -209,6 +214,7 @@ def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult]
             if not result.ok and stop_on_failure and not stop.is_set():
                 why_stop.append(f"not pushed: {secondary.name} failed first and stop-on-failure is set")
                 stop.set()
+        results[secondary] = result
         observer.done(secondary, result)
         return result
 
@@ -408,7 +414,19 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
                         lambda n: observer.progress(secondary, n, live.files_sent), live,
                         openings.pop(secondary, None))
 
-        results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer)
+        ended: dict[Secondary, PushResult] = {}
+        try:
+            results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer, ended)
+        except KeyboardInterrupt:  # (Ctrl-C, SIGTERM): the ledger says which did not get it
+            if not dry_run:
+                cut = [ended.get(s) or PushResult(s.host, s.port, state="failed", error=INTERRUPTED)
+                       for s in secondaries]
+                _record(settings, cut, generation, local.manifest.digest, caller, mine["self"], "publish")
+                ledger = Ledger(settings)
+                for secondary in secondaries:
+                    if secondary not in ended:
+                        ledger.record_stale(secondary, INTERRUPTED)
+            raise
     finally:
         news.done()  # (a failed reload never scanned: let the openings go)
         for opening in openings.values():  # not taken: the publish stopped, or the canary failed

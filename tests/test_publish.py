@@ -202,6 +202,32 @@ def test_demo_exits_0_and_shows_both_in_sync():
     assert "both secondaries in sync" in out
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_demo_stopped_by_a_signal_leaves_no_receiver_and_no_folder(signum):
+    """SIGTERM or SIGHUP (a closed terminal) left the demo's two receivers running, in
+    sessions of their own, for ever, and its folder behind."""
+    import signal
+
+    demo = subprocess.Popen([sys.executable, "-m", "agent", "demo"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for _ in range(10):  # (bounded: the demo prints its folder, the master, 2 receivers)
+            lines.append(demo.stdout.readline())
+            if lines[-1].startswith("secondary") and "receiving at" in lines[-1]:
+                break
+        base = lines[0].removeprefix("demo in ").strip()
+        assert base and os.path.isdir(base), lines
+        demo.send_signal(getattr(signal, signum))
+        out = lines + [demo.communicate(timeout=60)[0]]
+    finally:
+        demo.kill()
+    assert demo.returncode == 130, out
+    assert not os.path.exists(base), out
+    still = subprocess.run(["pgrep", "-f", base], capture_output=True, text=True).stdout.split()
+    assert not still, still
+
+
 def test_bodies_never_exceed_the_secondary_limit_large_files_go_in_parts(fleet):
     # max_upload_bytes stands in for IIS's 4 GiB − 1 cap: a 3 MiB index must travel in parts
     f = fleet(1, secondary_ini={"max_upload_bytes": "1M"})

@@ -378,3 +378,46 @@ def test_a_receiver_that_stops_mid_commit_is_not_blamed_on_tls(tmp_path, slow_pe
     assert "closed the connection without answering: its receiver or web server was stopped or " \
            "restarted while it worked" in error, error
     assert "ssl" not in error and "the set may be live there" in error, error
+
+
+def test_a_publish_stopped_by_sigterm_records_what_it_did_and_why_the_rest_lag(tmp_path, slow_peer,
+                                                                                make_receiver):
+    """SIGTERM or SIGHUP (a closed ssh session) killed a publish outright: no audit line, no
+    history, and status said the generation 'was published to other secondaries only'."""
+    import signal
+    import subprocess
+    import sys
+
+    from agentproc import audit_lines, wait_for
+    from conftest import REPO, esmirror, set_files
+
+    fast, slow = (make_receiver(make_install(tmp_path / f"s{n}", {"allow_push": "127.0.0.1",
+                                                                  "express_version": VERSION}))
+                  for n in range(2))
+    # the push's own look at the slow one answers a byte every 0.2 s; status's look does not
+    peer = slow_peer(upstream=slow.port, drip=r"^GET \S*/browse\?digest=recorded")
+    master = make_install(tmp_path / "m", {"express_version": VERSION},
+                          [("127.0.0.1", fast.port, "none"), ("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    publishing = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
+                                   str(master.root)], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for("the fast secondary holds the set",
+                 lambda: (fast.install.data_dir / "catalogs.xml").exists()
+                 and set_files(fast.install.data_dir) == set_files(master.data_dir), 60)
+        time.sleep(0.5)  # (its answer read)
+        publishing.send_signal(signal.SIGTERM)
+        out, _ = publishing.communicate(timeout=30)
+    finally:
+        publishing.kill()
+    assert publishing.returncode == 130, out
+    assert "esmirror: interrupted" in out, out
+    rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json", "--timeout", "10")
+    assert rc == 1, out
+    done, cut = status["secondaries"]
+    assert done["state"] == "in-sync", done
+    assert cut["state"] == "behind" and "the publish was stopped on this master" in cut["detail"], cut
+    assert "other secondaries only" not in cut["detail"], cut
+    events = [(e["event"], e.get("outcome")) for e in audit_lines(master)]
+    assert ("publish", "interrupted") in events and ("push", "in-sync") in events, events
