@@ -55,6 +55,21 @@ def check_certificate(certfile: str, keyfile: str) -> None:
                           "and the PEM private key that belongs to it") from None
 
 
+def _spool_beside_the_set(settings: Settings) -> None:
+    """waitress writes each request body to a temp file (tempfile's folder, /tmp) before the
+    app reads it. Put it in .esmirror/tmp, on var/data's disk: the room a push needs is
+    counted there (free_bytes), and /tmp may be a small tmpfs (Debian 13's default) where a
+    part of SPOOLED_PART_BYTES failed every push, reported as a connection closed."""
+    import tempfile
+
+    spool = settings.state_dir / "tmp"
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # (a read-only var/data takes no pushes anyway: browse says so)
+    tempfile.tempdir = str(spool)
+
+
 def _guarded(settings: Settings) -> Callable[..., Any]:
     """waitress's create_server, whose connections from callers in none of allow_push,
     allow_admin and trusted_proxies get a body limit of STRANGER_BODY_BYTES: such a caller
@@ -114,6 +129,8 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
 
     if server == "waitress":
         import waitress
+
+        _spool_beside_the_set(settings)
 
         # waitress refuses a body of exactly its limit; one byte more leaves the
         # limit to the app, which answers 413 with a JSON message naming it

@@ -740,3 +740,17 @@ def test_a_receiver_whose_log_cannot_be_written_still_serves(tmp_path, server):
         assert receiver.proc.poll() is None
     finally:
         receiver.stop()
+
+
+def test_waitress_spools_bodies_on_the_working_dirs_disk_not_in_tmp(tmpfs, fleet, tmp_path):
+    """waitress wrote each body to /tmp first: a small /tmp (a tmpfs, Debian 13's default)
+    failed every push of a large file, though var/data had room, and the master was told
+    the connection closed (the TLS hint)."""
+    f = fleet(1, start=False)  # (its set has a 3 MiB index)
+    small = tmp_path / "small-tmp"
+    tmpfs(small, "1m")
+    f.receivers[0].env = {"TMPDIR": str(small)}
+    f.receivers[0].start()
+    rc, report, out = f.publish()
+    assert rc == 0, out
+    assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
