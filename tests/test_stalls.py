@@ -421,3 +421,37 @@ def test_a_publish_stopped_by_sigterm_records_what_it_did_and_why_the_rest_lag(t
     assert "other secondaries only" not in cut["detail"], cut
     events = [(e["event"], e.get("outcome")) for e in audit_lines(master)]
     assert ("publish", "interrupted") in events and ("push", "in-sync") in events, events
+
+
+def test_a_publish_killed_outright_is_not_said_to_have_reached_other_secondaries(tmp_path, slow_peer,
+                                                                                 make_receiver):
+    """kill -9 of a publish after it numbered itself: status said the generation 'was
+    published to other secondaries only', though it had reached none."""
+    import json
+    import subprocess
+    import sys
+
+    from agentproc import wait_for
+    from conftest import REPO, esmirror
+
+    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
+                                                           "express_version": VERSION}))
+    peer = slow_peer(upstream=receiver.port, drip=r"^GET \S*/browse\?digest=recorded")
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    record = master.data_dir / ".esmirror" / "master.json"
+    publishing = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
+                                   str(master.root)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    try:
+        wait_for("the publish numbers itself", lambda: record.exists()
+                 and json.loads(record.read_text()).get("generation") == 1, 30)
+    finally:
+        publishing.kill()
+        publishing.wait(timeout=30)
+    rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json", "--timeout", "10")
+    assert rc == 1, out
+    row = status["secondaries"][0]
+    assert row["state"] == "behind", row
+    assert "the publish of generation 1 has recorded no push: it is still running, or it was " \
+           "killed before it ended" in row["detail"], row

@@ -72,6 +72,9 @@ def test_states_say_what_a_person_needs():
     state, detail = secondary_state(left_out, published)
     assert state == "behind" and "generation 5 was published to other secondaries only" in detail, detail
     assert "publish again to bring it here" in detail, detail
+    # no secondary's push of it recorded at all: running, or killed (not "other secondaries")
+    state, detail = secondary_state(left_out, published, reached_others=False)
+    assert state == "behind" and "the publish of generation 5 has recorded no push" in detail, detail
 
 
 def test_a_secondary_a_running_publish_already_reached_is_not_caught_up():

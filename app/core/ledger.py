@@ -191,8 +191,10 @@ def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
     entry["error"] = None
 
 
-def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> tuple[str, str]:
-    """(state, what a person should know) for one secondary."""
+def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
+                    reached_others: bool = True) -> tuple[str, str]:
+    """(state, what a person should know) for one secondary; ``reached_others``: the ledger
+    records a push of the published generation to some secondary."""
     if not entry or not (entry.get("observed") or entry.get("unreachable_since") or entry.get("refused")
                          or entry.get("last_push")):
         return "unknown", "not contacted yet (run 'esmirror status', or start 'esmirror agent')"
@@ -226,6 +228,9 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any]) -> 
         detail += f"; last push {push['state']}: {push['error']}"
         if entry.get("next_retry"):
             detail += f" (the agent retries at {iso_time(entry['next_retry'])})"
+    elif (entry.get("wanted_generation") or 0) < published["generation"] and not reached_others:
+        detail += (f"; the publish of generation {published['generation']} has recorded no push: it "
+                   "is still running, or it was killed before it ended. Publish again (once none runs)")
     elif (entry.get("wanted_generation") or 0) < published["generation"]:
         detail += (f"; generation {published['generation']} was published to other secondaries "
                    "only (the agent catches up only missed pushes): publish again to bring it here")
@@ -243,10 +248,12 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
             error = exc.message  # a master's Mirrors with a typo: its page says what is wrong
     published = master_record(settings)
     ledger = Ledger(settings).read()
+    reached = any((e.get("wanted_generation") or 0) >= (published.get("generation") or 0)
+                  for e in ledger.values() if isinstance(e, dict))
     rows = []
     for secondary in mirrors:
         entry = ledger.get(secondary.name)
-        state, detail = secondary_state(entry, published)
+        state, detail = secondary_state(entry, published, reached)
         seen = (entry or {}).get("observed") or {}
         retry = (entry or {}).get("next_retry")  # (an epoch in the ledger)
         rows.append({"name": secondary.name, "host": secondary.host, "port": secondary.port,
