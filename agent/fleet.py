@@ -29,7 +29,7 @@ from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
-from app.core.state import stable_id, write_json
+from app.core.state import pid_alive, stable_id, write_json
 
 from .client import Interrupt, tls_context
 from .push import LocalSet, Opening, PushResult, ScanNews, push
@@ -163,11 +163,16 @@ def _wait_asking(settings: Settings, lock: filelock.BaseFileLock) -> None:
 
 def publish_waiting(settings: Settings) -> bool:
     """Whether a publish waits for the publish lock: its marker was renewed lately. Markers
-    left by a publish that was killed while it waited are removed."""
+    left by a publish that was killed while it waited are removed (at once where its pid
+    can be checked: one dated ahead by a clock set back would stop every catch-up)."""
     now = time.time()
     waiting = False
     for marker in settings.state_dir.glob("publish-waiting.*"):
         try:
+            pid = marker.name.rpartition(".")[2]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                marker.unlink()
+                continue
             age = now - marker.stat().st_mtime
             if age < 3 * WAITING_PULSE:
                 waiting = True

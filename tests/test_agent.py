@@ -547,3 +547,28 @@ def test_sighup_stops_the_agent_cleanly_and_a_second_signal_stops_it_at_once(fle
     again.proc.send_signal(signal.SIGHUP)  # idle: a clean stop
     assert again.wait_exit(15) == 0, again.output()
     assert "agent stopped" in again.output()
+
+
+def test_a_waiting_marker_of_a_dead_publish_stops_no_catch_up(tmp_path):
+    """A publish killed while it waited for the lock left its marker; dated ahead (a clock
+    set back), it made the agent stop every catch-up, twice a second, until that time."""
+    import os
+    import subprocess
+
+    from agent.demo import make_install
+    from agent.fleet import publish_waiting
+    from app.core.settings import load_settings
+
+    settings = load_settings(make_install(tmp_path / "m").root)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    marker = settings.state_dir / f"publish-waiting.{dead.pid}"
+    marker.touch()
+    ahead = time.time() + 3600
+    os.utime(marker, (ahead, ahead))
+    assert publish_waiting(settings) is False
+    assert not marker.exists()
+    alive = settings.state_dir / f"publish-waiting.{os.getpid()}"
+    alive.touch()
+    assert publish_waiting(settings) is True

@@ -461,3 +461,34 @@ def test_a_file_dated_ahead_is_trusted_once_its_ctime_is_settled(tmp_path):
     cache.dirty = True
     cache.save(["big.idx"])
     assert scan(data, HashCache(cache_path)).manifest.files["big.idx"].sha256 == "f" * 64
+
+
+def test_uploads_are_aged_by_the_clock_that_dated_them(tmp_path, monkeypatch):
+    """A receiver whose clock runs a day ahead of its working dir's files (a share's server
+    behind) dropped every upload as stale at the very commit that was to use it: 409
+    'blobs never uploaded', the set sent three times, at every publish."""
+    from agent.demo import make_install, write_sample_set
+    from app.core import apply as apply_module
+    from app.core.apply import CommitRequest, WorkingDir
+
+    master = tmp_path / "master"
+    master.mkdir()
+    write_sample_set(master, tmp_path / "images", big_mb=1)
+    wanted = scan(master).manifest
+    install = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1"})
+    workdir = WorkingDir(load_settings(str(install.root)))
+    for path, entry in wanted.files.items():
+        with open(master / path, "rb") as fh:
+            workdir.store.put(entry.sha256, fh, entry.size)
+
+    class Ahead:  # this process's clock, three days ahead of the one that dates the files
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() + 3 * 86400
+
+    monkeypatch.setattr(apply_module, "time", Ahead())
+    workdir.commit(CommitRequest(1, "m1", workdir.scan().manifest.digest, wanted))
+    assert scan(install.data_dir).manifest.digest == wanted.digest

@@ -395,3 +395,17 @@ def test_an_unsigned_get_whose_answer_was_lost_is_retried_too(fleet):
     assert info["express_version"] == VERSION
     assert proxy.answers == [200, 200]
     assert proxy.nonces == ["", ""]  # nothing signed
+
+
+def test_a_nonce_is_kept_its_whole_window_whatever_the_files_clock(tmp_path):
+    """Nonces were pruned by this machine's clock against their files' times: with the
+    clock 20 minutes ahead of the filesystem's (a share's server), every nonce was dropped
+    at the next prune, and a signed request could be replayed."""
+    import time
+
+    from app.core.signing import _PRUNE_EVERY, NonceStore
+
+    store = NonceStore(tmp_path / "nonces", keep=900)
+    ahead = time.time() + 1200  # this process's clock, the files' is the real one
+    assert store.claim("n1", ahead) is True
+    assert store.claim("n1", ahead + _PRUNE_EVERY + 1) is False  # (a prune ran first)

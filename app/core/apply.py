@@ -51,7 +51,7 @@ from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff,
                        name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
-from .state import pid_alive, read_json, stable_id, write_json
+from .state import fs_now, pid_alive, read_json, stable_id, write_json
 from .store import CHUNK, BlobStore, clone_file, durable_flush, what_is_full
 
 LOCK_TIMEOUT = 600.0
@@ -309,7 +309,7 @@ _TMP_PID_RE = re.compile(r"\.(\d{1,10})\.")
 IDLE_TMP = 15 * 60  # seconds: longer than gunicorn's and waitress's 600 s body timeouts
 
 
-def sweep_dead_tmp(state_dir: Path) -> None:
+def sweep_dead_tmp(state_dir: Path, now: float | None = None) -> None:
     """Temp files (``*.<pid>.…tmp`` in ``.esmirror/`` and ``.esmirror/tmp/``) of processes that died.
 
     A kill -9 mid-write leaves them; a live process's (another gunicorn or
@@ -317,7 +317,7 @@ def sweep_dead_tmp(state_dir: Path) -> None:
     seconds: the pid may belong to another process by now (pids wrap), and no
     upload waits that long between writes (both servers time out a body sooner).
     """
-    idle = time.time() - IDLE_TMP
+    idle = (time.time() if now is None else now) - IDLE_TMP  # (now: fs_now's)
     for folder in (state_dir, state_dir / "tmp"):
         try:
             entries = list(os.scandir(folder))
@@ -418,10 +418,12 @@ class WorkingDir:
         for leftover in (self.staging_dir, self.state_dir / "trash"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
-        # (after staging: a staged link is not a live file)
-        self.store.clear(older_than=time.time() - STALE_UPLOADS, shared=True)
-        self.store.clear_stale_tmp()
-        sweep_dead_tmp(self.state_dir)
+        # (after staging: a staged link is not a live file). Ages by the files' own clock: a
+        # share's server a day behind this one's had every upload just made dropped as stale
+        now = fs_now(self.state_dir)
+        self.store.clear(older_than=now - STALE_UPLOADS, shared=True)
+        self.store.clear_stale_tmp(now=now)
+        sweep_dead_tmp(self.state_dir, now)
         return message
 
     def recover_if_interrupted(self) -> str | None:

@@ -146,7 +146,9 @@ class NonceStore:
         except FileNotFoundError:
             pass
         marker.touch()
-        limit = now - self.keep
+        # by the clock that dates the nonces (a share's server may be off this one's): with
+        # this machine's, a clock 15 minutes ahead dropped every nonce, and replays got in
+        limit = marker.stat().st_mtime - self.keep
         for entry in os.scandir(self.folder):
             try:
                 if entry.name != ".pruned" and entry.stat().st_mtime < limit:

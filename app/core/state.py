@@ -1,13 +1,32 @@
 """Small durable JSON files in ``.esmirror/``: written to a temp name, flushed, renamed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .errors import Damaged, one_line
+
+
+def fs_now(folder: Path) -> float:
+    """Now by the clock that dates new files in ``folder``. The server of a network share
+    may be hours off this machine's clock: the age of a file there (an upload left
+    waiting) is judged against this, not against time.time(). This machine's clock where
+    the folder cannot be written."""
+    probe = folder / f".clock.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # (a dead writer's: swept)
+    try:
+        with open(probe, "x"):
+            pass
+        return probe.stat().st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def pid_alive(pid: int) -> bool:

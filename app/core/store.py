@@ -779,14 +779,14 @@ class BlobStore:
             except FileNotFoundError:
                 continue
 
-    def clear_stale_tmp(self, older_than: float = 6 * 3600) -> tuple[int, int]:
+    def clear_stale_tmp(self, older_than: float = 6 * 3600, now: float | None = None) -> tuple[int, int]:
         """Temp files of uploads that died (a kill -9 mid-body) go after ``older_than``
         seconds untouched; a file's parts wait that long for the master to resume them.
-        Returns (files dropped, bytes)."""
+        ``now``: by the files' clock (state.fs_now). Returns (files dropped, bytes)."""
         count = freed = 0
         if not self.tmp.is_dir():
             return count, freed
-        limit = time.time() - older_than
+        limit = (time.time() if now is None else now) - older_than
         for entry in os.scandir(self.tmp):
             try:
                 st = entry.stat(follow_symlinks=False)
