@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ def snapshot(install) -> tuple[dict[str, str], list[str], object]:
 def archive_entries(install) -> list[dict]:
     rc, data, out = esmirror("archive", "list", "--json", "--install-dir", str(install.root))
     assert rc == 0, out
+    # times as status, the audit log and the agent's log give them: UTC, seconds, Z
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["created"]) for e in data["archive"]), data
     return data["archive"]
 
 

@@ -141,7 +141,7 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert mine["role"] == "secondary" and mine["self"]["generation"] == 1
     # the top level speaks of this server, as a monitoring script reads it
     assert (mine["ok"], mine["generation"], mine["drift"]) == (True, 1, False), mine
-    assert mine["master"] == mine["self"]["master"] and mine["applied_at"]
+    assert mine["master"] == mine["self"]["master"] and mine["applied_at"].endswith("Z")
     assert mine["detail"].startswith("holds generation 1 from master ")
     page = http().get(f"{f.receivers[0].url}/", timeout=10)
     assert page.status_code == 200 and "Secondary" in page.text

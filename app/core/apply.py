@@ -41,7 +41,7 @@ from typing import Any, Collection, Iterable, NamedTuple
 
 import filelock
 
-from .audit import audit
+from .audit import audit, iso_time, now_iso
 from .catalogs import CATALOGS_XML, validate_catalogs
 from .delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoRoom, NotFound, ReloadFailed,
@@ -370,7 +370,7 @@ def _created(name: str, meta: dict[str, Any]) -> str:
             when = dt.datetime.strptime(name[:23], "%Y%m%dT%H%M%S.%fZ")
         except ValueError:
             when = dt.datetime.now(dt.timezone.utc)  # unknown: never "older than"
-    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).isoformat()
+    return iso_time((when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp())
 
 
 class WorkingDir:
@@ -783,7 +783,7 @@ class WorkingDir:
                 write_json(self.archive_dir / archive_id / PREVIOUS_JSON, current.to_list())
                 write_json(self.archive_dir / archive_id / "archive.json", {
                     "id": archive_id,
-                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "created": now_iso(),
                     "replaced_generation": state.get("generation"),
                     "generation": generation,
                     "master": master,
@@ -858,7 +858,7 @@ class WorkingDir:
                 archive_id: str | None, restored_from: str | None = None) -> None:
         write_json(self.state_path, {
             "generation": generation, "master": master, "digest": new.digest,
-            "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "applied_at": now_iso(),  # (UTC with Z, as status, the audit log and the agent's log)
             "archive_id": archive_id,
             # an admin's restore: the master's agent must not undo it (only a publish does)
             **({"restored_from": restored_from} if restored_from else {}),
