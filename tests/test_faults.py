@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -609,6 +610,9 @@ def test_a_kill_after_a_local_file_was_set_aside_puts_it_back(fleet, point):
     killed_at(f, receiver, point)
     receiver_browse(receiver)  # recovery has run
     assert (secondary.data_dir / "a.idx").read_bytes() == b"LOCAL precious"
+    log = [json.loads(line) for line in (secondary.data_dir / ".esmirror" / "audit.log").read_text().splitlines()]
+    assert [(e["event"], e["generation"], e["outcome"]) for e in log if e["event"] == "rollback"] == \
+        [("rollback", 2, "rolled back")], log  # (the log of what changed the set says so)
     assert {p: h for p, h in set_files(secondary.data_dir).items() if p != "a.idx"} == before
     assert debris(secondary.data_dir) == []
     assert f.publish()[0] == 0

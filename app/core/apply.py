@@ -415,6 +415,11 @@ class WorkingDir:
                        f"(phase {journal['phase']}); the previous set is in place")
             if journal["phase"] == "switched":
                 run_reload(self.settings)  # Express Server may have loaded part of it
+            # (the log of what changed this set: a rollback did, as much as a commit)
+            audit(self.settings, "rollback", caller="esmirror (recovery)",
+                  master=(journal.get("state_before") or {}).get("master"),
+                  generation=journal.get("generation"), files=None, outcome="rolled back",
+                  phase=journal.get("phase"))
         for leftover in (self.staging_dir, self.state_dir / "trash"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
