@@ -46,6 +46,14 @@ class LocalSet:
     skipped: tuple[str, ...] = ()
     hash_cache: HashCache | None = None  # the scan's: a file found to hold other bytes is read next time
     _saving: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reached: dict[str, str] = field(default_factory=dict, repr=False)  # receiver id → its Mirrors name
+
+    def first_to_reach(self, receiver: str, name: str) -> str | None:
+        """The Mirrors name that reached the receiver ``receiver`` (its id) before ``name``
+        in this publish, if any: one server listed under two names (an alias, its address)."""
+        with self._saving:
+            first = self._reached.setdefault(receiver, name)
+        return None if first == name else first
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -290,6 +298,11 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             client = SecondaryClient(secondary, settings, interrupt)
             info = client.browse(recorded=True)
         check_peer(secondary, info, mine)
+        twin = local.first_to_reach(info["self"], secondary.name) if info.get("self") else None
+        if twin is not None:  # pushed twice, the two would wait on each other's commit lock
+            raise Refused(f"{secondary.name} is the receiver {twin} is (the same id, {info['self']}): "
+                          "one server listed under two names in Mirrors, pushed to as "
+                          f"{twin}; list each server once, by one name")
         part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest
         if info.get("digest") == want.digest and not full and not dry_run:

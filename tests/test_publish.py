@@ -957,3 +957,20 @@ def test_full_reads_every_file_again_and_a_refused_file_is_read_at_the_next_publ
     rc, report, out = f.publish()
     assert rc == 0, out
     assert held.read_bytes() == b"D" * len(before)
+
+
+def test_one_server_under_two_names_is_pushed_once_and_the_twin_named(tmp_path, make_receiver):
+    """Listed as 127.0.0.1 and as localhost, one receiver was pushed to twice, the two
+    pushes waiting on each other's commit lock, and the publish said all was well."""
+    secondary = make_install(tmp_path / "s", {"allow_push": "127.0.0.1 ::1", "express_version": VERSION})
+    receiver = make_receiver(secondary)
+    master = make_install(tmp_path / "m", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "none"), ("localhost", receiver.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    rc, report, out = esmirror("publish", "--install-dir", str(master.root), "--json")
+    assert rc == 1, out
+    states = sorted(r["state"] for r in report["secondaries"])
+    assert states == ["in-sync", "refused"], report
+    refused = next(r for r in report["secondaries"] if r["state"] == "refused")
+    assert "one server listed under two names in Mirrors" in refused["error"], refused
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
