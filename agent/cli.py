@@ -210,26 +210,39 @@ install_dir_option = click.option(
     help="Express Server install dir (holds ImageServer/); or set ESMIRROR_INSTALL_DIR.")
 
 
-def settings_from(install_dir: str | None, writes_state: bool = False) -> Settings:
-    """The install's settings. ``writes_state``: the command writes var/data/.esmirror, so
-    running it as root where the data belongs to another account is worth a warning."""
+def settings_from(install_dir: str | None, writes_state: bool = False, as_owner: bool = True) -> Settings:
+    """The install's settings. ``writes_state``: the command writes var/data/.esmirror. Run
+    as root where another account (LT_IS_USER) owns var/data, it then runs as that account,
+    as ``sudo -u`` would: files root left there would stop the agent and the receiver,
+    which run as that account, with 'Permission denied' (cron running status as root, a
+    publish with sudo). ``as_owner=False`` (serve: it may bind a port only root can) warns."""
     settings = load_settings(install_dir)
     if writes_state and hasattr(os, "geteuid") and os.geteuid() == 0:
         try:
-            owner = os.stat(settings.data_dir).st_uid
+            st = os.stat(settings.data_dir)
         except OSError:
-            owner = 0
-        if owner != 0:
-            import pwd
+            return settings
+        if st.st_uid == 0:
+            return settings
+        import pwd
 
-            try:
-                name = pwd.getpwuid(owner).pw_name
-            except KeyError:
-                name = str(owner)
+        try:
+            account = pwd.getpwuid(st.st_uid)
+            name, gid = account.pw_name, account.pw_gid
+        except KeyError:
+            account, name, gid = None, str(st.st_uid), st.st_gid
+        if not as_owner:
             click.echo(f"esmirror: warning: running as root, but {settings.data_dir} belongs to {name}: "
                        f"files this leaves in .esmirror/ stop the agent and the receiver (running as "
                        f"{name}) with 'Permission denied'; run it as {name} (sudo -u {name} esmirror …)",
                        err=True)
+            return settings
+        if account is not None:
+            os.initgroups(name, gid)
+        else:
+            os.setgroups([])
+        os.setgid(gid)
+        os.setuid(st.st_uid)
     return settings
 
 
@@ -253,7 +266,8 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
     """Run the receiver standalone, mounted at the prefix."""
     from .serve import run_server
 
-    run_server(settings_from(install_dir, writes_state=True), bind, server, certfile, keyfile, workers)
+    run_server(settings_from(install_dir, writes_state=True, as_owner=False), bind, server, certfile,
+               keyfile, workers)
 
 
 @main.command()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -294,23 +296,43 @@ def test_the_ini_the_docs_show_loads_comments_and_all(tmp_path, doc):
                 assert ";" not in repr(getattr(settings, key)), (doc, line)
 
 
-def test_root_is_warned_off_a_working_dir_another_account_owns(tmp_path):
-    """Run as root, a command leaves root's files in .esmirror/, which then stop the agent
-    and the receiver running as LT_IS_USER: it says so, naming the account to use."""
+@pytest.fixture
+def request_cleanup():
+    made: list[Path] = []
+    yield made.append
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, request_cleanup):
+    """Run as root (cron running status, a publish with sudo), a command left root's files
+    in .esmirror/, which then stopped the agent and the receiver running as LT_IS_USER with
+    'Permission denied'. It now runs as that account, as sudo -u would; serve, which may
+    bind a port only root can, says so instead."""
     import pwd
-    import shutil
+    import subprocess
+
+    from agent.demo import Receiver, free_port
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    install = install_with(tmp_path)
+    reachable = Path(tempfile.mkdtemp(prefix="esmirror-owner-"))  # (pytest's tmp is root's only)
+    os.chmod(reachable, 0o755)
+    request_cleanup(reachable)
+    install = install_with(reachable)
     rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
     assert rc == 0 and "warning" not in out, out  # root's own data: nothing to say
     owner = pwd.getpwnam("nobody")
-    shutil.chown(install.data_dir, owner.pw_uid, owner.pw_gid)
+    subprocess.run(["chown", "-R", "nobody:", str(install.data_dir)], check=True)
     rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
-    assert rc == 0 and "warning: running as root" in out and "sudo -u nobody esmirror" in out, out
-    rc, _, out = esmirror("archive", "list", "--install-dir", str(install.root))  # writes nothing
-    assert "warning" not in out, out
+    assert rc == 0 and "warning" not in out, out
+    made = [p for p in (install.data_dir / ".esmirror").rglob("*") if p.stat().st_uid != owner.pw_uid]
+    assert made == [], made
+    assert (install.data_dir / ".esmirror" / "audit.log").stat().st_mtime > time.time() - 60
+    log = tmp_path / "serve.log"
+    receiver = Receiver(install, free_port(), log=log).start()
+    receiver.stop()
+    assert "warning: running as root" in log.read_text() and "sudo -u nobody esmirror" in log.read_text()
 
 
 @pytest.mark.parametrize("umask", ["0277", "0777"])
