@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import click
 
@@ -101,6 +101,29 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return ports
 
 
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait while a child is spawned: one that came while Popen
+    waited for the exec left the child running, unknown to stop(), for ever (in a session
+    of its own). Raised as KeyboardInterrupt once the child is known."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+        yield
+        return
+    held: list[int] = []
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    before = {n: signal.signal(getattr(signal, n), lambda signum, frame: held.append(signum))
+              for n in names}
+    try:
+        yield
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 class Receiver:
     """``esmirror serve`` in a child process; stop() ends it and everything it started."""
 
@@ -121,9 +144,10 @@ class Receiver:
                 "--bind", bind, "--server", self.server, *self.extra]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(self.env or {})},
-                                         start_new_session=True)
+            with _stops_held():
+                self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                             env={**os.environ, **(self.env or {})},
+                                             start_new_session=True)
         finally:
             if self.log:
                 out.close()  # type: ignore[union-attr]  # the child has its own copy
@@ -168,18 +192,19 @@ def run_demo(keep: bool = False) -> int:
     from .report import print_publish
 
     base = Path(tempfile.mkdtemp(prefix="esmirror-demo-"))
-    ports = free_ports(2)
-    secondaries = [make_install(base / f"secondary{i + 1}",
-                                {"allow_push": "127.0.0.1", "express_version": "10.1.0"})
-                   for i in range(2)]
-    master = make_install(base / "master", {"express_version": "10.1.0"},
-                          [("127.0.0.1", port, "none") for port in ports])
-    write_sample_set(master.data_dir, base / "images")
-    click.echo(f"demo in {base}")
-    click.echo(f"master    {master.root}")
-    receivers = [Receiver(s, p, log=base / f"secondary{i + 1}.log")
-                 for i, (s, p) in enumerate(zip(secondaries, ports))]
-    try:
+    receivers: list[Receiver] = []
+    try:  # (from here: a stop at any point removes the folder)
+        ports = free_ports(2)
+        secondaries = [make_install(base / f"secondary{i + 1}",
+                                    {"allow_push": "127.0.0.1", "express_version": "10.1.0"})
+                       for i in range(2)]
+        master = make_install(base / "master", {"express_version": "10.1.0"},
+                              [("127.0.0.1", port, "none") for port in ports])
+        write_sample_set(master.data_dir, base / "images")
+        click.echo(f"demo in {base}")
+        click.echo(f"master    {master.root}")
+        receivers += [Receiver(s, p, log=base / f"secondary{i + 1}.log")
+                      for i, (s, p) in enumerate(zip(secondaries, ports))]
         for r, s in zip(receivers, secondaries):
             r.start()
             click.echo(f"secondary {s.root} receiving at {r.url}")
