@@ -572,3 +572,27 @@ def test_a_waiting_marker_of_a_dead_publish_stops_no_catch_up(tmp_path):
     alive = settings.state_dir / f"publish-waiting.{os.getpid()}"
     alive.touch()
     assert publish_waiting(settings) is True
+
+
+def test_history_made_while_the_clock_was_ahead_is_pruned_by_age_all_the_same(tmp_path):
+    """Records were aged by their ids; a publish made while the clock ran a year ahead
+    gave every later id that year too, and no record was pruned until then."""
+    import os
+
+    from agent.demo import make_install
+    from app.core.publishes import PublishQueue, new_id
+    from app.core.settings import load_settings
+
+    queue = PublishQueue(load_settings(make_install(tmp_path / "m").root))
+    first = queue.submit({}, "127.0.0.1", ["a"], state="done")
+    queue.path(first["id"]).unlink()
+    first["id"] = new_id(time.time() + 365 * 86400)  # made while the clock ran a year ahead
+    queue.save(first)
+    for _ in range(59):  # (each numbered after the newest, as submit does)
+        queue.submit({}, "127.0.0.1", ["a"], state="done")
+    assert len(queue.all()) == 60 and all(r["id"] >= first["id"] for r in queue.all())
+    earlier = time.time() - 7200
+    for record in queue.all():
+        os.utime(queue.path(record["id"]), (earlier, earlier))
+    queue.prune(keep=50)
+    assert len(queue.all()) == 50

@@ -12,7 +12,6 @@ made with ``esmirror publish`` are recorded here too, already finished.
 from __future__ import annotations
 
 import calendar
-import os
 import re
 import time
 import uuid
@@ -22,7 +21,7 @@ from typing import Any
 from .audit import now_iso
 from .errors import BadRequest, NotFound
 from .settings import Settings
-from .state import read_json, write_json
+from .state import fs_now, read_json, write_json
 
 HISTORY_KEEP = 50
 HISTORY_MIN_AGE = 3600.0  # seconds a finished record is kept whatever the count
@@ -155,12 +154,16 @@ class PublishQueue:
         return records
 
     def prune(self, keep: int = HISTORY_KEEP, younger_kept: float = HISTORY_MIN_AGE) -> None:
-        """Keep the newest ``keep`` finished records, and every one created in the last
-        ``younger_kept`` seconds: whoever got its 202 can still look it up."""
+        """Keep the newest ``keep`` finished records, and every one written in the last
+        ``younger_kept`` seconds: whoever got its 202 can still look it up. Aged by their
+        files' times, not their ids: ids made while the clock was ahead (set back since)
+        would keep every record after them for as long."""
         finished = [r for r in self.all() if r.get("state") not in PENDING]
-        old = new_id(time.time() - younger_kept)
-        for record in [r for r in (finished[:-keep] if keep else finished) if r["id"] < old]:
+        cutoff = fs_now(self.dir) - younger_kept
+        for record in finished[:-keep] if keep else finished:
+            path = self.path(record["id"])
             try:
-                os.unlink(self.path(record["id"]))
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
             except OSError:
                 pass
