@@ -321,7 +321,6 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
     """Show a server's esmirror and Express versions, platform, generation, digest, master."""
     from pathlib import Path
 
-    from app.core.errors import RemoteError
     from app.core.express import parse_secondary_spec
 
     from .client import SecondaryClient
@@ -334,9 +333,7 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
         settings = Settings(install_dir=Path("."))  # browsing needs no install unless strict
     client = SecondaryClient(parse_secondary_spec(server, ssl_mode), settings)
     try:
-        info = client.browse()
-    except RemoteError as exc:
-        fail(exc.message, 1)
+        info = client.browse()  # (a failure: handle_errors says it, as JSON too with --json)
     finally:
         client.close()
     if as_json:

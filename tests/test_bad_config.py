@@ -381,3 +381,14 @@ def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(
         assert set_files(secondary.data_dir) == set_files(master.data_dir)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_browse_json_says_its_failure_as_json():
+    """browse --json printed nothing on stdout when the server could not be reached: a
+    check parsing it got no document (status --json and publish --json give one)."""
+    from agent.demo import free_port
+
+    port = free_port()
+    rc, data, out = esmirror("browse", f"127.0.0.1:{port}", "--json")
+    assert rc == 1, out
+    assert data is not None and data["ok"] is False and "connection refused" in data["error"], out
