@@ -26,7 +26,7 @@ from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger, lags, master_record, master_record_path
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
-from app.core.publishes import PublishQueue
+from app.core.publishes import PublishQueue, publish_lock
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
 from app.core.state import pid_alive, stable_id, write_json
@@ -111,12 +111,6 @@ class _AlsoProgress(Observer):
 def master_identity(settings: Settings) -> dict[str, Any]:
     return {"express_version": express_version(settings), "platform": platform_tag(),
             "self": stable_id(settings.state_dir / "self-id")}
-
-
-def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLock:
-    """One publish at a time on this master: ``esmirror publish`` and the agent share it."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
 
 
 @contextlib.contextmanager

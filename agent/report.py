@@ -115,6 +115,9 @@ def print_status(status: dict[str, Any]) -> None:
         generation = f"  generation {p['generation']}" if p["generation"] is not None else ""
         click.echo(f"  {p['created']}  {p['caller'] or '?'}  {p['state']}{outcome}{generation}"
                    + (f"  ({p['error']})" if p["error"] else ""))
+    for problem in status.get("problems") or []:
+        click.echo(f"problem: {problem}")
     bad = [s for s in status["secondaries"] if s["state"] != "in-sync"]
     click.echo("all secondaries in sync" if not bad else
-               f"{len(bad)} of {len(status['secondaries'])} secondaries not in sync")
+               f"{len(bad)} of {len(status['secondaries'])} secondaries not in sync"
+               + ("; a publish is under way" if status.get("publishing") else ""))

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from app.core.errors import MirrorError, RemoteError
+from app.core.errors import ConfigError, MirrorError, RemoteError
 from app.core.express import Secondary, select_secondaries
 from app.core.ledger import Ledger, fleet_status
 from app.core.settings import Settings
@@ -99,8 +99,11 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
 def live_status(settings: Settings, patience: float) -> dict[str, Any]:
     """``esmirror status``: look now, then report from the ledger (the same view as the page).
     A secondary that has not answered within ``patience`` seconds is reported unreachable."""
-    late = check_fleet(settings, patience=patience)
     ledger = Ledger(settings)
+    problem = ledger.writable_problem()
+    if problem:  # (a monitoring account: the ledger's older answers would pass for now's)
+        raise ConfigError(problem)
+    late = check_fleet(settings, patience=patience)
     for secondary in late:
         ledger.record_unreachable(secondary, f"no answer within {patience:g} s (down, a firewall "
                                   "dropping packets, or a hung receiver; 'esmirror status "

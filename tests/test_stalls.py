@@ -455,3 +455,38 @@ def test_a_publish_killed_outright_is_not_said_to_have_reached_other_secondaries
     assert row["state"] == "behind", row
     assert "the publish of generation 1 has recorded no push: it is still running, or it was " \
            "killed before it ended" in row["detail"], row
+
+
+def test_a_publish_under_way_shows_as_publishing_not_as_published_elsewhere(tmp_path, slow_peer,
+                                                                            make_receiver):
+    """status during a publish said every secondary was behind because 'generation N was
+    published to other secondaries only: publish again', a false page at every publish."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from agentproc import wait_for
+    from conftest import REPO, esmirror
+
+    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
+                                                           "express_version": VERSION}))
+    peer = slow_peer(upstream=receiver.port, drip=r"^GET \S*/browse\?digest=recorded")
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    record = master.data_dir / ".esmirror" / "master.json"
+    publishing = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
+                                   str(master.root)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    try:
+        wait_for("the publish numbers itself", lambda: record.exists()
+                 and json.loads(record.read_text()).get("generation") == 1, 30)
+        rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json", "--timeout", "10")
+        rc_text, _, text = esmirror("status", "--install-dir", str(master.root), "--timeout", "10")
+    finally:
+        publishing.send_signal(signal.SIGTERM)
+        publishing.wait(timeout=30)
+    assert rc == 1 and status["publishing"] is True, out
+    row = status["secondaries"][0]
+    assert row["state"] == "publishing" and "generation 1 is being published now" in row["detail"], row
+    assert "a publish is under way" in text, text

@@ -9,6 +9,7 @@ master's last publish, so the CLI, ``GET status`` and the HTML page agree.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import filelock
 from .audit import iso_time, now_iso
 from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
-from .publishes import PublishQueue
+from .publishes import PublishQueue, publish_running
 from .settings import Settings
 from .state import pid_alive, read_json, stable_id, write_json
 
@@ -62,6 +63,22 @@ class Ledger:
 
     def read(self) -> dict[str, dict[str, Any]]:
         return read_json(self.path, {}) or {}
+
+    def writable_problem(self) -> str | None:
+        """Why this account cannot record answers here, if it cannot (a look that cannot
+        record would report the ledger's older answers as if they were now's)."""
+        if not hasattr(os, "geteuid"):  # (Windows: ACLs, which os.access does not read)
+            return None
+        folder = self.path.parent
+        where = folder if folder.exists() else folder.parent
+        for path in (where, self.path, Path(str(self.path) + ".lock")):
+            if path.exists() and not os.access(path, os.W_OK):
+                me, owner = _account(os.geteuid()), _account(path.stat().st_uid)
+                how = f"sudo -u {owner} esmirror status" + ("" if owner == "root" else
+                                                             f", or as root, which runs it as {owner}")
+                return (f"{path} is not writable by {me}, and status records there what the "
+                        f"secondaries answer; run it as {owner} ({how})")
+        return None
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, dict[str, Any]]]:
@@ -192,9 +209,10 @@ def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
 
 
 def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
-                    reached_others: bool = True) -> tuple[str, str]:
+                    reached_others: bool = True, publishing: bool = False) -> tuple[str, str]:
     """(state, what a person should know) for one secondary; ``reached_others``: the ledger
-    records a push of the published generation to some secondary."""
+    records a push of the published generation to some secondary; ``publishing``: a
+    publish (or the agent's catch-up) holds the publish lock now."""
     if not entry or not (entry.get("observed") or entry.get("unreachable_since") or entry.get("refused")
                          or entry.get("last_push")):
         return "unknown", "not contacted yet (run 'esmirror status', or start 'esmirror agent')"
@@ -228,6 +246,9 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
         detail += f"; last push {push['state']}: {push['error']}"
         if entry.get("next_retry"):
             detail += f" (the agent retries at {iso_time(entry['next_retry'])})"
+    elif publishing and (entry.get("wanted_generation") or 0) < published["generation"]:
+        return "publishing", (f"holds generation {seen.get('generation')}; generation "
+                              f"{published['generation']} is being published now")
     elif (entry.get("wanted_generation") or 0) < published["generation"] and not reached_others:
         detail += (f"; the publish of generation {published['generation']} has recorded no push: it "
                    "is still running, or it was killed before it ended. Publish again (once none runs)")
@@ -250,10 +271,11 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
     ledger = Ledger(settings).read()
     reached = any((e.get("wanted_generation") or 0) >= (published.get("generation") or 0)
                   for e in ledger.values() if isinstance(e, dict))
+    publishing = bool(mirrors) and publish_running(settings)
     rows = []
     for secondary in mirrors:
         entry = ledger.get(secondary.name)
-        state, detail = secondary_state(entry, published, reached)
+        state, detail = secondary_state(entry, published, reached, publishing)
         seen = (entry or {}).get("observed") or {}
         retry = (entry or {}).get("next_retry")  # (an epoch in the ledger)
         rows.append({"name": secondary.name, "host": secondary.host, "port": secondary.port,
@@ -277,11 +299,25 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
                  | {"secondaries": [{k: s.get(k) for k in ("name", "state", "error")}
                                     for s in r.get("secondaries") or []]}
                  for r in PublishQueue(settings).history(history)]
+    agent = agent_pulse(settings)
+    # a request the agent would run, with no agent: the fleet never gets what was asked
+    problems = [f"publish request {r['id']} is {r['state']} but no esmirror agent runs: it waits "
+                "until one starts (systemctl start esmirror-agent)"
+                for r in (PublishQueue(settings).pending() if mirrors and not agent["running"] else [])]
     return {"role": "master" if mirrors or error else "secondary", "error": error,
-            "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows),
+            "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows) and not problems,
             "generation": published.get("generation"), "digest": published.get("digest"),
-            "published_at": published.get("published_at"),
-            "agent": agent_pulse(settings), "secondaries": rows, "publishes": publishes}
+            "published_at": published.get("published_at"), "publishing": publishing,
+            "problems": problems, "agent": agent, "secondaries": rows, "publishes": publishes}
+
+
+def _account(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
 
 
 def agent_pulse(settings: Settings) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from .audit import now_iso
 from .errors import BadRequest, NotFound
 from .settings import Settings
@@ -26,6 +28,26 @@ from .state import fs_now, read_json, write_json
 HISTORY_KEEP = 50
 HISTORY_MIN_AGE = 3600.0  # seconds a finished record is kept whatever the count
 PENDING = ("queued", "running")
+
+
+def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLock:
+    """One publish at a time on this master: ``esmirror publish`` and the agent share it."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
+
+
+def publish_running(settings: Settings) -> bool:
+    """Whether a publish (``esmirror publish``'s or the agent's) holds the publish lock now.
+    The look takes the lock for an instant when it is free (flock: never another holder's)."""
+    try:
+        lock = publish_lock(settings, 0)
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:  # (not this account's to open: no publish can be told)
+        return False
+    lock.release()
+    return False
 _ID_RE = re.compile(r"^[0-9]{8}T[0-9]{12}-[0-9a-f]{8}$")
 
 
