@@ -108,4 +108,4 @@ def live_status(settings: Settings, patience: float) -> dict[str, Any]:
         ledger.record_unreachable(secondary, f"no answer within {patience:g} s (down, a firewall "
                                   "dropping packets, or a hung receiver; 'esmirror status "
                                   "--timeout' waits longer)")
-    return fleet_status(settings)
+    return fleet_status(settings, looked_now=True)

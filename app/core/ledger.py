@@ -258,8 +258,10 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
     return "behind", detail
 
 
-def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
-    """Every secondary's state from the ledger, the last publishes, and the agent's pulse."""
+def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False) -> dict[str, Any]:
+    """Every secondary's state from the ledger, the last publishes, and the agent's pulse.
+    ``looked_now``: the caller has just looked at every secondary (``esmirror status``);
+    else (the status page) the ledger is as fresh as the agent's last look."""
     error = None
     try:
         mirrors = read_mirrors(settings.iserv_cfg)
@@ -304,6 +306,9 @@ def fleet_status(settings: Settings, history: int = 10) -> dict[str, Any]:
     problems = [f"publish request {r['id']} is {r['state']} but no esmirror agent runs: it waits "
                 "until one starts (systemctl start esmirror-agent)"
                 for r in (PublishQueue(settings).pending() if mirrors and not agent["running"] else [])]
+    if mirrors and not agent["running"] and not looked_now:
+        problems.append("no esmirror agent runs, so these states are as the last look left them, not "
+                        "now's; 'esmirror status' on this master looks now")
     return {"role": "master" if mirrors or error else "secondary", "error": error,
             "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows) and not problems,
             "generation": published.get("generation"), "digest": published.get("digest"),
