@@ -87,6 +87,8 @@ class IPFilter:
             if kind == "admin" and allowed(address, s.allow_admin):
                 return self.app(environ, start_response)
             if kind == "browse" and (allowed(address, s.allow_push) or allowed(address, s.allow_admin)):
+                # (a master let in by allow_admin alone would look fine and fail at its push)
+                environ["esmirror.may_push"] = allowed(address, s.allow_push)
                 return self.app(environ, start_response)
         setting = {"push": "allow_push", "admin": "allow_admin",
                    "browse": "allow_push or allow_admin"}[kind]

@@ -143,6 +143,9 @@ SPOOLED_PART_BYTES = 256 * 1024**2
 @bp.get("/browse")
 def browse():  # type: ignore[no-untyped-def]
     info = identity(recorded=request.args.get("digest") == "recorded")
+    # whether allow_push names the caller, as this server sees it (a master's look warns)
+    info["caller"] = request.environ.get("esmirror.client")
+    info["caller_may_push"] = bool(request.environ.get("esmirror.may_push"))
     if "waitress.client_disconnected" in request.environ:  # (waitress names its server "esmirror")
         info["part_bytes"] = min(SPOOLED_PART_BYTES, info["max_upload_bytes"])
     return jsonify(info)

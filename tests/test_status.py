@@ -417,3 +417,23 @@ def test_a_request_no_agent_will_run_is_a_problem_status_reports(fleet):
                                   "runs: it waits until one starts (systemctl start esmirror-agent)"], out
     rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
     assert rc == 1 and "problem: publish request" in out, out
+
+
+def test_a_secondary_that_would_refuse_pushes_is_refused_by_the_look(fleet):
+    """A master in a secondary's allow_admin but not its allow_push passed every look
+    (browse takes either), so status said in-sync until a publish failed at its commit."""
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+    receiver.stop()
+    ini = secondary.root / "ImageServer" / "etc" / "esmirror.ini"
+    ini.write_text(ini.read_text().replace("allow_push = 127.0.0.1", "allow_push = 127.0.0.9"))
+    receiver.start()
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    row = status["secondaries"][0]
+    assert row["state"] == "refused" and "its allow_push does not name the address it sees this " \
+        "master at (127.0.0.1)" in row["detail"], row
+    rc, report, out = f.publish()
+    assert rc == 1 and report["secondaries"][0]["state"] == "refused", out
+    assert report["secondaries"][0]["bytes_sent"] == 0, out
