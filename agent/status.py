@@ -5,7 +5,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from app.core.errors import ConfigError, MirrorError, RemoteError
 from app.core.express import Secondary, select_secondaries
@@ -18,46 +18,45 @@ from .push import Refused, check_peer
 log = logging.getLogger("esmirror.agent")
 
 
-def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) -> None:
-    """One browse: what the secondary holds, whether it drifted, whether it refuses us."""
-    ledger = Ledger(settings)
+def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) -> Callable[[Ledger], None]:
+    """One browse: what the secondary holds, whether it drifted, whether it refuses us.
+    Returns how to record it (the caller decides whether it still may)."""
     client = None
     asked = time.time()  # (a push that ends while this browse is under way knows better)
     try:
         client = SecondaryClient(secondary, settings)
         info = client.browse()
     except RemoteError as exc:
-        tls = exc.message.startswith("TLS ")
-        if exc.details.get("kind") == "unreachable" and not tls:
-            ledger.record_unreachable(secondary, exc.message)
-        else:  # it answered, but not to us: 403, TLS, not an esmirror receiver
-            ledger.record_unreachable(secondary, exc.message, refused=True)
-        return
+        message = exc.message
+        # it answered, but not to us (403, TLS, not an esmirror receiver): refused
+        refused = exc.details.get("kind") != "unreachable" or message.startswith("TLS ")
+        return lambda ledger: ledger.record_unreachable(secondary, message, refused=refused)
     except MirrorError as exc:  # a strict secondary without ca-bundle.crt, say
-        ledger.record_unreachable(secondary, exc.message, refused=True)
-        return
+        message = exc.message
+        return lambda ledger: ledger.record_unreachable(secondary, message, refused=True)
     except Exception as exc:  # a bug meeting an answer nobody foresaw: this secondary, not all
-        ledger.record_unreachable(secondary, unforeseen(secondary, "check", exc), refused=True)
-        return
+        message = unforeseen(secondary, "check", exc)
+        return lambda ledger: ledger.record_unreachable(secondary, message, refused=True)
     finally:
         if client is not None:
             client.close()
     try:
         check_peer(secondary, info, mine)
-        refused = None
+        why = None
     except Refused as exc:
-        refused = exc.message
-    ledger.record_contact(secondary, info, refused, asked=asked)
+        why = exc.message
+    return lambda ledger: ledger.record_contact(secondary, info, why, asked=asked)
 
 
 def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
                 patience: float | None = None) -> list[Secondary]:
-    """Browse every secondary, 16 at a time, and record what each answered. Returns those
-    still unanswered after ``patience`` seconds (None: wait for every browse's own limits).
+    """Browse every secondary and record what each answered. Returns those still
+    unanswered after ``patience`` seconds (None: wait for every browse's own limits);
+    what they answer later is not recorded, so the caller's report of them stands.
 
     Daemon threads, not a pool: a secondary that never answers must not keep the agent
-    (whose periodic look this is) or ``status`` from exiting; a look that goes on past
-    ``patience`` still records its answer if the process lives on."""
+    (whose periodic look this is) or ``status`` from exiting. 16 at a time for the agent;
+    with a patience, each its own (one at the back of a queue would go unasked)."""
     from .fleet import master_identity
 
     secondaries = secondaries if secondaries is not None else select_secondaries(settings)
@@ -67,6 +66,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
         todo.put(secondary)
     unanswered = set(secondaries)
     failed: list[Exception] = []
+    gate, late = threading.Lock(), threading.Event()
 
     def work() -> None:
         while True:
@@ -74,26 +74,33 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
                 secondary = todo.get_nowait()
             except queue.Empty:
                 return
-            try:
-                check_one(settings, secondary, mine)
-            except OSError as exc:  # its answer cannot be recorded (a full disk): say so, go on
-                log.warning("cannot record what %s answered: %s: %s", secondary.name,
-                            exc.filename or "the ledger", exc.strerror or exc)
-            except Exception as exc:  # a damaged ledger, say: the caller says it, once
-                failed.append(exc)
-                return
-            unanswered.discard(secondary)
+            record = check_one(settings, secondary, mine)
+            with gate:  # (recorded whole before the deadline, or not at all)
+                if late.is_set():
+                    return
+                try:
+                    record(Ledger(settings))
+                except OSError as exc:  # its answer cannot be recorded (a full disk): say so, go on
+                    log.warning("cannot record what %s answered: %s: %s", secondary.name,
+                                exc.filename or "the ledger", exc.strerror or exc)
+                except Exception as exc:  # a damaged ledger, say: the caller says it, once
+                    failed.append(exc)
+                    return
+                unanswered.discard(secondary)
 
+    at_once = 16 if patience is None else 256
     workers = [threading.Thread(target=work, name="look", daemon=True)
-               for _ in range(max(1, min(16, len(secondaries))))]
+               for _ in range(max(1, min(at_once, len(secondaries))))]
     for worker in workers:
         worker.start()
     deadline = None if patience is None else time.monotonic() + patience
     for worker in workers:
         worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    if failed:
-        raise failed[0]
-    return [s for s in secondaries if s in unanswered]
+    with gate:
+        late.set()
+        if failed:
+            raise failed[0]
+        return [s for s in secondaries if s in unanswered]
 
 
 def live_status(settings: Settings, patience: float) -> dict[str, Any]:
