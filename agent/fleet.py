@@ -26,7 +26,7 @@ from app.core.express import resolve_canary as resolve_canary
 from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger, lags, master_record, master_record_path
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
-from app.core.publishes import PublishQueue, publish_lock
+from app.core.publishes import PublishQueue, publish_lock, publishing
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
 from app.core.state import pid_alive, stable_id, write_json
@@ -290,7 +290,9 @@ def publish(settings: Settings, secondaries: list[Secondary], full: bool = False
     mine = master_identity(settings)
     spent: list[int] = []  # the generation number, once taken
     try:
-        with holding_publish_lock(settings, lock_timeout, observer):
+        # (the marker: status shows the targets as 'publishing'; a dry run pushes nothing)
+        marker = contextlib.nullcontext() if dry_run else publishing(settings, [s.name for s in secondaries])
+        with holding_publish_lock(settings, lock_timeout, observer), marker:
             observer.begin()
             report = _publish_locked(settings, secondaries, full, dry_run, force, canary,
                                      max_parallel, stop_on_failure, observer, caller, mine, spent)
@@ -480,23 +482,24 @@ def catch_up(settings: Settings, secondaries: list[Secondary], max_parallel: int
         for secondary in todo:
             by_generation.setdefault(int(entries[secondary.name]["wanted_generation"]), []).append(secondary)
         results: list[PushResult] = []
-        for generation, group in sorted(by_generation.items()):
-            if interrupt is not None and interrupt.why:
-                break
-            # (never --force: files behind a symlink here stay there until a person says so)
-            local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
-                             scanned.chunk_lists, cache.chunk_index, skipped=tuple(scanned.skipped),
-                             hash_cache=cache)
+        with publishing(settings, [s.name for s in todo]):  # (status: 'publishing' to them)
+            for generation, group in sorted(by_generation.items()):
+                if interrupt is not None and interrupt.why:
+                    break
+                # (never --force: files behind a symlink here stay there until a person says so)
+                local = LocalSet(scanned.manifest, settings.data_dir, generation, mine["self"],
+                                 scanned.chunk_lists, cache.chunk_index, skipped=tuple(scanned.skipped),
+                                 hash_cache=cache)
 
-            def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
-                live = PushResult(secondary.host, secondary.port)
-                return push(secondary, settings, local, mine, False, False,
-                            lambda n: (observer.progress(secondary, n, live.files_sent)
-                                       if observer else None), live, interrupt=interrupt)
+                def one(secondary: Secondary, local: LocalSet = local) -> PushResult:
+                    live = PushResult(secondary.host, secondary.port)
+                    return push(secondary, settings, local, mine, False, False,
+                                lambda n: (observer.progress(secondary, n, live.files_sent)
+                                           if observer else None), live, interrupt=interrupt)
 
-            done = fan_out(group, one, None, max_parallel, False, observer)
-            _record(settings, done, generation, digest, "agent", mine["self"], "catch-up")
-            results += done
+                done = fan_out(group, one, None, max_parallel, False, observer)
+                _record(settings, done, generation, digest, "agent", mine["self"], "catch-up")
+                results += done
         return results
     finally:
         lock.release()

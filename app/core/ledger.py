@@ -20,7 +20,7 @@ import filelock
 from .audit import iso_time, now_iso
 from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
-from .publishes import PublishQueue, publish_running
+from .publishes import PublishQueue, publishing_to
 from .settings import Settings
 from .state import pid_alive, read_json, stable_id, write_json
 
@@ -212,7 +212,7 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
                     reached_others: bool = True, publishing: bool = False) -> tuple[str, str]:
     """(state, what a person should know) for one secondary; ``reached_others``: the ledger
     records a push of the published generation to some secondary; ``publishing``: a
-    publish (or the agent's catch-up) holds the publish lock now."""
+    publish (or the agent's catch-up) under way pushes to this one."""
     if not entry or not (entry.get("observed") or entry.get("unreachable_since") or entry.get("refused")
                          or entry.get("last_push")):
         return "unknown", "not contacted yet (run 'esmirror status', or start 'esmirror agent')"
@@ -228,6 +228,9 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
     fixed = push.get("refused_by_look") and (seen.get("at") or "") > (push.get("at") or "")
     if push.get("state") == "refused" and not fixed:
         return "refused", push.get("error") or ""
+    if publishing and not (published.get("digest") and seen.get("digest") == published["digest"]):
+        return "publishing", (f"holds generation {seen.get('generation')}; a publish under way is "
+                              "pushing this master's set to it now")
     if seen.get("drift"):
         return "drift", (f"files were changed by hand after generation {seen.get('generation')} was "
                          "applied; the next publish repairs them and archives the edited files")
@@ -246,9 +249,6 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
         detail += f"; last push {push['state']}: {push['error']}"
         if entry.get("next_retry"):
             detail += f" (the agent retries at {iso_time(entry['next_retry'])})"
-    elif publishing and (entry.get("wanted_generation") or 0) < published["generation"]:
-        return "publishing", (f"holds generation {seen.get('generation')}; generation "
-                              f"{published['generation']} is being published now")
     elif (entry.get("wanted_generation") or 0) < published["generation"] and not reached_others:
         detail += (f"; the publish of generation {published['generation']} has recorded no push: it "
                    "is still running, or it was killed before it ended. Publish again (once none runs)")
@@ -273,11 +273,11 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
     ledger = Ledger(settings).read()
     reached = any((e.get("wanted_generation") or 0) >= (published.get("generation") or 0)
                   for e in ledger.values() if isinstance(e, dict))
-    publishing = bool(mirrors) and publish_running(settings)
+    pushing_to = set(publishing_to(settings)) if mirrors else set()
     rows = []
     for secondary in mirrors:
         entry = ledger.get(secondary.name)
-        state, detail = secondary_state(entry, published, reached, publishing)
+        state, detail = secondary_state(entry, published, reached, secondary.name in pushing_to)
         seen = (entry or {}).get("observed") or {}
         retry = (entry or {}).get("next_retry")  # (an epoch in the ledger)
         rows.append({"name": secondary.name, "host": secondary.host, "port": secondary.port,
@@ -312,7 +312,7 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
     return {"role": "master" if mirrors or error else "secondary", "error": error,
             "ok": bool(rows) and all(r["state"] == "in-sync" for r in rows) and not problems,
             "generation": published.get("generation"), "digest": published.get("digest"),
-            "published_at": published.get("published_at"), "publishing": publishing,
+            "published_at": published.get("published_at"), "publishing": bool(pushing_to),
             "problems": problems, "agent": agent, "secondaries": rows, "publishes": publishes}
 
 

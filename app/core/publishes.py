@@ -12,18 +12,20 @@ made with ``esmirror publish`` are recorded here too, already finished.
 from __future__ import annotations
 
 import calendar
+import contextlib
+import os
 import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import filelock
 
 from .audit import now_iso
 from .errors import BadRequest, NotFound
 from .settings import Settings
-from .state import fs_now, read_json, write_json
+from .state import fs_now, pid_alive, read_json, write_json
 
 HISTORY_KEEP = 50
 HISTORY_MIN_AGE = 3600.0  # seconds a finished record is kept whatever the count
@@ -36,18 +38,38 @@ def publish_lock(settings: Settings, timeout: float = -1) -> filelock.BaseFileLo
     return filelock.FileLock(settings.state_dir / "publish.lock", timeout=timeout)
 
 
-def publish_running(settings: Settings) -> bool:
-    """Whether a publish (``esmirror publish``'s or the agent's) holds the publish lock now.
-    The look takes the lock for an instant when it is free (flock: never another holder's)."""
+PUBLISHING = "publishing.json"
+
+
+@contextlib.contextmanager
+def publishing(settings: Settings, targets: list[str]) -> Iterator[None]:
+    """While a publish (or a catch-up) holding the publish lock pushes: to whom, for status.
+    A marker, not a look at the lock: a look would take it for an instant, and a publish
+    starting then would wait, and say so."""
+    marker = settings.state_dir / PUBLISHING
+    with contextlib.suppress(OSError):  # (status only: a full disk must not stop a publish)
+        write_json(marker, {"pid": os.getpid(), "secondaries": targets, "started": now_iso()},
+                   durable=False)
     try:
-        lock = publish_lock(settings, 0)
-        lock.acquire()
-    except filelock.Timeout:
-        return True
-    except OSError:  # (not this account's to open: no publish can be told)
-        return False
-    lock.release()
-    return False
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+
+
+def publishing_to(settings: Settings) -> list[str]:
+    """The secondaries a publish under way pushes to ([] when none runs; one killed left its
+    marker, which its dead pid shows)."""
+    try:
+        record = read_json(settings.state_dir / PUBLISHING, {})
+    except (OSError, ValueError):
+        return []
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) \
+            or not pid_alive(record["pid"]):
+        return []
+    return [str(name) for name in record.get("secondaries") or [] if isinstance(name, str)]
+
+
 _ID_RE = re.compile(r"^[0-9]{8}T[0-9]{12}-[0-9a-f]{8}$")
 
 
