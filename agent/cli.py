@@ -39,7 +39,8 @@ def stop_signals_interrupt() -> None:
         raise KeyboardInterrupt
 
     for name in ("SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
-        if hasattr(signal, name):
+        # one ignored stays ignored: nohup's SIGHUP, which a logout must not turn into a stop
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
             signal.signal(getattr(signal, name), interrupt)
 
 
@@ -69,6 +70,9 @@ def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = ""
         except KeyboardInterrupt:
             # now, without waiting for threads still talking to a secondary (an exit would
             # join them); the kernel drops the publish lock with the process
+            if kwargs.get("as_json"):  # (a stopped job's caller still gets its one document)
+                click.echo(json.dumps({"ok": False, "error": f"interrupted{interrupted}", "reasons": []},
+                                      indent=2))
             click.echo(f"esmirror: interrupted{interrupted}", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -237,6 +241,12 @@ def settings_from(install_dir: str | None, writes_state: bool = False, as_owner:
                        f"{name}) with 'Permission denied'; run it as {name} (sudo -u {name} esmirror …)",
                        err=True)
             return settings
+        # what root left in .esmirror/ before (runs of an older esmirror) becomes the owner's
+        # first: else the account could not use it, and the advice would loop back here
+        for path in [settings.state_dir, *settings.state_dir.rglob("*")] if settings.state_dir.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.lstat().st_uid == 0:
+                    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
         if account is not None:
             os.initgroups(name, gid)
         else:

@@ -361,6 +361,7 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
         stop.set()
 
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
-        if hasattr(signal, name):
+        # one ignored stays ignored: under nohup, a logout's SIGHUP must not stop the agent
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
             signal.signal(getattr(signal, name), on_signal)
     Agent(settings).run(stop)

@@ -224,10 +224,11 @@ def run_demo(keep: bool = False) -> int:
         click.echo("demo: both secondaries in sync" if ok else "demo: FAILED", err=not ok)
         return 0 if ok else 1
     finally:
-        for r in receivers:
-            r.stop()
-        if keep:
-            click.echo(f"kept {base}")
-        else:
-            import shutil
-            shutil.rmtree(base, ignore_errors=True)
+        with _stops_held():  # (a second stop must not cut the clean-up short)
+            for r in receivers:
+                r.stop()
+            if keep:
+                click.echo(f"kept {base}")
+            else:
+                import shutil
+                shutil.rmtree(base, ignore_errors=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from typing import Any, Callable
 
@@ -67,7 +68,8 @@ def _spool_beside_the_set(settings: Settings) -> None:
         spool.mkdir(parents=True, exist_ok=True)
     except OSError:
         return  # (a read-only var/data takes no pushes anyway: browse says so)
-    tempfile.tempdir = str(spool)
+    if os.access(spool, os.W_OK | os.X_OK):  # (one root left: /tmp as before; check says why)
+        tempfile.tempdir = str(spool)
 
 
 def _guarded(settings: Settings) -> Callable[..., Any]:

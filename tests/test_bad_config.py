@@ -324,6 +324,7 @@ def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, request_cl
     assert rc == 0 and "warning" not in out, out  # root's own data: nothing to say
     owner = pwd.getpwnam("nobody")
     subprocess.run(["chown", "-R", "nobody:", str(install.data_dir)], check=True)
+    (install.data_dir / ".esmirror" / "ledger.json").write_text("{}")  # root's, from before
     rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
     assert rc == 0 and "warning" not in out, out
     made = [p for p in (install.data_dir / ".esmirror").rglob("*") if p.stat().st_uid != owner.pw_uid]

@@ -139,15 +139,17 @@ class NonceStore:
         return True
 
     def _prune_now_and_then(self, now: float) -> None:
-        marker = self.folder / ".pruned"
+        marker = self.folder / ".pruned"  # holds when the last prune ran, by this clock
         try:
-            if now - marker.stat().st_mtime < _PRUNE_EVERY:
-                return
-        except FileNotFoundError:
-            pass
-        marker.touch()
-        # by the clock that dates the nonces (a share's server may be off this one's): with
-        # this machine's, a clock 15 minutes ahead dropped every nonce, and replays got in
+            last = float(marker.read_text(encoding="ascii") or 0)
+        except (OSError, ValueError):
+            last = 0.0
+        if 0 <= now - last < _PRUNE_EVERY:
+            return
+        marker.write_text(repr(now), encoding="ascii")
+        # the nonces by the clock that dates them, the marker's just now (a share's server
+        # may be off this one's): by this machine's, 15 minutes ahead dropped every nonce,
+        # and replays got in
         limit = marker.stat().st_mtime - self.keep
         for entry in os.scandir(self.folder):
             try:
