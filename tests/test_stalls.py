@@ -491,3 +491,39 @@ def test_a_publish_under_way_shows_as_publishing_not_as_published_elsewhere(tmp_
     assert row["state"] == "publishing" and "a publish under way is pushing this master's set to it " \
         "now" in row["detail"], row
     assert "a publish is under way" in text, text
+
+
+def test_nohup_keeps_a_publish_through_sighup_and_a_stopped_json_publish_says_so(tmp_path, slow_peer,
+                                                                                   make_receiver):
+    """SIGHUP handling replaced nohup's ignore, so 'nohup esmirror publish &' stopped at
+    logout; and a publish --json stopped by a signal printed no JSON document."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from agentproc import wait_for
+    from conftest import REPO
+
+    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
+                                                           "express_version": VERSION}))
+    peer = slow_peer(upstream=receiver.port, drip=r"^GET \S*/browse\?digest=recorded")
+    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
+    record = master.data_dir / ".esmirror" / "master.json"
+    publishing = subprocess.Popen(["nohup", sys.executable, "-m", "agent", "publish", "--install-dir",
+                                   str(master.root), "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_for("the publish numbers itself", lambda: record.exists()
+                 and json.loads(record.read_text()).get("generation") == 1, 30)
+        publishing.send_signal(signal.SIGHUP)  # a logout: nohup's ignore holds
+        time.sleep(1.0)
+        assert publishing.poll() is None
+        publishing.send_signal(signal.SIGTERM)
+        out, _ = publishing.communicate(timeout=30)
+    finally:
+        publishing.kill()
+    assert publishing.returncode == 130, out
+    answer = json.loads(out)
+    assert answer["ok"] is False and answer["error"].startswith("interrupted"), answer
