@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,6 +36,31 @@ def make_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     yield start
     for receiver in started:
         receiver.stop()
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder every account can reach (pytest's tmp_path is root's only), removed after."""
+    base = Path(tempfile.mkdtemp(prefix="esmirror-open-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def as_nobody() -> list[str]:
+    """The command prefix that runs a process as nobody, whom permissions bind (root's do not);
+    a skip where that cannot be done."""
+    import pwd
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to run the CLI as another account")
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    if subprocess.run([*prefix, sys.executable, "-c", "import agent.cli"], cwd=REPO,
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{REPO} is not readable by nobody")
+    return prefix
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -296,15 +294,7 @@ def test_the_ini_the_docs_show_loads_comments_and_all(tmp_path, doc):
                 assert ";" not in repr(getattr(settings, key)), (doc, line)
 
 
-@pytest.fixture
-def request_cleanup():
-    made: list[Path] = []
-    yield made.append
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, request_cleanup):
+def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, open_tmp):
     """Run as root (cron running status, a publish with sudo), a command left root's files
     in .esmirror/, which then stopped the agent and the receiver running as LT_IS_USER with
     'Permission denied'. It now runs as that account, as sudo -u would; serve, which may
@@ -316,10 +306,7 @@ def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, request_cl
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    reachable = Path(tempfile.mkdtemp(prefix="esmirror-owner-"))  # (pytest's tmp is root's only)
-    os.chmod(reachable, 0o755)
-    request_cleanup(reachable)
-    install = install_with(reachable)
+    install = install_with(open_tmp)
     rc, _, out = esmirror("archive", "clear", "--all", "--install-dir", str(install.root))
     assert rc == 0 and "warning" not in out, out  # root's own data: nothing to say
     owner = pwd.getpwnam("nobody")
@@ -337,51 +324,39 @@ def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, request_cl
 
 
 @pytest.mark.parametrize("umask", ["0277", "0777"])
-def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(tmp_path, make_receiver, umask):
+def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(make_receiver, umask,
+                                                                                  as_nobody, open_tmp):
     """A unit's UMask= typo made .esmirror/ and its records unusable for good, even for
     later commands under a sane umask; esmirror keeps its owner's rights. Run as an
     account that permissions bind (root's do not)."""
-    import pwd
     import shlex
     import subprocess
     import sys
-    import tempfile
 
     from agent.demo import write_sample_set
     from conftest import REPO, VERSION, set_files
 
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv, to run the CLI as another account")
-    nobody = pwd.getpwnam("nobody")
-    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-    if subprocess.run([*as_nobody, sys.executable, "-c", "import agent.cli"], cwd=REPO,
-                      capture_output=True).returncode != 0:
-        pytest.skip(f"{REPO} is not readable by nobody")
-    base = Path(tempfile.mkdtemp(prefix="esmirror-umask-"))
-    try:
-        os.chmod(base, 0o755)
-        secondary = make_install(base / "secondary", {"allow_push": "127.0.0.1", "express_version": VERSION})
-        receiver = make_receiver(secondary)
-        master = make_install(base / "master", {"express_version": VERSION},
-                              [("127.0.0.1", receiver.port, "none")])
-        write_sample_set(master.data_dir, base / "images", big_mb=1)
-        subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(master.root)], check=True)
+    base = open_tmp
+    secondary = make_install(base / "secondary", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    receiver = make_receiver(secondary)
+    master = make_install(base / "master", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "none")])
+    write_sample_set(master.data_dir, base / "images", big_mb=1)
+    subprocess.run(["chown", "-R", "nobody:", str(master.root)], check=True)
 
-        def publish(umask: str) -> subprocess.CompletedProcess:
-            line = f"umask {umask}; exec {shlex.quote(sys.executable)} -m agent publish --install-dir " \
-                   f"{shlex.quote(str(master.root))}"
-            return subprocess.run([*as_nobody, "sh", "-c", line], capture_output=True, text=True, cwd=REPO,
-                                  timeout=120)
+    def publish(umask: str) -> subprocess.CompletedProcess:
+        line = f"umask {umask}; exec {shlex.quote(sys.executable)} -m agent publish --install-dir " \
+               f"{shlex.quote(str(master.root))}"
+        return subprocess.run([*as_nobody, "sh", "-c", line], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
 
-        done = publish(umask)
-        assert done.returncode == 0, done.stdout + done.stderr
-        catalogs = master.data_dir / "catalogs.xml"
-        catalogs.write_text(catalogs.read_text() + "<!-- again -->\n", encoding="utf-8")
-        done = publish("0022")
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert set_files(secondary.data_dir) == set_files(master.data_dir)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    done = publish(umask)
+    assert done.returncode == 0, done.stdout + done.stderr
+    catalogs = master.data_dir / "catalogs.xml"
+    catalogs.write_text(catalogs.read_text() + "<!-- again -->\n", encoding="utf-8")
+    done = publish("0022")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set_files(secondary.data_dir) == set_files(master.data_dir)
 
 
 def test_browse_json_says_its_failure_as_json():

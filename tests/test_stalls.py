@@ -427,28 +427,11 @@ def test_a_publish_killed_outright_is_not_said_to_have_reached_other_secondaries
                                                                                  make_receiver):
     """kill -9 of a publish after it numbered itself: status said the generation 'was
     published to other secondaries only', though it had reached none."""
-    import json
-    import subprocess
-    import sys
+    from conftest import esmirror
 
-    from agentproc import wait_for
-    from conftest import REPO, esmirror
-
-    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
-                                                           "express_version": VERSION}))
-    peer = slow_peer(upstream=receiver.port, drip=r"^GET \S*/browse\?digest=recorded")
-    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
-    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
-    record = master.data_dir / ".esmirror" / "master.json"
-    publishing = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
-                                   str(master.root)], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-    try:
-        wait_for("the publish numbers itself", lambda: record.exists()
-                 and json.loads(record.read_text()).get("generation") == 1, 30)
-    finally:
-        publishing.kill()
-        publishing.wait(timeout=30)
+    master, publishing = _stuck_publish(tmp_path, slow_peer, make_receiver)
+    publishing.kill()
+    publishing.wait(timeout=30)
     rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json", "--timeout", "10")
     assert rc == 1, out
     row = status["secondaries"][0]
@@ -461,26 +444,12 @@ def test_a_publish_under_way_shows_as_publishing_not_as_published_elsewhere(tmp_
                                                                             make_receiver):
     """status during a publish said every secondary was behind because 'generation N was
     published to other secondaries only: publish again', a false page at every publish."""
-    import json
     import signal
-    import subprocess
-    import sys
 
-    from agentproc import wait_for
-    from conftest import REPO, esmirror
+    from conftest import esmirror
 
-    receiver = make_receiver(make_install(tmp_path / "s", {"allow_push": "127.0.0.1",
-                                                           "express_version": VERSION}))
-    peer = slow_peer(upstream=receiver.port, drip=r"^GET \S*/browse\?digest=recorded")
-    master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
-    write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
-    record = master.data_dir / ".esmirror" / "master.json"
-    publishing = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
-                                   str(master.root)], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+    master, publishing = _stuck_publish(tmp_path, slow_peer, make_receiver)
     try:
-        wait_for("the publish numbers itself", lambda: record.exists()
-                 and json.loads(record.read_text()).get("generation") == 1, 30)
         rc, status, out = esmirror("status", "--install-dir", str(master.root), "--json", "--timeout", "10")
         rc_text, _, text = esmirror("status", "--install-dir", str(master.root), "--timeout", "10")
     finally:
@@ -500,6 +469,29 @@ def test_nohup_keeps_a_publish_through_sighup_and_a_stopped_json_publish_says_so
     import json
     import signal
     import subprocess
+
+    master, publishing = _stuck_publish(tmp_path, slow_peer, make_receiver, "--json", prefix=("nohup",),
+                                        stdout=subprocess.PIPE)
+    try:
+        publishing.send_signal(signal.SIGHUP)  # a logout: nohup's ignore holds
+        time.sleep(1.0)
+        assert publishing.poll() is None
+        publishing.send_signal(signal.SIGTERM)
+        out, _ = publishing.communicate(timeout=30)
+    finally:
+        publishing.kill()
+    assert publishing.returncode == 130, out
+    answer = json.loads(out)
+    assert answer["ok"] is False and answer["error"].startswith("interrupted"), answer
+
+
+def _stuck_publish(tmp_path, slow_peer, make_receiver, *args: str, prefix: tuple[str, ...] = (),
+                   stdout=None):
+    """A master whose one secondary's publish look (browse?digest=recorded) drips, and
+    `esmirror publish` started against it and waited for until it has numbered itself:
+    a publish under way for a minute. (master, the Popen); the caller stops it."""
+    import json
+    import subprocess
     import sys
 
     from agentproc import wait_for
@@ -511,19 +503,14 @@ def test_nohup_keeps_a_publish_through_sighup_and_a_stopped_json_publish_says_so
     master = make_install(tmp_path / "m", {"express_version": VERSION}, [("127.0.0.1", peer.port, "none")])
     write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
     record = master.data_dir / ".esmirror" / "master.json"
-    publishing = subprocess.Popen(["nohup", sys.executable, "-m", "agent", "publish", "--install-dir",
-                                   str(master.root), "--json"], cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+    publishing = subprocess.Popen([*prefix, sys.executable, "-m", "agent", "publish", "--install-dir",
+                                   str(master.root), *args], cwd=REPO, text=True,
+                                  stdout=stdout or subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for("the publish numbers itself", lambda: record.exists()
                  and json.loads(record.read_text()).get("generation") == 1, 30)
-        publishing.send_signal(signal.SIGHUP)  # a logout: nohup's ignore holds
-        time.sleep(1.0)
-        assert publishing.poll() is None
-        publishing.send_signal(signal.SIGTERM)
-        out, _ = publishing.communicate(timeout=30)
-    finally:
+    except BaseException:
         publishing.kill()
-    assert publishing.returncode == 130, out
-    answer = json.loads(out)
-    assert answer["ok"] is False and answer["error"].startswith("interrupted"), answer
+        publishing.wait(timeout=30)
+        raise
+    return master, publishing

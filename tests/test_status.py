@@ -365,40 +365,24 @@ def test_status_after_a_publish_to_some_secondaries_says_so(fleet):
     assert "done: all in sync (1 of 2 secondaries)  generation 2" in out, out
 
 
-def test_status_by_an_account_that_cannot_record_says_so_instead_of_old_answers(tmp_path, make_receiver):
+def test_status_by_an_account_that_cannot_record_says_so_instead_of_old_answers(make_receiver, as_nobody,
+                                                                                   open_tmp):
     """Run by a monitoring account, status could not write the ledger, so it reported the
     ledger's older answers (all in sync, exit 0) while a secondary was down; only a
     warning on stderr said anything."""
-    import pwd
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv, to run the CLI as another account")
-    nobody = pwd.getpwnam("nobody")
-    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
-    if subprocess.run([*as_nobody, sys.executable, "-c", "import agent.cli"], cwd=REPO,
-                      capture_output=True).returncode != 0:
-        pytest.skip(f"{REPO} is not readable by nobody")
-    base = Path(tempfile.mkdtemp(prefix="esmirror-monitor-"))
-    try:
-        os.chmod(base, 0o755)
-        secondary = make_install(base / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
-        receiver = make_receiver(secondary)
-        master = make_install(base / "m", {"express_version": VERSION}, [("127.0.0.1", receiver.port, "none")])
-        (master.data_dir / "catalogs.xml").write_text("<CatalogConfig/>\n")
-        rc, _, out = esmirror("publish", "--install-dir", str(master.root))
-        assert rc == 0, out
-        subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
-        receiver.stop()  # down now: the ledger still says in sync
-        done = subprocess.run([*as_nobody, sys.executable, "-m", "agent", "status", "--install-dir",
-                               str(master.root)], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stdout + done.stderr
-        assert "is not writable by nobody" in done.stderr and "run it as root" in done.stderr, done.stderr
-        assert "in sync" not in done.stdout, done.stdout
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    secondary = make_install(open_tmp / "s", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    receiver = make_receiver(secondary)
+    master = make_install(open_tmp / "m", {"express_version": VERSION}, [("127.0.0.1", receiver.port, "none")])
+    (master.data_dir / "catalogs.xml").write_text("<CatalogConfig/>\n")
+    rc, _, out = esmirror("publish", "--install-dir", str(master.root))
+    assert rc == 0, out
+    subprocess.run(["chmod", "-R", "a+rX", str(open_tmp)], check=True)
+    receiver.stop()  # down now: the ledger still says in sync
+    done = subprocess.run([*as_nobody, sys.executable, "-m", "agent", "status", "--install-dir",
+                           str(master.root)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "is not writable by nobody" in done.stderr and "run it as root" in done.stderr, done.stderr
+    assert "in sync" not in done.stdout, done.stdout
 
 
 def test_a_request_no_agent_will_run_is_a_problem_status_reports(fleet):
