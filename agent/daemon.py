@@ -36,6 +36,7 @@ from app.core.publishes import PublishQueue
 from app.core.settings import Settings, content_digest, load_settings
 from app.core.state import write_json
 
+from .cli import on_stop_signals
 from .client import Interrupt
 from .fleet import Observer, catch_up, publish, publish_waiting, resolve_canary
 from .push import PushResult
@@ -360,8 +361,5 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
         log.info("%s: stopping after the current push (send it again to stop now)", name)
         stop.set()
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
-        # one ignored stays ignored: under nohup, a logout's SIGHUP must not stop the agent
-        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
-            signal.signal(getattr(signal, name), on_signal)
+    on_stop_signals(on_signal)
     Agent(settings).run(stop)

@@ -18,6 +18,8 @@ import click
 from app.core.manifest import scan
 from app.core.settings import DEFAULT_PREFIX, load_settings
 
+from .cli import on_stop_signals
+
 SAMPLE_CATALOGS = """<?xml version="1.0" encoding="UTF-8"?>
 <CatalogConfig>
   <Globals><Property name="MaxImageSize" value="4096"/></Globals>
@@ -112,14 +114,12 @@ def _stops_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    before = {n: signal.signal(getattr(signal, n), lambda signum, frame: held.append(signum))
-              for n in names}
+    before = on_stop_signals(lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        for name, handler in before.items():
-            signal.signal(getattr(signal, name), handler)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     if held:
         raise KeyboardInterrupt
 

@@ -34,6 +34,7 @@ from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, shell_value, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks
 from app.core.signing import read_secret
+from app.core.state import user_name
 
 from .deploy import apache_word, require_line, shown_network
 
@@ -466,10 +467,7 @@ def _owner_mode(st: os.stat_result) -> str:
 
 
 def _owner(st: os.stat_result) -> str:
-    try:
-        return pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        return str(st.st_uid)
+    return user_name(st.st_uid)
 
 
 # --- the check -------------------------------------------------------------------

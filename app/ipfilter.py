@@ -82,13 +82,14 @@ class IPFilter:
         kind = route_class(environ.get("PATH_INFO", ""))
         if address is not None:
             environ["esmirror.client"] = str(address)
-            if kind == "push" and allowed(address, s.allow_push):
+            may_push = allowed(address, s.allow_push)
+            if kind == "push" and may_push:
                 return self.app(environ, start_response)
             if kind == "admin" and allowed(address, s.allow_admin):
                 return self.app(environ, start_response)
-            if kind == "browse" and (allowed(address, s.allow_push) or allowed(address, s.allow_admin)):
+            if kind == "browse" and (may_push or allowed(address, s.allow_admin)):
                 # (a master let in by allow_admin alone would look fine and fail at its push)
-                environ["esmirror.may_push"] = allowed(address, s.allow_push)
+                environ["esmirror.may_push"] = may_push
                 return self.app(environ, start_response)
         setting = {"push": "allow_push", "admin": "allow_admin",
                    "browse": "allow_push or allow_admin"}[kind]

@@ -22,7 +22,7 @@ from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue, publishing_to
 from .settings import Settings
-from .state import pid_alive, read_json, stable_id, write_json
+from .state import pid_alive, read_json, stable_id, user_name, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
@@ -73,7 +73,7 @@ class Ledger:
         where = folder if folder.exists() else folder.parent
         for path in (where, self.path, Path(str(self.path) + ".lock")):
             if path.exists() and not os.access(path, os.W_OK):
-                me, owner = _account(os.geteuid()), _account(path.stat().st_uid)
+                me, owner = user_name(os.geteuid()), user_name(path.stat().st_uid)
                 how = f"sudo -u {owner} esmirror status" + ("" if owner == "root" else
                                                              f", or as root, which runs it as {owner}")
                 return (f"{path} is not writable by {me}, and status records there what the "
@@ -271,6 +271,7 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
             error = exc.message  # a master's Mirrors with a typo: its page says what is wrong
     published = master_record(settings)
     ledger = Ledger(settings).read()
+    queue = PublishQueue(settings)
     reached = any((e.get("wanted_generation") or 0) >= (published.get("generation") or 0)
                   for e in ledger.values() if isinstance(e, dict))
     pushing_to = set(publishing_to(settings)) if mirrors else set()
@@ -300,12 +301,12 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
                                         "error", "finished")}
                  | {"secondaries": [{k: s.get(k) for k in ("name", "state", "error")}
                                     for s in r.get("secondaries") or []]}
-                 for r in PublishQueue(settings).history(history)]
+                 for r in queue.history(history)]
     agent = agent_pulse(settings)
     # a request the agent would run, with no agent: the fleet never gets what was asked
     problems = [f"publish request {r['id']} is {r['state']} but no esmirror agent runs: it waits "
                 "until one starts (systemctl start esmirror-agent)"
-                for r in (PublishQueue(settings).pending() if mirrors and not agent["running"] else [])]
+                for r in (queue.pending() if mirrors and not agent["running"] else [])]
     if mirrors and not agent["running"] and not looked_now:
         problems.append("no esmirror agent runs, so these states are as the last look left them, not "
                         "now's; 'esmirror status' on this master looks now")
@@ -314,15 +315,6 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
             "generation": published.get("generation"), "digest": published.get("digest"),
             "published_at": published.get("published_at"), "publishing": bool(pushing_to),
             "problems": problems, "agent": agent, "secondaries": rows, "publishes": publishes}
-
-
-def _account(uid: int) -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return str(uid)
 
 
 def agent_pulse(settings: Settings) -> dict[str, Any]:

@@ -43,6 +43,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def user_name(uid: int) -> str:
+    """The account name of ``uid``, or the number where it has none (or on Windows)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
 def keep_owner_rights() -> None:
     """Take the owner's bits out of the process umask, keeping what it denies group and others.
 
