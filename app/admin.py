@@ -157,7 +157,9 @@ def _status() -> dict[str, Any]:
         status.update(ok=generation is not None and me["drift"] is False and not stuck, detail=detail,
                       generation=generation, digest=me["digest"], master=me["master"],
                       drift=me["drift"], applied_at=me["applied_at"], self=me)
-        del status["published_at"]
+        # a master's fields: on a secondary they would read as "no agent runs" to a check
+        for field in ("published_at", "agent", "publishing"):
+            del status[field]
     return status
 
 

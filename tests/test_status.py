@@ -139,6 +139,7 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert over_http["agent"]["running"] is False
     mine = http().get(f"{f.receivers[0].url}/status", timeout=10).json()
     assert mine["role"] == "secondary" and mine["self"]["generation"] == 1
+    assert "agent" not in mine and "publishing" not in mine, mine  # a master's fields only
     # the top level speaks of this server, as a monitoring script reads it
     assert (mine["ok"], mine["generation"], mine["drift"]) == (True, 1, False), mine
     assert mine["master"] == mine["self"]["master"] and mine["applied_at"].endswith("Z")
