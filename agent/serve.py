@@ -121,13 +121,16 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
                f"{settings.prefix} ({server}; pushes from "
                f"{', '.join(map(shown_network, settings.allow_push)) or 'nobody'})")
 
+    def say(line: str) -> None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError, AttributeError):  # a full log disk, a closed stderr: serve anyway
+            pass
+
     def listening(arbiter: Any = None) -> None:  # (gunicorn calls it with its arbiter)
         # one line once bound, so a log (journald's, a file) shows what runs where (the
         # requests are in the audit log)
-        try:
-            print(started, file=sys.stderr, flush=True)
-        except (OSError, ValueError, AttributeError):  # a full log disk, a closed stderr: serve anyway
-            pass
+        say(started)
 
     if server == "waitress":
         import waitress
@@ -155,6 +158,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         except OSError as exc:  # binding: the port is taken, or the address is not this host's
             raise MirrorError(f"cannot listen on {bind}: {exc.strerror or exc}; is another server "
                               "using that port, and is the address one of this host's?") from None
+        say("esmirror receiver: stopped")  # (waitress returns once a stop signal's requests ended)
         return
     from gunicorn.app.base import BaseApplication
 
