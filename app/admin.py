@@ -10,10 +10,10 @@ from .core.apply import WorkingDir
 from .core.audit import audit, now_iso
 from .core.errors import BadRequest, ConfigError, Conflict, Forbidden, LengthRequired, untrusted_json
 from .core.express import Secondary, read_mirrors, resolve_canary, select_secondaries
-from .core.ledger import agent_pulse, fleet_status
+from .core.ledger import agent_pulse
 from .core.publishes import PublishQueue, parse_options
 from .core.settings import Settings
-from .core.store import read_only, read_only_note
+from .core.server import server_status
 
 bp = Blueprint("admin", __name__)
 STATUS_REFRESH_SECONDS = 10
@@ -136,31 +136,7 @@ def publish_progress(request_id: str):  # type: ignore[no-untyped-def]
 
 
 def _status() -> dict[str, Any]:
-    from .peer import identity
-
-    settings = _settings()
-    status = fleet_status(settings)
-    if status["role"] == "secondary":
-        # the top level is about this server: a monitoring script reads ok and generation
-        me = identity()
-        generation = me["generation"]
-        stuck = read_only(settings.data_dir)
-        if stuck:
-            detail = read_only_note(settings.data_dir)
-        elif generation is None:
-            detail = "no master has pushed a set to this server yet"
-        elif me["drift"]:
-            detail = (f"files were changed by hand since generation {generation} was applied; "
-                      "the master's next publish repairs them")
-        else:
-            detail = f"holds generation {generation} from master {me['master'] or '(released)'}"
-        status.update(ok=generation is not None and me["drift"] is False and not stuck, detail=detail,
-                      generation=generation, digest=me["digest"], master=me["master"],
-                      drift=me["drift"], applied_at=me["applied_at"], self=me)
-        # a master's fields: on a secondary they would read as "no agent runs" to a check
-        for field in ("published_at", "agent", "publishing"):
-            del status[field]
-    return status
+    return server_status(_settings(), _workdir(), current_app.extensions.get("esmirror.files_stamp"))
 
 
 @bp.get("/status")

@@ -8,18 +8,16 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from .core import PROTOCOL, __version__
-from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit, left_alone, room
+from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit
 from .core.audit import audit
-from .core.catalogs import CATALOGS_XML, validate_catalogs_file
 from .core.delta import CHUNK_SIZE, ChunkIndex
 from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,
                           untrusted_json)
-from .core.express import express_version, lists_mirrors, platform_tag
-from .core.manifest import name_encoding_note, path_problem
+from .core.manifest import path_problem
+from .core.server import identity, settings_changed
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
-from .core.store import check_sha, free_inodes, read_only, read_only_note
+from .core.store import check_sha
 
 bp = Blueprint("peer", __name__)
 _RANGE_RE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
@@ -79,58 +77,8 @@ def _signed_content() -> str | None:
     return g.get("esmirror_signed_content")
 
 
-def settings_changed() -> list[str]:
-    """A warning when esmirror.ini or the secret changed since this receiver read them."""
-    settings = _settings()
-    if settings.files_stamp() == current_app.extensions.get("esmirror.files_stamp"):
-        return []
-    return [f"{settings.ini_path} (or its shared_secret_file) changed since this receiver started, "
-            "and it still runs with what it read then (allow_push, archive_keep, the secret…): "
-            "restart it to use the change (apachectl graceful, systemctl restart "
-            "esmirror-receiver, or recycle the IIS site)"]
-
-
-def identity(recorded: bool = False) -> dict[str, Any]:
-    """What ``browse`` tells. ``recorded``: the digest the last commit recorded will do, with
-    no scan of every file (a publish's first look: its commit checks the set itself, under
-    the lock, and answers 409 when it drifted); ``drift`` and the scan's warnings are then
-    unknown (None, left out)."""
-    settings, workdir = _settings(), _workdir()
-    state = workdir.state()
-    current = None if recorded and state.get("digest") else workdir.scan()
-    warnings = [] if current is None else list(current.warnings) + left_alone(current)
-    if read_only(settings.data_dir):
-        warnings.append(read_only_note(settings.data_dir))
-    warnings += settings_changed()
-    if (note := name_encoding_note()) is not None:
-        warnings.append(note)
-    free, reserve = room(workdir.state_dir)
-    catalogs = settings.data_dir / CATALOGS_XML
-    if catalogs.is_file():
-        warnings += validate_catalogs_file(catalogs).unreadable_paths()
-    return {
-        "esmirror_version": __version__,
-        "protocol": PROTOCOL,
-        "express_version": express_version(settings),
-        "platform": platform_tag(),
-        "generation": state.get("generation"),
-        "digest": state["digest"] if current is None else current.manifest.digest,
-        "master": state.get("master"),
-        "applied_at": state.get("applied_at"),
-        "restored_from": state.get("restored_from"),  # the set is an admin's restore of that entry
-        "self": workdir.self_id,
-        # a master (its iserv-cfg.xml lists Mirrors) takes no pushes: a master pushing here
-        # is one whose secondary was promoted while it was down
-        "role": "master" if lists_mirrors(settings.iserv_cfg) else "secondary",
-        "drift": None if current is None
-        else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
-        "warnings": warnings,
-        "archive_bytes": sum(entry["bytes"] for entry in workdir.archives()),
-        "max_upload_bytes": settings.max_upload_bytes,
-        "free_bytes": free,        # the agent checks a whole push fits before sending a byte
-        "reserve_bytes": reserve,
-        "free_inodes": free_inodes(workdir.state_dir),  # each new file takes one
-    }
+def _read_stamp() -> Any:
+    return current_app.extensions.get("esmirror.files_stamp")
 
 
 # waitress (the embedded server, and the one IIS runs) writes a request's whole body to
@@ -142,7 +90,7 @@ SPOOLED_PART_BYTES = 256 * 1024**2
 
 @bp.get("/browse")
 def browse():  # type: ignore[no-untyped-def]
-    info = identity(recorded=request.args.get("digest") == "recorded")
+    info = identity(_settings(), _workdir(), _read_stamp(), recorded=request.args.get("digest") == "recorded")
     # whether allow_push names the caller, as this server sees it (a master's look warns)
     info["caller"] = request.environ.get("esmirror.client")
     info["caller_may_push"] = bool(request.environ.get("esmirror.may_push"))
@@ -293,7 +241,7 @@ def commit():  # type: ignore[no-untyped-def]
               else None, generation=data.get("generation") if isinstance(data, dict) else None,
               files=None, outcome=f"refused {exc.status}", error=exc.message)
         raise
-    result.warnings += settings_changed()
+    result.warnings += settings_changed(_settings(), _read_stamp())
     audit(_settings(), "commit", caller=caller, master=commit_request.master,
           generation=result.generation, outcome="ok", archive_id=result.archive_id,
           files={"added": result.added, "changed": result.changed, "removed": result.removed},
