@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape
 
 from app.core.errors import ConfigError
 from app.core.express import parse_port, read_lt_is_user
-from app.core.settings import PUSH_ROUTES, Network, Settings
+from app.core.settings import PLATFORM_HANDLER_MAX_BODY, PUSH_ROUTES, Network, Settings
 
 
 def _templates() -> Path:
@@ -32,7 +32,6 @@ def _templates() -> Path:
 TEMPLATES = _templates()
 APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service")
 IIS_FILES = ("web.config",)
-IIS_MAX_BODY = 4 * 1024**3 - 1  # IIS's hard ceiling on one request body
 LOOPBACK = "127.0.0.1 ::1"
 
 
@@ -247,7 +246,7 @@ def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv:
         "process_path": escape(ntpath.join(venv_dir, "Scripts", "python.exe"), {'"': "&quot;"}),
         "arguments": escape(arguments, {'"': "&quot;"}),
         "request_timeout": request_timeout,
-        "max_allowed_content_length": str(min(settings.max_upload_bytes, IIS_MAX_BODY)),
+        "max_allowed_content_length": str(min(settings.max_upload_bytes, PLATFORM_HANDLER_MAX_BODY)),
         "ip_security": _ip_security(settings.allow_push + settings.allow_admin),
     }
     rendered = Rendered(out_dir, user=account)

@@ -97,6 +97,13 @@ class IPFilter:
         # the ini named as an admin knows it, not by where this install lives: the caller is a stranger
         message = (f"address {who} may not use this route; add it to {setting} in "
                    "ImageServer/etc/esmirror.ini on this server")
+        if address is not None and address.is_loopback and environ.get("HTTP_X_FORWARDED_FOR"):
+            # a web server in front (IIS, mod_proxy) whose forwarding is not trusted: every
+            # caller looks like it, and adding loopback to the list would admit them all
+            message = (f"address {who} may not use this route: it is the web server in front of this "
+                       "receiver, which names the real caller in X-Forwarded-For. Set trusted_proxies "
+                       "= 127.0.0.1 ::1 in ImageServer/etc/esmirror.ini on this server (not "
+                       f"{setting}) and restart the receiver")
         body = json.dumps({"error": message, "address": str(address) if address else None}).encode()
         start_response("403 Forbidden", [("Content-Type", "application/json"),
                                          ("Content-Length", str(len(body)))])

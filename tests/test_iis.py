@@ -33,9 +33,12 @@ def test_web_config_has_handler_limits_and_ip_security(tmp_path):
     assert "--bind 127.0.0.1:%HTTP_PLATFORM_PORT%" in platform.get("arguments")  # loopback only
     hours, minutes, _ = platform.get("requestTimeout").split(":")
     assert int(hours) * 60 + int(minutes) >= 30  # the 2-minute default would cut large pushes
-    # 4G asked for; IIS cannot take more than 4 GiB - 1 in one body
+    # 4G asked for; HttpPlatformHandler forwards no body over 2 GiB - 1
     limits = web.find("security/requestFiltering/requestLimits")
-    assert limits.get("maxAllowedContentLength") == str(4 * 1024**3 - 1)
+    assert limits.get("maxAllowedContentLength") == str(2**31 - 1)
+    # WebDAV Publishing, where installed, would answer PUT blobs and DELETE archive itself (405)
+    assert web.find("modules/remove").get("name") == "WebDAVModule"
+    assert web.find("handlers/remove").get("name") == "WebDAV"
     ip = web.find("security/ipSecurity")
     assert ip.get("allowUnlisted") == "false"
     entries = {(a.get("ipAddress"), a.get("subnetMask"), a.get("allowed")) for a in ip.findall("add")}
@@ -56,12 +59,15 @@ def test_the_exact_launch_command_serves_browse(tmp_path):
     # what HttpPlatformHandler does: substitute the port, set the environment, start processPath
     argv = [sys.executable, *shlex.split(platform.get("arguments").replace("%HTTP_PLATFORM_PORT%", str(port)))]
     env = {**os.environ, **{e.get("name"): e.get("value")
-                            for e in platform.findall("environmentVariables/environmentVariable")}}
+                            for e in platform.findall("environmentVariables/environmentVariable")},
+           "HTTP_PLATFORM_PORT": str(port)}
     assert env["ESMIRROR_INSTALL_DIR"] == str(install.root)
     proc = spawn_listening(argv, port, tmp_path / "waitress.log", env=env, cwd=tmp_path)
     try:
         rc, info, text = esmirror("browse", f"127.0.0.1:{port}", "--json")
         assert rc == 0, text
         assert info["express_version"] == "10.1.0" and info["master"] is None
+        # behind HttpPlatformHandler no body over 2 GiB - 1: the master sends larger in parts
+        assert info["max_upload_bytes"] == 2**31 - 1
     finally:
         stop_session(proc)

@@ -119,6 +119,20 @@ def test_push_and_admin_routes_have_their_own_list(app_with_lists, peer, method,
         assert answer.json["address"] == peer
 
 
+def test_a_proxy_in_front_that_is_not_trusted_is_named_as_one(app_with_lists):
+    """Behind IIS or mod_proxy with trusted_proxies unset, every caller arrives from loopback:
+    the refusal says to trust the proxy, not to add loopback to allow_push (which would
+    let every caller the web server admits push)."""
+    answer = app_with_lists.open("/lizardtech/mirror/manifest", environ_base={"REMOTE_ADDR": "127.0.0.1"},
+                                 headers={"X-Forwarded-For": "127.0.0.5"})
+    assert answer.status_code == 403
+    error = answer.json["error"]
+    assert "web server in front" in error and "trusted_proxies = 127.0.0.1 ::1" in error, error
+    assert "(not allow_push)" in error
+    plain = app_with_lists.open("/lizardtech/mirror/manifest", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert "trusted_proxies" not in plain.json["error"]  # no proxy, no such advice
+
+
 # --- real servers: what waitress and gunicorn hand the app -----------------------
 
 SERVER_ROWS = [

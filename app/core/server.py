@@ -5,6 +5,7 @@ fleet view is ``ledger.fleet_status``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import PROTOCOL, __version__
@@ -13,8 +14,17 @@ from .catalogs import CATALOGS_XML, validate_catalogs_file
 from .express import express_version, lists_mirrors, platform_tag
 from .ledger import fleet_status
 from .manifest import name_encoding_note
-from .settings import Settings
+from .settings import PLATFORM_HANDLER_MAX_BODY, Settings
 from .store import free_inodes, read_only, read_only_note
+
+
+def upload_limit(settings: Settings) -> int:
+    """The largest body this receiver takes: max_upload_bytes, or less behind IIS (where
+    HttpPlatformHandler, which started it, set HTTP_PLATFORM_PORT). The master sends
+    nothing larger than browse's max_upload_bytes."""
+    if os.environ.get("HTTP_PLATFORM_PORT"):
+        return min(settings.max_upload_bytes, PLATFORM_HANDLER_MAX_BODY)
+    return settings.max_upload_bytes
 
 
 def settings_changed(settings: Settings, read_stamp: Any) -> list[str]:
@@ -64,7 +74,7 @@ def identity(settings: Settings, workdir: WorkingDir, read_stamp: Any,
         else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,
         "archive_bytes": sum(entry["bytes"] for entry in workdir.archives()),
-        "max_upload_bytes": settings.max_upload_bytes,
+        "max_upload_bytes": upload_limit(settings),
         "free_bytes": free,        # the agent checks a whole push fits before sending a byte
         "reserve_bytes": reserve,
         "free_inodes": free_inodes(workdir.state_dir),  # each new file takes one

@@ -63,6 +63,11 @@ def parse_networks(text: str) -> tuple[Network, ...]:
     return tuple(nets)
 
 
+# IIS's HttpPlatformHandler forwards a body as the ASP.NET Core Module forked from it did
+# before its fix (dotnet/aspnetcore#11068): its length read into 32 bits, so a body over
+# 2 GiB stalls and ends 502. (IIS itself takes up to 4 GiB - 1.)
+PLATFORM_HANDLER_MAX_BODY = 2**31 - 1
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of esmirror.ini, with the defaults of SPEC §3."""
