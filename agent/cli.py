@@ -20,6 +20,8 @@ import click
 from app.core.errors import ConfigError, MirrorError, one_line
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings, load_settings
 
+from .signals import stop_signals_interrupt
+
 # seconds `status` waits for the secondaries' answers: a monitoring check must not wait out
 # each browse's own limit (60 s) for a host that drops packets or a receiver that hangs
 STATUS_TIMEOUT = 20.0
@@ -28,30 +30,6 @@ STATUS_TIMEOUT = 20.0
 def fail(message: str, code: int) -> None:
     click.echo(f"esmirror: {message}", err=True)
     sys.exit(code)
-
-
-def on_stop_signals(handler: Any, names: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")) -> dict[int, Any]:
-    """``handler`` for the stop signals this platform has (Windows: no SIGHUP), but one found
-    ignored stays ignored: nohup's SIGHUP, which a logout must not turn into a stop. Returns
-    the handlers it replaced, by signal number."""
-    import signal
-
-    replaced = {}
-    for name in names:
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-            replaced[signum] = signal.signal(signum, handler)
-    return replaced
-
-
-def stop_signals_interrupt() -> None:
-    """SIGTERM and SIGHUP (a stopped job, a closed terminal or ssh session) end a command as
-    Ctrl-C does: what it started is stopped and what it did is recorded, not cut off mid-way."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    on_stop_signals(interrupt, ("SIGTERM", "SIGHUP"))
 
 
 def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = "") -> Any:
@@ -284,7 +262,7 @@ def main() -> None:
 def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
           keyfile: str | None, workers: int) -> None:
     """Run the receiver standalone, mounted at the prefix."""
-    from .serve import run_server
+    from app.serve import run_server
 
     if server == "waitress":  # (gunicorn's arbiter has its own graceful stop)
         # waitress stops on KeyboardInterrupt, letting running requests end (5 s): a

@@ -36,7 +36,7 @@ from app.core.publishes import PublishQueue
 from app.core.settings import Settings, content_digest, load_settings
 from app.core.state import write_json
 
-from .cli import on_stop_signals
+from .signals import on_stop_signals
 from .client import Interrupt
 from .fleet import Observer, catch_up, publish, publish_waiting, resolve_canary
 from .push import PushResult

@@ -18,7 +18,7 @@ import click
 from app.core.manifest import scan
 from app.core.settings import DEFAULT_PREFIX, load_settings
 
-from .cli import on_stop_signals
+from .signals import on_stop_signals
 
 SAMPLE_CATALOGS = """<?xml version="1.0" encoding="UTF-8"?>
 <CatalogConfig>

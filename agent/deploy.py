@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape
 
 from app.core.errors import ConfigError
 from app.core.express import parse_port, read_lt_is_user
-from app.core.settings import PLATFORM_HANDLER_MAX_BODY, PUSH_ROUTES, Network, Settings
+from app.core.settings import PLATFORM_HANDLER_MAX_BODY, PUSH_ROUTES, Network, Settings, shown_network
 
 
 def _templates() -> Path:
@@ -89,11 +89,6 @@ def _group_of(user: str) -> str:
         return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
     except (ImportError, KeyError):
         return user  # not an account here (rendering for another machine): its own group
-
-
-def shown_network(net: Network) -> str:
-    """A network as esmirror.ini and httpd write it: a single address without /32 or /128."""
-    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def _writable(networks: tuple[Network, ...]) -> list[Network]:

@@ -32,11 +32,11 @@ except ImportError:  # Windows: no Unix accounts; IIS's app pool account is docu
 from app.core.catalogs import validate_catalogs_file
 from app.core.errors import ConfigError
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, shell_value, write_lt_is_user
-from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks
+from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks, shown_network
 from app.core.signing import read_secret
 from app.core.state import user_name
 
-from .deploy import apache_word, require_line, shown_network
+from .deploy import apache_word, require_line
 
 # where distributions keep the main config, tried in order when --httpd-conf is not given
 DEFAULT_HTTPD_CONFS = ("/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",

@@ -363,3 +363,8 @@ def _read_ini(ini: Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{ini}:{line}: bad value for {key}: {exc}") from None
     return values
+
+
+def shown_network(net: Network) -> str:
+    """A network as esmirror.ini and httpd write it: a single address without /32 or /128."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)

@@ -6,13 +6,11 @@ import os
 import sys
 from typing import Any, Callable
 
-from app import make_wsgi
-from app.gunicorn_body import IDLE_TIMEOUT
-from app.core.errors import ConfigError, MirrorError
-from app.core.express import host_problem, parse_port
-from app.core.settings import Settings
-
-from .deploy import shown_network
+from . import make_wsgi
+from .core.errors import ConfigError, MirrorError
+from .core.express import host_problem, parse_port
+from .core.settings import Settings, shown_network
+from .gunicorn_body import IDLE_TIMEOUT
 
 
 # waitress receives every body in its one event-loop thread, recv_bytes at a time
@@ -82,7 +80,7 @@ def _guarded(settings: Settings) -> Callable[..., Any]:
 
     from waitress.server import create_server
 
-    from app.ipfilter import allowed, parse_address
+    from .ipfilter import allowed, parse_address
 
     admitted = settings.allow_push + settings.allow_admin + settings.trusted_proxies
 
