@@ -45,7 +45,7 @@ class Rendered:
 
 def deploy_user(settings: Settings, user: str | None, httpd_conf: Path | None = None) -> str:
     """LT_IS_USER of env.sh, after checking that ``--user`` and httpd's User agree with it."""
-    from .doctor import apache_user, read_httpd_config
+    from .httpd import apache_user, read_httpd_config
 
     env = read_lt_is_user(settings.env_sh)
     if not env.user:
@@ -72,7 +72,7 @@ def deploy_user(settings: Settings, user: str | None, httpd_conf: Path | None = 
 
 def httpd_conf_path(given: str | None) -> Path | None:
     """--httpd-conf: that file; not given: this machine's httpd config, if any; '': none."""
-    from .doctor import find_httpd_conf
+    from .httpd import find_httpd_conf
 
     if given is None:
         return find_httpd_conf()
@@ -196,7 +196,7 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
 
 def _unreadable_for(account: str, venv: Path) -> list[str]:
     """The 0700 trap, said at render time: the venv or code the daemon needs but cannot read."""
-    from .doctor import blocked_at, code_outside, pwd
+    from .httpd import blocked_at, code_outside, pwd
 
     try:
         who = pwd.getpwnam(account)

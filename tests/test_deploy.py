@@ -84,12 +84,12 @@ def test_httpd_user_disagreeing_with_env_sh_is_refused(tmp_path, monkeypatch):
     rc, _, text = deploy(install, "apache", "--httpd-conf", str(tmp_path / "nope.conf"))
     assert rc == 2 and "no such file" in text
     # not told which: the httpd config in its usual place on this machine
-    from agent import doctor
+    from agent import httpd
     from agent.deploy import render_apache
     from app.core.errors import ConfigError
     from app.core.settings import load_settings
 
-    monkeypatch.setattr(doctor, "DEFAULT_HTTPD_CONFS", (str(tmp_path / "nope.conf"), str(conf)))
+    monkeypatch.setattr(httpd, "DEFAULT_HTTPD_CONFS", (str(tmp_path / "nope.conf"), str(conf)))
     with pytest.raises(ConfigError, match=f"httpd's User is apache \\({conf}:2\\)"):
         render_apache(load_settings(install.root), tmp_path / "o")
     assert not (tmp_path / "o").exists()
