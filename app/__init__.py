@@ -6,7 +6,6 @@ imported when an app is made.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import sys
 import threading
@@ -143,14 +142,13 @@ class _NotStarted:
                 self._trying.release()
         if self._app is not None:
             return self._app(environ, start_response)
+        from .ipfilter import json_answer
+
         local = (environ.get("REMOTE_ADDR") in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
                  and not any(k in environ for k in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")))
-        body = json.dumps({"error": f"this esmirror receiver cannot start ({'' if local else 'its web server log says why; '}"
-                                    f"it tries again every {self.RETRY:g} s): "
-                                    f"{self.why if local else self.kind}"}).encode()
-        start_response("503 Service Unavailable", [("Content-Type", "application/json"),
-                                                   ("Content-Length", str(len(body)))])
-        return [body]
+        return json_answer(start_response, "503 Service Unavailable", {
+            "error": f"this esmirror receiver cannot start ({'' if local else 'its web server log says why; '}"
+                     f"it tries again every {self.RETRY:g} s): {self.why if local else self.kind}"})
 
 
 def _why_not_started(exc: Exception) -> tuple[str, str]:

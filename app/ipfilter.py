@@ -17,6 +17,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _PORT_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}):\d+$")
 
 
+def json_answer(start_response: Callable[..., Any], status: str, document: dict[str, Any]) -> list[bytes]:
+    """An error answer from WSGI middleware, before Flask and its error handlers (app/errors.py)
+    have the request: the same JSON shape."""
+    body = json.dumps(document).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def parse_address(text: str) -> IPAddress | None:
     """An address as proxies write it: ``a.b.c.d``, ``a.b.c.d:port``, ``v6``, ``[v6]:port``.
 
@@ -104,10 +112,8 @@ class IPFilter:
                        "receiver, which names the real caller in X-Forwarded-For. Set trusted_proxies "
                        "= 127.0.0.1 ::1 in ImageServer/etc/esmirror.ini on this server (not "
                        f"{setting}) and restart the receiver")
-        body = json.dumps({"error": message, "address": str(address) if address else None}).encode()
-        start_response("403 Forbidden", [("Content-Type", "application/json"),
-                                         ("Content-Length", str(len(body)))])
-        return [body]
+        return json_answer(start_response, "403 Forbidden",
+                           {"error": message, "address": str(address) if address else None})
 
 
 class PrefixMount:
@@ -130,7 +136,5 @@ class PrefixMount:
             environ["SCRIPT_NAME"] = script + self.prefix
             environ["PATH_INFO"] = path[len(self.prefix):]
             return self.app(environ, start_response)
-        body = json.dumps({"error": f"not found: esmirror is mounted at {self.prefix}/"}).encode()
-        start_response("404 Not Found", [("Content-Type", "application/json"),
-                                         ("Content-Length", str(len(body)))])
-        return [body]
+        return json_answer(start_response, "404 Not Found",
+                           {"error": f"not found: esmirror is mounted at {self.prefix}/"})
