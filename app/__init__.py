@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     from . import admin, errors, peer
     from .core.apply import WorkingDir
     from .core.signing import Verifier
-    from .core.store import read_only_note
+    from .core.room import read_only_note
     from .gunicorn_body import GunicornBody
     from .ipfilter import IPFilter
 

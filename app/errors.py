@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .core.errors import MirrorError
-from .core.store import what_is_full
+from .core.room import what_is_full
 
 log = logging.getLogger("esmirror")
 

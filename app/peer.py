@@ -8,7 +8,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from .core.apply import CommitRequest, WorkingDir, check_room, commit_limit
+from .core.apply import CommitRequest, WorkingDir, commit_limit
+from .core.room import check_room
 from .core.audit import audit
 from .core.delta import CHUNK_SIZE, ChunkIndex
 from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,

@@ -387,7 +387,7 @@ def test_out_of_inodes_is_told_apart_and_a_failed_record_names_its_file(tmpfs, t
     """ENOSPC with bytes free is a filesystem out of inodes (df shows no problem, df -i
     does); and a record whose write failed named no file ('esmirror: No space left')."""
     from app.core.state import write_json
-    from app.core.store import what_is_full
+    from app.core.room import what_is_full
 
     disk = tmp_path / "disk"
     tmpfs(disk, "8m", inodes=50)

@@ -52,31 +52,12 @@ from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collisi
                        name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
 from .state import fs_now, pid_alive, read_json, stable_id, write_json
-from .store import CHUNK, BlobStore, clone_file, durable_flush, what_is_full
+from .room import check_room, what_is_full
+from .store import CHUNK, BlobStore, clone_file, durable_flush
 
 LOCK_TIMEOUT = 600.0
-ROOM_MARGIN = 16 * 1024 * 1024  # never fill a disk to the last byte
 _ARCHIVE_ID_RE = re.compile(r"^[0-9A-Za-z._-]{1,80}$")
 PREVIOUS_JSON = "previous.json"  # in an archive entry: the manifest of the set it replaced
-
-
-def room(path: Path) -> tuple[int, int]:
-    """(free bytes, reserve) on the filesystem of ``path``.
-
-    The reserve is what esmirror never uses: 16 MiB, or 2 % of a small filesystem.
-    """
-    usage = shutil.disk_usage(path)
-    return usage.free, min(ROOM_MARGIN, usage.total // 50)
-
-
-def check_room(path: Path, need: int, what: str) -> None:
-    """507 with the numbers when ``need`` more bytes will not fit beside the reserve."""
-    free, reserve = room(path)
-    if need + reserve > free:
-        raise NoRoom(f"{what} needs {need} bytes but only {free} are free on {path} "
-                     f"(esmirror keeps {reserve} in reserve); nothing was changed. Free some space "
-                     "(esmirror archive clear) and publish again", needed=need, free=free,
-                     reserve=reserve)
 
 
 def room_needed(current: Manifest, new: Manifest, uploading: dict[str, int],

@@ -9,13 +9,13 @@ import os
 from typing import Any
 
 from . import PROTOCOL, __version__
-from .apply import WorkingDir, left_alone, room
+from .apply import WorkingDir, left_alone
 from .catalogs import CATALOGS_XML, validate_catalogs_file
 from .express import express_version, lists_mirrors, platform_tag
 from .ledger import fleet_status
 from .manifest import name_encoding_note
 from .settings import PLATFORM_HANDLER_MAX_BODY, Settings
-from .store import free_inodes, read_only, read_only_note
+from .room import free_inodes, read_only, read_only_note, room
 
 
 def upload_limit(settings: Settings) -> int:

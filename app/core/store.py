@@ -24,6 +24,7 @@ from typing import BinaryIO, Callable, Iterator
 from .errors import BadRequest, Conflict, NoRoom
 from .faults import crash_point
 from .manifest import SHA256_RE, BackgroundHash
+from .room import check_room, what_is_full
 
 CHUNK = 1024 * 1024
 _BATCH_HEADER_RE = re.compile(rb"^([0-9a-f]{64}) (\d{1,20})\n$")
@@ -493,42 +494,6 @@ class BodyReader:
         return line
 
 
-def what_is_full(path: Path) -> tuple[str, int]:
-    """Words for ENOSPC on the filesystem of ``path``, and its free bytes: a filesystem out
-    of inodes (one per file) says "no space" too, while df shows plenty free."""
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return f"the disk is full at {path}", 0
-    if free_inodes(path) == 0:
-        return (f"the filesystem at {path} has no free inodes left (one per file; {free} bytes "
-                "are still free, so df shows no problem: df -i does)", free)
-    return f"the disk is full at {path} ({free} bytes free now)", free
-
-
-def free_inodes(path: Path) -> int | None:
-    """Inodes (one per file) still free on the filesystem of ``path``; None where it has no
-    fixed number (btrfs, Windows)."""
-    try:
-        st = os.statvfs(path)
-    except (AttributeError, OSError):
-        return None
-    return st.f_favail if st.f_files > 0 else None
-
-
-def read_only(path: Path) -> bool:
-    """The filesystem of ``path`` is mounted read-only (Linux remounts one so after I/O errors)."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except (AttributeError, OSError):  # (Windows has no statvfs)
-        return False
-
-
-def read_only_note(path: Path | str) -> str:
-    """What browse, status and the receiver's start say of a read-only working dir."""
-    return f"{path} is on a read-only filesystem: pushes fail until it is remounted read-write"
-
-
 class BlobStore:
     """``.esmirror/blobs/<sha256>`` with a ``tmp/`` beside it on the same filesystem."""
 
@@ -596,7 +561,6 @@ class BlobStore:
         index = delta.ChunkIndex(self.blobs.parent)
         bases: list[BinaryIO] = []
         tmp = self._tmp_file(sha[:16] if sha else "delta")
-        from .apply import check_room  # (apply imports this module)
         check_room(self.tmp, size, f"rebuilding {(sha or 'a file')[:12]}… from a delta")  # the body is far smaller
         try:
             for base_sha, rel in wanted:
