@@ -442,8 +442,7 @@ def archive_clear(install_dir: str | None, keep: int | None, older_than: float |
     if keep is None and older_than is None and not everything:
         raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
     workdir = WorkingDir(settings_from(install_dir, writes_state=True))
-    with workdir.lock():
-        cleared = workdir.clear_archive(keep, older_than, everything, caller=command_line_caller())
+    cleared = workdir.clear_archive(keep, older_than, everything, command_line_caller())
     click.echo(cleared.summary())
 
 

@@ -8,13 +8,11 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from .core.apply import CommitRequest, WorkingDir, commit_limit
-from .core.room import check_room
-from .core.audit import audit
+from .core.apply import WorkingDir, commit_limit
 from .core.delta import CHUNK_SIZE, ChunkIndex
-from .core.errors import (BadRequest, LengthRequired, MirrorError, NotFound, TooLarge, Unauthorized,
-                          untrusted_json)
+from .core.errors import BadRequest, LengthRequired, NotFound, TooLarge, Unauthorized, untrusted_json
 from .core.manifest import path_problem
+from .core.room import check_room
 from .core.server import identity, settings_changed
 from .core.settings import Settings
 from .core.signing import Verifier, batch_digest
@@ -232,19 +230,6 @@ def commit():  # type: ignore[no-untyped-def]
     body = request.get_data(cache=False) if length else b""
     if _signed_content() is not None:
         Verifier.check_body(_signed_content(), hashlib.sha256(body).hexdigest(), "the commit body")
-    data = commit_json(body)
-    caller = request.environ.get("esmirror.client")
-    try:
-        commit_request = CommitRequest.from_json(data)
-        result = _workdir().commit(commit_request)
-    except MirrorError as exc:
-        audit(_settings(), "commit", caller=caller, master=data.get("master") if isinstance(data, dict)
-              else None, generation=data.get("generation") if isinstance(data, dict) else None,
-              files=None, outcome=f"refused {exc.status}", error=exc.message)
-        raise
+    result = _workdir().commit_from(commit_json(body), request.environ.get("esmirror.client"))
     result.warnings += settings_changed(_settings(), _read_stamp())
-    audit(_settings(), "commit", caller=caller, master=commit_request.master,
-          generation=result.generation, outcome="ok", archive_id=result.archive_id,
-          files={"added": result.added, "changed": result.changed, "removed": result.removed},
-          **({"archive_pruned": result.pruned} if result.pruned else {}))
     return jsonify(result.to_json())

@@ -542,6 +542,24 @@ class WorkingDir:
             self.recover()
             return self._commit_locked(request)
 
+    def commit_from(self, data: Any, caller: str | None) -> CommitResult:
+        """A master's ``POST commit`` body (parsed JSON) applied, and in the audit log either
+        way: what it changed, or why it was refused."""
+        try:
+            request = CommitRequest.from_json(data)
+            result = self.commit(request)
+        except MirrorError as exc:
+            asked = data if isinstance(data, dict) else {}
+            audit(self.settings, "commit", caller=caller, master=asked.get("master"),
+                  generation=asked.get("generation"), files=None, outcome=f"refused {exc.status}",
+                  error=exc.message)
+            raise
+        audit(self.settings, "commit", caller=caller, master=request.master,
+              generation=result.generation, outcome="ok", archive_id=result.archive_id,
+              files={"added": result.added, "changed": result.changed, "removed": result.removed},
+              **({"archive_pruned": result.pruned} if result.pruned else {}))
+        return result
+
     def _commit_locked(self, request: CommitRequest) -> CommitResult:
         state = self.state()
         if lists_mirrors(self.settings.iserv_cfg):  # (a secondary promoted, its old master back)
@@ -891,18 +909,32 @@ class WorkingDir:
         return entries
 
     def prune_archive(self, keep: int) -> list[str]:
-        return self.clear_archive(keep=keep).removed
+        """archive_keep's pruning, by a commit under the lock (whose audit line names them)."""
+        return self._remove_entries(keep, None, False)
 
-    def clear_archive(self, keep: int | None = None, older_than_days: float | None = None,
-                      everything: bool = False, caller: str | None = None) -> "Cleared":
-        """Remove archive entries beyond the newest ``keep`` and/or older than the given age.
+    def clear_archive(self, keep: int | None, older_than_days: float | None, everything: bool,
+                      caller: str) -> "Cleared":
+        """An admin's clear (CLI or ``DELETE archive``), under the lock, audited: archive
+        entries beyond the newest ``keep`` and/or older than the given age, or all. It also
+        drops the uploads a push cut short left waiting for a commit, and the idle parts of
+        one cut short mid-file: every "no room" message sends the admin here, and those hold
+        space too (the master sends them again if it needs them). Works on a full disk: it
+        only frees space."""
+        with self.lock():
+            removed = self._remove_entries(keep, older_than_days, everything)
+            blobs = self.store.clear(older_than=math.inf)
+            # and the parts of a large file whose push died (kept for it to resume) once idle
+            # for longer than any upload waits between writes
+            parts = self.store.clear_stale_tmp(older_than=IDLE_TMP)
+            uploads = (blobs[0] + parts[0], blobs[1] + parts[1])
+            audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
+                  files=len(removed), outcome="ok", removed=removed,
+                  asked={"keep": keep, "older_than_days": older_than_days, "all": everything},
+                  uploads_dropped=uploads[0])
+        return Cleared(removed, *uploads)
 
-        An admin's clear (``caller`` given) is audited, and also drops the uploads a push cut
-        short left waiting for a commit, and the idle parts of one cut short mid-file: every
-        "no room" message sends the admin here, and those hold space too (the master sends
-        them again if it needs them). archive_keep's pruning does neither (the commit that
-        pruned names the entries in its own audit line). Works on a full disk: it only frees
-        space."""
+    def _remove_entries(self, keep: int | None, older_than_days: float | None,
+                        everything: bool) -> list[str]:
         entries = self.archives()
         now = dt.datetime.now(dt.timezone.utc)
         removed = []
@@ -935,18 +967,7 @@ class WorkingDir:
                 crash_point("archive-trashed")
                 shutil.rmtree(gone, ignore_errors=True)
                 removed.append(entry["id"])
-        uploads = (0, 0)
-        if caller is not None:
-            blobs = self.store.clear(older_than=math.inf)
-            # and the parts of a large file whose push died (kept for it to resume) once idle
-            # for longer than any upload waits between writes
-            parts = self.store.clear_stale_tmp(older_than=IDLE_TMP)
-            uploads = (blobs[0] + parts[0], blobs[1] + parts[1])
-            audit(self.settings, "archive-clear", caller=caller, master=None, generation=None,
-                  files=len(removed), outcome="ok", removed=sorted(removed),
-                  asked={"keep": keep, "older_than_days": older_than_days, "all": everything},
-                  uploads_dropped=uploads[0])
-        return Cleared(sorted(removed), *uploads)
+        return sorted(removed)
 
     def _entry(self, archive_id: str) -> dict[str, Any]:
         """An archive entry's record, with ``previous``: the set its apply replaced."""
