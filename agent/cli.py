@@ -208,39 +208,13 @@ def settings_from(install_dir: str | None, writes_state: bool = False, as_owner:
     as ``sudo -u`` would: files root left there would stop the agent and the receiver,
     which run as that account, with 'Permission denied' (cron running status as root, a
     publish with sudo). ``as_owner=False`` (serve: it may bind a port only root can) warns."""
-    settings = load_settings(install_dir)
-    if writes_state and hasattr(os, "geteuid") and os.geteuid() == 0:
-        try:
-            st = os.stat(settings.data_dir)
-        except OSError:
-            return settings
-        if st.st_uid == 0:
-            return settings
-        import pwd
+    from app.core.state import run_as_data_owner
 
-        try:
-            account = pwd.getpwuid(st.st_uid)
-            name, gid = account.pw_name, account.pw_gid
-        except KeyError:
-            account, name, gid = None, str(st.st_uid), st.st_gid
-        if not as_owner:
-            click.echo(f"esmirror: warning: running as root, but {settings.data_dir} belongs to {name}: "
-                       f"files this leaves in .esmirror/ stop the agent and the receiver (running as "
-                       f"{name}) with 'Permission denied'; run it as {name} (sudo -u {name} esmirror …)",
-                       err=True)
-            return settings
-        # what root left in .esmirror/ before (runs of an older esmirror) becomes the owner's
-        # first: else the account could not use it, and the advice would loop back here
-        for path in [settings.state_dir, *settings.state_dir.rglob("*")] if settings.state_dir.is_dir() else []:
-            with contextlib.suppress(OSError):
-                if path.lstat().st_uid == 0:
-                    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-        if account is not None:
-            os.initgroups(name, gid)
-        else:
-            os.setgroups([])
-        os.setgid(gid)
-        os.setuid(st.st_uid)
+    settings = load_settings(install_dir)
+    if writes_state:
+        warning = run_as_data_owner(settings.data_dir, settings.state_dir, switch=as_owner)
+        if warning:
+            click.echo(f"esmirror: warning: {warning}", err=True)
     return settings
 
 

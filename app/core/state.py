@@ -72,6 +72,46 @@ def keep_owner_rights() -> None:
         os.umask(current & 0o077)
 
 
+def run_as_data_owner(data_dir: Path, state_dir: Path, switch: bool = True) -> str | None:
+    """Run as root on a var/data another account (LT_IS_USER) owns: become that account, as
+    ``sudo -u`` would, first handing it what root left in ``state_dir``. Files root left
+    there would stop the agent and the receiver, which run as that account, with
+    'Permission denied' (cron running status as root, a publish with sudo). With
+    ``switch=False`` (serve: it may need root to bind a port) only the warning is returned."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(data_dir)
+    except OSError:
+        return None
+    if st.st_uid == 0:
+        return None
+    import pwd
+
+    try:
+        account = pwd.getpwuid(st.st_uid)
+        name, gid = account.pw_name, account.pw_gid
+    except KeyError:
+        account, name, gid = None, str(st.st_uid), st.st_gid
+    if not switch:
+        return (f"running as root, but {data_dir} belongs to {name}: files this leaves in .esmirror/ "
+                f"stop the agent and the receiver (running as {name}) with 'Permission denied'; "
+                f"run it as {name} (sudo -u {name} esmirror …)")
+    # what root left in .esmirror/ before (runs of an older esmirror) becomes the owner's
+    # first: else the account could not use it, and the advice would loop back here
+    for path in [state_dir, *state_dir.rglob("*")] if state_dir.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if path.lstat().st_uid == 0:
+                os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if account is not None:
+        os.initgroups(name, gid)
+    else:
+        os.setgroups([])
+    os.setgid(gid)
+    os.setuid(st.st_uid)
+    return None
+
+
 def write_json(path: Path, data: Any, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
