@@ -29,7 +29,7 @@ from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue, publish_lock, publishing
 from app.core.settings import DEFAULT_MAX_PARALLEL, Settings
 from app.core.signing import Signer
-from app.core.state import pid_alive, stable_id, write_json
+from app.core.state import pid_alive, self_id, write_json
 
 from .client import Interrupt, tls_context
 from .push import LocalSet, Opening, PushResult, ScanNews, push
@@ -110,7 +110,7 @@ class _AlsoProgress(Observer):
 
 def master_identity(settings: Settings) -> dict[str, Any]:
     return {"express_version": express_version(settings), "platform": platform_tag(),
-            "self": stable_id(settings.state_dir / "self-id")}
+            "self": self_id(settings.state_dir)}
 
 
 @contextlib.contextmanager

@@ -29,8 +29,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
 
     from . import admin, errors, peer
     from .core.apply import WorkingDir
-    from .core.signing import Verifier
     from .core.room import read_only_note
+    from .core.signing import Verifier
+    from .core.state import SELF_ID_FILE
     from .gunicorn_body import GunicornBody
     from .ipfilter import IPFilter
 
@@ -56,7 +57,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         # browse and status say why pushes fail, and each write answers so
         note = read_only_note(exc.filename or settings.data_dir)
         try:
-            own_id = (settings.state_dir / "self-id").read_text(encoding="utf-8").strip()
+            own_id = (settings.state_dir / SELF_ID_FILE).read_text(encoding="utf-8").strip()
         except OSError:
             own_id = ""
     # None: unsigned pushes. Signed ones must name this server (a replay from another fails)

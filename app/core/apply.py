@@ -51,7 +51,8 @@ from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff,
                        name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
-from .state import fs_now, pid_alive, read_json, stable_id, write_json
+from .state import fs_now, pid_alive, read_json, write_json
+from .state import self_id as own_self_id
 from .room import check_room, what_is_full
 from .store import CHUNK, BlobStore, clone_file, durable_flush
 
@@ -370,7 +371,7 @@ class WorkingDir:
     # --- plain facts -------------------------------------------------------
     @property
     def self_id(self) -> str:
-        return stable_id(self.state_dir / "self-id")
+        return own_self_id(self.state_dir)
 
     def lock(self, timeout: float = LOCK_TIMEOUT) -> filelock.BaseFileLock:
         """One commit at a time, across gunicorn workers and on Windows (filelock)."""

@@ -22,7 +22,7 @@ from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue, publishing_to
 from .settings import Settings
-from .state import pid_alive, read_json, stable_id, user_name, write_json
+from .state import pid_alive, read_json, self_id, user_name, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
@@ -164,7 +164,7 @@ class Ledger:
         """Secondaries that lag what was pushed to them and whose retry time has come."""
         now = time.time() if now is None else now
         data = self.read()
-        mine = stable_id(self.settings.state_dir / "self-id")
+        mine = self_id(self.settings.state_dir)
         out = []
         for secondary in mirrors:
             entry = data.get(secondary.name)

@@ -159,8 +159,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def stable_id(path: Path) -> str:
-    """A random id created on first use and kept (this server's own master id)."""
+SELF_ID_FILE = "self-id"  # in .esmirror/
+
+
+def self_id(state_dir: Path) -> str:
+    """This server's own id: random, created on first use and kept. A master names itself
+    by it in each push; a secondary tells it in browse (two Mirrors names that reach one
+    receiver, a clone that kept its master's .esmirror/, are told apart by it)."""
+    path = state_dir / SELF_ID_FILE
     try:
         value = path.read_text(encoding="utf-8").strip()
         if value:
