@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, NamedTuple
+from typing import Any, Callable, Collection, Iterable, NamedTuple
 
 import filelock
 
@@ -48,7 +48,7 @@ from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoR
                      Unavailable)
 from .faults import crash_point
 from .express import lists_mirrors
-from .manifest import (HASH_CACHE_FILE, HashCache, Manifest, ScanResult, collision_key, diff,
+from .manifest import (HASH_CACHE_FILE, Diff, HashCache, Manifest, ScanResult, collision_key, diff,
                        name_encoding_note, scan, settled, unwritable_names, walk_files)
 from .settings import Settings
 from .state import fs_now, pid_alive, read_json, write_json
@@ -355,6 +355,27 @@ def _created(name: str, meta: dict[str, Any]) -> str:
     return iso_time((when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp())
 
 
+def _switch_order(puts_ops: list[dict[str, Any]], change: Diff, puts: list[str]) -> list[dict[str, Any]]:
+    """The journal's operations in switch order: removals that free a name for a new file
+    first, then the files, catalogs.xml last of them, then the other removals.
+
+    A removed file where a new file needs a folder ("a" → "a/x"), or inside a folder that
+    becomes a file ("a/x" → "a"), or the same name by another case ("A" → "a": one file on
+    Windows) is archived first, so the put finds the name free. Compared by collision key,
+    as a case-insensitive filesystem compares names."""
+    put_keys = {collision_key(p) for p in puts}
+    prefixes = {"/".join(k.split("/")[:i]) for k in put_keys for i in range(1, k.count("/") + 1)}
+    blocking = []
+    for p in change.removed:
+        key = collision_key(p)
+        if key in put_keys or key in prefixes or any(
+                "/".join(key.split("/")[:i]) in put_keys for i in range(1, key.count("/") + 1)):
+            blocking.append(p)
+    ops = sorted(puts_ops, key=lambda op: op["path"] == CATALOGS_XML)
+    rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
+    return [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
+
+
 class WorkingDir:
     """This server's working directory (``var/data``) and esmirror's state beside it."""
 
@@ -655,6 +676,86 @@ class WorkingDir:
         """
         started = time.time()
         current = scanned.manifest
+        change, puts, here, stored = self._check_set(current, new)
+
+        def source(path: str) -> Path:
+            sha = new.files[path].sha256
+            return self.store.path(sha) if sha in stored else self.data_dir / here[sha]
+
+        catalogs = source(CATALOGS_XML) if CATALOGS_XML in puts else self.data_dir / CATALOGS_XML
+        warnings = self._check_catalogs(catalogs)
+
+        if change.empty:
+            result = CommitResult(generation or 0, new.digest, None, 0, 0, 0, warnings)
+            self._record(generation, master, new, None)
+            self.store.clear(older_than=started)  # (what a --full push sent again is live already)
+            return result
+
+        self._check_own_folders()
+        tx = uuid.uuid4().hex[:12]
+        stage = self.staging_dir / tx
+        ops = _switch_order(self._stage(stage, current, new, puts, stored, source), change, puts)
+
+        archive_id = self._new_archive_id(generation)
+        # the folders the switch will make: a rollback removes these, and no folder that was
+        # here before, empty or not
+        new_folders = sorted(f for f in folders_of(puts) if not _is_dir(self.data_dir / f))
+        journal = {"tx": tx, "archive_id": archive_id, "generation": generation,
+                   "phase": "switching", "ops": ops, "state_before": state, "new_folders": new_folders}
+        try:
+            write_json(self.journal_path, journal)
+            crash_point("journal")
+            folders = _Folders()
+            for op in ops:
+                self._forward(journal, op, folders)
+            journal["phase"] = "switched"
+            write_json(self.journal_path, journal)
+            crash_point("switched")
+            ok, output = run_reload(self.settings)
+            if not ok:
+                raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
+                                   f"{reload_failure(output)}", output=output)
+            archived = change.changed + change.removed
+            set_aside = sorted(journal.get("set_aside", []))
+            if not archived and not set_aside:
+                archive_id = None
+            else:
+                crash_point("archiving")
+                self._write_archive_entry(archive_id, current, new, archived, set_aside, {
+                    "replaced_generation": state.get("generation"), "generation": generation,
+                    "master": master, **(about or {})})
+            crash_point("archived")
+            self._record(generation, master, new, archive_id, (about or {}).get("restored_from"))
+            crash_point("recorded")
+        except BaseException as exc:
+            self._rollback(journal)
+            if journal["phase"] == "switched":
+                run_reload(self.settings)
+            if isinstance(exc, OSError):
+                raise self._os_failure("switching", exc) from None
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        # before the commit point: killed after it, nothing would remove them; killed before,
+        # the rollback makes the folders of the files it puts back
+        prune_emptied(self.data_dir, change.removed)
+        self.journal_path.unlink()  # the commit point
+        crash_point("committed")
+        self.store.clear(older_than=started)
+        pruned = self.prune_archive(self.settings.archive_keep)
+        self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
+        set_aside = sorted(journal.get("set_aside", []))
+        if set_aside:
+            warnings.append(f"{len(set_aside)} file(s) found here outside the set stood where the "
+                            f"set puts one, and were kept in archive entry {archive_id}: "
+                            f"{', '.join(set_aside[:5])}{' …' if len(set_aside) > 5 else ''}")
+        return CommitResult(generation or 0, new.digest, archive_id, len(change.added),
+                            len(change.changed), len(change.removed), warnings, set_aside, pruned)
+
+    def _check_set(self, current: Manifest, new: Manifest) -> tuple[Diff, list[str], dict[str, str], set[str]]:
+        """Refuse a set that cannot be applied as it stands, before anything is touched; else
+        (the change, the paths it puts, where each content already lives here by sha256, the
+        contents in the blob store)."""
         if CATALOGS_XML not in new.files:
             raise InvalidSet("the set has no catalogs.xml; refusing to apply an empty configuration",
                              [f"{CATALOGS_XML}: missing from the set"])
@@ -678,36 +779,29 @@ class WorkingDir:
         if wrong:
             raise InvalidSet("the set's sizes do not match its contents; nothing was changed", wrong)
         self._check_in_the_way(current, puts)
+        return change, puts, here, stored
 
-        def source(path: str) -> Path:
-            sha = new.files[path].sha256
-            return self.store.path(sha) if sha in stored else self.data_dir / here[sha]
-
-        warnings: list[str] = []
-        catalogs = source(CATALOGS_XML) if CATALOGS_XML in puts else self.data_dir / CATALOGS_XML
+    def _check_catalogs(self, catalogs: Path) -> list[str]:
+        """The catalogs.xml the set would have, validated; its warnings (Paths this server
+        cannot read), refused instead under require_paths."""
         report = validate_catalogs(catalogs.read_bytes(), base=self.data_dir)
         if report.problems:
             raise InvalidSet("catalogs.xml is invalid; nothing was changed", report.problems)
-        warnings += report.unreadable_paths()
+        warnings = list(report.unreadable_paths())
         if warnings and self.settings.require_paths:
             raise InvalidSet("catalog Paths this server cannot read (require_paths = true); "
                              "nothing was changed. Mount the image repositories here, or set "
                              "require_paths = false to apply with a warning", warnings)
+        return warnings
 
-        if change.empty:
-            result = CommitResult(generation or 0, new.digest, None, 0, 0, 0, warnings)
-            self._record(generation, master, new, None)
-            self.store.clear(older_than=started)  # (what a --full push sent again is live already)
-            return result
+    def _stage(self, stage: Path, current: Manifest, new: Manifest, puts: list[str], stored: set[str],
+               source: Callable[[str], Path]) -> list[dict[str, Any]]:
+        """Stage the files the set puts, flushed; the journal's put operations, in ``puts`` order.
 
-        self._check_own_folders()
-
-        # stage: link each blob once, copy what is used twice or already lives here. A file
-        # new here whose blob was uploaded is not staged: the switch links it straight from
-        # the blob store (one link instead of a link and a rename; the blob is durable since
-        # its upload), once a first link showed this filesystem has them.
-        tx = uuid.uuid4().hex[:12]
-        stage = self.staging_dir / tx
+        Each blob is linked once; what is used twice or already lives here is copied. A file
+        new here whose blob was uploaded is not staged: the switch links it straight from the
+        blob store (one link instead of a link and a rename; the blob is durable since its
+        upload), once a first link showed this filesystem has them."""
         stage.mkdir(parents=True)
         linked: set[str] = set()
         copies = [p for p in puts if new.files[p].sha256 not in stored]
@@ -740,95 +834,30 @@ class WorkingDir:
             raise self._os_failure("staging", exc) from None
         durable_flush(written)
         crash_point("staged")
+        return ops
 
-        # order: removals that free a name for a new file first, files, catalogs.xml, other removals
-        # a removed file where a new file needs a folder ("a" → "a/x"), or inside a folder
-        # that becomes a file ("a/x" → "a"), or the same name by another case ("A" → "a": one
-        # file on Windows): archived first, so the put finds the name free. Compared by
-        # collision key, as a case-insensitive filesystem compares names.
-        put_keys = {collision_key(p) for p in puts}
-        prefixes = {"/".join(k.split("/")[:i]) for k in put_keys for i in range(1, k.count("/") + 1)}
-        blocking = []
-        for p in change.removed:
-            key = collision_key(p)
-            if key in put_keys or key in prefixes or any(
-                    "/".join(key.split("/")[:i]) in put_keys for i in range(1, key.count("/") + 1)):
-                blocking.append(p)
-        ops.sort(key=lambda op: op["path"] == CATALOGS_XML)
-        rm = lambda p: {"kind": "remove", "path": p, "staged": "", "existed": True}  # noqa: E731
-        ops = [rm(p) for p in blocking] + ops + [rm(p) for p in change.removed if p not in blocking]
-
-        archive_id = self._new_archive_id(generation)
-        # the folders the switch will make: a rollback removes these, and no folder that was
-        # here before, empty or not
-        new_folders = sorted(f for f in folders_of(puts) if not _is_dir(self.data_dir / f))
-        journal = {"tx": tx, "archive_id": archive_id, "generation": generation,
-                   "phase": "switching", "ops": ops, "state_before": state, "new_folders": new_folders}
-        try:
-            write_json(self.journal_path, journal)
-            crash_point("journal")
-            folders = _Folders()
-            for op in ops:
-                self._forward(journal, op, folders)
-            journal["phase"] = "switched"
-            write_json(self.journal_path, journal)
-            crash_point("switched")
-            ok, output = run_reload(self.settings)
-            if not ok:
-                raise ReloadFailed(f"reload_command failed on this server; the previous set is back. "
-                                   f"{reload_failure(output)}", output=output)
-            archived = change.changed + change.removed
-            set_aside = sorted(journal.get("set_aside", []))
-            if not archived and not set_aside:
-                archive_id = None
-            else:
-                crash_point("archiving")
-                # the replaced set's manifest apart from the entry's own record (written last):
-                # listing the archive (every browse, every prune) then reads only small files
-                write_json(self.archive_dir / archive_id / PREVIOUS_JSON, current.to_list())
-                write_json(self.archive_dir / archive_id / "archive.json", {
-                    "id": archive_id,
-                    "created": now_iso(),
-                    "replaced_generation": state.get("generation"),
-                    "generation": generation,
-                    "master": master,
-                    "files": sorted(archived),
-                    # files found here outside the set where the new set put one: kept, not restored
-                    **({"set_aside": set_aside} if set_aside else {}),
-                    # its size, so listing the archive (every browse) need not stat every file
-                    "bytes": sum(current.files[p].size for p in archived)
-                    + sum(os.lstat(self.archive_dir / archive_id / "files" / p).st_size for p in set_aside),
-                    "previous_digest": current.digest,
-                    "digest": new.digest,
-                    **(about or {}),
-                })
-            crash_point("archived")
-            self._record(generation, master, new, archive_id, (about or {}).get("restored_from"))
-            crash_point("recorded")
-        except BaseException as exc:
-            self._rollback(journal)
-            if journal["phase"] == "switched":
-                run_reload(self.settings)
-            if isinstance(exc, OSError):
-                raise self._os_failure("switching", exc) from None
-            raise
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        # before the commit point: killed after it, nothing would remove them; killed before,
-        # the rollback makes the folders of the files it puts back
-        prune_emptied(self.data_dir, change.removed)
-        self.journal_path.unlink()  # the commit point
-        crash_point("committed")
-        self.store.clear(older_than=started)
-        pruned = self.prune_archive(self.settings.archive_keep)
-        self._remember_hashes(scanned.cache, new, puts)  # last: dropping the blobs' names changed the files' ctime
-        set_aside = sorted(journal.get("set_aside", []))
-        if set_aside:
-            warnings.append(f"{len(set_aside)} file(s) found here outside the set stood where the "
-                            f"set puts one, and were kept in archive entry {archive_id}: "
-                            f"{', '.join(set_aside[:5])}{' …' if len(set_aside) > 5 else ''}")
-        return CommitResult(generation or 0, new.digest, archive_id, len(change.added),
-                            len(change.changed), len(change.removed), warnings, set_aside, pruned)
+    def _write_archive_entry(self, archive_id: str, current: Manifest, new: Manifest, archived: list[str],
+                             set_aside: list[str], facts: dict[str, Any]) -> None:
+        """The archive entry's records: the replaced set's manifest apart from the entry's own
+        record, which is written last (listing the archive, every browse and every prune,
+        then reads only small files)."""
+        write_json(self.archive_dir / archive_id / PREVIOUS_JSON, current.to_list())
+        write_json(self.archive_dir / archive_id / "archive.json", {
+            "id": archive_id,
+            "created": now_iso(),
+            "replaced_generation": facts.pop("replaced_generation"),
+            "generation": facts.pop("generation"),
+            "master": facts.pop("master"),
+            "files": sorted(archived),
+            # files found here outside the set where the new set put one: kept, not restored
+            **({"set_aside": set_aside} if set_aside else {}),
+            # its size, so listing the archive (every browse) need not stat every file
+            "bytes": sum(current.files[p].size for p in archived)
+            + sum(os.lstat(self.archive_dir / archive_id / "files" / p).st_size for p in set_aside),
+            "previous_digest": current.digest,
+            "digest": new.digest,
+            **facts,  # (about: what a restore restored)
+        })
 
     def _remember_hashes(self, cache: HashCache | None, new: Manifest, puts: list[str]) -> None:
         """Tell the hash cache what the files just put hold (every byte was verified on the
