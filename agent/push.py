@@ -308,7 +308,6 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             raise Refused(f"{secondary.name} is the receiver {twin} is (the same id, {info['self']}): "
                           "one server listed under two names in Mirrors, pushed to as "
                           f"{twin}; list each server once, by one name")
-        part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
         want = local.manifest
         if info.get("digest") == want.digest and not full and not dry_run:
             # it holds exactly this set (the digest covers every path, hash and size; the one
@@ -339,27 +338,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         if base != want.digest or full:  # (a commit of the set held there sends no list)
             check_list_fits(secondary, info, local)
         check_room_there(secondary, info, there, want, _to_send(want, have), uploaded)
-        for attempt in range(COMMIT_TRIES):
-            todo = _to_send(want, have)
-            _upload(client, local, todo, part_size, result, progress,
-                    [] if full else remote.get("files", []), file_part_size(info),
-                    {} if full else remote.get("partial") or {})
-            have |= set(todo)
-            try:
-                answer = _commit(client, local, base, full)
-                break
-            except RemoteError as exc:
-                body = exc.details.get("body") or {}
-                if exc.http_status != 409 or attempt == COMMIT_TRIES - 1:
-                    raise
-                if "missing" in body:  # blobs lost on the way (a restarted secondary, say)
-                    have -= set(body["missing"])
-                elif "digest" in body:  # its set moved since we looked: diff again
-                    remote, there = client.manifest()
-                    base = remote["digest"]
-                    have = there.hashes() if not full else have
-                else:
-                    raise
+        answer = _send_and_commit(client, local, info, remote, have, full, result, progress)
         if answer["digest"] != want.digest:
             raise RemoteError(f"{secondary.name} answered the commit with set {answer['digest'][:12]}… "
                               f"but was sent {want.digest[:12]}…; see what it holds with 'esmirror "
@@ -374,28 +353,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
     except Interrupted as exc:
         result.state, result.error = "interrupted", exc.message
     except RemoteError as exc:
-        if exc.details.get("kind") == "unreachable":
-            result.state = "unreachable"
-        elif exc.http_status in (403, 401) or (exc.http_status == 409 and "master" in
-                                               (exc.details.get("body") or {})):
-            result.state = "refused"
-        result.error = exc.message
-        body = exc.details.get("body") or {}
-        changed = local.distrust(body["mismatch"]) if exc.http_status == 400 and \
-            isinstance(body.get("mismatch"), str) else []
-        if changed:
-            result.error += (f"; on this master {changed[0]} no longer holds what the scan read: it "
-                             "changed while being sent, or was written without its modification "
-                             "time moving (through a memory map). The next publish reads it again")
-        if body.get("reasons"):
-            result.error += "\n  " + "\n  ".join(body["reasons"])
-        held = body.get("generation")
-        if exc.http_status == 409 and isinstance(held, int) and not isinstance(held, bool) \
-                and held >= local.generation:  # (fleet._record moves this master's counter on)
-            result.generation = held
-            result.error += (f"; this master's generation counter is behind that server's ({held}): "
-                             "was its var/data restored from a backup? The next publish continues "
-                             f"from {held + 1}")
+        _failed_there(result, exc, local)
     except MirrorError as exc:
         result.error = exc.message
     except ChangedWhileSent as exc:  # (failed: the secondary and the network are fine)
@@ -409,6 +367,65 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             client.close()
         result.ended = now_iso()
     return result
+
+
+def _send_and_commit(client: SecondaryClient, local: LocalSet, info: dict[str, Any],
+                     remote: dict[str, Any], have: set[str], full: bool, result: PushResult,
+                     progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """Upload what the secondary lacks of ``have``, then commit; the commit's answer. A 409
+    that names blobs lost on the way (a restarted secondary) or a set that moved since the
+    look sends again what is then missing, up to COMMIT_TRIES commits."""
+    want, base = local.manifest, remote["digest"]
+    part_size = min(MAX_PART, int(info.get("max_upload_bytes") or MAX_PART))
+    for attempt in range(COMMIT_TRIES):
+        todo = _to_send(want, have)
+        _upload(client, local, todo, part_size, result, progress,
+                [] if full else remote.get("files", []), file_part_size(info),
+                {} if full else remote.get("partial") or {})
+        have |= set(todo)
+        try:
+            return _commit(client, local, base, full)
+        except RemoteError as exc:
+            body = exc.details.get("body") or {}
+            if exc.http_status != 409 or attempt == COMMIT_TRIES - 1:
+                raise
+            if "missing" in body:  # blobs lost on the way (a restarted secondary, say)
+                have -= set(body["missing"])
+            elif "digest" in body:  # its set moved since we looked: diff again
+                remote, there = client.manifest()
+                base = remote["digest"]
+                have = there.hashes() if not full else have
+            else:
+                raise
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _failed_there(result: PushResult, exc: RemoteError, local: LocalSet) -> None:
+    """A secondary's refusal or failure in ``result``: the state it puts the secondary in,
+    and the error with what the answer adds (the file a refused blob came from, the
+    receiver's reasons, a generation counter behind that server's)."""
+    if exc.details.get("kind") == "unreachable":
+        result.state = "unreachable"
+    elif exc.http_status in (403, 401) or (exc.http_status == 409 and "master" in
+                                           (exc.details.get("body") or {})):
+        result.state = "refused"
+    result.error = exc.message
+    body = exc.details.get("body") or {}
+    changed = local.distrust(body["mismatch"]) if exc.http_status == 400 and \
+        isinstance(body.get("mismatch"), str) else []
+    if changed:
+        result.error += (f"; on this master {changed[0]} no longer holds what the scan read: it "
+                         "changed while being sent, or was written without its modification "
+                         "time moving (through a memory map). The next publish reads it again")
+    if body.get("reasons"):
+        result.error += "\n  " + "\n  ".join(body["reasons"])
+    held = body.get("generation")
+    if exc.http_status == 409 and isinstance(held, int) and not isinstance(held, bool) \
+            and held >= local.generation:  # (fleet._record moves this master's counter on)
+        result.generation = held
+        result.error += (f"; this master's generation counter is behind that server's ({held}): "
+                         "was its var/data restored from a backup? The next publish continues "
+                         f"from {held + 1}")
 
 
 def file_part_size(info: dict[str, Any]) -> int:
