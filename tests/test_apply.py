@@ -251,6 +251,9 @@ def test_archive_restore_brings_back_each_generation_and_clear_keeps_newest(flee
     assert rc == 0, out
     assert set_files(secondary.data_dir) == seen[1]
     assert result["archive_id"]  # what the restore replaced is archived too
+    # and it holds generation 2 again, as browse and the master's status then say
+    assert result["generation"] == 2
+    assert WorkingDir(load_settings(secondary.root)).state()["generation"] == 2
     # then to generation 1: its tile-1.idx lives only in the oldest entry now
     rc, _, out = esmirror("archive", "restore", entries[0]["id"], "--install-dir", root)
     assert rc == 0, out
@@ -713,6 +716,24 @@ def test_a_damaged_entry_neither_blocks_another_restore_nor_the_text_listing(fle
     assert (secondary.data_dir / "indexes" / "tile-1.idx").read_bytes() == b"v1"
 
 
+def test_an_archive_id_that_walks_out_of_the_archive_names_no_entry(fleet):
+    """`archive restore ..` must not take var/data itself for an archive entry: archive.json
+    and previous.json are names a master may push there."""
+    f = fleet(1)
+    (f.master.data_dir / "archive.json").write_text('{"id": "..", "master": null}')
+    (f.master.data_dir / "previous.json").write_text("[]")
+    assert f.publish()[0] == 0
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    assert f.publish()[0] == 0  # (an archive/ folder for ".." to climb out of)
+    secondary = f.secondaries[0]
+    assert (secondary.data_dir / "archive.json").is_file() and len(archive_entries(secondary)) == 1
+    before = snapshot(secondary)
+    for bad in ("..", "."):
+        rc, _, out = esmirror("archive", "restore", bad, "--install-dir", str(secondary.root))
+        assert rc == 1 and f"there is no archive entry {bad!r}" in out, out
+    assert snapshot(secondary) == before
+
+
 def test_a_restore_after_a_release_does_not_lock_the_new_master_out(fleet):
     """A secondary handed to a new master (release), then restored to a set of the old
     master's: the restore keeps the new owner's generation, so its next publish goes in."""
@@ -830,3 +851,30 @@ def test_a_waitress_receiver_told_to_stop_mid_commit_ends_the_commit_first(fleet
     receiver.start()
     assert f.publish()[0] == 0  # nothing to roll back at the start: generation 1 is its own
     assert requests.get(f"{receiver.url}/browse", timeout=10).json()["generation"] == 2
+
+
+def test_a_commit_waits_while_another_holds_the_commit_lock(fleet):
+    """One commit at a time, whoever else holds the lock (another gunicorn worker's commit,
+    an admin's restore, a second master): a push waits for it and changes nothing until it
+    is free, then applies."""
+    import filelock
+
+    f = fleet(1)
+    assert f.publish()[0] == 0
+    secondary = f.secondaries[0]
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"changed while the lock is held")
+    before = snapshot(secondary)
+    held = filelock.FileLock(secondary.data_dir / ".esmirror" / "commit.lock")
+    held.acquire()
+    try:
+        publish = subprocess.Popen([sys.executable, "-m", "agent", "publish", "--install-dir",
+                                    str(f.master.root), "--json"], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(3)
+        assert publish.poll() is None, publish.communicate()[0]  # waiting for the lock
+        assert snapshot(secondary) == before
+    finally:
+        held.release()
+    out = publish.communicate(timeout=60)[0]
+    assert publish.returncode == 0, out
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir)

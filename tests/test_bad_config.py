@@ -368,3 +368,16 @@ def test_browse_json_says_its_failure_as_json():
     rc, data, out = esmirror("browse", f"127.0.0.1:{port}", "--json")
     assert rc == 1, out
     assert data is not None and data["ok"] is False and "connection refused" in data["error"], out
+
+
+def test_install_dir_on_the_command_line_beats_the_environment(tmp_path):
+    """Settings precedence: the command line, then ESMIRROR_INSTALL_DIR (a service's
+    Environment= left in a shell, say, must not redirect a command told where to work)."""
+    install = install_with(tmp_path)
+    elsewhere = tmp_path / "not-an-install"
+    elsewhere.mkdir()
+    env = {"ESMIRROR_INSTALL_DIR": str(elsewhere)}
+    rc, data, out = esmirror("archive", "list", "--json", "--install-dir", str(install.root), env=env)
+    assert rc == 0 and data == {"archive": []}, out
+    rc, _, out = esmirror("archive", "list", env=env)  # and without it, the environment's
+    one_line_error(rc, out, 2, str(elsewhere))

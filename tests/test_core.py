@@ -129,6 +129,14 @@ def test_hash_cache_skips_unchanged_files_and_catches_same_size_edits(tmp_path):
     third = scan(data, HashCache(cache_path)).manifest
     assert third.files["big.idx"].sha256 == hashlib.sha256(b"B" * 1000).hexdigest()
     assert third.files["big.idx"].sha256 != first.files["big.idx"].sha256
+    # rewritten at the same size with its old mtime put back (cp -p, rsync -t, touch -r): the
+    # size and mtime say nothing changed; the ctime, which nothing can set back, does
+    os.utime(f, (old, old))
+    scan(data, HashCache(cache_path))  # B, cached under its size and that mtime
+    f.write_bytes(b"C" * 1000)
+    os.utime(f, (old, old))
+    fourth = scan(data, HashCache(cache_path)).manifest
+    assert fourth.files["big.idx"].sha256 == hashlib.sha256(b"C" * 1000).hexdigest()
 
 
 def write_ini(tmp_path, text):
@@ -202,6 +210,12 @@ def test_catalogs_validation_reasons_have_lines():
     assert any(":3:" in p and "no <Path>" in p for p in problems)
     assert any(":4:" in p and "'zz'" in p for p in problems)
     assert "root element" in validate_catalogs(b"<Other/>").problems[0]
+    # Express Server addresses a catalog by its name: one name, one catalog, and none without
+    twice = validate_catalogs(b'<CatalogConfig>\n<Catalog name="a"><Path>/x</Path></Catalog>\n'
+                              b'<Catalog name="a"><Path>/y</Path></Catalog>\n'
+                              b'<Catalog><Path>/z</Path></Catalog>\n</CatalogConfig>').problems
+    assert any(":3:" in p and "'a' is already used on line 2" in p for p in twice), twice
+    assert any(":4:" in p and 'has no name="…"' in p for p in twice), twice
     assert "DOCTYPE" in validate_catalogs(
         b'<!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]><CatalogConfig>&x;</CatalogConfig>'
     ).problems[0]

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -289,8 +290,7 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     result = report["secondaries"][0]
     assert result["state"] != "in-sync"
     assert "has no room for this set" in result["error"] and "nothing was sent" in result["error"]
-    free = shutil.disk_usage(secondary.data_dir).free
-    assert f"only {free} are free" in result["error"] or "are free there" in result["error"]
+    assert re.search(r"needs \d+ bytes but only \d+ are free there \(\d+ kept in reserve\)", result["error"])
     assert result["bytes_sent"] == 0 and result["files_sent"] == 0
     assert set_files(secondary.data_dir) == before
     assert debris(secondary.data_dir, after_publish=True) == []
@@ -298,6 +298,35 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     (f.master.data_dir / "indexes" / "small.idx").write_bytes(b"fits")
     assert f.publish()[0] == 0
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_set_that_would_eat_into_the_reserve_is_refused_on_both_sides(tmpfs, fleet):
+    """esmirror never fills a disk to the last bytes: a set that fits the free space but not
+    beside the reserve (16 MiB, or 2 % of a small disk) is refused by the master before it
+    sends a byte, and the secondary's own check refuses the same."""
+    from app.core.errors import NoRoom
+    from app.core.room import check_room
+
+    f = fleet(1, start=False)
+    secondary = f.secondaries[0]
+    _on_tmpfs(tmpfs, secondary, "24m")
+    f.receivers[0].start()
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    info = requests.get(f"{f.receivers[0].url}/browse", timeout=30).json()
+    free, reserve = info["free_bytes"], info["reserve_bytes"]
+    assert 0 < reserve < free
+    with open(f.master.data_dir / "indexes" / "almost.idx", "wb") as fh:
+        fh.write(os.urandom(free - reserve // 2))  # fits the free space, not beside the reserve
+    rc, report, out = f.publish()
+    assert rc == 1, out
+    result = report["secondaries"][0]
+    assert f"({reserve} kept in reserve); nothing was sent" in result["error"], result["error"]
+    assert result["bytes_sent"] == 0 and set_files(secondary.data_dir) == before
+    state_dir = secondary.data_dir / ".esmirror"
+    with pytest.raises(NoRoom, match="in reserve"):
+        check_room(state_dir, shutil.disk_usage(state_dir).free - reserve // 2, "this upload")
+    check_room(state_dir, shutil.disk_usage(state_dir).free - reserve - MIB, "this upload")
 
 
 def test_a_set_with_more_new_files_than_free_inodes_is_refused_before_sending(tmpfs, fleet):

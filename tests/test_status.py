@@ -281,6 +281,17 @@ def test_status_says_refused_for_tls_and_for_another_master(fleet, make_receiver
     assert "ca-bundle.crt" in refused_tls["detail"]
 
 
+def test_a_secondary_whose_lists_leave_this_master_out_is_refused_not_unreachable(fleet):
+    """It answers every look with 403: the network is fine and the allow list is what to fix,
+    so status says refused, naming the list, not unreachable."""
+    f = fleet(1, secondary_ini={"allow_push": "127.0.0.9", "allow_admin": "127.0.0.9"})
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    assert rc == 1, out
+    row = status["secondaries"][0]
+    assert row["state"] == "refused", row
+    assert "allow_push" in row["detail"] and "127.0.0.1" in row["detail"], row
+
+
 def test_a_browse_sent_before_a_push_ended_does_not_undo_what_the_push_recorded(tmp_path):
     """The agent's periodic browse answered (generation 2) while a push of generation 4 was
     committing, and was saved after it: status showed generation 2 for minutes."""
