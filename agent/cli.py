@@ -272,7 +272,7 @@ def publish(install_dir: str | None, secondaries: tuple[str, ...], full: bool, d
         from app.core.audit import command_line_caller
 
         from .fleet import publish as run_publish
-        from .fleet import resolve_canary, select_secondaries
+        from app.core.express import resolve_canary, select_secondaries
         from .report import ProgressBars, print_publish
 
     stop_signals_interrupt()

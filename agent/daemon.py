@@ -32,13 +32,13 @@ from app.core.errors import MirrorError
 from app.core.express import Secondary, select_secondaries
 from app.core.faults import crash_point
 from app.core.ledger import Ledger
-from app.core.publishes import PublishQueue
+from app.core.publishes import PublishQueue, request_targets
 from app.core.settings import Settings, content_digest, load_settings
 from app.core.state import write_json
 
 from .signals import on_stop_signals
 from .client import Interrupt
-from .fleet import Observer, catch_up, publish, publish_waiting, resolve_canary
+from .fleet import Observer, catch_up, publish, publish_waiting
 from .push import PushResult
 from .status import check_fleet
 
@@ -299,8 +299,7 @@ class Agent:
     def handle(self, record: dict[str, Any]) -> None:
         options = record["options"]
         try:
-            targets = select_secondaries(self.settings, options.get("secondaries") or [])
-            canary = resolve_canary(targets, options.get("canary"))
+            targets, canary = request_targets(self.settings, options)
         except MirrorError as exc:
             record.update(state="failed", ok=False, error=exc.message, finished=now_iso())
             self.queue.save(record)

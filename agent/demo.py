@@ -188,7 +188,9 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 def run_demo(keep: bool = False) -> int:
-    from .fleet import publish, select_secondaries
+    from app.core.express import select_secondaries
+
+    from .fleet import publish
     from .report import print_publish
 
     base = Path(tempfile.mkdtemp(prefix="esmirror-demo-"))

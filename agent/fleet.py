@@ -22,8 +22,6 @@ from app.core.catalogs import CATALOGS_XML, validate_catalogs_file
 from app.core.delta import CHUNK_SIZE, DELTA_MIN, ChunkIndex
 from app.core.errors import InvalidSet, MirrorError
 from app.core.express import Secondary, express_version, platform_tag
-from app.core.express import resolve_canary as resolve_canary
-from app.core.express import select_secondaries as select_secondaries
 from app.core.ledger import Ledger, lags, master_record, master_record_path
 from app.core.manifest import HASH_CACHE_FILE, ChunkFeed, HashCache, scan
 from app.core.publishes import PublishQueue, publish_lock, publishing
@@ -34,8 +32,8 @@ from app.core.state import pid_alive, self_id, write_json
 from .client import Interrupt, tls_context
 from .push import LocalSet, Opening, PushResult, ScanNews, push
 
-__all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "select_secondaries",
-           "resolve_canary", "publish", "catch_up", "publish_lock", "publish_waiting"]
+__all__ = ["PublishFailed", "PublishReport", "Observer", "master_identity", "publish", "catch_up",
+           "publish_lock", "publish_waiting"]
 
 # (not caught up by the agent: a person who stops a rollout, a canary's say, wants it stopped)
 INTERRUPTED = ("the publish was stopped on this master (Ctrl-C, SIGTERM) before this secondary "

@@ -8,10 +8,9 @@ from flask import Blueprint, current_app, jsonify, render_template, request
 
 from .core.apply import WorkingDir
 from .core.audit import audit, now_iso
-from .core.errors import BadRequest, ConfigError, Conflict, Forbidden, LengthRequired, untrusted_json
-from .core.express import Secondary, read_mirrors, resolve_canary, select_secondaries
+from .core.errors import BadRequest, Forbidden, LengthRequired, untrusted_json
 from .core.ledger import agent_pulse
-from .core.publishes import PublishQueue, parse_options
+from .core.publishes import PublishQueue, parse_options, request_targets
 from .core.settings import Settings
 from .core.server import server_status
 
@@ -81,23 +80,6 @@ def _settings() -> Settings:
     return current_app.config["SETTINGS"]
 
 
-def _targets(settings: Settings, options: dict[str, Any]) -> list[Secondary]:
-    """The secondaries a request names: 409 on a server that is not a master, 400 on a bad name."""
-    try:
-        mirrors = read_mirrors(settings.iserv_cfg)
-    except ConfigError as exc:
-        raise Conflict(f"this server cannot publish: {exc.message}") from None
-    if not mirrors:
-        raise Conflict(f"this server has no <Mirrors> in {settings.iserv_cfg}: it is not a master, "
-                       "so there is nothing to publish to. Publish on the master")
-    try:
-        targets = select_secondaries(settings, options["secondaries"])
-        resolve_canary(targets, options["canary"])
-    except ConfigError as exc:
-        raise BadRequest(exc.message) from None
-    return targets
-
-
 @bp.post("/publish")
 def publish_request():  # type: ignore[no-untyped-def]
     settings = _settings()
@@ -113,7 +95,7 @@ def publish_request():  # type: ignore[no-untyped-def]
                           "\"canary\": ..., \"max_parallel\": N, \"stop_on_failure\": true}") \
         if body.strip() else {}
     options = parse_options(data)
-    targets = _targets(settings, options)
+    targets, _ = request_targets(settings, options)
     caller = request.environ.get("esmirror.client")
     record = PublishQueue(settings).submit(options, caller, [t.name for t in targets])
     audit(settings, "publish-request", caller=caller, master=_workdir().self_id, generation=None,

@@ -192,8 +192,10 @@ def lists_mirrors(iserv_cfg: Path) -> bool:
         return _MIRRORS_TAG.search(re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)) is not None
 
 
-def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = ()) -> list[Secondary]:
-    """The Mirrors list, or the members named ``HOST`` or ``HOST:PORT`` (``[v6]:PORT``)."""
+def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = (),
+                       option: str = "--secondary") -> list[Secondary]:
+    """The Mirrors list, or the members named ``HOST`` or ``HOST:PORT`` (``[v6]:PORT``).
+    ``option``: how the caller named them, for the message (a web request has no flags)."""
     mirrors = read_mirrors(settings.iserv_cfg)
     if not mirrors:
         raise ConfigError(f"{settings.iserv_cfg} has no <Mirrors> element: this server is not a "
@@ -202,10 +204,10 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
         return mirrors
     chosen: list[Secondary] = []
     for want in wanted:
-        match = _named(mirrors, want, "--secondary")
+        match = _named(mirrors, want, option)
         if not match:
             listed = ", ".join(m.name for m in mirrors)
-            raise ConfigError(f"--secondary {want} is not in the Mirrors list of "
+            raise ConfigError(f"{option} {want} is not in the Mirrors list of "
                               f"{settings.iserv_cfg} ({listed})")
         chosen += [m for m in match if m not in chosen]
     return chosen
@@ -220,16 +222,16 @@ def _named(secondaries: list[Secondary], want: str, option: str) -> list[Seconda
     return [m for m in secondaries if m.host == host and port in (None, m.port)]
 
 
-def resolve_canary(targets: list[Secondary], canary: str | None) -> Secondary | None:
+def resolve_canary(targets: list[Secondary], canary: str | None, option: str = "--canary") -> Secondary | None:
     """The ``--canary`` secondary: exactly one of those being published to."""
     if not canary:
         return None
-    chosen = _named(targets, canary, "--canary")
+    chosen = _named(targets, canary, option)
     if not chosen:
-        raise ConfigError(f"--canary {canary} is not one of the secondaries being published to "
+        raise ConfigError(f"{option} {canary} is not one of the secondaries being published to "
                           f"({', '.join(t.name for t in targets)})")
     if len(chosen) > 1:
-        raise ConfigError(f"--canary {canary} names {len(chosen)} secondaries "
+        raise ConfigError(f"{option} {canary} names {len(chosen)} secondaries "
                           f"({', '.join(t.name for t in chosen)}); give one as HOST:PORT")
     return chosen[0]
 

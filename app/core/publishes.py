@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import filelock
 
 from .audit import now_iso
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, ConfigError, Conflict, NotFound
+from .express import Secondary, read_mirrors, resolve_canary, select_secondaries
 from .settings import Settings
 from .state import fs_now, pid_alive, read_json, write_json
 
@@ -116,6 +117,25 @@ def parse_options(data: Any) -> dict[str, Any]:
     return {"secondaries": secondaries, "full": bool(data.get("full", False)),
             "force": bool(data.get("force", False)), "canary": canary,
             "max_parallel": max_parallel, "stop_on_failure": bool(data.get("stop_on_failure", False))}
+
+
+def request_targets(settings: Settings, options: dict[str, Any]) -> tuple[list[Secondary], Secondary | None]:
+    """The secondaries a queued publish request names, and its canary: 409 on a server that
+    is not a master (or whose Mirrors does not read), 400 on a name Mirrors does not hold.
+    Checked when the request comes in, and again when the agent runs it (Mirrors may have
+    changed in between)."""
+    try:
+        mirrors = read_mirrors(settings.iserv_cfg)
+    except ConfigError as exc:
+        raise Conflict(f"this server cannot publish: {exc.message}") from None
+    if not mirrors:
+        raise Conflict(f"this server has no <Mirrors> in {settings.iserv_cfg}: it is not a master, "
+                       "so there is nothing to publish to. Publish on the master")
+    try:
+        targets = select_secondaries(settings, options.get("secondaries") or [], option="secondary")
+        return targets, resolve_canary(targets, options.get("canary"), option="canary")
+    except ConfigError as exc:
+        raise BadRequest(exc.message) from None
 
 
 class PublishQueue:
