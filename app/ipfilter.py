@@ -105,7 +105,9 @@ class IPFilter:
         # the ini named as an admin knows it, not by where this install lives: the caller is a stranger
         message = (f"address {who} may not use this route; add it to {setting} in "
                    "ImageServer/etc/esmirror.ini on this server")
-        if address is not None and address.is_loopback and environ.get("HTTP_X_FORWARDED_FOR"):
+        peer = parse_address(environ.get("REMOTE_ADDR", ""))
+        if peer is not None and peer.is_loopback and not allowed(peer, s.trusted_proxies) \
+                and environ.get("HTTP_X_FORWARDED_FOR"):
             # a web server in front (IIS, mod_proxy) whose forwarding is not trusted: every
             # caller looks like it, and adding loopback to the list would admit them all
             message = (f"address {who} may not use this route: it is the web server in front of this "

@@ -104,6 +104,28 @@ def _guarded(settings: Settings) -> Callable[..., Any]:
     return create
 
 
+# waitress, stopped, waits 5 s for the requests under way, then leaves its threads to die
+# with the process: a commit whose reload_command restarts Express Server takes longer.
+# The exit waits this long for the commit lock, which a commit holds to its end.
+STOP_GRACE = 60.0
+
+
+def _wait_for_a_commit_under_way(settings: Settings, say: Callable[[str], None]) -> None:
+    import filelock
+
+    from .core.apply import WorkingDir
+
+    try:
+        with WorkingDir(settings).lock(timeout=STOP_GRACE):
+            pass
+    except filelock.Timeout:
+        raise MirrorError(f"stopped while a commit was still under way after {STOP_GRACE:g} s; the "
+                          "next start rolls it back and the master's next push applies it again") from None
+    except OSError:
+        pass  # (a read-only var/data: no commit can run)
+    say("esmirror receiver: stopped")
+
+
 def run_server(settings: Settings, bind: str, server: str, certfile: str | None = None,
                keyfile: str | None = None, workers: int = 2) -> None:
     host, port = parse_bind(bind)
@@ -156,7 +178,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         except OSError as exc:  # binding: the port is taken, or the address is not this host's
             raise MirrorError(f"cannot listen on {bind}: {exc.strerror or exc}; is another server "
                               "using that port, and is the address one of this host's?") from None
-        say("esmirror receiver: stopped")  # (waitress returns once a stop signal's requests ended)
+        _wait_for_a_commit_under_way(settings, say)
         return
     from gunicorn.app.base import BaseApplication
 

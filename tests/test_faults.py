@@ -303,7 +303,8 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
 def test_a_set_that_would_eat_into_the_reserve_is_refused_on_both_sides(tmpfs, fleet):
     """esmirror never fills a disk to the last bytes: a set that fits the free space but not
     beside the reserve (16 MiB, or 2 % of a small disk) is refused by the master before it
-    sends a byte, and the secondary's own check refuses the same."""
+    sends a byte; the check the secondary's views make before storing (check_room) refuses
+    the same."""
     from app.core.errors import NoRoom
     from app.core.room import check_room
 

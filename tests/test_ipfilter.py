@@ -133,6 +133,21 @@ def test_a_proxy_in_front_that_is_not_trusted_is_named_as_one(app_with_lists):
     assert "trusted_proxies" not in plain.json["error"]  # no proxy, no such advice
 
 
+def test_a_trusted_proxy_forwarding_a_local_caller_gets_no_advice_to_trust_it(tmp_path):
+    from werkzeug.test import Client
+
+    from app import make_wsgi
+    from app.core.settings import load_settings
+
+    install = make_install(tmp_path / "s", {"allow_push": "127.0.0.5", "trusted_proxies": "127.0.0.1 ::1",
+                                            "express_version": VERSION})
+    answer = Client(make_wsgi(load_settings(install.root))).open(
+        "/lizardtech/mirror/manifest", environ_base={"REMOTE_ADDR": "127.0.0.1"},
+        headers={"X-Forwarded-For": "127.0.0.1"})  # a caller on the host itself, through IIS
+    assert answer.status_code == 403
+    assert "trusted_proxies" not in answer.json["error"] and "allow_push" in answer.json["error"]
+
+
 # --- real servers: what waitress and gunicorn hand the app -----------------------
 
 SERVER_ROWS = [
