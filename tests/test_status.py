@@ -121,6 +121,12 @@ def test_status_names_the_refusal_and_prints_a_table(fleet, make_receiver):
     assert good["state"] == "in-sync" and good["generation"] == 1 and good["last_contact"]
     assert len(good["unreadable_paths"]) == 1 and "/nowhere" in good["unreadable_paths"][0]
     assert bad["state"] == "refused" and "9.5.2" in bad["detail"] and VERSION in bad["detail"]
+    # for a monitoring check: room there, and when a push last left it in sync (never, the refused one)
+    import shutil
+    assert abs(good["free_bytes"] - shutil.disk_usage(f.secondaries[0].data_dir).free) < 64 * 1024**2
+    assert good["reserve_bytes"] > 0 and (good["free_inodes"] is None or good["free_inodes"] > 0)
+    assert good["last_in_sync_push"] == good["last_push"]["at"] and good["last_in_sync_push"].endswith("Z")
+    assert bad["last_in_sync_push"] is None
     assert bad["next_retry"].endswith("Z") and bad["next_retry"] > bad["last_push"]["at"]  # ISO, as the rest
     assert status["publishes"][0]["caller"].startswith("command line")
     assert status["publishes"][0]["ok"] is False

@@ -62,6 +62,8 @@ def test_status_page_names_each_secondary_and_its_state_in_chromium(fleet, make_
     assert by_name == {up: "in-sync", down: "unreachable"}, dom.stdout[:3000]
     assert "in-sync" in text and "unreachable" in text and "connection refused" in text
     assert "command line" in text  # the last publish, and who asked
+    flat = " ".join(text.split())
+    assert re.search(r"free there [\d.]+ [KMG]iB", flat) and "last in sync 20" in flat, flat
     # no agent refreshes it: the page says its states are the last look's, not now's
     assert "1 of 2 secondaries not in sync" in " ".join(text.split()), text
     assert "no esmirror agent runs, so these states are as the last look left them" in text, text

@@ -132,6 +132,8 @@ class Ledger:
                                   ("state", "error", "bytes_sent", "files_sent", "generation",
                                    "refused_by_look")}
             entry["last_push"]["at"] = result.get("ended") or now_iso()
+            if state == "in-sync":  # (a check can alarm on one too long ago)
+                entry["last_in_sync_push"] = entry["last_push"]["at"]
             entry["last_push"]["wanted_generation"] = generation
             tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
             if state == "in-sync":
@@ -201,6 +203,9 @@ def _observe(entry: dict[str, Any], info: dict[str, Any]) -> None:
                          "archive_bytes": info.get("archive_bytes",
                                                    (entry.get("observed") or {}).get("archive_bytes")),
                          "warnings": list(info.get("warnings") or []),
+                         # room there, as its last answer gave it: pushes fail on it first
+                         "free_bytes": info.get("free_bytes"), "reserve_bytes": info.get("reserve_bytes"),
+                         "free_inodes": info.get("free_inodes"),
                          "express_version": info.get("express_version"), "at": now_iso(),
                          "epoch": time.time()}  # (which of two answers is the newer)
     entry["last_contact"] = now_iso()
@@ -290,13 +295,16 @@ def fleet_status(settings: Settings, history: int = 10, looked_now: bool = False
                      "unreachable_since": (entry or {}).get("unreachable_since"),
                      "refused": (entry or {}).get("refused"),
                      "archive_bytes": seen.get("archive_bytes"),
+                     "free_bytes": seen.get("free_bytes"), "reserve_bytes": seen.get("reserve_bytes"),
+                     "free_inodes": seen.get("free_inodes"),
                      "unreadable_paths": [w for w in seen.get("warnings") or []
                                           if w.startswith("catalog ") and "not readable" in w],
                      "warnings": seen.get("warnings") or [],
                      "failed_tries": (entry or {}).get("failures") or 0,
                      "next_retry": iso_time(retry) if isinstance(retry, (int, float))
                      and not isinstance(retry, bool) else None,
-                     "last_push": (entry or {}).get("last_push")})
+                     "last_push": (entry or {}).get("last_push"),
+                     "last_in_sync_push": (entry or {}).get("last_in_sync_push")})
     publishes = [{k: r.get(k) for k in ("id", "created", "caller", "state", "ok", "generation",
                                         "error", "finished")}
                  | {"secondaries": [{k: s.get(k) for k in ("name", "state", "error")}
