@@ -239,8 +239,8 @@ def serve(install_dir: str | None, bind: str, server: str, certfile: str | None,
     from app.serve import run_server
 
     if server == "waitress":  # (gunicorn's arbiter has its own graceful stop)
-        # waitress stops on KeyboardInterrupt, letting running requests end (5 s): a
-        # SIGTERM (systemctl stop, a reboot) must not kill a commit mid-switch
+        # waitress stops on KeyboardInterrupt, and run_server then waits for a commit under
+        # way: a SIGTERM (systemctl stop, a reboot) must not kill one mid-switch
         stop_signals_interrupt()
     run_server(settings_from(install_dir, writes_state=True, as_owner=False), bind, server, certfile,
                keyfile, workers)
