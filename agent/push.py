@@ -321,9 +321,10 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         uploaded = set() if full else set(remote.get("uploaded") or [])
         have = set() if full else there.hashes() | uploaded
         if opening is not None and not full and not dry_run:
-            wanted = want.hashes()
+            wanted, live = want.hashes(), there.hashes()
             for sha, size in opening.sent_ahead().items():
-                if sha in wanted and sha not in have:
+                # (not `have`: a manifest listed after the stream landed names its file as uploaded)
+                if sha in wanted and sha not in live:
                     have.add(sha)
                     result.files_sent += 1
                     result.files_ahead += 1

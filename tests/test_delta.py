@@ -357,6 +357,24 @@ def test_a_publish_streams_a_changed_large_file_ahead_under_either_server(fleet)
         f.stop()
 
 
+def test_a_file_streamed_ahead_counts_as_sent_when_the_manifest_lists_it_as_uploaded(fleet):
+    """The stream ahead and the secondary's manifest run side by side. A manifest listed
+    after the stream landed shows its file among the uploads waiting for a commit (here:
+    already there before it), and the report said nothing went ahead, its bytes left out
+    of bytes_sent: a publish to a secondary with many files, whose scan is slow, did so
+    often, and this test's sibling did now and then."""
+    f = fleet(1, server="gunicorn")
+    big = _published_then_changed(f, 2 * CHUNK_SIZE + 1)
+    content = big.read_bytes()
+    blobs = f.secondaries[0].data_dir / ".esmirror" / "blobs"
+    blobs.mkdir(exist_ok=True)
+    (blobs / hashlib.sha256(content).hexdigest()).write_bytes(content)
+    (only,) = publish_ok(f)["secondaries"]
+    assert only["files_ahead"] == 1 and only["files_sent"] == 1, only
+    assert 0 < only["bytes_sent"] <= CHUNK_SIZE + SLACK, only
+    assert f.secondaries[0].data_dir.joinpath("indexes", "big.idx").read_bytes() == content
+
+
 def test_a_stream_over_the_upload_limit_is_refused_by_the_server_and_the_file_goes_in_parts(fleet, tmp_path):
     """A large file rewritten through and through streams as one long literal. Over
     max_upload_bytes, waitress itself answers 413 (plain text, not our JSON) while the
