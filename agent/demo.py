@@ -168,10 +168,10 @@ class Receiver:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self._end(force=False)
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self._end(force=True)
             self.proc.wait(timeout=15)
         except ProcessLookupError:
             pass
@@ -179,8 +179,15 @@ class Receiver:
     def kill(self) -> None:
         """kill -9, as a crash would."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self._end(force=True)
             self.proc.wait(timeout=15)
+
+    def _end(self, force: bool) -> None:
+        assert self.proc is not None
+        if os.name == "nt":  # (no process groups, nor SIGKILL: the one process, ended)
+            self.proc.kill()
+        else:  # the group: gunicorn's workers with their arbiter
+            os.killpg(self.proc.pid, signal.SIGKILL if force else signal.SIGTERM)
 
 
 def same_tree(a: Path, b: Path) -> bool:
