@@ -507,3 +507,50 @@ def test_uploads_are_aged_by_the_clock_that_dated_them(tmp_path, monkeypatch):
     monkeypatch.setattr(apply_module, "time", Ahead())
     workdir.commit(CommitRequest(1, "m1", workdir.scan().manifest.digest, wanted))
     assert scan(install.data_dir).manifest.digest == wanted.digest
+
+
+def test_a_junction_counts_as_a_link_though_its_stat_says_folder():
+    """Python 3.11's lstat of a Windows junction reports a folder: walking it, or writing
+    through it, would reach outside the working dir. Its reparse tag tells it apart (the
+    fields are those of os.stat_result on Windows; this machine's has no st_reparse_tag)."""
+    import stat
+    from types import SimpleNamespace
+
+    from app.core.manifest import is_link
+
+    folder = stat.S_IFDIR | 0o755
+    assert is_link(SimpleNamespace(st_mode=folder, st_reparse_tag=0xA0000003))  # a junction
+    assert not is_link(SimpleNamespace(st_mode=folder, st_reparse_tag=0))
+    assert not is_link(SimpleNamespace(st_mode=folder, st_reparse_tag=0x80000013))  # deduplicated data
+    assert is_link(SimpleNamespace(st_mode=stat.S_IFLNK | 0o777))
+    assert not is_link(os.lstat(__file__))
+
+
+def test_a_rename_refused_for_a_moment_on_windows_goes_through_once_the_file_is_free(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program has open (an antivirus scan, a
+    thread reading the record): state.replace tries again for a second there. A file made
+    immutable here refuses the same way, with the same PermissionError."""
+    import threading
+
+    from app.core import state
+
+    target, new = tmp_path / "state.json", tmp_path / "new.tmp"
+    target.write_text("old")
+    new.write_text("new")
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root on a filesystem with the immutable flag")
+    try:
+        with pytest.raises(PermissionError):  # elsewhere: at once, as os.replace
+            state.replace(new, target)
+        monkeypatch.setattr(state, "WINDOWS", True)
+        started = time.monotonic()
+        with pytest.raises(PermissionError):  # held all along: refused after BUSY_WAIT
+            state.replace(new, target)
+        assert time.monotonic() - started >= state.BUSY_WAIT
+        freed = threading.Timer(0.3, subprocess.run, (["chattr", "-i", str(target)],))
+        freed.start()
+        state.replace(new, target)
+        freed.join()
+        assert target.read_text() == "new" and not new.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(target)])

@@ -788,3 +788,44 @@ def test_waitress_spools_bodies_on_the_working_dirs_disk_not_in_tmp(tmpfs, fleet
     rc, report, out = f.publish()
     assert rc == 0, out
     assert set_files(f.secondaries[0].data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_rollback_that_cannot_drop_a_half_made_archive_link_still_puts_the_set_back(fleet):
+    """Killed after a live file was linked into the archive, before the new one replaced it;
+    then that file cannot be removed by any name (chattr +i here; on Windows, Express Server
+    holding it open without delete sharing). The rollback stopped at the archive link, so
+    recovery failed at every start and the set stayed half switched. The link is only the
+    archive's copy of a file still live: the rollback leaves it and finishes."""
+    f = fleet(1)
+    receiver, secondary = f.receivers[0], f.secondaries[0]
+    assert f.publish()[0] == 0
+    before = set_files(secondary.data_dir)
+    live = secondary.data_dir / "catalogs.xml"
+    catalogs = (f.master.data_dir / "catalogs.xml").read_bytes()
+    (f.master.data_dir / "catalogs.xml").write_bytes(catalogs.replace(b"</CatalogConfig>",
+                                                                      b"<!-- 2 --></CatalogConfig>"))
+    receiver.stop()
+    receiver.env = {"ESMIRROR_CRASH_AT": "switch-archive:1"}
+    receiver.start()
+    rc, _, out = f.publish()
+    assert rc == 1 and receiver.proc.poll() is not None, out
+    receiver.stop()
+    if subprocess.run(["chattr", "+i", str(live)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root on a filesystem with the immutable flag")
+    try:
+        receiver.env = {}
+        receiver.start()  # (recovery runs at start)
+        assert requests.get(f"{receiver.url}/browse", timeout=30).status_code == 200
+        assert set_files(secondary.data_dir) == before
+        assert not (secondary.data_dir / ".esmirror" / "journal.json").exists()
+        # while the file stays undeletable, a publish is refused by name and changes nothing
+        rc, report, out = f.publish()
+        assert rc == 1, out
+        error = report["secondaries"][0]["error"]
+        assert "catalogs.xml" in error and "cannot be replaced" in error, error
+        assert set_files(secondary.data_dir) == before
+        assert debris(secondary.data_dir) == []
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(secondary.data_dir)], check=True)
+    assert f.publish()[0] == 0
+    assert set_files(secondary.data_dir) == set_files(f.master.data_dir) != before

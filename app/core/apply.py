@@ -22,6 +22,7 @@ once the journal is gone, exactly the new one. No symlinks are involved.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -49,9 +50,9 @@ from .errors import (BadRequest, Conflict, Damaged, InvalidSet, MirrorError, NoR
 from .faults import crash_point
 from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, Diff, HashCache, Manifest, ScanResult, collision_key, diff,
-                       name_encoding_note, scan, settled, unwritable_names, walk_files)
+                       is_link, name_encoding_note, scan, settled, shown_path, unwritable_names, walk_files)
 from .settings import Settings
-from .state import fs_now, pid_alive, read_json, write_json
+from .state import fs_now, pid_alive, read_json, replace, write_json
 from .state import self_id as own_self_id
 from .room import check_room, what_is_full
 from .store import CHUNK, BlobStore, clone_file, durable_flush
@@ -173,7 +174,9 @@ def run_reload(settings: Settings) -> tuple[bool, str]:
     # memory (a reload that prints 300 MB must not take the receiver with it)
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen(argv, cwd=settings.data_dir, stdout=out, stderr=subprocess.STDOUT,
+            # (Windows: the line as written, which the program parses itself; argv names it)
+            line = settings.reload_command if os.name == "nt" else argv
+            proc = subprocess.Popen(line, cwd=settings.data_dir, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, **_OWN_GROUP)
         except FileNotFoundError:
             return False, f"reload_command {argv[0]!r} was not found"
@@ -246,18 +249,18 @@ def left_alone(scanned: ScanResult, set_aside: Collection[str] = ()) -> list[str
             if not any(problem.startswith(f"{rel}: ") for rel in set_aside)]
 
 
-def _mode(path: Path) -> int | None:
+def _lstat(path: Path) -> os.stat_result | None:
     """What stands at ``path`` itself (a symlink is not followed); None for nothing."""
     try:
-        return os.lstat(path).st_mode
+        return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def _is_dir(path: Path) -> bool:
-    """A real folder is there: a symlink to one is not (walking it would reach outside)."""
-    mode = _mode(path)
-    return mode is not None and stat.S_ISDIR(mode)
+    """A real folder is there: a symlink or junction to one is not (walking it would reach outside)."""
+    st = _lstat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode) and not is_link(st)
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:
@@ -319,10 +322,14 @@ def sweep_dead_tmp(state_dir: Path, now: float | None = None) -> None:
 
 def _remove_empty_tree(folder: Path) -> None:
     """rmdir a folder and its empty subfolders; OSError (not empty) if any file is left."""
-    if not _is_dir(folder):  # (os.walk would follow a symlink given as the top)
+    if not _is_dir(folder):  # (never through a symlink or junction: not even the top)
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
-    for sub, _dirs, _files in os.walk(folder, topdown=False):
-        os.rmdir(sub)
+    with os.scandir(folder) as entries:
+        subfolders = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    for sub in subfolders:
+        if _is_dir(sub):
+            _remove_empty_tree(sub)
+    os.rmdir(folder)
 
 
 def folders_of(paths: Iterable[str]) -> set[str]:
@@ -474,7 +481,7 @@ class WorkingDir:
             if work.exists():
                 arch = self._archived(journal, op)
                 folders.make(arch.parent)
-                os.replace(work, arch)
+                replace(work, arch)
                 crash_point("switch-remove")
             return
         if op["existed"]:
@@ -482,13 +489,13 @@ class WorkingDir:
             folders.make(arch.parent)
             _link_or_copy(work, arch)
             crash_point("switch-archive")
-        elif (mode := _mode(work)) is not None and not stat.S_ISDIR(mode):
+        elif os.path.lexists(work) and not _is_dir(work):
             # what the scan leaves out (a file whose name is unsafe, or clashes by case with one
             # of the set's; a symlink, whose target is never touched) stands where a new file
             # goes: kept in the archive, never overwritten nor written through
             arch = self._archived(journal, op)
             folders.make(arch.parent)
-            os.replace(work, arch)
+            replace(work, arch)
             journal.setdefault("set_aside", []).append(op["path"])
             crash_point("switch-set-aside")
         if _is_dir(work):  # a folder of the old set gives way to a file: its files went first
@@ -503,7 +510,7 @@ class WorkingDir:
                 os.unlink(work)
                 os.link(blob, work)
         else:
-            os.replace(self._staged(journal, op), work)
+            replace(self._staged(journal, op), work)
         crash_point("switch-put")
 
     def _rollback(self, journal: dict[str, Any]) -> None:
@@ -515,20 +522,25 @@ class WorkingDir:
                     if _is_dir(work):  # the folder new files went into: emptied by the undo above
                         _remove_empty_tree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(arch, work)
+                    replace(arch, work)
             elif op.get("blob"):  # a new file linked from the blob store: undone if it was
                 blob = self.store.path(op["blob"])
                 if work.is_file() and blob.is_file() and os.path.samefile(work, blob):
                     work.unlink()
             elif staged.exists():  # never switched: drop a half-made archive link
                 if op["existed"]:  # (only then is there one; the path may even be a file's child)
-                    arch.unlink(missing_ok=True)
+                    # best effort: it names a file still live. One that no name of can be
+                    # removed (held open without delete sharing on Windows; chattr +i) stopped
+                    # every rollback here, leaving half a set switched; its entry's folder goes
+                    # to the trash below
+                    with contextlib.suppress(OSError):
+                        arch.unlink(missing_ok=True)
             elif op["existed"]:
                 if arch.exists():
                     if _is_dir(work):
                         shutil.rmtree(work)
                     work.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(arch, work)
+                    replace(arch, work)
             elif not _is_dir(work):  # (a folder there: the undo of its files' removal, run
                 try:                          # before a crash; the new file is gone already)
                     work.unlink(missing_ok=True)
@@ -539,9 +551,14 @@ class WorkingDir:
             # one by one with their removals
             if op["kind"] == "put" and not op["existed"] and os.path.lexists(arch) and not _is_dir(arch):
                 work.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(arch, work)
+                replace(arch, work)
             crash_point("rollback-op")
-        shutil.rmtree(self.archive_dir / journal["archive_id"], ignore_errors=True)
+        entry = self.archive_dir / journal["archive_id"]
+        shutil.rmtree(entry, ignore_errors=True)
+        if os.path.lexists(entry):  # (what cannot be removed yet: out of the archive, to the
+            with contextlib.suppress(OSError):  # trash that each recovery empties)
+                (self.state_dir / "trash").mkdir(exist_ok=True)
+                os.rename(entry, self.state_dir / "trash" / f"{entry.name}.{uuid.uuid4().hex[:8]}")
         if "new_folders" in journal:
             prune_emptied(self.data_dir, folders=journal["new_folders"])
         else:  # (a journal written before they were listed)
@@ -615,9 +632,9 @@ class WorkingDir:
                 st = os.lstat(folder)
             except FileNotFoundError:
                 continue
-            if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
+            if stat.S_ISDIR(st.st_mode) and not is_link(st) and st.st_dev == device:
                 continue
-            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+            what = ("a symbolic link or junction" if is_link(st) else "not a folder"
                     if not stat.S_ISDIR(st.st_mode) else "on another filesystem (a mount point)")
             raise Conflict(f"{folder} is {what}; esmirror moves files between it and the set by "
                            f"rename, which works only within one filesystem. Nothing was changed: make "
@@ -642,12 +659,10 @@ class WorkingDir:
             for depth in range(1, len(parts) + 1):
                 folder = "/".join(parts[:depth])
                 if folder not in checked:
-                    try:
-                        mode: int | None = os.lstat(self.data_dir / folder).st_mode
-                    except (FileNotFoundError, NotADirectoryError):  # (under a file the switch replaces)
-                        mode = None
+                    st = _lstat(self.data_dir / folder)  # (None under a file the switch replaces)
                     # a regular file there is in the set, and the switch replaces it by the folder
-                    checked[folder] = mode is not None and not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))
+                    checked[folder] = st is not None and (is_link(st) or not (stat.S_ISDIR(st.st_mode)
+                                                                                or stat.S_ISREG(st.st_mode)))
                 if checked[folder]:
                     raise Conflict(
                         f"{self.data_dir / folder} is a symbolic link or other special file on this "
@@ -656,7 +671,7 @@ class WorkingDir:
                         "changed: replace it with a folder or remove it, then publish again",
                         in_the_way=folder)
             folder = self.data_dir / path
-            if not folder.is_dir() or folder.is_symlink():
+            if not _is_dir(folder):
                 continue
             others = sorted(rel for rel, _full, _st in walk_files(folder, prefix=path + "/")
                             if rel not in current.files)
@@ -700,6 +715,8 @@ class WorkingDir:
         # the folders the switch will make: a rollback removes these, and no folder that was
         # here before, empty or not
         new_folders = sorted(f for f in folders_of(puts) if not _is_dir(self.data_dir / f))
+        switching: str | None = None  # the file being switched, to name in a refusal
+        rolled_back = True
         journal = {"tx": tx, "archive_id": archive_id, "generation": generation,
                    "phase": "switching", "ops": ops, "state_before": state, "new_folders": new_folders}
         try:
@@ -707,7 +724,9 @@ class WorkingDir:
             crash_point("journal")
             folders = _Folders()
             for op in ops:
+                switching = op["path"]
                 self._forward(journal, op, folders)
+            switching = None
             journal["phase"] = "switched"
             write_json(self.journal_path, journal)
             crash_point("switched")
@@ -728,14 +747,19 @@ class WorkingDir:
             self._record(generation, master, new, archive_id, (about or {}).get("restored_from"))
             crash_point("recorded")
         except BaseException as exc:
+            rolled_back = False  # (if not, the journal names staged files: its rollback needs them)
             self._rollback(journal)
+            rolled_back = True
             if journal["phase"] == "switched":
                 run_reload(self.settings)
+            if isinstance(exc, PermissionError) and switching is not None:
+                raise self._not_replaceable(switching, exc) from None
             if isinstance(exc, OSError):
                 raise self._os_failure("switching", exc) from None
             raise
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            if rolled_back:
+                shutil.rmtree(stage, ignore_errors=True)
         # before the commit point: killed after it, nothing would remove them; killed before,
         # the rollback makes the folders of the files it puts back
         prune_emptied(self.data_dir, change.removed)
@@ -887,6 +911,13 @@ class WorkingDir:
             return MirrorError(f"{during} failed: {where} is on a read-only filesystem; nothing was "
                                "changed. Remount it read-write, then publish again")
         return MirrorError(f"{during} failed on {where}: {exc.strerror}; nothing was changed")
+
+    def _not_replaceable(self, path: str, exc: PermissionError) -> MirrorError:
+        return MirrorError(
+            f"switching failed: {shown_path(path)} here cannot be replaced or moved to the archive "
+            f"({exc.strerror}); the previous set is back. It is marked read-only or immutable "
+            "(chattr +i), or on Windows another program holds it open: Express Server, an "
+            "antivirus scanner, a backup. Publish again once it is free")
 
     def _record(self, generation: int | None, master: str | None, new: Manifest,
                 archive_id: str | None, restored_from: str | None = None) -> None:

@@ -14,6 +14,7 @@ from lxml import etree
 
 from .errors import ConfigError
 from .settings import Settings
+from .state import replace
 from .xmlsafe import parse_file, xml_text
 
 TLS_MODES = ("none", "noverify", "strict")
@@ -353,7 +354,7 @@ def write_lt_is_user(env_sh: Path, user: str) -> Path | None:
             shutil.copymode(target, tmp)
             if hasattr(os, "chown") and (st.st_uid, st.st_gid) != (os.stat(tmp).st_uid, os.stat(tmp).st_gid):
                 os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, target)
+        replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"{env_sh}: cannot write: {exc.strerror or exc}; set LT_IS_USER={user} "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generic, Iterable, Iterator, NamedTuple, TypeVar
 
 from .errors import BadRequest, InvalidSet
+from .state import WINDOWS, replace
 
 if TYPE_CHECKING:  # (delta imports this module)
     from .delta import ChunkIndex
@@ -597,11 +598,13 @@ def settled(st: os.stat_result) -> bool:
     a copy from a server whose clock is ahead), which the mtime alone would leave read again
     at every scan until that date. (Windows' st_ctime is the creation time: mtime only.)"""
     now = time.time()
-    return now - st.st_mtime > RACY_SECONDS or (os.name != "nt" and now - st.st_ctime > RACY_SECONDS)
+    return now - st.st_mtime > RACY_SECONDS or (not WINDOWS and now - st.st_ctime > RACY_SECONDS)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    # (Windows: a scan's stat, from the folder listing, has st_ino 0; a file's own has the
+    # real one. Both key it by 0, or every file a push wrote would be read again)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, 0 if WINDOWS else st.st_ino]
 
 
 class HashCache:
@@ -698,7 +701,7 @@ class HashCache:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.entries), encoding="utf-8")
-            os.replace(tmp, self.path)
+            replace(tmp, self.path)
         except OSError:
             try:  # a cache: a full or read-only disk costs a re-read next time, nothing more
                 tmp.unlink(missing_ok=True)
@@ -719,13 +722,26 @@ class ScanResult:
     skipped: list[str] = field(default_factory=list)  # symlinks and other entries not mirrored
 
 
+# IO_REPARSE_TAG_MOUNT_POINT (the stat module names it on Windows only)
+_JUNCTION_TAG = 0xA0000003
+
+
+def is_link(st: os.stat_result) -> bool:
+    """A symlink, or a Windows junction: an lstat of one reports a folder (Python 3.11),
+    but walking it or writing through it reaches outside the working dir."""
+    return stat.S_ISLNK(st.st_mode) or getattr(st, "st_reparse_tag", 0) == _JUNCTION_TAG
+
+
 def not_a_file(full: str) -> str:
     """What stands at ``full`` instead of a regular file, in words."""
     try:
-        mode = os.lstat(full).st_mode
+        st = os.lstat(full)
     except OSError:
         return "gone, or unreadable"
-    for test, words in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    if is_link(st):
+        return "a symlink" if stat.S_ISLNK(st.st_mode) else "a junction"
+    mode = st.st_mode
+    for test, words in ((stat.S_ISFIFO, "a named pipe (FIFO)"),
                         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
         if test(mode):
             return words
@@ -761,7 +777,8 @@ def walk_files(data_dir: Path, prefix: str = "") -> Iterator[tuple[str, str, os.
             # 'Archive/' on Linux is another folder, and path_problem refuses it by name
             if not rel_folder and os.path.normcase(entry.name) in RESERVED_TOP:
                 continue
-            if entry.is_symlink():
+            if entry.is_symlink() or (WINDOWS and entry.is_dir(follow_symlinks=False)
+                                      and is_link(entry.stat(follow_symlinks=False))):
                 yield rel, entry.path, None
             elif entry.is_dir(follow_symlinks=False):
                 stack.append((entry.path, rel + "/"))

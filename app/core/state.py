@@ -29,11 +29,29 @@ def fs_now(folder: Path) -> float:
             probe.unlink()
 
 
+WINDOWS = os.name == "nt"
+# how long a rename waits for another program's brief open of either file (Windows refuses
+# it meanwhile: an antivirus scanner, the search indexer, a thread reading a record)
+BUSY_WAIT = 1.0
+
+
+def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """os.replace; on Windows tried again for up to BUSY_WAIT while either file is in use."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not WINDOWS or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process of this host has that pid (on Windows, always: os.kill would end it;
-    what a process left there goes by age alone)."""
-    if os.name == "nt":
-        return True
+    """Whether a process of this host has that pid."""
+    if WINDOWS:
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,6 +59,28 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    # (os.kill(pid, 0) there sends a Ctrl+C to the process, or ends it)
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.OpenProcess.restype = wintypes.HANDLE  # (not int: a handle is 64 bits wide)
+    kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+    kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+    kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # access denied: it exists (87: no such process)
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def user_name(uid: int) -> str:
@@ -123,7 +163,7 @@ def write_json(path: Path, data: Any, durable: bool = True) -> None:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)  # a full disk must not leave temp files behind
         if isinstance(exc, OSError) and exc.filename is None:  # (a failed write names no file)
@@ -182,6 +222,6 @@ def self_id(state_dir: Path) -> str:
     except FileExistsError:
         value = path.read_text(encoding="utf-8").strip()
     except OSError:
-        os.replace(tmp, path)
+        replace(tmp, path)
     tmp.unlink(missing_ok=True)
     return value

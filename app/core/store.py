@@ -24,6 +24,7 @@ from typing import BinaryIO, Callable, Iterator
 from .errors import BadRequest, Conflict, NoRoom
 from .faults import crash_point
 from .manifest import SHA256_RE, BackgroundHash
+from .state import WINDOWS
 from .room import check_room, what_is_full
 
 CHUNK = 1024 * 1024
@@ -704,7 +705,13 @@ class BlobStore:
         count = freed = 0
         for entry, st in self._stored():
             if st.st_mtime < older_than or (shared and st.st_nlink > 1):
-                Path(entry.path).unlink(missing_ok=True)
+                try:
+                    Path(entry.path).unlink(missing_ok=True)
+                except PermissionError:
+                    if not WINDOWS:
+                        raise
+                    continue  # its live file is open (Express Server's): a recovery drops the
+                              # name later, as a shared one
                 count += 1
                 freed += st.st_size if st.st_nlink == 1 else 0  # (one linked live too frees nothing)
         return count, freed
@@ -738,8 +745,9 @@ class BlobStore:
         if not self.blobs.is_dir():
             return
         for entry in os.scandir(self.blobs):
-            try:
-                yield entry, entry.stat(follow_symlinks=False)
+            try:  # (on Windows a listing's stat has st_nlink 0: the file's own is needed)
+                yield entry, (os.stat(entry.path, follow_symlinks=False) if WINDOWS
+                              else entry.stat(follow_symlinks=False))
             except FileNotFoundError:
                 continue
 
