@@ -450,16 +450,19 @@ def archive_restore(install_dir: str | None, archive_id: str, as_json: bool) -> 
 @click.option("--unit", type=click.Path(dir_okay=False),
               help="The gunicorn receiver's systemd unit (mod_proxy variant; default: "
                    "/etc/systemd/system/esmirror-receiver.service when it exists).")
+@click.option("--web-config", type=click.Path(dir_okay=False),
+              help="The IIS application's web.config (default: the one 'deploy iis' rendered, if any).")
 @click.option("--fix", is_flag=True,
               help="Set LT_IS_USER in env.sh to httpd's user (a backup is kept); never edits httpd.conf.")
 @json_option
 @handle_errors
 def check(install_dir: str | None, httpd_conf: str | None, env_sh: str | None, unit: str | None,
-          fix: bool, as_json: bool) -> None:
-    """Doctor: settings, Mirrors, ca-bundle, catalogs, permissions, Apache User vs LT_IS_USER."""
+          web_config: str | None, fix: bool, as_json: bool) -> None:
+    """Doctor: settings, Mirrors, ca-bundle, catalogs, permissions, Apache User vs LT_IS_USER,
+    IIS's web.config vs allow_push/allow_admin."""
     from .doctor import print_check, run_check
 
-    report = run_check(install_dir, httpd_conf, env_sh, fix=fix, unit=unit)
+    report = run_check(install_dir, httpd_conf, env_sh, fix=fix, unit=unit, web_config=web_config)
     report_and_exit(report, as_json, print_check)
 
 

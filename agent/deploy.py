@@ -19,7 +19,8 @@ from xml.sax.saxutils import escape
 
 from app.core.errors import ConfigError
 from app.core.express import parse_port, read_lt_is_user
-from app.core.settings import PLATFORM_HANDLER_MAX_BODY, PUSH_ROUTES, Network, Settings, shown_network
+from app.core.settings import PUSH_ROUTES, Network, Settings, shown_network
+from app.core.server import upload_limit
 
 
 def _templates() -> Path:
@@ -241,7 +242,7 @@ def render_iis(settings: Settings, out_dir: Path, user: str | None = None, venv:
         "process_path": escape(ntpath.join(venv_dir, "Scripts", "python.exe"), {'"': "&quot;"}),
         "arguments": escape(arguments, {'"': "&quot;"}),
         "request_timeout": request_timeout,
-        "max_allowed_content_length": str(min(settings.max_upload_bytes, PLATFORM_HANDLER_MAX_BODY)),
+        "max_allowed_content_length": str(upload_limit(settings, under_iis=True)),
         "ip_security": _ip_security(settings.allow_push + settings.allow_admin),
     }
     rendered = Rendered(out_dir, user=account)

@@ -24,11 +24,15 @@ try:
 except ImportError:  # Windows: no Unix accounts; IIS's app pool account is documented instead
     pwd = None  # type: ignore[assignment]
 
+from lxml import etree
+
 from app.core.catalogs import validate_catalogs_file
-from app.core.errors import ConfigError
+from app.core.errors import ConfigError, one_line
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks, shown_network
+from app.core.server import upload_limit
 from app.core.signing import read_secret
+from app.core.xmlsafe import parse_file
 
 from .deploy import apache_word, require_line
 from .httpd import (DEFAULT_HTTPD_CONFS, HttpdConfig, LocationSection, Where, account_name, apache_user,
@@ -81,8 +85,11 @@ class CheckReport:
 
 
 def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: str | None = None,
-              fix: bool = False, unit: str | None = None) -> CheckReport:
-    """Every check of SPEC §4; with ``fix``, set LT_IS_USER in env.sh to Apache's user first."""
+              fix: bool = False, unit: str | None = None, web_config: str | None = None) -> CheckReport:
+    """Every check of SPEC §4; with ``fix``, set LT_IS_USER in env.sh to Apache's user first.
+    ``web_config``: the IIS application's (default: the one ``deploy iis`` rendered, if any)."""
+    if web_config and not Path(web_config).is_file():
+        raise ConfigError(f"--web-config {web_config}: no such file")
     try:
         settings = load_settings(install_dir)
     except ConfigError as exc:
@@ -109,6 +116,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_mirrors(report, settings)
         _check_secret(report, settings, None)
         _check_catalogs(report, settings, None)
+        _check_web_config(report, settings, web_config)
         return report
     env_path = Path(env_sh) if env_sh else settings.env_sh
     if env_sh and not env_path.is_file():  # (a typo must not read, or --fix create, another file)
@@ -139,6 +147,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
         _check_mount(report, httpd, settings)
         _check_push_routes(report, httpd, settings)
         _check_require_ip(report, httpd, settings)
+    _check_web_config(report, settings, web_config)
     return report
 
 
@@ -264,6 +273,75 @@ def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Setting
                        fix=f"render the Apache files again (esmirror deploy apache --install-dir "
                            f"{settings.install_dir}), which writes '{require_line(networks)}' there; run "
                            "esmirror check; then reload httpd (apachectl configtest && apachectl graceful)")
+
+
+def _check_web_config(report: CheckReport, settings: Settings, given: str | None) -> None:
+    """IIS filters on web.config's ipSecurity before the receiver sees a request: one rendered
+    before allow_push or allow_admin changed has IIS refuse a new master (its own 403.6) or
+    admit an old one. Its body limit below the receiver's has IIS refuse large uploads."""
+    path = Path(given) if given else settings.etc_dir / "iis" / "esmirror" / "web.config"
+    if not path.is_file():
+        return
+    render = (f"render it again (esmirror deploy iis --install-dir {settings.install_dir}), copy it "
+              "over the IIS application's web.config, recycle its app pool, then run esmirror check "
+              "--web-config <that web.config>")
+    try:
+        web = parse_file(path).find("system.webServer")
+    except (OSError, ValueError, etree.XMLSyntaxError) as exc:  # (ValueError: a DOCTYPE, refused)
+        report.add("error", "web-config", f"{path} cannot be read as XML: {one_line(exc, 200)}",
+                   file=str(path), fix=render)
+        return
+    ip = web.find("security/ipSecurity") if web is not None else None
+    if ip is None:
+        report.add("warning", "web-config", f"{path} has no ipSecurity section: IIS admits every "
+                   "address, and only the receiver's own allow_push/allow_admin check stands",
+                   file=str(path), fix=render)
+        return
+    networks = settings.allow_push + settings.allow_admin
+    allowed = _ip_security_networks(ip)
+    if ip.get("allowUnlisted", "true").lower() != "false":
+        report.add("error", "web-config", f"{path}: ipSecurity admits addresses it does not list "
+                   "(allowUnlisted is not false)", file=str(path), fix=render)
+    elif allowed is None:
+        pass  # entries deploy does not write (denials, domain names): not compared
+    elif _address_set(allowed) == _address_set(networks):
+        report.add("ok", "web-config", f"IIS's ipSecurity in {path} = allow_push + allow_admin", file=str(path))
+    else:
+        wanted, have = _address_set(networks), _address_set(allowed)
+        refused, extra = _not_covered(wanted, have), _not_covered(have, wanted)
+        effects = [f"IIS refuses {' '.join(refused)} (403.6) before esmirror sees the request"] if refused else []
+        if extra:
+            effects.append(f"IIS lets in {' '.join(extra)}, which allow_push and allow_admin do not list")
+        listed = " ".join(map(shown_network, allowed)) or "nobody"
+        report.add("error", "web-config", f"{path} lets IIS admit {listed}, but allow_push + "
+                   f"allow_admin in {settings.ini_path} are {' '.join(map(shown_network, networks)) or 'empty'}: "
+                   f"{'; '.join(effects)}", file=str(path), fix=render)
+    limits = web.find("security/requestFiltering/requestLimits")
+    wanted_body = upload_limit(settings, under_iis=True)
+    try:
+        body = int(limits.get("maxAllowedContentLength", "30000000")) if limits is not None else 30000000
+    except ValueError:
+        return  # IIS itself refuses to load it, and says so
+    if body < wanted_body:
+        report.add("error", "web-config", f"{path}: maxAllowedContentLength is {body} bytes, but the "
+                   f"receiver tells masters it takes {wanted_body} (max_upload_bytes): IIS refuses every "
+                   "body in between (404.13)", file=str(path), fix=render)
+
+
+def _ip_security_networks(section: Any) -> list[Network] | None:
+    """What ipSecurity's ``allowed="true"`` entries admit; None where it holds anything else."""
+    found: list[Network] = []
+    for entry in section:
+        if not isinstance(entry.tag, str):
+            continue  # a comment
+        if entry.tag != "add" or entry.get("allowed", "").lower() != "true" or entry.get("domainName"):
+            return None
+        address, mask = entry.get("ipAddress", ""), entry.get("subnetMask")
+        try:  # IIS writes IPv4 masks dotted (255.255.255.0), IPv6 ones as a prefix length
+            found.append(ipaddress.ip_network(f"{address}/{mask}" if mask else address, strict=False))
+        except ValueError:
+            return None
+    return found
 
 
 def _required_networks(section: LocationSection) -> list[Network] | None:

@@ -71,3 +71,49 @@ def test_the_exact_launch_command_serves_browse(tmp_path):
         assert info["max_upload_bytes"] == 2**31 - 1
     finally:
         stop_session(proc)
+
+
+def _web_config_findings(install, *extra: str) -> tuple[int, list[dict], str]:
+    rc, report, text = esmirror("check", "--install-dir", str(install.root), "--json", *extra)
+    assert report is not None, text
+    return rc, [f for f in report["findings"] if f["topic"] == "web-config"], text
+
+
+def test_check_compares_the_web_config_with_the_allow_lists_until_it_is_rendered_again(tmp_path):
+    """IIS filters on web.config's ipSecurity before the receiver sees a request: an
+    allow_push changed without rendering it again had IIS refuse the new master with its own
+    403.6, while check said nothing of IIS."""
+    install = make_install(tmp_path / "install", {"allow_push": "192.0.2.10", "trusted_proxies": "127.0.0.1 ::1"})
+    render = ("deploy", "iis", "--install-dir", str(install.root), "--venv", r"C:\esmirror\venv")
+    assert esmirror(*render)[0] == 0  # (into ImageServer/etc/iis/esmirror, where check looks)
+    web_config = install.etc_dir / "iis" / "esmirror" / "web.config"
+    _, found, text = _web_config_findings(install)
+    assert [f["level"] for f in found] == ["ok"], text
+
+    ini = install.etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text().replace("allow_push = 192.0.2.10", "allow_push = 192.0.2.20 2001:db8::/64"))
+    rc, found, text = _web_config_findings(install)
+    [bad] = found
+    assert rc == 1 and bad["level"] == "error" and bad["file"] == str(web_config), text
+    assert "IIS refuses 192.0.2.20 2001:db8::/64 (403.6)" in bad["message"], bad
+    assert "IIS lets in 192.0.2.10, which allow_push and allow_admin do not list" in bad["message"], bad
+    assert "esmirror deploy iis" in bad["fix"] and "recycle" in bad["fix"], bad
+    assert esmirror(*render)[0] == 0
+    assert [f["level"] for f in _web_config_findings(install)[1]] == ["ok"]
+
+    # the application's own copy, edited by hand: a smaller body limit, unlisted admitted
+    copy = tmp_path / "site" / "web.config"
+    copy.parent.mkdir()
+    copy.write_text(web_config.read_text().replace('allowUnlisted="false"', 'allowUnlisted="true"')
+                    .replace(f'maxAllowedContentLength="{2**31 - 1}"', 'maxAllowedContentLength="30000000"'))
+    rc, found, text = _web_config_findings(install, "--web-config", str(copy))
+    unlisted, limit = (f["message"] for f in found)
+    assert rc == 1 and len(found) == 2 and all(f["file"] == str(copy) for f in found), text
+    assert "admits addresses it does not list (allowUnlisted is not false)" in unlisted, unlisted
+    assert f"maxAllowedContentLength is 30000000 bytes, but the receiver tells masters it takes {2**31 - 1}" \
+        in limit and "(404.13)" in limit, limit
+    copy.write_text("<configuration><system.webServer>")
+    [broken] = _web_config_findings(install, "--web-config", str(copy))[1]
+    assert "cannot be read as XML" in broken["message"], broken
+    rc, _, text = esmirror("check", "--install-dir", str(install.root), "--web-config", str(tmp_path / "nope"))
+    assert rc == 2 and "--web-config" in text and "no such file" in text

@@ -18,11 +18,11 @@ from .settings import PLATFORM_HANDLER_MAX_BODY, Settings
 from .room import free_inodes, read_only, read_only_note, room
 
 
-def upload_limit(settings: Settings) -> int:
+def upload_limit(settings: Settings, under_iis: bool | None = None) -> int:
     """The largest body this receiver takes: max_upload_bytes, or less behind IIS (where
-    HttpPlatformHandler, which started it, set HTTP_PLATFORM_PORT). The master sends
-    nothing larger than browse's max_upload_bytes."""
-    if os.environ.get("HTTP_PLATFORM_PORT"):
+    HttpPlatformHandler, which started it, set HTTP_PLATFORM_PORT; ``under_iis`` says so
+    for another process). The master sends nothing larger than browse's max_upload_bytes."""
+    if under_iis or (under_iis is None and os.environ.get("HTTP_PLATFORM_PORT")):
         return min(settings.max_upload_bytes, PLATFORM_HANDLER_MAX_BODY)
     return settings.max_upload_bytes
 
