@@ -46,14 +46,7 @@ class LocalSet:
     skipped: tuple[str, ...] = ()
     hash_cache: HashCache | None = None  # the scan's: a file found to hold other bytes is read next time
     _saving: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _reached: dict[str, str] = field(default_factory=dict, repr=False)  # receiver id → its Mirrors name
-
-    def first_to_reach(self, receiver: str, name: str) -> str | None:
-        """The Mirrors name that reached the receiver ``receiver`` (its id) before ``name``
-        in this publish, if any: one server listed under two names (an alias, its address)."""
-        with self._saving:
-            first = self._reached.setdefault(receiver, name)
-        return None if first == name else first
+    reached: "Reached" = field(default_factory=lambda: Reached(), repr=False)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -245,6 +238,28 @@ class Refused(MirrorError):
     """The secondary may not take this master's set (version, platform, owner)."""
 
 
+class Reached:
+    """The Mirrors name that reached each receiver (by its id) first, in one publish or one
+    look at the fleet: one server listed under two names (an alias, its address) is a twin."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def check(self, secondary: Secondary, info: dict[str, Any]) -> None:
+        """Refused when another name reached this receiver first: pushed to twice, the two
+        pushes would wait on each other's commit lock."""
+        receiver = info.get("self")
+        if not isinstance(receiver, str):
+            return
+        with self._lock:
+            twin = self._first.setdefault(receiver, secondary.name)
+        if twin != secondary.name:
+            raise Refused(f"{secondary.name} is the receiver {twin} is (the same id, {receiver}): "
+                          "one server listed under two names in Mirrors; list each server once, "
+                          "by one name")
+
+
 def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any]) -> None:
     """The browse check: same protocol, Express Server version and platform, not owned by
     another master."""
@@ -303,11 +318,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
             client = SecondaryClient(secondary, settings, interrupt)
             info = client.browse(recorded=True)
         check_peer(secondary, info, mine)
-        twin = local.first_to_reach(info["self"], secondary.name) if info.get("self") else None
-        if twin is not None:  # pushed twice, the two would wait on each other's commit lock
-            raise Refused(f"{secondary.name} is the receiver {twin} is (the same id, {info['self']}): "
-                          "one server listed under two names in Mirrors, pushed to as "
-                          f"{twin}; list each server once, by one name")
+        local.reached.check(secondary, info)
         want = local.manifest
         if info.get("digest") == want.digest and not full and not dry_run:
             # it holds exactly this set (the digest covers every path, hash and size; the one

@@ -13,13 +13,15 @@ from app.core.ledger import Ledger, fleet_status
 from app.core.settings import Settings
 
 from .client import SecondaryClient, unforeseen
-from .push import Refused, check_peer
+from .push import Reached, Refused, check_peer
 
 log = logging.getLogger("esmirror.agent")
 
 
-def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) -> Callable[[Ledger], None]:
-    """One browse: what the secondary holds, whether it drifted, whether it refuses us.
+def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any],
+              reached: Reached | None = None) -> Callable[[Ledger], None]:
+    """One browse: what the secondary holds, whether it drifted, whether it refuses us (or is
+    another Mirrors name's twin, in ``reached``: a look at the whole fleet).
     Returns how to record it (the caller decides whether it still may)."""
     client = None
     asked = time.time()  # (a push that ends while this browse is under way knows better)
@@ -42,6 +44,8 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any]) ->
             client.close()
     try:
         check_peer(secondary, info, mine)
+        if reached is not None:  # (a push refused it as a twin: the next look must not clear that)
+            reached.check(secondary, info)
         why = None
     except Refused as exc:
         why = exc.message
@@ -61,6 +65,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
 
     secondaries = secondaries if secondaries is not None else select_secondaries(settings)
     mine = master_identity(settings)
+    reached = Reached()
     todo: queue.SimpleQueue[Secondary] = queue.SimpleQueue()
     for secondary in secondaries:
         todo.put(secondary)
@@ -74,7 +79,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
                 secondary = todo.get_nowait()
             except queue.Empty:
                 return
-            record = check_one(settings, secondary, mine)
+            record = check_one(settings, secondary, mine, reached)
             with gate:  # (recorded whole before the deadline, or not at all)
                 if late.is_set():
                     return

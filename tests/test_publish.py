@@ -974,3 +974,9 @@ def test_one_server_under_two_names_is_pushed_once_and_the_twin_named(tmp_path, 
     refused = next(r for r in report["secondaries"] if r["state"] == "refused")
     assert "one server listed under two names in Mirrors" in refused["error"], refused
     assert set_files(secondary.data_dir) == set_files(master.data_dir)
+    # and a look at the fleet says so too: it used to clear the refusal, as if fixed
+    time.sleep(1.1)  # (the ledger's times are whole seconds: a look counts from the next one)
+    rc, fleet, out = esmirror("status", "--install-dir", str(master.root), "--json")
+    assert sorted(s["state"] for s in fleet["secondaries"]) == ["in-sync", "refused"], out
+    twin = next(s for s in fleet["secondaries"] if s["state"] == "refused")
+    assert "one server listed under two names in Mirrors" in twin["detail"], twin
