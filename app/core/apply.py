@@ -324,12 +324,14 @@ def _remove_empty_tree(folder: Path) -> None:
     """rmdir a folder and its empty subfolders; OSError (not empty) if any file is left."""
     if not _is_dir(folder):  # (never through a symlink or junction: not even the top)
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
-    with os.scandir(folder) as entries:
-        subfolders = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-    for sub in subfolders:
-        if _is_dir(sub):
-            _remove_empty_tree(sub)
-    os.rmdir(folder)
+    found, stack = [], [folder]  # (a stack, not recursion: any depth)
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        with os.scandir(current) as entries:
+            stack += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and _is_dir(Path(e.path))]
+    for current in reversed(found):  # deepest first
+        os.rmdir(current)
 
 
 def folders_of(paths: Iterable[str]) -> set[str]:
@@ -634,7 +636,8 @@ class WorkingDir:
                 continue
             if stat.S_ISDIR(st.st_mode) and not is_link(st) and st.st_dev == device:
                 continue
-            what = ("a symbolic link or junction" if is_link(st) else "not a folder"
+            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a junction" if is_link(st)
+                    else "not a folder"
                     if not stat.S_ISDIR(st.st_mode) else "on another filesystem (a mount point)")
             raise Conflict(f"{folder} is {what}; esmirror moves files between it and the set by "
                            f"rename, which works only within one filesystem. Nothing was changed: make "
@@ -752,7 +755,10 @@ class WorkingDir:
             rolled_back = True
             if journal["phase"] == "switched":
                 run_reload(self.settings)
-            if isinstance(exc, PermissionError) and switching is not None:
+            # (Windows: the file is open elsewhere; here EPERM, chattr +i. EACCES here is a
+            # folder's permissions, which _os_failure names)
+            if isinstance(exc, PermissionError) and switching is not None and \
+                    (os.name == "nt" or exc.errno == errno.EPERM):
                 raise self._not_replaceable(switching, exc) from None
             if isinstance(exc, OSError):
                 raise self._os_failure("switching", exc) from None
