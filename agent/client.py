@@ -115,14 +115,20 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
     return session
 
 
+def _tls_failure(exc: Exception) -> str | None:
+    """What TLS said, when ``exc`` is a TLS failure (a certificate, a handshake)."""
+    unverified = _wrapped(exc, ssl.SSLCertVerificationError)
+    if unverified is not None:
+        return getattr(unverified, "verify_message", None) or str(unverified)
+    return str(exc) if isinstance(exc, requests.exceptions.SSLError) else None
+
+
 def describe_connection_error(secondary: Secondary, exc: Exception, answered: bool = False) -> str:
     """Plain words for TLS and network failures; ``answered``: it answered earlier requests
     of this push (so the channel is right, and a cut connection is a stop, not TLS)."""
     text = str(exc)
-    unverified = _wrapped(exc, ssl.SSLCertVerificationError)
-    reason = (getattr(unverified, "verify_message", None) or str(unverified)) if unverified else None
-    if reason or isinstance(exc, requests.exceptions.SSLError):
-        reason = reason or text
+    reason = _tls_failure(exc)
+    if reason is not None:
         low = reason.lower()
         if "expired" in low:
             why = "its certificate has expired"
@@ -497,7 +503,8 @@ class SecondaryClient:
                 if route == "commit" and not _never_connected(exc):
                     message += ("; the commit's answer was lost, so the set may be live there: "
                                 "'esmirror status' shows what it holds")
-                raise RemoteError(message, kind="unreachable") from None
+                raise RemoteError(message, kind="tls" if _tls_failure(exc) is not None
+                                  else "unreachable") from None
             if deadline.cut and self.interrupt is not None:  # (likewise)
                 self.interrupt.check(self.secondary)
             if deadline.expired:  # (cut off mid-head, an answer can parse as a broken one)

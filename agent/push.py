@@ -88,6 +88,7 @@ class PushResult:
     port: int
     state: str = "failed"   # in-sync | failed | unreachable | refused | dry-run | skipped | interrupted
     error: str | None = None
+    reason: str | None = None  # why it failed, for a machine: one of REASONS
     bytes_sent: int = 0
     files_sent: int = 0
     files_ahead: int = 0    # of files_sent: large files streamed while the master was scanning
@@ -362,18 +363,20 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         result.warnings = list(answer.get("warnings") or [])
     except Refused as exc:
         result.state, result.error, result.refused_by_look = "refused", exc.message, True
+        result.reason = "refused"
     except Interrupted as exc:
-        result.state, result.error = "interrupted", exc.message
+        result.state, result.error, result.reason = "interrupted", exc.message, "interrupted"
     except RemoteError as exc:
         _failed_there(result, exc, local)
-    except MirrorError as exc:
-        result.error = exc.message
+    except MirrorError as exc:  # this master's side: its settings, or the secondary's room as browsed
+        result.error, result.reason = exc.message, _BY_STATUS.get(exc.status, "master")
     except ChangedWhileSent as exc:  # (failed: the secondary and the network are fine)
-        result.error = f"sending to {secondary.name} stopped: {exc}"
+        result.error, result.reason = f"sending to {secondary.name} stopped: {exc}", "master"
     except OSError as exc:
         result.error = f"reading {exc.filename or 'a file'} on this master failed: {exc.strerror}"
+        result.reason = "master"
     except Exception as exc:  # a bug meeting an answer nobody foresaw: fail this secondary, not all
-        result.error = unforeseen(secondary, "push", exc)
+        result.error, result.reason = unforeseen(secondary, "push", exc), "unforeseen"
     finally:
         if client is not None:
             client.close()
@@ -412,14 +415,37 @@ def _send_and_commit(client: SecondaryClient, local: LocalSet, info: dict[str, A
     raise AssertionError("unreachable: the last try returns or raises")
 
 
+# a failed push's ``reason``, for monitoring; the error says the same to a person
+REASONS = ("unreachable", "tls", "refused", "conflict", "bad-request", "too-large", "invalid-set",
+           "reload-failed", "unavailable", "no-room", "server-error", "bad-answer", "interrupted",
+           "master", "unforeseen")
+# the receiver's statuses (app/core/errors.py); 401, 403 and a 409 naming another master: refused
+_BY_STATUS = {400: "bad-request", 409: "conflict", 411: "bad-request", 413: "too-large",
+              422: "invalid-set", 503: "unavailable", 507: "no-room"}
+
+
+def _reason(exc: RemoteError) -> str:
+    body = exc.details.get("body") or {}
+    status = exc.http_status
+    if exc.details.get("kind"):  # unreachable, tls, bad-answer: no esmirror answer to go by
+        return str(exc.details["kind"])
+    if status in (401, 403) or (status == 409 and "master" in body):
+        return "refused"
+    if status == 502 and "output" in body:  # (a proxy's 502 has no reload output)
+        return "reload-failed"
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    return "bad-request" if status is not None and status < 500 else "server-error"
+
+
 def _failed_there(result: PushResult, exc: RemoteError, local: LocalSet) -> None:
     """A secondary's refusal or failure in ``result``: the state it puts the secondary in,
     and the error with what the answer adds (the file a refused blob came from, the
     receiver's reasons, a generation counter behind that server's)."""
-    if exc.details.get("kind") == "unreachable":
+    result.reason = _reason(exc)
+    if result.reason in ("unreachable", "tls"):  # (status counts a TLS failure as a refusal)
         result.state = "unreachable"
-    elif exc.http_status in (403, 401) or (exc.http_status == 409 and "master" in
-                                           (exc.details.get("body") or {})):
+    elif result.reason == "refused":
         result.state = "refused"
     result.error = exc.message
     body = exc.details.get("body") or {}

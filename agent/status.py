@@ -31,7 +31,7 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any],
     except RemoteError as exc:
         message = exc.message
         # it answered, but not to us (403, TLS, not an esmirror receiver): refused
-        refused = exc.details.get("kind") != "unreachable" or message.startswith("TLS ")
+        refused = exc.details.get("kind") != "unreachable"
         return lambda ledger: ledger.record_unreachable(secondary, message, refused=refused)
     except MirrorError as exc:  # a strict secondary without ca-bundle.crt, say
         message = exc.message

@@ -76,6 +76,7 @@ def test_invalid_catalogs_refused_by_master_and_by_secondary_with_422(fleet):
         error = report["secondaries"][0]["error"]
         assert "answered 422" in error and why in error, (name, error)
         assert report["secondaries"][0]["state"] != "in-sync"
+        assert report["secondaries"][0]["reason"] == "invalid-set", name
         assert snapshot(secondary) == before, name
     (f.master.data_dir / "catalogs.xml").write_bytes(good)
     assert f.publish()[0] == 0
@@ -130,6 +131,7 @@ def test_failing_reload_on_secondary_puts_previous_set_back(fleet, tmp_path):
         assert rc == 1, out
         error = report["secondaries"][0]["error"]
         assert "answered 502" in error and "the previous set is back" in error and why in error, error
+        assert report["secondaries"][0]["reason"] == "reload-failed"
         if mode == "fail":
             assert "ltcsd: catalog orthos-2024 could not be loaded" in error
         assert snapshot(secondary) == before, mode  # byte for byte, no archive entry, same generation

@@ -103,8 +103,8 @@ def test_one_secondary_down_fails_only_that_one(fleet):
     rc, report, out = f.publish()
     assert rc == 1, out
     first, second = report["secondaries"]
-    assert first["state"] == "in-sync"
-    assert second["state"] == "unreachable"
+    assert first["state"] == "in-sync" and first["reason"] is None
+    assert second["state"] == "unreachable" and second["reason"] == "unreachable"
     assert f"127.0.0.1:{f.receivers[1].port}" in second["error"]
     assert (f"connection refused, nothing listens on port {f.receivers[1].port} there; check that port "
             "in its <Secondary>") in second["error"], second
@@ -122,7 +122,7 @@ def test_secondary_with_other_express_version_is_refused_and_untouched(fleet):
     rc, report, out = f.publish()
     assert rc == 1, out
     bad = report["secondaries"][1]
-    assert bad["state"] == "refused"
+    assert bad["state"] == "refused" and bad["reason"] == "refused"
     assert "9.5.2" in bad["error"] and VERSION in bad["error"]
     assert tree(f.secondaries[1].data_dir) == before
     assert report["secondaries"][0]["state"] == "in-sync"

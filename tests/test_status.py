@@ -286,6 +286,18 @@ def test_status_says_refused_for_tls_and_for_another_master(fleet, make_receiver
     assert refused_tls["detail"].startswith(f"TLS to 127.0.0.1:{tls.port} failed")
     assert "ca-bundle.crt" in refused_tls["detail"]
 
+    # a publish says why in a word; the ledger it writes (no look after it) counts a TLS
+    # failure as a refusal too: the channel is wrong, not down
+    from app.core.ledger import fleet_status
+
+    rc, report, out = f.publish()
+    pushed = report["secondaries"][1]
+    assert rc == 1 and (pushed["state"], pushed["reason"]) == ("unreachable", "tls"), pushed
+    assert report["secondaries"][0]["reason"] == "refused", report  # (owned by another master)
+    row = fleet_status(load_settings(f.master.root))["secondaries"][1]
+    assert row["state"] == "refused" and row["unreachable_since"] is None, row
+    assert row["last_push"]["reason"] == "tls" and row["detail"].startswith("TLS to "), row
+
 
 def test_a_secondary_whose_lists_leave_this_master_out_is_refused_not_unreachable(fleet):
     """It answers every look with 403: the network is fine and the allow list is what to fix,

@@ -129,13 +129,13 @@ class Ledger:
             entry["stale"] = None
             state = result.get("state")
             entry["last_push"] = {k: result.get(k) for k in
-                                  ("state", "error", "bytes_sent", "files_sent", "generation",
+                                  ("state", "reason", "error", "bytes_sent", "files_sent", "generation",
                                    "refused_by_look")}
             entry["last_push"]["at"] = result.get("ended") or now_iso()
             if state == "in-sync":  # (a check can alarm on one too long ago)
                 entry["last_in_sync_push"] = entry["last_push"]["at"]
             entry["last_push"]["wanted_generation"] = generation
-            tls = state == "unreachable" and str(result.get("error") or "").startswith("TLS ")
+            tls = result.get("reason") == "tls"  # (the channel is wrong, not down: a refusal)
             if state == "in-sync":
                 failed = int(entry.get("failures") or 0)
                 entry["confirmed_generation"], entry["confirmed_digest"] = generation, digest
