@@ -554,3 +554,21 @@ def test_a_rename_refused_for_a_moment_on_windows_goes_through_once_the_file_is_
         assert target.read_text() == "new" and not new.exists()
     finally:
         subprocess.run(["chattr", "-i", str(target)])
+
+
+def test_a_path_too_long_for_windows_without_long_paths_is_found_live_or_in_its_archive(tmp_path):
+    """Without LongPathsEnabled, Windows takes 259 characters a path: a longer one failed
+    half way through the switch ("cannot find the path"). The receiver refuses it first, and
+    counts the archive entry's folders, ~50 characters deeper, for a file it replaces."""
+    from agent.demo import make_install
+    from app.core.apply import ARCHIVE_ID_CHARS, WINDOWS_MAX_PATH, WorkingDir, too_long_here
+
+    data = Path("C:/Program Files/LizardTech/Express Server/ImageServer/var/data")  # (its length)
+    archive = data / "archive"
+    fits = "indexes/" + "x" * (WINDOWS_MAX_PATH - len(str(data)) - 1 - len("indexes/"))
+    assert too_long_here(data, archive, ["catalogs.xml", fits], []) is None  # 259 exactly
+    assert too_long_here(data, archive, ["catalogs.xml", fits + "y"], []) == (fits + "y", 260)
+    path, length = too_long_here(data, archive, [fits], [fits])  # replaced: archived too
+    assert path == fits and length == 259 + len("/archive/") + ARCHIVE_ID_CHARS + len("/files/") - 1
+    workdir = WorkingDir(load_settings(make_install(tmp_path / "install", {}).root))
+    assert len(workdir._new_archive_id(10**10)) <= ARCHIVE_ID_CHARS  # (the entry's real name)

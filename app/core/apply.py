@@ -52,7 +52,7 @@ from .express import lists_mirrors
 from .manifest import (HASH_CACHE_FILE, Diff, HashCache, Manifest, ScanResult, collision_key, diff,
                        is_link, name_encoding_note, scan, settled, shown_path, unwritable_names, walk_files)
 from .settings import Settings
-from .state import fs_now, pid_alive, read_json, replace, write_json
+from .state import fs_now, long_paths_enabled, pid_alive, read_json, replace, write_json
 from .state import self_id as own_self_id
 from .room import check_room, what_is_full
 from .store import CHUNK, BlobStore, clone_file, durable_flush
@@ -247,6 +247,22 @@ def left_alone(scanned: ScanResult, set_aside: Collection[str] = ()) -> list[str
     archive instead, which its answer says."""
     return [f"{problem}; this file is left where it is, outside the set" for problem in scanned.unsafe
             if not any(problem.startswith(f"{rel}: ") for rel in set_aside)]
+
+
+WINDOWS_MAX_PATH = 259  # characters of a full path, on a Windows without long paths
+ARCHIVE_ID_CHARS = 44  # _new_archive_id's: 33, and the generation's digits beyond one
+
+
+def too_long_here(data_dir: Path, archive_dir: Path, puts: Iterable[str], archived: Iterable[str],
+                  limit: int = WINDOWS_MAX_PATH) -> tuple[str, int] | None:
+    """The first path of the set that would be longer than ``limit`` characters here, live
+    (``puts``) or in the archive entry a commit makes (``archived``), with that length."""
+    entry = len(str(archive_dir)) + 1 + ARCHIVE_ID_CHARS + len("/files/")
+    for base, paths in ((len(str(data_dir)) + 1, puts), (entry, archived)):
+        for path in paths:
+            if base + len(path) > limit:
+                return path, base + len(path)
+    return None
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -808,6 +824,15 @@ class WorkingDir:
                              f"({entry.sha256[:12]}…) is {size} bytes")
         if wrong:
             raise InvalidSet("the set's sizes do not match its contents; nothing was changed", wrong)
+        if not long_paths_enabled() and \
+                (long := too_long_here(self.data_dir, self.archive_dir, puts, change.changed + change.removed)):
+            # refused before anything is touched: half way through the switch, Windows says only
+            # that it cannot find the path
+            raise Unavailable(
+                f"{shown_path(long[0])} would be {long[1]} characters long here, with its archive "
+                f"folder, and Windows takes at most {WINDOWS_MAX_PATH} without long paths; nothing was "
+                "changed. Set LongPathsEnabled = 1 under HKLM\\SYSTEM\\CurrentControlSet\\Control\\"
+                "FileSystem and restart the receiver (recycle its app pool), or shorten the path")
         self._check_in_the_way(current, puts)
         return change, puts, here, stored
 

@@ -83,6 +83,21 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
+def long_paths_enabled() -> bool:
+    """Whether this process may use paths over 259 characters: everywhere but on a Windows
+    without LongPathsEnabled (python.exe itself declares that it can)."""
+    if not WINDOWS:
+        return True
+    import ctypes
+
+    try:
+        check = ctypes.WinDLL("ntdll").RtlAreLongPathsEnabled  # type: ignore[attr-defined]
+    except (OSError, AttributeError):  # (before Windows 10 1607: never)
+        return False
+    check.restype = ctypes.c_ubyte  # (a BOOLEAN)
+    return bool(check())
+
+
 def user_name(uid: int) -> str:
     """The account name of ``uid``, or the number where it has none (or on Windows)."""
     try:
