@@ -286,24 +286,27 @@ def _check_web_config(report: CheckReport, settings: Settings, given: str | None
               "over the IIS application's web.config, recycle its app pool, then run esmirror check "
               "--web-config <that web.config>")
     try:
-        web = parse_file(path).find("system.webServer")
+        root = parse_file(path)
     except (OSError, ValueError, etree.XMLSyntaxError) as exc:  # (ValueError: a DOCTYPE, refused)
         report.add("error", "web-config", f"{path} cannot be read as XML: {one_line(exc, 200)}",
                    file=str(path), fix=render)
         return
-    ip = web.find("security/ipSecurity") if web is not None else None
+    # (in any namespace, and inside <location path="."> too)
+    ip = next(root.iter("{*}ipSecurity"), None)
+    limits = next(root.iter("{*}requestLimits"), None)
+    networks = settings.allow_push + settings.allow_admin
+    allowed = _ip_security_networks(ip) if ip is not None else None
     if ip is None:
         report.add("warning", "web-config", f"{path} has no ipSecurity section: IIS admits every "
                    "address, and only the receiver's own allow_push/allow_admin check stands",
                    file=str(path), fix=render)
-        return
-    networks = settings.allow_push + settings.allow_admin
-    allowed = _ip_security_networks(ip)
-    if ip.get("allowUnlisted", "true").lower() != "false":
+    elif ip.get("allowUnlisted", "true").lower() != "false":
         report.add("error", "web-config", f"{path}: ipSecurity admits addresses it does not list "
                    "(allowUnlisted is not false)", file=str(path), fix=render)
     elif allowed is None:
-        pass  # entries deploy does not write (denials, domain names): not compared
+        report.add("warning", "web-config", f"{path}: ipSecurity holds entries deploy does not write "
+                   "(denials, domain names, removals), so it is not compared with allow_push and "
+                   "allow_admin; compare it by hand", file=str(path), fix=render)
     elif _address_set(allowed) == _address_set(networks):
         report.add("ok", "web-config", f"IIS's ipSecurity in {path} = allow_push + allow_admin", file=str(path))
     else:
@@ -316,7 +319,6 @@ def _check_web_config(report: CheckReport, settings: Settings, given: str | None
         report.add("error", "web-config", f"{path} lets IIS admit {listed}, but allow_push + "
                    f"allow_admin in {settings.ini_path} are {' '.join(map(shown_network, networks)) or 'empty'}: "
                    f"{'; '.join(effects)}", file=str(path), fix=render)
-    limits = web.find("security/requestFiltering/requestLimits")
     wanted_body = upload_limit(settings, under_iis=True)
     try:
         body = int(limits.get("maxAllowedContentLength", "30000000")) if limits is not None else 30000000
@@ -329,12 +331,17 @@ def _check_web_config(report: CheckReport, settings: Settings, given: str | None
 
 
 def _ip_security_networks(section: Any) -> list[Network] | None:
-    """What ipSecurity's ``allowed="true"`` entries admit; None where it holds anything else."""
+    """What ipSecurity's ``allowed="true"`` entries admit (after its last ``clear``); None where
+    it holds anything else (IIS's ``allowed`` is false unless set)."""
     found: list[Network] = []
     for entry in section:
         if not isinstance(entry.tag, str):
             continue  # a comment
-        if entry.tag != "add" or entry.get("allowed", "").lower() != "true" or entry.get("domainName"):
+        name = etree.QName(entry).localname
+        if name == "clear":
+            found = []
+            continue
+        if name != "add" or entry.get("allowed", "").lower() != "true" or entry.get("domainName"):
             return None
         address, mask = entry.get("ipAddress", ""), entry.get("subnetMask")
         try:  # IIS writes IPv4 masks dotted (255.255.255.0), IPv6 ones as a prefix length

@@ -112,6 +112,20 @@ def test_check_compares_the_web_config_with_the_allow_lists_until_it_is_rendered
     assert "admits addresses it does not list (allowUnlisted is not false)" in unlisted, unlisted
     assert f"maxAllowedContentLength is 30000000 bytes, but the receiver tells masters it takes {2**31 - 1}" \
         in limit and "(404.13)" in limit, limit
+    # IIS's other spellings of the same: a namespace, a <location path=".">, a <clear/> first
+    text = web_config.read_text()
+    copy.write_text(text.replace("<configuration>", '<configuration xmlns="urn:x"><location path=".">')
+                    .replace("</configuration>", "</location></configuration>")
+                    .replace('denyAction="Forbidden">', 'denyAction="Forbidden"><clear/>'))
+    assert [f["level"] for f in _web_config_findings(install, "--web-config", str(copy))[1]] == ["ok"]
+    copy.write_text(text.replace('denyAction="Forbidden">', 'denyAction="Forbidden"><add ipAddress="192.0.2.66"/>'))
+    [denial] = _web_config_findings(install, "--web-config", str(copy))[1]  # (allowed: false unless set)
+    assert denial["level"] == "warning" and "not compared" in denial["message"], denial
+    # no ipSecurity at all: said, and the body limit still compared
+    start, end = text.index("<ipSecurity"), text.index("</ipSecurity>") + len("</ipSecurity>")
+    copy.write_text((text[:start] + text[end:]).replace(f'"{2**31 - 1}"', '"100"'))
+    found = _web_config_findings(install, "--web-config", str(copy))[1]
+    assert [f["level"] for f in found] == ["warning", "error"] and "(404.13)" in found[1]["message"], found
     copy.write_text("<configuration><system.webServer>")
     [broken] = _web_config_findings(install, "--web-config", str(copy))[1]
     assert "cannot be read as XML" in broken["message"], broken
