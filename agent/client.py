@@ -525,12 +525,13 @@ class SecondaryClient:
         if response.is_redirect:
             raise RemoteError(f"{self.secondary.name} answered {method} {route} with a redirect to "
                               f"{response.headers.get('Location')!r}; esmirror does not follow "
-                              "redirects: check the host, port, ssl mode and prefix")
+                              "redirects: check the host, port, ssl mode and prefix", kind="bad-answer")
         try:
             return response.json()
         except (ValueError, RecursionError):
             raise RemoteError(f"{self.secondary.name} answered {method} {route} with something "
-                              f"that is not JSON; is {self.base} an esmirror receiver?") from None
+                              f"that is not JSON; is {self.base} an esmirror receiver?",
+                              kind="bad-answer") from None
 
     def _answer(self, what: str, answer: Any) -> dict[str, Any]:
         """A JSON answer checked against what a receiver of this version sends: a wrong

@@ -184,7 +184,7 @@ def master_hash_cache(settings: Settings,
 
 
 def _skipped(secondary: Secondary, why: str) -> PushResult:
-    return PushResult(secondary.host, secondary.port, state="skipped", error=why)
+    return PushResult(secondary.host, secondary.port, state="skipped", error=why, reason="skipped")
 
 
 def fan_out(secondaries: list[Secondary], one: Callable[[Secondary], PushResult],
@@ -418,7 +418,8 @@ def _publish_locked(settings: Settings, secondaries: list[Secondary], full: bool
             results = fan_out(secondaries, one, canary, max_parallel, stop_on_failure, observer, ended)
         except KeyboardInterrupt:  # (Ctrl-C, SIGTERM): the ledger says which did not get it
             if not dry_run:
-                cut = [ended.get(s) or PushResult(s.host, s.port, state="failed", error=INTERRUPTED)
+                cut = [ended.get(s) or PushResult(s.host, s.port, state="failed", error=INTERRUPTED,
+                                                  reason="interrupted")
                        for s in secondaries]
                 _record(settings, cut, generation, local.manifest.digest, caller, mine["self"], "publish")
                 ledger = Ledger(settings)

@@ -13,7 +13,7 @@ from app.core import PROTOCOL
 from app.core.apply import commit_limit, room_needed
 from app.core.audit import now_iso
 from app.core import delta
-from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError
+from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError, TooLarge
 from app.core.express import Secondary
 from app.core.manifest import ChunkFeed, Growing, HashCache, Manifest, diff
 from app.core.settings import Settings
@@ -239,6 +239,13 @@ class Refused(MirrorError):
     """The secondary may not take this master's set (version, platform, owner)."""
 
 
+def twin_refusal(name: str, twin: str, receiver: str) -> str:
+    return (f"{name} is the receiver {twin} is (the same id, {receiver}): one server listed under "
+            f"two names in Mirrors (list each server once, by one name), or a server whose var/data "
+            f"was copied from the other's, .esmirror/ included (delete var/data/.esmirror/self-id "
+            "on the copy, a new id is made, and restart its receiver)")
+
+
 class Reached:
     """The Mirrors name that reached each receiver (by its id) first, in one publish or one
     look at the fleet: one server listed under two names (an alias, its address) is a twin."""
@@ -256,9 +263,7 @@ class Reached:
         with self._lock:
             twin = self._first.setdefault(receiver, secondary.name)
         if twin != secondary.name:
-            raise Refused(f"{secondary.name} is the receiver {twin} is (the same id, {receiver}): "
-                          "one server listed under two names in Mirrors; list each server once, "
-                          "by one name")
+            raise Refused(twin_refusal(secondary.name, twin, receiver))
 
 
 def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any]) -> None:
@@ -355,7 +360,7 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         if answer["digest"] != want.digest:
             raise RemoteError(f"{secondary.name} answered the commit with set {answer['digest'][:12]}… "
                               f"but was sent {want.digest[:12]}…; see what it holds with 'esmirror "
-                              f"browse {secondary.name}' and publish again")
+                              f"browse {secondary.name}' and publish again", kind="bad-answer")
         result.state = "in-sync"
         result.generation = answer.get("generation")
         result.digest = answer.get("digest")
@@ -368,8 +373,10 @@ def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[s
         result.state, result.error, result.reason = "interrupted", exc.message, "interrupted"
     except RemoteError as exc:
         _failed_there(result, exc, local)
-    except MirrorError as exc:  # this master's side: its settings, or the secondary's room as browsed
-        result.error, result.reason = exc.message, _BY_STATUS.get(exc.status, "master")
+    except MirrorError as exc:  # found here: this master's settings, or what the secondary's look says
+        result.error = exc.message
+        result.reason = "no-room" if isinstance(exc, NoRoom) else "too-large" if isinstance(exc, TooLarge) \
+            else "master"
     except ChangedWhileSent as exc:  # (failed: the secondary and the network are fine)
         result.error, result.reason = f"sending to {secondary.name} stopped: {exc}", "master"
     except OSError as exc:
@@ -418,7 +425,7 @@ def _send_and_commit(client: SecondaryClient, local: LocalSet, info: dict[str, A
 # a failed push's ``reason``, for monitoring; the error says the same to a person
 REASONS = ("unreachable", "tls", "refused", "conflict", "bad-request", "too-large", "invalid-set",
            "reload-failed", "unavailable", "no-room", "server-error", "bad-answer", "interrupted",
-           "master", "unforeseen")
+           "skipped", "master", "unforeseen")
 # the receiver's statuses (app/core/errors.py); 401, 403 and a 409 naming another master: refused
 _BY_STATUS = {400: "bad-request", 409: "conflict", 411: "bad-request", 413: "too-large",
               422: "invalid-set", 503: "unavailable", 507: "no-room"}
@@ -522,7 +529,7 @@ def check_list_fits(secondary: Secondary, info: dict[str, Any], local: LocalSet)
     limit, setting = commit_limit(taken)
     size = len(local.list_json)
     if size + 4096 > limit:  # (4 KiB: the commit's other fields)
-        raise MirrorError(f"{secondary.name} cannot take this set's commit: its file list "
+        raise TooLarge(f"{secondary.name} cannot take this set's commit: its file list "
                           f"({len(local.manifest.files)} files) is {size} bytes of JSON, over "
                           f"its limit of {limit} bytes ({setting}); nothing was sent. Raise "
                           f"max_upload_bytes in esmirror.ini on {secondary.host}, or publish fewer files")

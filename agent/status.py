@@ -13,16 +13,16 @@ from app.core.ledger import Ledger, fleet_status
 from app.core.settings import Settings
 
 from .client import SecondaryClient, unforeseen
-from .push import Reached, Refused, check_peer
+from .push import Refused, check_peer, twin_refusal
 
 log = logging.getLogger("esmirror.agent")
 
 
 def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any],
-              reached: Reached | None = None) -> Callable[[Ledger], None]:
-    """One browse: what the secondary holds, whether it drifted, whether it refuses us (or is
-    another Mirrors name's twin, in ``reached``: a look at the whole fleet).
-    Returns how to record it (the caller decides whether it still may)."""
+              fine: dict[Secondary, dict[str, Any]] | None = None) -> Callable[[Ledger], None]:
+    """One browse: what the secondary holds, whether it drifted, whether it refuses us.
+    Returns how to record it (the caller decides whether it still may). A secondary found
+    fine goes in ``fine``, with its answer (for the twins' check)."""
     client = None
     asked = time.time()  # (a push that ends while this browse is under way knows better)
     try:
@@ -44,12 +44,28 @@ def check_one(settings: Settings, secondary: Secondary, mine: dict[str, Any],
             client.close()
     try:
         check_peer(secondary, info, mine)
-        if reached is not None:  # (a push refused it as a twin: the next look must not clear that)
-            reached.check(secondary, info)
         why = None
+        if fine is not None:
+            fine[secondary] = info
     except Refused as exc:
         why = exc.message
     return lambda ledger: ledger.record_contact(secondary, info, why, asked=asked)
+
+
+def _record_twins(ledger: Ledger, secondaries: list[Secondary], fine: dict[Secondary, dict[str, Any]]) -> None:
+    """One receiver that answered under two Mirrors names: the later-listed one is refused, as
+    a publish refuses the name it reaches second (a look must not take that as fixed). By
+    Mirrors order, so that each look names the same one."""
+    first: dict[str, Secondary] = {}
+    for secondary in secondaries:
+        info = fine.get(secondary, {})
+        receiver = info.get("self")
+        if not isinstance(receiver, str):
+            continue
+        twin = first.setdefault(receiver, secondary)
+        if twin != secondary:
+            # (after this look's own record of it, which it amends)
+            ledger.record_contact(secondary, info, twin_refusal(secondary.name, twin.name, receiver))
 
 
 def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
@@ -65,7 +81,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
 
     secondaries = secondaries if secondaries is not None else select_secondaries(settings)
     mine = master_identity(settings)
-    reached = Reached()
+    fine: dict[Secondary, dict[str, Any]] = {}
     todo: queue.SimpleQueue[Secondary] = queue.SimpleQueue()
     for secondary in secondaries:
         todo.put(secondary)
@@ -79,7 +95,7 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
                 secondary = todo.get_nowait()
             except queue.Empty:
                 return
-            record = check_one(settings, secondary, mine, reached)
+            record = check_one(settings, secondary, mine, fine)
             with gate:  # (recorded whole before the deadline, or not at all)
                 if late.is_set():
                     return
@@ -105,6 +121,11 @@ def check_fleet(settings: Settings, secondaries: list[Secondary] | None = None,
         late.set()
         if failed:
             raise failed[0]
+        try:
+            _record_twins(Ledger(settings), secondaries, {s: a for s, a in fine.items() if s not in unanswered})
+        except OSError as exc:  # (as for each answer above)
+            log.warning("cannot record the twins this look found: %s: %s", exc.filename or "the ledger",
+                        exc.strerror or exc)
         return [s for s in secondaries if s in unanswered]
 
 

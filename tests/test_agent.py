@@ -279,6 +279,7 @@ def test_rollout_canary_and_stop_on_failure(fleet):
     rc, report, out = f.publish("--canary", canary)
     assert rc == 1, out
     assert [s["state"] for s in report["secondaries"]] == ["unreachable", "skipped", "skipped"]
+    assert [s["reason"] for s in report["secondaries"]] == ["unreachable", "skipped", "skipped"]
     assert f"canary {canary} failed" in report["secondaries"][1]["error"]
     assert all(set_files(s.data_dir) == {} for s in f.secondaries)
 

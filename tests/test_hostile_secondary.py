@@ -102,6 +102,7 @@ CASES = [  # (id, route, status, body, words the fake's error holds)
     ("commit-reasons-numbers", "commit", 422, _json({"error": "no\nway", "reasons": [1, 2]}), "no way"),
     ("commit-missing-number", "commit", 409, _json({"error": "missing", "missing": 5}), "missing"),
 ]
+REASONS = {"browse-protocol": "refused", "commit-reasons-numbers": "invalid-set", "commit-missing-number": "conflict"}
 BROWSE_CHANGES = {"browse-protocol": {"protocol": 999}, "browse-part-size-text": {"max_upload_bytes": "abc"},
                   "browse-warnings-number": {"warnings": 5}}
 
@@ -121,6 +122,7 @@ def test_a_hostile_answer_fails_that_secondary_only(world, name, route, status, 
     by_port = {s["port"]: s for s in report["secondaries"]}
     bad = by_port[fake_port]
     assert bad["state"] != "in-sync" and words in bad["error"], bad
+    assert bad["reason"] == REASONS.get(name, "bad-answer"), bad  # (not answered as a receiver does)
     assert "\n" not in bad["error"].split("\n  ")[0], bad["error"]
     assert "esmirror bug" not in bad["error"], bad["error"]
     assert [s["state"] for p, s in by_port.items() if p != fake_port] == ["in-sync"]

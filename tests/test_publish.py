@@ -980,3 +980,8 @@ def test_one_server_under_two_names_is_pushed_once_and_the_twin_named(tmp_path, 
     assert sorted(s["state"] for s in fleet["secondaries"]) == ["in-sync", "refused"], out
     twin = next(s for s in fleet["secondaries"] if s["state"] == "refused")
     assert "one server listed under two names in Mirrors" in twin["detail"], twin
+    # the one listed second, whichever answered first: each look names the same one
+    assert twin["name"] == f"127.1:{receiver.port}", twin
+    for _ in range(2):
+        rc, fleet, out = esmirror("status", "--install-dir", str(master.root), "--json")
+        assert [s["state"] for s in fleet["secondaries"]] == ["in-sync", "refused"], out
