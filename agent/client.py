@@ -115,19 +115,21 @@ def make_session(secondary: Secondary, settings: Settings) -> requests.Session:
     return session
 
 
-def _tls_failure(exc: Exception) -> str | None:
-    """What TLS said, when ``exc`` is a TLS failure (a certificate, a handshake)."""
+def _tls_failure(exc: Exception, answered: bool = False) -> str | None:
+    """What TLS said, when ``exc`` is a TLS failure (a certificate, a handshake). Once the
+    secondary ``answered`` over this channel, only its certificate's is: a TLS connection
+    cut short is the server going away."""
     unverified = _wrapped(exc, ssl.SSLCertVerificationError)
     if unverified is not None:
         return getattr(unverified, "verify_message", None) or str(unverified)
-    return str(exc) if isinstance(exc, requests.exceptions.SSLError) else None
+    return str(exc) if isinstance(exc, requests.exceptions.SSLError) and not answered else None
 
 
 def describe_connection_error(secondary: Secondary, exc: Exception, answered: bool = False) -> str:
     """Plain words for TLS and network failures; ``answered``: it answered earlier requests
     of this push (so the channel is right, and a cut connection is a stop, not TLS)."""
     text = str(exc)
-    reason = _tls_failure(exc)
+    reason = _tls_failure(exc, answered)
     if reason is not None:
         low = reason.lower()
         if "expired" in low:
@@ -154,7 +156,7 @@ def describe_connection_error(secondary: Secondary, exc: Exception, answered: bo
         return (f"cannot connect to {secondary.name}: connection refused, nothing listens on port "
                 f"{secondary.port} there; check that port in its <Secondary> (80 when left out, even "
                 "for HTTPS) and that its web server or receiver is running")
-    if _wrapped(exc, http.client.RemoteDisconnected, ConnectionResetError) is not None:
+    if _wrapped(exc, http.client.RemoteDisconnected, ConnectionResetError, ssl.SSLEOFError) is not None:
         if answered:
             return (f"{secondary.name} closed the connection without answering: its receiver or web "
                     "server was stopped or restarted while it worked (a graceful reload of httpd by "
@@ -503,7 +505,7 @@ class SecondaryClient:
                 if route == "commit" and not _never_connected(exc):
                     message += ("; the commit's answer was lost, so the set may be live there: "
                                 "'esmirror status' shows what it holds")
-                raise RemoteError(message, kind="tls" if _tls_failure(exc) is not None
+                raise RemoteError(message, kind="tls" if _tls_failure(exc, bool(self.target)) is not None
                                   else "unreachable") from None
             if deadline.cut and self.interrupt is not None:  # (likewise)
                 self.interrupt.check(self.secondary)

@@ -281,3 +281,24 @@ def _noverify_to_plain_http(tmp_path, make_receiver, server: str):
                           [("127.0.0.1", receiver.port, "noverify")])
     write_sample_set(master.data_dir, tmp_path / "images", big_mb=1)
     return secondary, receiver, master
+
+
+
+
+def test_a_tls_secondary_cut_off_mid_push_is_unreachable_not_a_tls_refusal(tmp_path, make_receiver, certs):
+    """Its receiver killed while a body was on its way over TLS: the channel was right (it
+    answered the push's first requests), so a cut connection is the server going away, not
+    a certificate to fix. It was reported a TLS failure, and counted as a refusal."""
+    secondary = make_install(tmp_path / "secondary", {"allow_push": "127.0.0.1", "express_version": VERSION})
+    cert, key = certs["good"]
+    receiver = make_receiver(secondary, server="gunicorn", env={"ESMIRROR_CRASH_AT": "upload-write:1"},
+                             extra=["--certfile", str(cert), "--keyfile", str(key)])
+    master = make_install(tmp_path / "master", {"express_version": VERSION},
+                          [("127.0.0.1", receiver.port, "strict")])
+    write_sample_set(master.data_dir, tmp_path / "images", big_mb=8)
+    (master.etc_dir / "ca-bundle.crt").write_bytes(certs["bundle"].read_bytes())
+    rc, report, out = publish(master)
+    result = report["secondaries"][0]
+    assert rc == 1 and (result["state"], result["reason"]) == ("unreachable", "unreachable"), result
+    assert "closed the connection without answering" in result["error"] and "TLS" not in result["error"], result
+    assert result["bytes_sent"] > 0, result  # (cut mid-body: the channel had worked)
