@@ -247,8 +247,9 @@ def twin_refusal(name: str, twin: str, receiver: str) -> str:
 
 
 class Reached:
-    """The Mirrors name that reached each receiver (by its id) first, in one publish or one
-    look at the fleet: one server listed under two names (an alias, its address) is a twin."""
+    """The Mirrors name that reached each receiver (by its id) first in one publish: one
+    server listed under two names (an alias, its address) is a twin. (A look at the fleet
+    decides by Mirrors order instead: status._record_twins.)"""
 
     def __init__(self) -> None:
         self._first: dict[str, str] = {}
