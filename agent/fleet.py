@@ -266,6 +266,7 @@ def _record(settings: Settings, results: list[PushResult], generation: int, dige
         audit(settings, "push", caller=caller, master=master, generation=generation,
               files=result.files_sent, outcome=result.state, secondary=result.name,
               bytes=result.bytes_sent, why=why, error=result.error,
+              **({"reason": result.reason} if result.reason else {}),
               **({"failed_tries": tries} if why == "catch-up" else {}))
 
 

@@ -397,16 +397,18 @@ def test_a_catch_up_failing_for_a_new_reason_is_logged(tmp_path):
     from app.core.settings import load_settings
 
     settings = load_settings(make_install(tmp_path / "m", {}, [("127.0.0.1", 8081, "none")]).root)
-    tries = [("publish", "failed", "answered 507: no room"), ("catch-up", "failed", "answered 507: no room"),
-             ("catch-up", "failed", "answered 409: owned by another master"),
-             ("catch-up", "failed", "answered 409: owned by another master"),
-             ("catch-up", "unreachable", "connection refused"),
-             ("catch-up", "unreachable", "TLS: certificate is not valid for the name"),
-             ("catch-up", "in-sync", None)]
-    for why, state, error in tries:
-        _record(settings, [PushResult("127.0.0.1", 8081, state=state, error=error)], 1, "d" * 64,
-                "agent", "m", why)
-    logged = [(e["why"], e["outcome"], e["error"]) for e in read_audit(settings) if e["event"] == "push"]
+    tries = [("publish", "failed", "answered 507: no room", "no-room"),
+             ("catch-up", "failed", "answered 507: no room", "no-room"),
+             ("catch-up", "refused", "answered 409: owned by another master", "refused"),
+             ("catch-up", "refused", "answered 409: owned by another master", "refused"),
+             ("catch-up", "unreachable", "connection refused", "unreachable"),
+             ("catch-up", "unreachable", "TLS: certificate is not valid for the name", "tls"),
+             ("catch-up", "in-sync", None, None)]
+    for why, state, error, reason in tries:
+        _record(settings, [PushResult("127.0.0.1", 8081, state=state, error=error, reason=reason)], 1,
+                "d" * 64, "agent", "m", why)
+    logged = [(e["why"], e["outcome"], e["error"], e.get("reason")) for e in read_audit(settings)
+              if e["event"] == "push"]  # (the reason, a word for a machine, on each failure's line)
     assert logged == [tries[0], tries[2], tries[4], tries[5], tries[6]], logged
     assert [e.get("failed_tries") for e in read_audit(settings) if e.get("why") == "catch-up"] == [3, 5, 6, 6]
 
