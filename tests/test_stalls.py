@@ -422,8 +422,9 @@ def test_a_publish_stopped_by_sigterm_records_what_it_did_and_why_the_rest_lag(t
     assert done["state"] == "in-sync", done
     assert cut["state"] == "behind" and "the publish was stopped on this master" in cut["detail"], cut
     assert "other secondaries only" not in cut["detail"], cut
-    events = [(e["event"], e.get("outcome")) for e in audit_lines(master)]
-    assert ("publish", "interrupted") in events and ("push", "in-sync") in events, events
+    events = [(e["event"], e.get("outcome"), e.get("reason")) for e in audit_lines(master)]
+    assert ("publish", "interrupted", None) in events and ("push", "in-sync", None) in events, events
+    assert ("push", "failed", "interrupted") in events, events  # (the one it cut)
 
 
 def test_a_publish_killed_outright_is_not_said_to_have_reached_other_secondaries(tmp_path, slow_peer,
