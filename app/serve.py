@@ -115,9 +115,13 @@ def _wait_for_a_commit_under_way(settings: Settings, say: Callable[[str], None])
 
     from .core.apply import WorkingDir
 
+    workdir = WorkingDir(settings)
     try:
-        with WorkingDir(settings).lock(timeout=STOP_GRACE):
-            pass
+        # (no lock file, no commit ever ran: nothing to wait for, and nothing to create; a
+        # stop after var/data was removed made .esmirror/ again)
+        if workdir.lock_path.exists():
+            with workdir.lock(timeout=STOP_GRACE):
+                pass
     except filelock.Timeout:
         raise MirrorError(f"stopped while a commit was still under way after {STOP_GRACE:g} s; the "
                           "next start rolls it back and the master's next push applies it again") from None

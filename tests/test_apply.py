@@ -889,3 +889,16 @@ def test_a_commit_waits_while_another_holds_the_commit_lock(fleet):
     out = publish.communicate(timeout=60)[0]
     assert publish.returncode == 0, out
     assert set_files(secondary.data_dir) == set_files(f.master.data_dir)
+
+
+def test_a_receiver_stopped_after_its_working_dir_was_removed_does_not_make_it_again(fleet):
+    """Under waitress a stop waits for a commit under way by taking the commit lock, which
+    made var/data's .esmirror/ folder again for its lock file: a removed install (or a
+    test's folder) came back as debris nobody would clean."""
+    f = fleet(1, server="waitress")
+    assert f.publish()[0] == 0
+    var = f.secondaries[0].data_dir.parent
+    shutil.rmtree(var)
+    f.receivers[0].stop()
+    assert not var.exists(), sorted(str(p) for p in var.rglob("*"))
+    assert "esmirror receiver: stopped" in f.receivers[0].log.read_text()

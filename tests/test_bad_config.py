@@ -324,8 +324,8 @@ def test_root_runs_as_the_account_that_owns_the_working_dir(tmp_path, open_tmp):
 
 
 @pytest.mark.parametrize("umask", ["0277", "0777"])
-def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(make_receiver, umask,
-                                                                                  as_nobody, open_tmp):
+def test_a_umask_that_denies_the_owner_leaves_nothing_esmirror_cannot_use_later(open_tmp, make_receiver,
+                                                                                  umask, as_nobody):
     """A unit's UMask= typo made .esmirror/ and its records unusable for good, even for
     later commands under a sane umask; esmirror keeps its owner's rights. Run as an
     account that permissions bind (root's do not)."""

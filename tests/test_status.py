@@ -395,8 +395,8 @@ def test_status_after_a_publish_to_some_secondaries_says_so(fleet):
     assert "done: all in sync (1 of 2 secondaries)  generation 2" in out, out
 
 
-def test_status_by_an_account_that_cannot_record_says_so_instead_of_old_answers(make_receiver, as_nobody,
-                                                                                   open_tmp):
+def test_status_by_an_account_that_cannot_record_says_so_instead_of_old_answers(open_tmp, make_receiver,
+                                                                                   as_nobody):
     """Run by a monitoring account, status could not write the ledger, so it reported the
     ledger's older answers (all in sync, exit 0) while a secondary was down; only a
     warning on stderr said anything."""

@@ -419,10 +419,14 @@ class WorkingDir:
     def self_id(self) -> str:
         return own_self_id(self.state_dir)
 
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "commit.lock"
+
     def lock(self, timeout: float = LOCK_TIMEOUT) -> filelock.BaseFileLock:
         """One commit at a time, across gunicorn workers and on Windows (filelock)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(self.state_dir / "commit.lock", timeout=timeout)
+        return filelock.FileLock(self.lock_path, timeout=timeout)
 
     def state(self) -> dict[str, Any]:
         return read_json(self.state_path, {}) or {}
