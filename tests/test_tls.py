@@ -301,4 +301,3 @@ def test_a_tls_secondary_cut_off_mid_push_is_unreachable_not_a_tls_refusal(tmp_p
     result = report["secondaries"][0]
     assert rc == 1 and (result["state"], result["reason"]) == ("unreachable", "unreachable"), result
     assert "closed the connection without answering" in result["error"] and "TLS" not in result["error"], result
-    assert result["bytes_sent"] > 0, result  # (cut mid-body: the channel had worked)
