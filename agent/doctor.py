@@ -34,7 +34,7 @@ from app.core.server import upload_limit
 from app.core.signing import read_secret
 from app.core.xmlsafe import parse_file
 
-from .deploy import apache_word, require_line
+from .deploy import APACHE_FILES, apache_word, require_line
 from .httpd import (DEFAULT_HTTPD_CONFS, HttpdConfig, LocationSection, Where, account_name, apache_user,
                     blocked_at, code_outside, find_httpd_conf, read_httpd_config)
 
@@ -215,6 +215,15 @@ def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) ->
                            f"{origin}{target.rstrip('/')}); then reload httpd")
 
 
+def _into_httpd(where: Where) -> str:
+    """How a fresh rendering reaches the httpd file at ``where``: by itself when httpd reads
+    the rendered file (linked or included), by a copy when httpd reads a copy of it."""
+    if Path(where.file).resolve().name in APACHE_FILES:
+        return " there"
+    return (f"; then copy the rendered esmirror-wsgi.conf (or esmirror-proxy.conf, the one you "
+            f"installed) over {where.file}, which is a copy of it")
+
+
 def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
     """A <LocationMatch> that opens push routes to allow_push must open all of them: one left
     to the prefix's allow_admin is refused by httpd (403) to a master on another host."""
@@ -228,8 +237,8 @@ def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settin
                        f"masters but not {', '.join(left)}: httpd refuses a master outside "
                        "allow_admin there (403), so publishes that change a large file fail",
                        section.where,
-                       fix=f"render the Apache files again (esmirror deploy apache), or make the "
-                           f"<LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
+                       fix=f"render the Apache files again (esmirror deploy apache){_into_httpd(section.where)}, "
+                           f"or make the <LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
 
 
 def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
@@ -271,8 +280,9 @@ def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Setting
                        f"{' '.join(map(shown_network, networks)) or 'empty (nobody)'}: {'; '.join(effects)}",
                        where,
                        fix=f"render the Apache files again (esmirror deploy apache --install-dir "
-                           f"{settings.install_dir}), which writes '{require_line(networks)}' there; run "
-                           "esmirror check; then reload httpd (apachectl configtest && apachectl graceful)")
+                           f"{settings.install_dir}), which writes '{require_line(networks)}'"
+                           f"{_into_httpd(where)}; run esmirror check; then reload httpd "
+                           "(apachectl configtest && apachectl graceful)")
 
 
 def _check_web_config(report: CheckReport, settings: Settings, given: str | None) -> None:

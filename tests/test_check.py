@@ -556,7 +556,19 @@ def test_allow_lists_changed_after_rendering_are_reported_until_rendered_again(t
     assert "allow_push in " in push["message"] and "is 2001:db8::/64 192.0.2.20" in push["message"]
     assert "httpd refuses 192.0.2.20 2001:db8::/64 (403)" in push["message"]
     assert "esmirror deploy apache" in push["fix"] and "esmirror check" in push["fix"] \
-        and "reload" in push["fix"] and "Require ip 2001:db8::/64 192.0.2.20" in push["fix"]
+        and "reload" in push["fix"] and "Require ip 2001:db8::/64 192.0.2.20' there" in push["fix"]
+    assert "copy" not in push["fix"], push  # httpd reads the rendered file: rendering is enough
+
+    # httpd reads a copy of the rendered file (cp into conf-available): rendering alone
+    # changes nothing there, so the fix says to copy it again, and where to
+    live = conf.parent / "conf-enabled" / "esmirror.conf"
+    live.write_text(snippet.read_text())
+    rc, report, text = check(root, conf, "--json")
+    [push] = [f for f in errors_of(report) if f["topic"] == "require-ip" and f["line"] == push_line]
+    assert rc == 1 and push["file"] == str(live), push
+    assert "then copy the rendered esmirror-wsgi.conf (or esmirror-proxy.conf" in push["fix"] \
+        and f"over {live}, which is a copy of it" in push["fix"], push
+    live.write_text(f"Include {out}/{variant}\n")
 
     # allow_admin is rendered on the prefix the same way
     write_ini(root, allow_push="192.0.2.10", allow_admin="198.51.100.0/24")
