@@ -337,6 +337,10 @@ def run_agent(settings: Settings, verbose: bool = False) -> None:
     closed terminal); a second one stops it at once."""
     import signal
 
+    from app.core.signing import read_secret
+
+    read_secret(settings)  # a bad shared_secret_file stops the agent now, not at every push
+
     # UTC with its Z, as status, the audit log and the archive show times: one clock to line
     # them up by, whatever the machine's zone
     handler = logging.StreamHandler()

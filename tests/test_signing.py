@@ -15,7 +15,7 @@ import pytest
 from agent.demo import make_install
 from app.core.errors import ConfigError
 from app.core.signing import Signer, Verifier, batch_digest
-from conftest import VERSION, held_files, session_from, set_files, tree_state
+from conftest import VERSION, esmirror, held_files, session_from, set_files, tree_state
 
 SECRET = "3f1c0e9a7b5d4e2f8a6c1b0d9e7f5a3c"
 SIGNED = {"shared_secret_file": "esmirror.secret"}
@@ -293,6 +293,17 @@ def test_master_with_unreadable_secret_exits_2_and_sends_nothing(fleet):
     assert rc == 2, out
     assert "shared_secret_file" in out
     assert tree_state(f.secondaries[0].data_dir) == before
+
+
+def test_agent_with_unreadable_secret_does_not_start(fleet):
+    """An agent that started with a bad secret looked healthy in status while every publish
+    and catch-up failed: it now stops at once, as publish does, naming the file."""
+    f = fleet(1, master_ini=SIGNED, start=False)
+    rc, _, out = esmirror("agent", "--install-dir", str(f.master.root), timeout=60)
+    assert rc == 2 and "shared_secret_file" in out and "esmirror.secret" in out, out
+    write_secret(f.master, "short")
+    rc, _, out = esmirror("agent", "--install-dir", str(f.master.root), timeout=60)
+    assert rc == 2 and "holds 5 bytes" in out, out
 
 
 def test_nonces_are_pruned_after_three_windows(tmp_path):
