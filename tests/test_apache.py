@@ -314,6 +314,10 @@ Include {open_copy}
         # the master's own address, through the same open vhost, is admitted
         allowed = session_from("127.0.0.1").get(f"http://127.0.0.1:{open_port}{PREFIX}/manifest", timeout=30)
         assert allowed.status_code == 200 and allowed.json()["digest"] == report["digest"]
+        # the status page names the server as its visitor addressed it, not gunicorn's
+        # loopback port (every proxied server of a fleet would show the same name)
+        page = session_from("127.0.0.1").get(f"http://127.0.0.1:{open_port}{PREFIX}/", timeout=30)
+        assert page.status_code == 200 and f"esmirror status: 127.0.0.1:{open_port}" in page.text, page.text
     finally:
         httpd.stop()
         stop_session(gunicorn)
