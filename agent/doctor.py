@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import ssl
 import stat
 from dataclasses import asdict, dataclass, field
@@ -134,7 +135,7 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
     report.lt_is_user = env_user.user
     _check_users(report, httpd, env_user)
     if unit_path.is_file():
-        _check_receiver_unit(report, unit_path, env_user)
+        _check_receiver_unit(report, unit_path, env_user, settings)
     account = _account(report, env_user)
     _check_mirrors(report, settings)
     _check_secret(report, settings, account)
@@ -151,9 +152,9 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
     return report
 
 
-def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser) -> None:
+def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser, settings: Settings) -> None:
     """The gunicorn receiver (mod_proxy variant) writes var/data: it must run as LT_IS_USER too."""
-    user, line, section = None, 0, ""
+    user, line, section, served, served_line = None, 0, "", None, 0
     try:
         lines = unit.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
@@ -165,6 +166,16 @@ def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser) -> 
             section = text
         elif section == "[Service]" and text.startswith("User="):
             user, line = text[len("User="):].strip() or None, number  # (the last one counts)
+        elif section == "[Service]" and text.startswith("Environment="):
+            try:
+                words = shlex.split(text[len("Environment="):])  # (as deploy renders it, quoted)
+            except ValueError:
+                words = []
+            for word in words:
+                if word.startswith("ESMIRROR_INSTALL_DIR="):
+                    served, served_line = word.split("=", 1)[1].replace("%%", "%"), number
+    if served_line:
+        _check_serves_this_install(report, settings, served, f"{unit}", Where(str(unit), served_line))
     where = Where(str(unit), line) if line else None
     if user is None:
         report.add("error", "unit", f"{unit} sets no User=: the receiver runs as root and leaves root's "
@@ -182,10 +193,16 @@ def _check_receiver_unit(report: CheckReport, unit: Path, env_user: EnvUser) -> 
 
 def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
     """esmirror's WSGIScriptAlias (or ProxyPass) must mount it at the prefix every master pushes to."""
+    proxied = [d for d in httpd.proxy_passes if d.args[1] != "!" and settings.prefix in
+               (d.args[0].rstrip("/"), urlsplit(d.args[1]).path.rstrip("/"))]
+    if not httpd.esmirror_aliases() and not proxied:
+        _report_unmounted(report, httpd, settings)
     for directive in httpd.esmirror_aliases():
         alias, script = directive.args[0], Path(directive.args[1])
         if not os.access(script, os.R_OK):
             continue  # (maybe not esmirror's) unreadable scripts are reported by the wsgi check
+        _check_serves_this_install(report, settings, _wsgi_install_dir(script),
+                                   f"the receiver httpd mounts at {alias} (its {script})", directive.where)
         if alias.rstrip("/") != settings.prefix:
             report.add("error", "prefix", f"WSGIScriptAlias mounts esmirror at {alias} but prefix is "
                        f"{settings.prefix} ({settings.ini_path}): masters push to the prefix",
@@ -198,11 +215,9 @@ def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) ->
                        "slash: httpd answers 404 for every route, pushes included", directive.where,
                        fix=f"drop the trailing slash at {directive.where}: WSGIScriptAlias {settings.prefix} "
                            f"{apache_word(str(script))} …; then reload httpd")
-    for directive in httpd.proxy_passes:
+    for directive in proxied:
         path, url = directive.args
         target = urlsplit(url).path
-        if url == "!" or settings.prefix not in (path.rstrip("/"), target.rstrip("/")):
-            continue  # not proxied, or another application's
         if path.endswith("/") != target.endswith("/"):
             # httpd swaps the one for the other as written: /prefix/manifest becomes /prefixmanifest
             sample = path.rstrip("/") + "/manifest"
@@ -213,6 +228,51 @@ def _check_mount(report: CheckReport, httpd: HttpdConfig, settings: Settings) ->
                        fix=f"at {directive.where} end both with a slash or neither, as esmirror deploy "
                            f"apache renders it (<Location {path.rstrip('/')}> ProxyPass "
                            f"{origin}{target.rstrip('/')}); then reload httpd")
+
+
+_WSGI_INSTALL_RE = re.compile(r"""os\.environ\.setdefault\(\s*["']ESMIRROR_INSTALL_DIR["']\s*,\s*(.+?)\s*\)\s*$""",
+                              re.MULTILINE)
+
+
+def _wsgi_install_dir(script: Path) -> str | None:
+    """The install a .wsgi rendered by deploy serves (None: not a rendered one)."""
+    import ast
+
+    try:
+        found = _WSGI_INSTALL_RE.search(script.read_text(encoding="utf-8", errors="replace"))
+        value = ast.literal_eval(found.group(1)) if found else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _check_serves_this_install(report: CheckReport, settings: Settings, served: str | None,
+                               what: str, where: Where | None) -> None:
+    """A receiver rendered for another install (a moved or cloned one) writes that one's
+    var/data: this install's checks would pass while its set is never applied."""
+    if served is None or Path(served).resolve() == settings.install_dir.resolve():
+        return
+    report.add("error", "install", f"{what} serves {served}, not this install ({settings.install_dir}): "
+               "pushes to it change that install's var/data", where,
+               fix=f"render the Apache files for this install (esmirror deploy apache --install-dir "
+                   f"{settings.install_dir}) and use them there; run esmirror check; then reload httpd")
+
+
+def _report_unmounted(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
+    """httpd mounts no receiver (the snippet rendered but never linked, a2enconf forgotten):
+    masters get httpd's 404 while every other check passes. An error once the Apache files
+    are rendered here; before that, a receiver may run on its own (esmirror serve)."""
+    rendered = settings.etc_dir / "apache" / "esmirror"
+    intended = any((rendered / name).is_file() for name in ("esmirror-wsgi.conf", "esmirror-proxy.conf"))
+    report.add("error" if intended else "warning", "mount",
+               f"httpd's configuration ({httpd.main}) mounts no esmirror receiver: no WSGIScriptAlias "
+               f"of esmirror's .wsgi, no ProxyPass of {settings.prefix}; a master pushing to this "
+               "server through httpd gets 404",
+               fix=f"link the rendered esmirror-wsgi.conf (or esmirror-proxy.conf) in {rendered} into "
+                   "httpd's configuration and enable it (Debian: ln -s it as "
+                   "/etc/apache2/conf-available/esmirror.conf, then a2enconf esmirror); run esmirror "
+                   "check; then reload httpd" + ("" if intended else
+                   "; a receiver run by esmirror serve on its own port needs no httpd mount"))
 
 
 def _into_httpd(where: Where) -> str:
@@ -759,4 +819,6 @@ def print_check(report: CheckReport, verbose: bool = True) -> None:
         if f.fix and f.level != "ok":
             click.echo(f"           fix: {f.fix}")
     errors = sum(f.level == "error" for f in report.findings)
-    click.echo("all is well" if report.ok else f"{errors} problem(s) to fix")
+    warnings = sum(f.level == "warning" for f in report.findings)
+    click.echo(f"{errors} problem(s) to fix" if not report.ok
+               else f"all is well, but for {warnings} warning(s)" if warnings else "all is well")

@@ -735,3 +735,69 @@ def test_debians_mod_wsgi_needs_a_venv_of_debians_python(tmp_path):
     assert rc == 0, text
     assert f"OK       wsgi: WSGIDaemonProcess esmirror's python-home {venv} is a venv of Python 3.11, " \
            f"the one {DEBIAN_MOD_WSGI} embeds" in text
+
+
+def test_an_httpd_that_mounts_no_receiver_is_reported(tmp_path):
+    """The snippet rendered but never linked into httpd (a2enconf forgotten) used to pass
+    the doctor, 'all is well', while every master got httpd's 404."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    # nothing rendered yet: the receiver may run on its own (esmirror serve), so a warning
+    rc, report, text = check(root, conf, "--json")
+    [mount] = [f for f in report["findings"] if f["topic"] == "mount"]
+    assert rc == 0 and mount["level"] == "warning", text
+    assert "mounts no esmirror receiver" in mount["message"] and "esmirror serve" in mount["fix"]
+    rc, _, text = check(root, conf)
+    assert rc == 0 and "all is well, but for " in text and "WARNING  mount: httpd" in text, text
+
+    # rendered for httpd (the default folder), still not linked: an error
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--httpd-conf", str(conf))
+    assert rc == 0, text
+    rendered = root / "ImageServer" / "etc" / "apache" / "esmirror"
+    rc, report, text = check(root, conf, "--json")
+    [mount] = [f for f in report["findings"] if f["topic"] == "mount"]
+    assert rc == 1 and mount["level"] == "error", text
+    assert str(rendered) in mount["fix"] and "a2enconf esmirror" in mount["fix"], mount
+
+    # linked as the install steps say: mounted
+    for variant in ("esmirror-wsgi.conf", "esmirror-proxy.conf"):
+        live = conf.parent / "conf-enabled" / "esmirror.conf"
+        live.unlink(missing_ok=True)
+        live.symlink_to(rendered / variant)
+        rc, report, text = check(root, conf, "--json")
+        assert not [f for f in report["findings"] if f["topic"] == "mount"], (variant, text)
+
+
+def test_a_receiver_rendered_for_another_install_is_reported(tmp_path):
+    """A .wsgi or unit rendered for another install (moved, cloned, or a second one on this
+    host) writes that install's var/data: check on this one used to pass."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    other = make_install(tmp_path / "other", {"allow_push": "192.0.2.10"})
+    (other.etc_dir / "env.sh").write_text(f"LT_IS_USER={user}\n")
+    out = tmp_path / "rendered-for-other"
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(other.root), "--out", str(out),
+                           "--httpd-conf", str(conf))
+    assert rc == 0, text
+    live = conf.parent / "conf-enabled" / "esmirror.conf"
+    live.write_text(f"Include {out}/esmirror-wsgi.conf\n")
+    rc, report, text = check(root, conf, "--json")
+    [bad] = [f for f in errors_of(report) if f["topic"] == "install"]
+    assert rc == 1 and f"serves {other.root}, not this install ({root})" in bad["message"], text
+    assert str(out / "esmirror.wsgi") in bad["message"] and f"--install-dir {root}" in bad["fix"]
+    # the gunicorn unit the same way (Environment=ESMIRROR_INSTALL_DIR=…)
+    live.write_text(f"Include {out}/esmirror-proxy.conf\n")
+    unit = out / "esmirror-receiver.service"
+    rc, report, text = check(root, conf, "--unit", str(unit), "--json")
+    [bad] = [f for f in errors_of(report) if f["topic"] == "install"]
+    assert rc == 1 and bad["file"] == str(unit) and bad["line"] == line_of(unit, "ESMIRROR_INSTALL_DIR"), text
+    # rendered for this install: nothing to say
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
+                           "--httpd-conf", str(conf))
+    assert rc == 0, text
+    for extra in ((), ("--unit", str(unit))):
+        rc, report, text = check(root, conf, *extra, "--json")
+        assert not [f for f in errors_of(report) if f["topic"] == "install"], text
+        live.write_text(f"Include {out}/esmirror-wsgi.conf\n")
