@@ -31,7 +31,8 @@ def _templates() -> Path:
 
 
 TEMPLATES = _templates()
-APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service")
+APACHE_FILES = ("esmirror-wsgi.conf", "esmirror.wsgi", "esmirror-proxy.conf", "esmirror-receiver.service",
+                "esmirror-agent.service")
 IIS_FILES = ("web.config",)
 LOOPBACK = "127.0.0.1 ::1"
 
@@ -117,6 +118,11 @@ def _unit_text(text: str) -> str:
     return text.replace("%", "%%")
 
 
+def _unit_exec(*argv: str) -> str:
+    """A command line as systemd's ExecStart= runs it literally ($ starts a variable there)."""
+    return _unit_text(" ".join(shlex.quote(a) for a in argv)).replace("$", "$$")
+
+
 def _paths_fit(**paths: str) -> None:
     """Paths go into config lines as they are: a line break would add a line of its own."""
     for option, value in paths.items():
@@ -152,7 +158,8 @@ def _write(out_dir: Path, kind: str, names: tuple[str, ...], values: dict[str, s
 
 def render_apache(settings: Settings, out_dir: Path, user: str | None = None, venv: str | None = None,
                   backend: str = "127.0.0.1:8081", httpd_conf: str | None = None) -> Rendered:
-    """mod_wsgi snippet + .wsgi file, and the mod_proxy → gunicorn snippet + systemd unit."""
+    """mod_wsgi snippet + .wsgi file, the mod_proxy → gunicorn snippet + systemd unit, and the
+    agent's systemd unit (for a master)."""
     out_dir = out_dir.resolve()
     venv_dir = str(Path(venv or sys.prefix).absolute())
     _paths_fit(venv=venv_dir, out=str(out_dir), install_dir=str(settings.install_dir))
@@ -181,9 +188,9 @@ def render_apache(settings: Settings, out_dir: Path, user: str | None = None, ve
         "require_push": require_line(settings.allow_push),
         "require_browse": require_line(settings.allow_push + settings.allow_admin),
         "backend": backend, "proxy_ips": LOOPBACK,
-        "exec_start": _unit_text(" ".join(shlex.quote(a) for a in [
-            f"{venv_dir}/bin/esmirror", "serve", "--install-dir", install, "--server", "gunicorn",
-            "--bind", backend])).replace("$", "$$"),
+        "exec_start": _unit_exec(f"{venv_dir}/bin/esmirror", "serve", "--install-dir", install,
+                                 "--server", "gunicorn", "--bind", backend),
+        "agent_exec_start": _unit_exec(f"{venv_dir}/bin/esmirror", "agent", "--install-dir", install),
     }
     rendered = Rendered(out_dir, user=account)
     _write(out_dir, "apache", APACHE_FILES, values, rendered)

@@ -59,6 +59,10 @@ def test_apache_files_carry_user_from_env_sh_prefix_lists_venv(tmp_path):
     assert "User=daemon\n" in unit
     assert ("ExecStart=/opt/esmirror/venv/bin/esmirror serve --install-dir "
             f"{install.root} --server gunicorn --bind 127.0.0.1:9191") in unit
+    # the master's agent, for this install, as LT_IS_USER, from the same venv
+    agent = (out / "esmirror-agent.service").read_text()
+    assert "User=daemon\n" in agent and f'Environment="ESMIRROR_INSTALL_DIR={install.root}"' in agent
+    assert f"ExecStart=/opt/esmirror/venv/bin/esmirror agent --install-dir {install.root}\n" in agent
     # trusted_proxies is not set: the proxy variant would see every caller as httpd
     assert "trusted_proxies = 127.0.0.1 ::1" in text
 
@@ -195,6 +199,8 @@ def test_unit_escapes_systemd_specifiers_and_root_or_a_relative_venv_is_refused(
     assert f'Environment="ESMIRROR_INSTALL_DIR={tmp_path}/50%%off$HOME"' in unit
     assert f"WorkingDirectory={tmp_path}/50%%off$HOME/ImageServer" in unit
     assert f"--install-dir '{tmp_path}/50%%off$$HOME'" in unit
+    agent = (out / "esmirror-agent.service").read_text()
+    assert f"esmirror agent --install-dir '{tmp_path}/50%%off$$HOME'\n" in agent
     (install.etc_dir / "env.sh").write_text("LT_IS_USER=root\n")
     rc, _, text = deploy(install, "apache", "--out", str(tmp_path / "o2"))
     assert rc == 2 and "refuse to run as root" in text and not (tmp_path / "o2").exists()

@@ -47,11 +47,11 @@ def test_an_installed_esmirror_renders_its_deploy_files(tmp_path):
                    "--out", str(out / target), *(["--httpd-conf", ""] if target == "apache" else []))
         assert f"where each file goes: {env}/share/esmirror/deploy/{target}/README.md" in text, text
         assert (env / "share" / "esmirror" / "deploy" / target / "README.md").is_file()
-    assert sorted(os.listdir(out / "apache")) == ["esmirror-proxy.conf", "esmirror-receiver.service",
-                                                  "esmirror-wsgi.conf", "esmirror.wsgi"]
+    assert sorted(os.listdir(out / "apache")) == ["esmirror-agent.service", "esmirror-proxy.conf",
+                                                  "esmirror-receiver.service", "esmirror-wsgi.conf",
+                                                  "esmirror.wsgi"]
     assert "Require ip 192.0.2.10" in (out / "apache" / "esmirror-wsgi.conf").read_text()
     assert os.listdir(out / "iis") == ["web.config"]
-    assert (env / "share" / "esmirror" / "deploy" / "systemd" / "esmirror-agent.service").is_file()
     # the status page's template is package data too
     page = run(str(python), "-c", "import app, pathlib; print(pathlib.Path(app.__file__).parent / "
                "'templates' / 'status.html')").strip()
