@@ -11,6 +11,7 @@ import functools
 import gc
 import io
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -415,6 +416,11 @@ def archive_clear(install_dir: str | None, keep: int | None, older_than: float |
 
     if keep is None and older_than is None and not everything:
         raise click.UsageError("say what to clear: --keep N, --older-than DAYS or --all")
+    if everything and (keep is not None or older_than is not None):
+        # (--all would win and remove the entries --keep was given to keep)
+        raise click.UsageError("--all removes every entry: give it alone, or --keep/--older-than without it")
+    if older_than is not None and not math.isfinite(older_than):
+        raise click.UsageError("--older-than takes a number of days, not inf or nan")
     workdir = WorkingDir(settings_from(install_dir, writes_state=True))
     cleared = workdir.clear_archive(keep, older_than, everything, command_line_caller())
     click.echo(cleared.summary())

@@ -61,6 +61,8 @@ def archive_clear():  # type: ignore[no-untyped-def]
     everything = args.get("all") in ("1", "true", "yes")
     if keep is None and older is None and not everything:
         raise BadRequest("say what to clear: ?keep=N, ?older_than=DAYS or ?all=1")
+    if everything and (keep is not None or older is not None):
+        raise BadRequest("all=1 removes every entry: give it alone, or keep/older_than without it")
     cleared = _workdir().clear_archive(keep, older, everything, request.environ.get("esmirror.client"))
     return jsonify({"removed": cleared.removed, "uploads_dropped": cleared.uploads,
                     "upload_bytes": cleared.upload_bytes})

@@ -359,6 +359,17 @@ def test_archive_clear_keep_and_older_than_semantics(tmp_path):
     assert clear("--all") == []
     rc, _, out = esmirror("archive", "clear", "--install-dir", str(install.root))
     assert rc == 2 and "say what to clear" in out
+    # --all beside --keep used to win silently, removing what --keep was given to keep
+    make_entries()
+    before = [e["id"] for e in workdir.archives()]
+    assert len(before) == len(ages)
+    for extra in (("--keep", "3"), ("--older-than", "1")):
+        rc, _, out = esmirror("archive", "clear", "--all", *extra, "--install-dir", str(install.root))
+        assert rc == 2 and "--all removes every entry: give it alone" in out, out
+    for days in ("nan", "inf"):
+        rc, _, out = esmirror("archive", "clear", "--older-than", days, "--install-dir", str(install.root))
+        assert rc == 2 and "not inf or nan" in out, out
+    assert [e["id"] for e in workdir.archives()] == before
     # killed while deleting an entry: it is gone whole from the archive, never half there
     ids = make_entries()
     rc, _, out = esmirror("archive", "clear", "--keep", "4", "--install-dir", str(install.root),
