@@ -42,6 +42,23 @@ def _waitress_listen(host: str, port: int) -> dict[str, Any]:
     return {"listen": f"[::]:{port} 0.0.0.0:{port}"} if every else {"host": host, "port": port}
 
 
+def _can_listen(bind: str, host: str, port: int) -> None:
+    """Bind once, before either server tries: gunicorn would retry for 5 s and print its own
+    errors, waitress calls a name it cannot resolve a ValueError."""
+    import socket
+
+    try:
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                    flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as probe:
+                if os.name != "nt":  # (as both servers do; on Windows it would share a port in use)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+    except OSError as exc:  # (socket.gaierror too: a name that does not resolve)
+        raise MirrorError(f"cannot listen on {bind}: {exc.strerror or exc}; is another server using "
+                          "that port, and is the address one of this host's?") from None
+
+
 def check_certificate(certfile: str, keyfile: str) -> None:
     """Load the pair now: gunicorn would start with a bad one and then fail every handshake."""
     import ssl
@@ -139,6 +156,7 @@ def run_server(settings: Settings, bind: str, server: str, certfile: str | None 
         raise ConfigError("give both --certfile and --keyfile")
     if certfile and keyfile:
         check_certificate(certfile, keyfile)
+    _can_listen(bind, host, port)
     application = make_wsgi(settings)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     started = (f"esmirror receiver: {settings.data_dir} at {'https' if certfile else 'http'}://{address}"

@@ -232,7 +232,10 @@ def test_a_reload_command_that_is_a_folder_is_named(tmp_path):
     assert not ok and "reload_command" in output and "cannot be run" in output, output
 
 
-def test_serve_on_a_port_in_use_says_so(tmp_path):
+@pytest.mark.parametrize("server", ["waitress", "gunicorn"])
+def test_serve_on_a_port_in_use_or_a_name_that_does_not_resolve_says_so(tmp_path, server):
+    """gunicorn used to retry for 5 s printing its own errors, and waitress called a name it
+    cannot resolve an esmirror bug."""
     import socket
 
     install = install_with(tmp_path)
@@ -240,9 +243,12 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        rc, _, out = esmirror("serve", "--bind", f"127.0.0.1:{port}", "--install-dir",
+        rc, _, out = esmirror("serve", "--server", server, "--bind", f"127.0.0.1:{port}", "--install-dir",
                               str(install.root), timeout=30)
     one_line_error(rc, out, 1, f"cannot listen on 127.0.0.1:{port}")
+    rc, _, out = esmirror("serve", "--server", server, "--bind", "no-such-host.invalid:8080",
+                          "--install-dir", str(install.root), timeout=30)
+    one_line_error(rc, out, 1, "cannot listen on no-such-host.invalid:8080")
 
 
 @pytest.mark.parametrize("make,words", [
@@ -381,3 +387,20 @@ def test_install_dir_on_the_command_line_beats_the_environment(tmp_path):
     assert rc == 0 and data == {"archive": []}, out
     rc, _, out = esmirror("archive", "list", env=env)  # and without it, the environment's
     one_line_error(rc, out, 2, str(elsewhere))
+
+
+@pytest.mark.parametrize("record,words", [
+    ("[1, 2]", "a JSON list where a dict belongs"),
+    ('{"generation": "7"}', "generation is '7', not a generation number"),
+])
+def test_a_master_record_of_the_wrong_shape_is_named_damaged(tmp_path, record, words):
+    """It used to be 'unexpected AttributeError …; this is an esmirror bug'."""
+    install = install_with(tmp_path)
+    state = install.data_dir / ".esmirror"
+    state.mkdir(exist_ok=True)
+    (state / "master.json").write_text(record)
+    (install.data_dir / "catalogs.xml").write_text(
+        '<CatalogConfig><Catalog name="a"><Path>/x</Path></Catalog></CatalogConfig>')
+    rc, _, out = esmirror("publish", "--dry-run", "--install-dir", str(install.root))
+    assert rc != 0 and "esmirror bug" not in out and "Traceback" not in out, out
+    assert f"{state / 'master.json'} is damaged ({words}); it is esmirror's own record" in out, out
