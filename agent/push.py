@@ -270,6 +270,9 @@ class Reached:
 def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any]) -> None:
     """The browse check: same protocol, Express Server version and platform, not owned by
     another master."""
+    if info.get("protocol") is None:
+        raise Refused(f"{secondary.name} answered GET browse, but not as an esmirror receiver (its "
+                      "answer has no protocol); is esmirror mounted at this port and prefix?")
     if info.get("protocol") != PROTOCOL:
         raise Refused(f"{secondary.name} speaks esmirror protocol {info.get('protocol')!r} but this "
                       f"master speaks {PROTOCOL}; install the same esmirror version on both")

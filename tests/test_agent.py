@@ -241,6 +241,8 @@ def test_second_agent_for_the_same_master_refuses(fleet, agents):
     assert first.proc.poll() is None
     rc, _, out = esmirror("agent", "--install-dir", str(f.secondaries[0].root), timeout=60)
     assert rc == 2 and "not a master" in out
+    # run on a secondary by mistake: the advice is where to run it, then how to make a master
+    assert "Run this on the master (on a secondary, 'esmirror browse HOST:PORT'" in out, out
 
 
 def test_drift_shows_in_status_and_next_publish_repairs_it_keeping_the_edit(fleet):

@@ -30,7 +30,8 @@ def test_safe_paths_pass(path):
 
 
 @pytest.mark.parametrize("path,why", [
-    ("", "empty"), ("/etc/passwd", "absolute"), ("C:/x", "drive"), ("a/../b", "'..'"),
+    ("", "empty"), ("/etc/passwd", "absolute"), ("C:/x", "drive"), ("C:\\x", "drive"), ("a/../b", "'..'"),
+    ("a:b.idx", "':'"),  # (one letter before a colon is a name, not a drive)
     ("./a", "'.'"), ("a//b", "empty"), ("a\\b", "backslash"), ("a\0b", "control"),
     ("a\nb", "control"), ("ab:c", "':'"), ("a|b", "'|'"), ("a?b", "'?'"), ("a*b", "'*'"),
     ('a"b', "'\"'"), ("a<b", "'<'"), ("CON", "reserved"), ("nul.txt", "reserved"),
@@ -185,6 +186,9 @@ def test_mirrors_defaults_and_both_spellings(tmp_path):
                            '</Mirrors>')
     got = [(s.host, s.port, s.ssl) for s in read_mirrors(path)]
     assert got == [("es2", 8080, "noverify"), ("es3", 80, "strict"), ("es4", 80, "none")]
+    # an attribute like none of esmirror's (the vendor's own) is left alone
+    path = iserv(tmp_path, '<Mirrors>\n<Secondary host="es2" description="west" timeout="30"/>\n</Mirrors>')
+    assert [(s.host, s.port) for s in read_mirrors(path)] == [("es2", 80)]
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -193,6 +197,11 @@ def test_mirrors_defaults_and_both_spellings(tmp_path):
     ('<Mirrors>\n<Secondary host="a" port="http"/>\n</Mirrors>', ":5: port='http'"),
     ('<Mirrors>\n<Secondary host="a" ssl="tls"/>\n</Mirrors>', ":5: TLS mode 'tls'"),
     ('<Mirrors>\n<Secondary host="a"/>', "not readable XML"),
+    # a misspelt attribute used to be dropped: Port= sent to port 80, sslstrictnes= over HTTP
+    ('<Mirrors>\n<Secondary host="a" Port="8443"/>\n</Mirrors>', ':5: <Secondary> attribute Port="8443" '
+     "is not one esmirror reads; did you mean port?"),
+    ('<Mirrors>\n<Secondary host="a" sslstrictnes="strict"/>\n</Mirrors>', "did you mean sslstrictness?"),
+    ('<Mirrors>\n<Secondary HOST="a"/>\n</Mirrors>', "did you mean host?"),
 ])
 def test_mirrors_errors_name_file_and_line(tmp_path, body, needle):
     with pytest.raises(ConfigError) as info:

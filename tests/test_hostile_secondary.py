@@ -91,6 +91,9 @@ CASES = [  # (id, route, status, body, words the fake's error holds)
     ("browse-a-list", "browse", 200, b"[]", "not an object"),
     ("browse-deep-nesting", "browse", 200, b"[" * 100_000, "not JSON"),
     ("browse-protocol", "browse", 200, None, "protocol"),
+    # another JSON service on the port: it was said to speak "esmirror protocol None"
+    ("browse-not-esmirror", "browse", 200, _json({"weird": True}),
+     "answered GET browse, but not as an esmirror receiver (its answer has no protocol)"),
     ("browse-part-size-text", "browse", 200, None, "max_upload_bytes"),
     ("browse-warnings-number", "browse", 200, None, "warnings"),
     ("manifest-files-numbers", "manifest", 200, _json({"digest": "1" * 64, "files": [1]}), "manifest"),
@@ -102,7 +105,7 @@ CASES = [  # (id, route, status, body, words the fake's error holds)
     ("commit-reasons-numbers", "commit", 422, _json({"error": "no\nway", "reasons": [1, 2]}), "no way"),
     ("commit-missing-number", "commit", 409, _json({"error": "missing", "missing": 5}), "missing"),
 ]
-REASONS = {"browse-protocol": "refused", "commit-reasons-numbers": "invalid-set", "commit-missing-number": "conflict"}
+REASONS = {"browse-protocol": "refused", "browse-not-esmirror": "refused", "commit-reasons-numbers": "invalid-set", "commit-missing-number": "conflict"}
 BROWSE_CHANGES = {"browse-protocol": {"protocol": 999}, "browse-part-size-text": {"max_upload_bytes": "abc"},
                   "browse-warnings-number": {"warnings": 5}}
 

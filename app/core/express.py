@@ -152,6 +152,8 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
         if _local_name(element) != "Secondary":
             raise ConfigError(f"{where}: <{_shown_name(element)}> inside <Mirrors>; only <Secondary> "
                               "belongs there")
+        for name in element.attrib:
+            _known_attribute(name, element.get(name, ""), where)
         host = (element.get("host") or "").strip()
         if not host:
             raise ConfigError(f'{where}: <Secondary> needs host="…"')
@@ -177,6 +179,25 @@ def read_mirrors(iserv_cfg: Path) -> list[Secondary]:
     return secondaries
 
 
+_SECONDARY_ATTRIBUTES = ("host", "port", "ssl", "sslstrictness")
+
+
+def _known_attribute(name: str, value: str, where: str) -> None:
+    """A misspelt attribute must not be dropped quietly: Port="8443" would send to port 80,
+    sslstrictnes="strict" over plain HTTP. Attributes unlike any of ours are left alone (the
+    vendor's own, which esmirror does not use)."""
+    import difflib
+
+    if name in _SECONDARY_ATTRIBUTES:
+        return
+    near = difflib.get_close_matches(name.lower(), _SECONDARY_ATTRIBUTES, n=1, cutoff=0.75)
+    if name.lower() in _SECONDARY_ATTRIBUTES or near:
+        meant = name.lower() if name.lower() in _SECONDARY_ATTRIBUTES else near[0]
+        raise ConfigError(f'{where}: <Secondary> attribute {name}="{value[:40]}" is not one esmirror '
+                          f"reads; did you mean {meant}? (names are case-sensitive: "
+                          f"{', '.join(_SECONDARY_ATTRIBUTES)})")
+
+
 def lists_mirrors(iserv_cfg: Path) -> bool:
     """This server is a master: its iserv-cfg.xml lists at least one secondary. One whose
     XML is broken is a master when a <Mirrors> stands in it outside comments: it refuses
@@ -199,8 +220,10 @@ def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] =
     ``option``: how the caller named them, for the message (a web request has no flags)."""
     mirrors = read_mirrors(settings.iserv_cfg)
     if not mirrors:
-        raise ConfigError(f"{settings.iserv_cfg} has no <Mirrors> element: this server is not a "
-                          "master. Add <Mirrors><Secondary host=\"…\"/></Mirrors> after <ImageManager>")
+        raise ConfigError(f"{settings.iserv_cfg} lists no <Secondary> in a <Mirrors> element: this "
+                          "server is not a master. Run this on the master (on a secondary, 'esmirror "
+                          "browse HOST:PORT' shows what it holds); to make this server a master, list its "
+                          "secondaries: <Mirrors><Secondary host=\"…\"/></Mirrors> after <ImageManager>")
     if not wanted:
         return mirrors
     chosen: list[Secondary] = []

@@ -22,7 +22,7 @@ from .express import Secondary, lists_mirrors, read_mirrors
 from .errors import ConfigError
 from .publishes import PublishQueue, publishing_to
 from .settings import Settings
-from .state import pid_alive, read_json, self_id, user_name, write_json
+from .state import damaged_record, pid_alive, read_json, self_id, user_name, write_json
 
 AGENT_SILENT_AFTER = 30.0  # seconds without a heartbeat before status says no agent runs
 HEARTBEAT_SKEW = 5.0  # seconds a heartbeat may seem to come from the future (clocks of one host)
@@ -35,7 +35,12 @@ def master_record_path(settings: Settings) -> Path:
 def master_record(settings: Settings) -> dict[str, Any]:
     """The master's last publish: ``{generation, digest, published_at}`` (empty before the
     first), and ``generation_floor`` when a secondary refused an older generation."""
-    return read_json(master_record_path(settings), {}) or {}
+    record = read_json(master_record_path(settings), {}, shape=dict) or {}
+    for key in ("generation", "generation_floor"):
+        if key in record and (type(record[key]) is not int or record[key] < 0):
+            raise damaged_record(master_record_path(settings), f"{key} is {record[key]!r}, not a "
+                                 "generation number")
+    return record
 
 
 def retry_delay(settings: Settings, failures: int, rng: random.Random | None = None) -> float:

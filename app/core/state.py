@@ -188,16 +188,25 @@ def write_json(path: Path, data: Any, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """One of esmirror's records; ``default`` when there is none, Damaged when it is not JSON."""
+def read_json(path: Path, default: Any = None, shape: type | None = None) -> Any:
+    """One of esmirror's records; ``default`` when there is none, Damaged when it is not JSON
+    (or, with ``shape``, JSON of another shape: a list where an object belongs)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
     except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
-        raise Damaged(f"{path} is damaged ({exc.__class__.__name__}: {one_line(exc, 120)}); "
-                      "it is esmirror's own record: move it aside and run the command again",
-                      path=str(path)) from None
+        why = f"{exc.__class__.__name__}: {one_line(exc, 120)}"  # (then raised below)
+    else:
+        if shape is None or isinstance(data, shape):
+            return data
+        why = f"a JSON {type(data).__name__} where a {shape.__name__} belongs"
+    raise damaged_record(path, why)
+
+
+def damaged_record(path: Path, why: str) -> Damaged:
+    return Damaged(f"{path} is damaged ({why}); it is esmirror's own record: move it aside and run "
+                   "the command again", path=str(path))
 
 
 def fsync_dir(path: Path) -> None:
