@@ -288,21 +288,23 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
                       "copied from this master, .esmirror/ included. Delete var/data/.esmirror/"
                       f"self-id on {secondary.host} (a new id is made), restart its receiver, "
                       "and publish again")
-    if info.get("caller_may_push") is False:  # (a receiver before it does not say)
-        raise Refused(f"{secondary.name} does not let this master push: its allow_push does not name "
-                      f"the address it sees this master at ({info.get('caller')}), though its "
-                      "allow_admin does. Add it to allow_push in ImageServer/etc/esmirror.ini there, "
-                      "render its web server files again and restart its receiver")
     if info.get("role") == "master":
         raise Refused(f"{secondary.name} is a master itself (its iserv-cfg.xml lists Mirrors) and "
                       "takes no pushes: if it was promoted while this master was down, take it out "
                       "of this master's Mirrors; if not, remove the Mirrors there")
     owner = info.get("master")
     if owner and owner != mine["self"]:
+        # (before allow_push: on a master that was replaced, that advice would undo the failover)
         raise Refused(f"{secondary.name} is mirrored from another master ({owner}); this master is "
-                      f"{mine['self']}. If it should follow this master (the other was retired), run "
-                      f"'esmirror release' on {secondary.host}; if not, take it out of this "
-                      "master's Mirrors")
+                      f"{mine['self']}. If this master was replaced (a secondary promoted while it "
+                      "was down), retire it and change nothing there; if the other master was "
+                      f"retired, run 'esmirror release' on {secondary.host}; if neither, take it "
+                      "out of this master's Mirrors")
+    if info.get("caller_may_push") is False:  # (a receiver before it does not say)
+        raise Refused(f"{secondary.name} does not let this master push: its allow_push does not name "
+                      f"the address it sees this master at ({info.get('caller')}), though its "
+                      "allow_admin does. Add it to allow_push in ImageServer/etc/esmirror.ini there, "
+                      "render its web server files again and restart its receiver")
 
 
 def push(secondary: Secondary, settings: Settings, local: LocalSet, mine: dict[str, Any],

@@ -298,6 +298,17 @@ def test_status_says_refused_for_tls_and_for_another_master(fleet, make_receiver
     assert row["state"] == "refused" and row["unreachable_since"] is None, row
     assert row["last_push"]["reason"] == "tls" and row["detail"].startswith("TLS to "), row
 
+    # its allow_push no longer names this master either (a failover's step 2): the other
+    # master is what is said, not 'add this master to allow_push', which would undo it
+    ini = f.secondaries[0].etc_dir / "esmirror.ini"
+    ini.write_text(ini.read_text().replace("allow_push = 127.0.0.1", "allow_push = 192.0.2.99"))
+    f.receivers[0].stop()
+    f.receivers[0].start()
+    rc, status, out = esmirror("status", "--install-dir", str(f.master.root), "--json")
+    owned = status["secondaries"][0]
+    assert owned["state"] == "refused" and "another master (0ther0master)" in owned["detail"], owned
+    assert "retire it and change nothing there" in owned["detail"] and "allow_push" not in owned["detail"]
+
 
 def test_a_secondary_whose_lists_leave_this_master_out_is_refused_not_unreachable(fleet):
     """It answers every look with 403: the network is fine and the allow list is what to fix,
