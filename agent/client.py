@@ -167,6 +167,11 @@ def describe_connection_error(secondary: Secondary, exc: Exception, answered: bo
                 "right?), else its receiver's log says why")
     if "Name or service not known" in text or "getaddrinfo" in text:
         return f"cannot resolve the host name {secondary.host}"
+    not_http = _wrapped(exc, http.client.BadStatusLine)
+    if not_http is not None:
+        first = str(not_http.args[0] if not_http.args else "")[:40].strip()
+        return (f"{secondary.name} answered with something that is not HTTP ({first!r}); another "
+                "service listens on that port: check the port in its <Secondary>")
     return f"cannot reach {secondary.name}: {text[:300]}"
 
 

@@ -404,3 +404,42 @@ def test_a_master_record_of_the_wrong_shape_is_named_damaged(tmp_path, record, w
     rc, _, out = esmirror("publish", "--dry-run", "--install-dir", str(install.root))
     assert rc != 0 and "esmirror bug" not in out and "Traceback" not in out, out
     assert f"{state / 'master.json'} is damaged ({words}); it is esmirror's own record" in out, out
+
+
+def test_a_port_that_does_not_speak_http_is_named_so(tmp_path):
+    """An SSH daemon (or any other service) on a secondary's port used to show urllib3's
+    internals: '_HTTPPool(host=…): Max retries exceeded … BadStatusLine('SSH-2.0-…')'."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def banner() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
+
+    thread = threading.Thread(target=banner, daemon=True)
+    thread.start()
+    try:
+        install = install_with(tmp_path, port=str(port))
+        (install.data_dir / "catalogs.xml").write_text(
+            '<CatalogConfig><Catalog name="a"><Path>/x</Path></Catalog></CatalogConfig>')
+        rc, report, out = esmirror("publish", "--install-dir", str(install.root), "--json")
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert rc == 1 and report is not None, out
+    error = report["secondaries"][0]["error"]
+    assert error == (f"127.0.0.1:{port} answered with something that is not HTTP ('SSH-2.0-OpenSSH_9.0'); "
+                     "another service listens on that port: check the port in its <Secondary>"), error
