@@ -552,8 +552,7 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
     if need + reserve > free:
         raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes "
                      f"but only {free} are free there ({reserve} kept in reserve); nothing was sent. "
-                     f"Free some space on {secondary.host} (esmirror archive clear) and publish again",
-                     needed=need, free=free)
+                     f"{_make_room(secondary, info, need + reserve - free)}", needed=need, free=free)
     inodes = info.get("free_inodes")
     if isinstance(inodes, int):
         # each file added or changed becomes a new file there (an upload, or a copy)
@@ -563,8 +562,19 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
             raise NoRoom(f"{secondary.name} has no room for this set: it brings {files} new files but "
                          f"the filesystem there has only {inodes} inodes free (one per file; df -i "
                          f"shows them; {INODE_RESERVE} kept in reserve); nothing was sent. Free some on "
-                         f"{secondary.host} (esmirror archive clear) and publish again",
-                         needed=files, free=inodes)
+                         f"{secondary.host} (esmirror archive clear, if its archive holds files) and "
+                         "publish again", needed=files, free=inodes)
+
+
+def _make_room(secondary: Secondary, info: dict[str, Any], short: int) -> str:
+    """What frees the space: the archive, when it holds enough (browse says how much);
+    otherwise the disk itself (an empty archive sent the admin to a command that freed 0)."""
+    archived = info.get("archive_bytes")
+    if isinstance(archived, int) and archived < short:
+        held = f"its archive holds only {archived} bytes" if archived else "its archive is empty"
+        return (f"{held}: free {short} bytes more on {secondary.host}'s disk another way, or grow "
+                "it, and publish again")
+    return f"Free some space on {secondary.host} (esmirror archive clear) and publish again"
 
 
 def _to_send(want: Manifest, have: set[str]) -> dict[str, str]:

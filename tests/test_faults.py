@@ -291,6 +291,10 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     assert result["state"] != "in-sync"
     assert "has no room for this set" in result["error"] and "nothing was sent" in result["error"]
     assert re.search(r"needs \d+ bytes but only \d+ are free there \(\d+ kept in reserve\)", result["error"])
+    # the archive is empty (one publish, nothing replaced): 'archive clear' would free nothing
+    assert re.search(r"its archive is empty: free \d+ bytes more on 127\.0\.0\.1's disk another way, "
+                     r"or grow it", result["error"]), result["error"]
+    assert "archive clear" not in result["error"]
     assert result["bytes_sent"] == 0 and result["files_sent"] == 0
     assert set_files(secondary.data_dir) == before
     assert debris(secondary.data_dir, after_publish=True) == []
