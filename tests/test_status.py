@@ -43,6 +43,12 @@ def test_states_say_what_a_person_needs():
     seen = {"observed": {"generation": 3, "digest": "d3", "drift": False}}
     state, detail = secondary_state(seen, published)
     assert state == "behind" and "holds generation 3" in detail and "generation 5" in detail
+    # newer than this master's record (the master restored from an older backup): not 'behind'
+    # in so many words, and what the next publish does to it
+    state, detail = secondary_state({"observed": {"generation": 7, "digest": "d7"}}, published)
+    assert state == "behind" and detail.startswith("holds generation 7, newer than generation 5 "
+                                                   "this master last published"), detail
+    assert "the next publish replaces that set" in detail
     failing = {**seen, "last_push": {"state": "failed", "error": "reload_command exited with 1"},
                "next_retry": time.time() + 30}
     state, detail = secondary_state(failing, published)

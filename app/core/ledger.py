@@ -248,7 +248,14 @@ def secondary_state(entry: dict[str, Any] | None, published: dict[str, Any],
         return "in-sync", f"generation {seen.get('generation')}"
     if not published.get("generation"):
         return "behind", "this master has not published yet"
-    detail = (f"holds generation {seen.get('generation')}, the master published generation "
+    held = seen.get("generation")
+    if isinstance(held, int) and held > published["generation"]:
+        # it is ahead: this master's record is older than what it pushed (a backup restored)
+        return "behind", (f"holds generation {held}, newer than generation {published['generation']} "
+                          "this master last published (was this master restored from an older "
+                          "backup?); the next publish replaces that set with this master's, and the "
+                          "replaced files go to its archive")
+    detail = (f"holds generation {held}, the master published generation "
               f"{published['generation']}")
     if seen.get("restored_from"):
         detail += (f"; an admin restored archive entry {seen['restored_from']} there (the next "
