@@ -51,7 +51,7 @@ def handle_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = ""
             failed(exc.message, exc.exit_code, list(getattr(exc, "reasons", None) or []))
         except OSError as exc:
             full = "; free some space on this machine, then run the command again" \
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else _as_owner(exc)
             failed((f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc))
                    + full, 1)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -201,6 +201,23 @@ json_option = click.option("--json", "as_json", is_flag=True, help="One JSON doc
 install_dir_option = click.option(
     "--install-dir", envvar="ESMIRROR_INSTALL_DIR", type=click.Path(file_okay=False),
     help="Express Server install dir (holds ImageServer/); or set ESMIRROR_INSTALL_DIR.")
+
+
+def _as_owner(exc: OSError) -> str:
+    """For 'Permission denied' on a file another account owns: which account to run as."""
+    if exc.errno not in (errno.EACCES, errno.EPERM) or not exc.filename or os.name == "nt":
+        return ""
+    import pwd
+
+    folder = os.path.dirname(os.path.abspath(os.fsdecode(exc.filename)))
+    try:
+        owner = pwd.getpwuid(os.stat(folder).st_uid).pw_name
+    except (OSError, KeyError):
+        return ""
+    if owner == pwd.getpwuid(os.geteuid()).pw_name:
+        return ""
+    return (f"; {folder} belongs to {owner}: run esmirror as that account (runuser -u {owner} -- "
+            f"esmirror …, or sudo -u {owner} with --install-dir)")
 
 
 def settings_from(install_dir: str | None, writes_state: bool = False, as_owner: bool = True) -> Settings:

@@ -443,3 +443,57 @@ def test_a_port_that_does_not_speak_http_is_named_so(tmp_path):
     error = report["secondaries"][0]["error"]
     assert error == (f"127.0.0.1:{port} answered with something that is not HTTP ('SSH-2.0-OpenSSH_9.0'); "
                      "another service listens on that port: check the port in its <Secondary>"), error
+
+
+def test_a_receiver_warns_when_its_changed_settings_no_longer_load(tmp_path):
+    """Its warning said 'restart it to use the change' while the file it would restart with
+    had a typo: restarted, it answers every request with 503."""
+    from app import create_app
+    from app.core.settings import load_settings
+
+    install = install_with(tmp_path, {"allow_push": "127.0.0.1", "express_version": "9.5"})
+    client = create_app(load_settings(install.root)).test_client()
+    ini = install.etc_dir / "esmirror.ini"
+
+    def warning() -> str:
+        answer = client.get("/browse", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        assert answer.status_code == 200, answer.text
+        return next(w for w in answer.json["warnings"] if "changed since this receiver started" in w)
+    ini.write_text(ini.read_text() + "archive_keep = 5\n")
+    assert warning().endswith(": restart it to use the change (apachectl graceful, systemctl restart "
+                              "esmirror-receiver, or recycle the IIS site)")
+    ini.write_text(ini.read_text() + "bogus_key = 1\n")
+    said = warning()
+    assert "and it no longer loads: " in said and "bogus_key" in said and "restart it to use" not in said
+    assert said.endswith("Fix that before restarting it"), said
+
+
+@pytest.mark.parametrize("value", ["1K", "0", "1048575"])
+def test_a_max_upload_bytes_too_small_to_push_through_is_refused_where_it_is_set(tmp_path, value):
+    """Below 1 MiB no part of a large file fits: the master blamed an esmirror version
+    mismatch ('is … an esmirror receiver of this version?') instead."""
+    install = install_with(tmp_path, {"max_upload_bytes": value})
+    rc, _, out = esmirror("serve", "--install-dir", str(install.root), "--bind", "127.0.0.1:0", timeout=30)
+    one_line_error(rc, out, 2, "max_upload_bytes", "is below 1M")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+def test_permission_denied_on_another_accounts_files_names_the_account(tmp_path):
+    """'…/.esmirror/publish.lock: Permission denied' said nothing of whom to run as."""
+    import errno
+
+    from agent.cli import _as_owner
+
+    state = tmp_path / "data" / ".esmirror"
+    state.mkdir(parents=True)
+    os.chown(state, 65534, 65534)
+    import pwd
+
+    nobody = pwd.getpwuid(65534).pw_name
+    lock = state / "publish.lock"
+    said = _as_owner(PermissionError(errno.EACCES, "Permission denied", str(lock)))
+    assert said == (f"; {state} belongs to {nobody}: run esmirror as that account (runuser -u {nobody} "
+                    f"-- esmirror …, or sudo -u {nobody} with --install-dir)"), said
+    os.chown(state, 0, 0)  # our own: nothing to add
+    assert _as_owner(PermissionError(errno.EACCES, "Permission denied", str(lock))) == ""
+    assert _as_owner(FileNotFoundError(errno.ENOENT, "No such file", str(lock))) == ""

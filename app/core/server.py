@@ -32,9 +32,17 @@ def settings_changed(settings: Settings, read_stamp: Any) -> list[str]:
     (``read_stamp``: ``settings.files_stamp()`` when it did)."""
     if settings.files_stamp() == read_stamp:
         return []
-    return [f"{settings.ini_path} (or its shared_secret_file) changed since this receiver started, "
-            "and it still runs with what it read then (allow_push, archive_keep, the secret…): "
-            "restart it to use the change (apachectl graceful, systemctl restart "
+    changed = (f"{settings.ini_path} (or its shared_secret_file) changed since this receiver started, "
+               "and it still runs with what it read then (allow_push, archive_keep, the secret…)")
+    from .errors import ConfigError
+    from .settings import load_settings
+    from .signing import read_secret
+
+    try:  # (a restart with a file that no longer loads would leave it answering only 503)
+        read_secret(load_settings(settings.install_dir))
+    except ConfigError as exc:
+        return [f"{changed}; and it no longer loads: {exc.message}. Fix that before restarting it"]
+    return [f"{changed}: restart it to use the change (apachectl graceful, systemctl restart "
             "esmirror-receiver, or recycle the IIS site)"]
 
 

@@ -38,6 +38,12 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
 
 
+def _at_least(value: int, least: int, why: str) -> int:
+    if value < least:
+        raise ValueError(f"{value} is below {why}")
+    return value
+
+
 def split_list(text: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", text.strip()) if item]
 
@@ -239,7 +245,8 @@ _PARSERS: dict[str, Any] = {
     "shared_secret_file": str.strip,
     "archive_keep": _parse_int,
     "require_paths": _parse_bool,
-    "max_upload_bytes": parse_size,
+    "max_upload_bytes": lambda t: _at_least(parse_size(t), 1024 * 1024, "1M: the master sends a large "
+                                            "file in parts no smaller than that"),
     "include": lambda t: _parse_globs(t) or ("**",),
     "exclude": _parse_globs,
     "retry_initial": _parse_float,
