@@ -106,6 +106,12 @@ class IPFilter:
         message = (f"address {who} may not use this route; add it to {setting} in "
                    "ImageServer/etc/esmirror.ini on this server")
         peer = parse_address(environ.get("REMOTE_ADDR", ""))
+        if address is None and peer is not None:
+            # a trusted proxy's X-Forwarded-For that does not parse: the proxy is what to fix
+            message = (f"X-Forwarded-For from {peer}, a trusted proxy, is "
+                       f"{environ.get('HTTP_X_FORWARDED_FOR', '')[:100]!r}, which holds something that "
+                       "is not an address; fix what that proxy sends (or trusted_proxies in "
+                       "ImageServer/etc/esmirror.ini on this server)")
         if peer is not None and peer.is_loopback and not allowed(peer, s.trusted_proxies) \
                 and environ.get("HTTP_X_FORWARDED_FOR"):
             # a web server in front (IIS, mod_proxy) whose forwarding is not trusted: every

@@ -321,3 +321,23 @@ def test_apache_proxy_hop_in_front_of_gunicorn(apache_in_front):
     assert "digest" in answer.json()
     # straight to gunicorn, the same forged header from an untrusted peer changes nothing
     assert _decided("127.0.0.4", backend.url, ["127.0.0.5"]) == (403, "127.0.0.4")
+
+
+def test_garbage_from_a_trusted_proxy_names_the_proxy_not_its_address(tmp_path):
+    """It said "address unparsable address '127.0.0.1' may not use this route; add it to
+    allow_push": the proxy's own, valid address called unparsable, and to be allowed."""
+    from werkzeug.test import Client
+
+    from app import make_wsgi
+    from app.core.settings import load_settings
+
+    install = make_install(tmp_path / "s", {"allow_push": "127.0.0.5", "trusted_proxies": "127.0.0.1",
+                                            "express_version": VERSION})
+    answer = Client(make_wsgi(load_settings(install.root))).open(
+        "/lizardtech/mirror/manifest", environ_base={"REMOTE_ADDR": "127.0.0.1"},
+        headers={"X-Forwarded-For": "garbage"})
+    assert answer.status_code == 403
+    assert answer.json["error"] == (
+        "X-Forwarded-For from 127.0.0.1, a trusted proxy, is 'garbage', which holds something that is "
+        "not an address; fix what that proxy sends (or trusted_proxies in ImageServer/etc/esmirror.ini "
+        "on this server)"), answer.json
