@@ -305,6 +305,25 @@ def test_archive_restore_brings_back_each_generation_and_clear_keeps_newest(flee
     assert (last["event"], last["outcome"]) == ("release", "released") and last["master"] in out
 
 
+def test_an_archive_entry_whose_previous_json_is_damaged_says_so_and_what_removes_it(fleet):
+    """It said to move previous.json aside, as for esmirror's other records; done, the
+    restore said there is no such entry while 'archive list' still showed it."""
+    f = fleet(1)
+    secondary, data = f.secondaries[0], f.master.data_dir
+    assert f.publish()[0] == 0
+    (data / "indexes" / "tile-1.idx").write_bytes(b"changed")
+    assert f.publish()[0] == 0
+    [entry] = archive_entries(secondary)
+    previous = secondary.data_dir / "archive" / entry["id"] / "previous.json"
+    previous.write_text("{not json")
+    before = set_files(secondary.data_dir)
+    rc, _, out = esmirror("archive", "restore", entry["id"], "--install-dir", str(secondary.root))
+    assert rc == 1 and "Traceback" not in out, out
+    assert (f"archive entry {entry['id']} cannot be restored: its record {previous} is damaged; its "
+            "files are still in its folder, and 'esmirror archive clear' can remove it") in out, out
+    assert "move it aside" not in out and set_files(secondary.data_dir) == before
+
+
 def test_an_archive_entry_from_before_previous_json_still_restores(fleet):
     """Entries made by earlier versions hold the replaced manifest inside archive.json."""
     f = fleet(1)

@@ -1069,9 +1069,16 @@ class WorkingDir:
         """An archive entry's record, with ``previous``: the set its apply replaced."""
         meta = None
         if _ARCHIVE_ID_RE.match(archive_id) and archive_id not in (".", ".."):
-            meta = read_json(self.archive_dir / archive_id / "archive.json")
-        previous = self._previous(archive_id, meta) if isinstance(meta, dict) else None
-        if previous is None:
+            try:
+                meta = read_json(self.archive_dir / archive_id / "archive.json")
+                previous = self._previous(archive_id, meta) if isinstance(meta, dict) else None
+            except Damaged as exc:
+                # (moving the record aside, as Damaged says for esmirror's other records, would
+                # only make the entry 'not found' while archive list still shows it)
+                raise Damaged(f"archive entry {archive_id} cannot be restored: its record "
+                              f"{exc.details.get('path')} is damaged; its files are still in its "
+                              "folder, and 'esmirror archive clear' can remove it", **exc.details) from None
+        if meta is None or previous is None:
             raise NotFound(f"there is no archive entry {archive_id!r} on this server; "
                            "'esmirror archive list' shows the entries")
         return meta | {"previous": previous}
