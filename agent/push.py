@@ -547,12 +547,22 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
     free, reserve = info.get("free_bytes"), info.get("reserve_bytes") or 0
     if not isinstance(free, int) or not isinstance(reserve, int):
         return  # a receiver that does not say: it still answers 507 itself
-    need = room_needed(there, want,
-                       {sha: want.files[path].size for sha, path in todo.items()}, uploaded)
+    sizes = {sha: want.files[path].size for sha, path in todo.items()}
+    need = room_needed(there, want, sizes, uploaded)
+    spooled = ""
+    part = info.get("part_bytes")
+    if isinstance(part, int) and sizes:
+        # waitress writes each body to disk before the receiver stores it: one more upload's
+        # worth (a part, at most) at the peak
+        extra = min(part, max(sizes.values()))
+        need += extra
+        spooled = (f", of which {extra} for the copy its server (waitress) writes of an upload "
+                   "before storing it")
     if need + reserve > free:
-        raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes "
-                     f"but only {free} are free there ({reserve} kept in reserve); nothing was sent. "
-                     f"{_make_room(secondary, info, need + reserve - free)}", needed=need, free=free)
+        raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes"
+                     f"{spooled} but only {free} are free there ({reserve} kept in reserve); nothing "
+                     f"was sent. {_make_room(secondary, info, need + reserve - free)}",
+                     needed=need, free=free)
     inodes = info.get("free_inodes")
     if isinstance(inodes, int):
         # each file added or changed becomes a new file there (an upload, or a copy)

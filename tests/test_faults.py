@@ -275,6 +275,27 @@ def _published_on_tmpfs(tmpfs, fleet, size: str):
     return f, secondary, receiver
 
 
+@pytest.mark.parametrize("server", ["waitress", "gunicorn"])
+def test_a_file_that_fits_once_but_not_twice_is_refused_before_sending_under_waitress(tmpfs, fleet, server):
+    """waitress writes an upload to disk before the receiver stores it: a 30 MiB file on a
+    disk with ~46 MB free was sent whole, then refused (507) for the second copy, while the
+    master's own check said it fit. gunicorn stores it straight off the socket."""
+    f = fleet(1, server=server, start=False)
+    secondary = f.secondaries[0]
+    _on_tmpfs(tmpfs, secondary, "48m")
+    f.receivers[0].start()
+    assert f.publish()[0] == 0
+    with open(f.master.data_dir / "indexes" / "big.idx", "wb") as fh:
+        fh.write(os.urandom(30 * MIB))
+    rc, report, out = f.publish()
+    result = report["secondaries"][0]
+    if server == "gunicorn":
+        assert rc == 0, out
+        return
+    assert rc == 1 and result["bytes_sent"] == 0, result
+    assert "for the copy its server (waitress) writes of an upload before storing it" in result["error"]
+
+
 def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpfs, fleet):
     f = fleet(1, start=False)
     secondary = f.secondaries[0]
@@ -290,7 +311,9 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     result = report["secondaries"][0]
     assert result["state"] != "in-sync"
     assert "has no room for this set" in result["error"] and "nothing was sent" in result["error"]
-    assert re.search(r"needs \d+ bytes but only \d+ are free there \(\d+ kept in reserve\)", result["error"])
+    assert re.search(r"needs \d+ bytes(, of which \d+ for the copy its server \(waitress\) writes of an "
+                     r"upload before storing it)? but only \d+ are free there \(\d+ kept in reserve\)",
+                     result["error"]), result["error"]
     # the archive is empty (one publish, nothing replaced): 'archive clear' would free nothing
     assert re.search(r"its archive is empty: free \d+ bytes more on 127\.0\.0\.1's disk another way, "
                      r"or grow it", result["error"]), result["error"]
