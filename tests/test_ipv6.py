@@ -22,6 +22,9 @@ def test_host_port_forms_read_as_one_spelling(text, expected):
     ("::1:8080", "write an IPv6 address in brackets"), ("[::1]junk", "is not HOST[:PORT]"),
     ("[::1", "is not HOST[:PORT]"), ("[10.0.0.1]:80", "brackets are for IPv6 addresses only"),
     ("[fe80::1%eth0]:80", "zone id"), ("[::1]:0", "the port is not 1-65535"),
+    # a URL was called an IPv6 address without brackets, or a bad port
+    ("http://127.0.0.1:53213", "is a URL: give HOST[:PORT] without http:// and a path (write 127.0.0.1:53213)"),
+    ("https://es2.example.org/lizardtech/mirror", "(write es2.example.org)"),
 ])
 def test_ambiguous_or_broken_forms_are_refused_saying_why(text, needle):
     with pytest.raises(ConfigError) as refused:

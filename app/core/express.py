@@ -84,6 +84,11 @@ def parse_host_port(text: str) -> tuple[str, int | None]:
     (canonical host, port or None). An IPv6 address goes in brackets: in ``::1:8080``
     nobody can tell where the address ends."""
     port: str | None = None
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme:
+        bare = text[scheme.end():].split("/", 1)[0]
+        raise ConfigError(f"{text!r} is a URL: give HOST[:PORT] without {scheme.group(1)}:// and a path "
+                          f"(write {bare or 'the host'})")
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed or (rest and not rest.startswith(":")):
