@@ -522,10 +522,10 @@ class SecondaryClient:
         route = route.partition("?")[0]  # (messages name the route, not its query)
         if response.status_code >= 400:
             try:
-                body = response.json()
+                body = _error_body(response.json())
             except (ValueError, RecursionError):
-                body = {"error": _not_from_esmirror(response, self.prefix)}
-            body = _error_body(body)
+                # (its page's words are cut short, never the advice after them)
+                body = {"error": _not_from_esmirror(response, self.prefix), "reasons": []}
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
                               f"{route}: {body['error']}", status=response.status_code,
                               body=body)
@@ -729,7 +729,7 @@ def _not_from_esmirror(response: requests.Response, prefix: str) -> str:
     that answer usually means there."""
     text = response.text
     title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-    summary = " ".join((title.group(1) if title else text[:200]).split()) or response.reason
+    summary = one_line((title.group(1) if title else text[:200]) or response.reason, 80)
     status = response.status_code
     if status == 404:
         meaning = (f"nothing is mounted at {prefix} there: compare this master's prefix with that "

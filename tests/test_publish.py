@@ -422,6 +422,10 @@ def test_a_web_server_page_in_front_is_named_as_such_not_dumped(tmp_path):
             error = report["secondaries"][0]["error"]
             assert f"answered {answer[0]} to GET browse" in error and meaning in error, error
             assert "rules and limits" not in error, error
+            # the advice is ours and whole: only the page's words are cut short
+            assert "…" not in error and error.endswith(("esmirror check there)",
+                                                        "and esmirror check on that server",
+                                                        "Its log says why")), error
     finally:
         server.shutdown()
         server.server_close()
