@@ -13,7 +13,7 @@ from app.core import PROTOCOL
 from app.core.apply import commit_limit, room_needed
 from app.core.audit import now_iso
 from app.core import delta
-from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError, TooLarge
+from app.core.errors import ChangedWhileSent, MirrorError, NoRoom, RemoteError, TooLarge, one_line
 from app.core.express import Secondary
 from app.core.manifest import ChunkFeed, Growing, HashCache, Manifest, diff
 from app.core.settings import Settings
@@ -289,6 +289,11 @@ def check_peer(secondary: Secondary, info: dict[str, Any], mine: dict[str, Any])
                       f"self-id on {secondary.host} (a new id is made), restart its receiver, "
                       "and publish again")
     if info.get("role") == "master":
+        warnings = info.get("warnings")
+        broken = [w for w in warnings if isinstance(w, str) and "does not parse" in w
+                  and "counts as a master" in w] if isinstance(warnings, list) else []
+        if broken:
+            raise Refused(f"{secondary.name} takes no pushes: {one_line(broken[0], 400)}")
         raise Refused(f"{secondary.name} is a master itself (its iserv-cfg.xml lists Mirrors) and "
                       "takes no pushes: if it was promoted while this master was down, take it out "
                       "of this master's Mirrors; if not, remove the Mirrors there")

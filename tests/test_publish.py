@@ -761,6 +761,11 @@ def test_a_master_whose_iserv_cfg_is_broken_still_takes_no_pushes(fleet):
     rc, report, out = f.publish()
     assert rc == 1 and report["secondaries"][0]["state"] == "refused", out
     assert set_files(promoted.data_dir) == before
+    # said as it is: a broken file there, not only 'a master itself' (a secondary whose
+    # iserv-cfg.xml an admin broke was taken for a promoted one)
+    error = report["secondaries"][0]["error"]
+    assert f"takes no pushes: {cfg} does not parse (" in error, error
+    assert "counts as a master and takes no pushes until that file is fixed" in error, error
     # a Mirrors only in a comment of a broken file is no Mirrors
     cfg.write_text('<?xml version="1.0"?>\n<ImageServer>\n  <ImageManager>\n'
                    '  <!-- <Mirrors><Secondary host="192.0.2.7"/></Mirrors> -->\n</ImageServer>\n')

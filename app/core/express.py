@@ -203,6 +203,20 @@ def _known_attribute(name: str, value: str, where: str) -> None:
                           f"{', '.join(_SECONDARY_ATTRIBUTES)})")
 
 
+def broken_mirrors_note(iserv_cfg: Path) -> str | None:
+    """Said when a broken iserv-cfg.xml makes this server count as a master (lists_mirrors):
+    the master it refuses is told why, not only that it is a master."""
+    try:
+        parse_file(iserv_cfg)
+    except OSError:
+        return None
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        if lists_mirrors(iserv_cfg):
+            return (f"{iserv_cfg} does not parse ({exc}); it mentions <Mirrors>, so this server counts "
+                    "as a master and takes no pushes until that file is fixed")
+    return None
+
+
 def lists_mirrors(iserv_cfg: Path) -> bool:
     """This server is a master: its iserv-cfg.xml lists at least one secondary. One whose
     XML is broken is a master when a <Mirrors> stands in it outside comments: it refuses

@@ -11,7 +11,7 @@ from typing import Any
 from . import PROTOCOL, __version__
 from .apply import WorkingDir, left_alone
 from .catalogs import CATALOGS_XML, validate_catalogs_file
-from .express import express_version, lists_mirrors, platform_tag
+from .express import broken_mirrors_note, express_version, lists_mirrors, platform_tag
 from .ledger import fleet_status
 from .manifest import name_encoding_note
 from .settings import PLATFORM_HANDLER_MAX_BODY, Settings
@@ -59,6 +59,8 @@ def identity(settings: Settings, workdir: WorkingDir, read_stamp: Any,
         warnings.append(read_only_note(settings.data_dir))
     warnings += settings_changed(settings, read_stamp)
     if (note := name_encoding_note()) is not None:
+        warnings.append(note)
+    if (note := broken_mirrors_note(settings.iserv_cfg)) is not None:
         warnings.append(note)
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
