@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -497,3 +498,17 @@ def test_permission_denied_on_another_accounts_files_names_the_account(tmp_path)
     os.chown(state, 0, 0)  # our own: nothing to add
     assert _as_owner(PermissionError(errno.EACCES, "Permission denied", str(lock))) == ""
     assert _as_owner(FileNotFoundError(errno.ENOENT, "No such file", str(lock))) == ""
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda d: d.symlink_to("/nonexistent/data"), "is a symbolic link to /nonexistent/data, which does not exist"),
+    (lambda d: d.write_text("x"), "is a file, not a folder"),
+])
+def test_a_working_dir_that_is_a_dangling_link_or_a_file_is_named(tmp_path, make, words):
+    """They read 'var/data: File exists' and '.esmirror/self-id: Not a directory' (exit 1)."""
+    install = install_with(tmp_path)
+    shutil.rmtree(install.data_dir)
+    make(install.data_dir)
+    for command in (("publish",), ("archive", "list"), ("serve", "--bind", "127.0.0.1:0")):
+        rc, _, out = esmirror(*command, "--install-dir", str(install.root), timeout=30)
+        one_line_error(rc, out, 2, f"{install.data_dir} {words}")
