@@ -526,6 +526,15 @@ class SecondaryClient:
             except (ValueError, RecursionError):
                 # (its page's words are cut short, never the advice after them)
                 body = {"error": _not_from_esmirror(response, self.prefix), "reasons": []}
+            address = body.get("address")
+            if response.status_code == 403 and isinstance(address, str) \
+                    and body["error"].startswith(f"address {address} may not use this route;"):
+                # its words are for someone on that server ('on this server', and browse's 'or
+                # allow_admin'): a master needs allow_push there
+                body["error"] = (f"it does not let this master's address {address} push; add it to "
+                                 f"allow_push in ImageServer/etc/esmirror.ini on {self.secondary.host}, "
+                                 "render its web server files again and restart its receiver (unless "
+                                 "another master replaced this one: then retire this one)")
             raise RemoteError(f"{self.secondary.name} answered {response.status_code} to {method} "
                               f"{route}: {body['error']}", status=response.status_code,
                               body=body)

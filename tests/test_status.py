@@ -325,6 +325,11 @@ def test_a_secondary_whose_lists_leave_this_master_out_is_refused_not_unreachabl
     row = status["secondaries"][0]
     assert row["state"] == "refused", row
     assert "allow_push" in row["detail"] and "127.0.0.1" in row["detail"], row
+    # said for the master's operator: the secondary's host, and allow_push alone (browse's
+    # own words were 'allow_push or allow_admin … on this server')
+    assert ("it does not let this master's address 127.0.0.1 push; add it to allow_push in "
+            "ImageServer/etc/esmirror.ini on 127.0.0.1, render") in row["detail"], row
+    assert "on this server" not in row["detail"] and "allow_admin" not in row["detail"], row
 
 
 def test_a_browse_sent_before_a_push_ended_does_not_undo_what_the_push_recorded(tmp_path):
