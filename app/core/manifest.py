@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 
 _BAD_CHAR_RE = re.compile(r'[\x00-\x1f\x7f-\x9f<>:"|?*\\]')  # (C0 and C1 controls, DEL)
-_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")  # (any other ':' is a character Windows refuses)
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")  # (c:name too: on Windows, a name in drive C's current folder)
 
 
 # Folders and unusual paths checked lately, per process: a set repeats its folders on every
