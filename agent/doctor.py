@@ -535,6 +535,8 @@ def _check_users(report: CheckReport, httpd: HttpdConfig | None, env_user: EnvUs
         if user == lt:
             report.add("ok", "user", f"{what} {user} ({source}) = LT_IS_USER ({env_user.where})", where)
             continue
+        if not lt:
+            continue  # (said above: LT_IS_USER is empty; 'change User to ""' would be no advice)
         report.add(
             "error", "user",
             f"{what} is {user} ({source}) but LT_IS_USER is {lt} ({env_user.where}): "
@@ -560,6 +562,12 @@ def _account(report: CheckReport, env_user: EnvUser) -> pwd.struct_passwd | None
     try:
         return pwd.getpwnam(env_user.user)
     except KeyError:
+        if any(c in env_user.user for c in "$`"):  # ($(whoami), ${X:-y}: sh computes it, we cannot)
+            report.add("error", "user", f"LT_IS_USER {env_user.user} ({env_user.where}) is computed "
+                       "when env.sh runs, and esmirror reads the account name as written",
+                       file=str(env_user.path),
+                       fix=f"write the account's name itself: LT_IS_USER=<account> in {env_user.path}")
+            return None
         report.add("error", "user", f"LT_IS_USER {env_user.user} ({env_user.where}) is no account on "
                    "this machine", file=str(env_user.path),
                    fix=f"create the account or set LT_IS_USER in {env_user.path} to an existing one")

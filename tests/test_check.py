@@ -801,3 +801,20 @@ def test_a_receiver_rendered_for_another_install_is_reported(tmp_path):
         rc, report, text = check(root, conf, *extra, "--json")
         assert not [f for f in errors_of(report) if f["topic"] == "install"], text
         live.write_text(f"Include {out}/esmirror-wsgi.conf\n")
+
+
+@pytest.mark.parametrize("env_sh,words,absent", [
+    ("LT_IS_USER=\n", "LT_IS_USER is empty at", "but LT_IS_USER is  ("),
+    ("LT_IS_USER=$(whoami)\n", "is computed when env.sh runs, and esmirror reads the account name as written",
+     "is no account on this machine"),
+    ("LT_IS_USER=${APACHE_USER:-www-data}\n", "is computed when env.sh runs", "is no account on this machine"),
+])
+def test_an_empty_or_computed_lt_is_user_is_said_once_as_what_it_is(tmp_path, env_sh, words, absent):
+    """An empty value also gave 'but LT_IS_USER is  (…)' with 'change User to ;'; a value sh
+    computes was called no account on this machine."""
+    user = account()
+    root = install(tmp_path, env_sh)
+    conf = debian_layout(tmp_path, user)
+    rc, report, text = check(root, conf, "--json")
+    assert rc == 1 and words in text and absent not in text, text
+    assert "to ;" not in text, text

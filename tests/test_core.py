@@ -161,6 +161,9 @@ def test_settings_defaults_and_values(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("[esmirror]\nallow_pushh = 1.2.3.4\n", ":2: unknown key 'allow_pushh'"),
     ("[esmirror]\n\narchive_keep = many\n", ":3: bad value for archive_keep"),
+    # said in words, not Python's ("invalid literal for int() with base 10")
+    ("[esmirror]\narchive_keep = abc\n", "'abc' is not a whole number"),
+    ("[esmirror]\nretry_max = soon\n", "'soon' is not a number of seconds"),
     ("[esmirror]\nallow_push = 300.1.1.1\n", ":2: bad value for allow_push"),
     ("[esmirror]\nallow_push = fe80::1%eth0\n", "zone ids"),
     ("allow_push = 1.2.3.4\n", ":1: the first line must be the section header"),

@@ -172,7 +172,10 @@ def _parse_prefix(text: str) -> str:
 
 
 def _parse_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text.strip()[:40]!r} is not a whole number") from None
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
@@ -188,7 +191,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text.strip()[:40]!r} is not a number of seconds") from None
     if not 0 < value < 10**9:  # (refuses inf and nan too; 10^9 s is 31 years)
         raise ValueError("must be a number of seconds more than 0 and under 10^9")
     return value
