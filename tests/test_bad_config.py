@@ -231,6 +231,8 @@ def test_a_reload_command_that_is_a_folder_is_named(tmp_path):
     install = install_with(tmp_path, {"reload_command": str(tmp_path)})
     ok, output = run_reload(load_settings(install.root))
     assert not ok and "reload_command" in output and "cannot be run" in output, output
+    # where it is set, so the admin on the master finds it
+    assert f"({install.etc_dir / 'esmirror.ini'}:" in output, output
 
 
 @pytest.mark.parametrize("server", ["waitress", "gunicorn"])

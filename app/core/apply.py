@@ -179,9 +179,10 @@ def run_reload(settings: Settings) -> tuple[bool, str]:
             proc = subprocess.Popen(line, cwd=settings.data_dir, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, **_OWN_GROUP)
         except FileNotFoundError:
-            return False, f"reload_command {argv[0]!r} was not found"
+            return False, f"reload_command {argv[0]!r} ({settings.where('reload_command')}) was not found"
         except OSError as exc:  # a folder, a file that is not executable
-            return False, f"reload_command {argv[0]!r} cannot be run: {exc.strerror}"
+            return False, (f"reload_command {argv[0]!r} ({settings.where('reload_command')}) cannot be "
+                           f"run: {exc.strerror}")
         try:
             code = proc.wait(timeout=settings.reload_timeout)
             ended = None if code == 0 else f"reload_command exited with {code}"

@@ -136,6 +136,14 @@ class Settings:
     def ini_path(self) -> Path:
         return self.etc_dir / "esmirror.ini"
 
+    def where(self, key: str) -> str:
+        """``esmirror.ini:LINE`` of ``key``, for messages (the file alone if it cannot tell)."""
+        try:
+            line = _line_of(_decode_ini(self.ini_path, self.ini_path.read_bytes()), key)
+        except (OSError, ConfigError):
+            line = 0
+        return f"{self.ini_path}:{line}" if line else str(self.ini_path)
+
     def secret_path(self) -> Path | None:
         """The shared secret's file; a relative name is taken inside ``ImageServer/etc/``."""
         if not self.shared_secret_file:
