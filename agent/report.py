@@ -108,10 +108,12 @@ def print_status(status: dict[str, Any]) -> None:
     if status.get("publishes"):
         click.echo("last publishes (newest first):")
     for p in (status.get("publishes") or [])[:5]:
-        outcome = {True: ": all in sync", False: ": not all in sync"}.get(p["ok"], "")
-        targets, fleet = len(p.get("secondaries") or []), len(status["secondaries"])
-        if outcome and 0 < targets < fleet:
-            outcome += f" ({targets} of {fleet} secondaries)"
+        # counted within the request itself: the fleet may have grown or shrunk since
+        pushed = [s for s in p.get("secondaries") or [] if isinstance(s, dict)]
+        missed = sum(s.get("state") != "in-sync" for s in pushed)
+        outcome = {True: f": all {len(pushed)} in sync" if pushed else ": all in sync",
+                   False: f": {missed} of {len(pushed)} not in sync" if pushed else ": not all in sync"
+                   }.get(p["ok"], "")
         generation = f"  generation {p['generation']}" if p["generation"] is not None else ""
         click.echo(f"  {p['created']}  {p['caller'] or '?'}  {p['state']}{outcome}{generation}"
                    + (f"  ({p['error']})" if p["error"] else ""))

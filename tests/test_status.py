@@ -414,7 +414,14 @@ def test_status_after_a_publish_to_some_secondaries_says_so(fleet):
     assert rc == 1, out
     assert (f"127.0.0.1:{f.receivers[1].port}: behind: holds generation 1, the master published "
             "generation 2; generation 2 was published to other secondaries only") in out, out
-    assert "done: all in sync (1 of 2 secondaries)  generation 2" in out, out
+    assert "done: all 1 in sync  generation 2" in out, out
+    # one of the two down: the failures are counted within that publish ('1 of 2 secondaries'
+    # read as one failed, and was counted against the fleet of today)
+    f.receivers[1].stop()
+    (f.master.data_dir / "indexes" / "tile-1.idx").write_bytes(b"to both, one down")
+    assert esmirror("publish", "--install-dir", str(f.master.root))[0] == 1
+    rc, _, out = esmirror("status", "--install-dir", str(f.master.root))
+    assert ": 1 of 2 not in sync  generation 3" in out, out
 
 
 def test_status_by_an_account_that_cannot_record_says_so_instead_of_old_answers(open_tmp, make_receiver,
