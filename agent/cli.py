@@ -325,7 +325,7 @@ def browse(install_dir: str | None, server: str, ssl_mode: str, as_json: bool) -
         if ssl_mode == "strict":
             raise
         settings = Settings(install_dir=Path("."))  # browsing needs no install unless strict
-    client = SecondaryClient(parse_secondary_spec(server, ssl_mode), settings)
+    client = SecondaryClient(parse_secondary_spec(server, ssl_mode), settings, as_master=False)
     try:
         info = client.browse()  # (a failure: handle_errors says it, as JSON too with --json)
     finally:

@@ -451,8 +451,10 @@ class SecondaryClient:
     """The receiver API of one secondary, as the push agent uses it."""
 
     def __init__(self, secondary: Secondary, settings: Settings,
-                 interrupt: Interrupt | None = None) -> None:
+                 interrupt: Interrupt | None = None, as_master: bool = True) -> None:
+        """``as_master``: a master's look or push (False: ``esmirror browse`` from anywhere)."""
         self.secondary = secondary
+        self.as_master = as_master
         self.interrupt = interrupt
         self.prefix = settings.prefix
         self.base = secondary.base_url + settings.prefix
@@ -527,7 +529,7 @@ class SecondaryClient:
                 # (its page's words are cut short, never the advice after them)
                 body = {"error": _not_from_esmirror(response, self.prefix), "reasons": []}
             address = body.get("address")
-            if response.status_code == 403 and isinstance(address, str) \
+            if self.as_master and response.status_code == 403 and isinstance(address, str) \
                     and body["error"].startswith(f"address {address} may not use this route;"):
                 # its words are for someone on that server ('on this server', and browse's 'or
                 # allow_admin'): a master needs allow_push there

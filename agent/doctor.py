@@ -28,7 +28,7 @@ except ImportError:  # Windows: no Unix accounts; IIS's app pool account is docu
 from lxml import etree
 
 from app.core.catalogs import validate_catalogs_file
-from app.core.errors import ConfigError, one_line
+from app.core.errors import ConfigError, WorkingDirError, one_line
 from app.core.express import EnvUser, read_lt_is_user, read_mirrors, write_lt_is_user
 from app.core.settings import PUSH_ROUTES, Network, Settings, load_settings, parse_networks, shown_network
 from app.core.server import upload_limit
@@ -99,8 +99,11 @@ def run_check(install_dir: str | None, httpd_conf: str | None = None, env_sh: st
             raise  # no install to check: a usage error (exit 2)
         settings = Settings(install_dir=Path(chosen).resolve())
         report = CheckReport(str(settings.install_dir))
-        report.add("error", "settings", exc.message, file=str(settings.ini_path),
-                   fix="correct esmirror.ini as the message says")
+        if isinstance(exc, WorkingDirError):  # (its message says what to do; esmirror.ini is fine)
+            report.add("error", "working-dir", exc.message, file=str(settings.data_dir))
+        else:
+            report.add("error", "settings", exc.message, file=str(settings.ini_path),
+                       fix="correct esmirror.ini as the message says")
     else:
         report = CheckReport(str(settings.install_dir))
         report.add("ok", "settings", f"{settings.ini_path} read" if settings.ini_path.exists()
@@ -275,11 +278,27 @@ def _report_unmounted(report: CheckReport, httpd: HttpdConfig, settings: Setting
                    "; a receiver run by esmirror serve on its own port needs no httpd mount"))
 
 
-def _into_httpd(where: Where) -> str:
-    """How a fresh rendering reaches the httpd file at ``where``: by itself when httpd reads
-    the rendered file (linked or included), by a copy when httpd reads a copy of it."""
-    if Path(where.file).resolve().name in APACHE_FILES:
-        return " there"
+_RENDERED_MARK = "Rendered by `esmirror deploy apache`"
+
+
+def _httpd_file_kind(where: Where) -> str:
+    """Who writes the httpd file at ``where``: ``rendered`` (httpd reads deploy's own file,
+    linked or included: a new rendering is what it reads), ``copy`` (a copy of one, which
+    must be copied again) or ``own`` (the admin's, e.g. their vhost: never to overwrite)."""
+    path = Path(where.file).resolve()
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "own"
+    if _RENDERED_MARK not in text:
+        return "own"
+    # a rendering writes its files together; a copy stands alone, whatever its name
+    together = all((path.parent / name).is_file() for name in ("esmirror-wsgi.conf", "esmirror.wsgi",
+                                                               "esmirror-proxy.conf"))
+    return "rendered" if path.name in APACHE_FILES and together else "copy"
+
+
+def _copy_again(where: Where) -> str:
     return (f"; then copy the rendered esmirror-wsgi.conf (or esmirror-proxy.conf, the one you "
             f"installed) over {where.file}, which is a copy of it")
 
@@ -297,8 +316,13 @@ def _check_push_routes(report: CheckReport, httpd: HttpdConfig, settings: Settin
                        f"masters but not {', '.join(left)}: httpd refuses a master outside "
                        "allow_admin there (403), so publishes that change a large file fail",
                        section.where,
-                       fix=f"render the Apache files again (esmirror deploy apache){_into_httpd(section.where)}, "
-                           f"or make the <LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}")
+                       fix=(f"make the <LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)} "
+                            "(or use the snippet esmirror deploy apache renders in place of this "
+                            "hand-written one)"
+                            if _httpd_file_kind(section.where) == "own" else
+                            f"render the Apache files again (esmirror deploy apache)"
+                            f"{_copy_again(section.where) if _httpd_file_kind(section.where) == 'copy' else ''}"
+                            f", or make the <LocationMatch> at {section.where} cover {'|'.join(PUSH_ROUTES)}"))
 
 
 def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Settings) -> None:
@@ -339,10 +363,17 @@ def _check_require_ip(report: CheckReport, httpd: HttpdConfig, settings: Setting
                        f"{', '.join(routes)} ({where}) but {setting} in {settings.ini_path} is "
                        f"{' '.join(map(shown_network, networks)) or 'empty (nobody)'}: {'; '.join(effects)}",
                        where,
-                       fix=f"render the Apache files again (esmirror deploy apache --install-dir "
-                           f"{settings.install_dir}), which writes '{require_line(networks)}'"
-                           f"{_into_httpd(where)}; run esmirror check; then reload httpd "
-                           "(apachectl configtest && apachectl graceful)")
+                       fix=_require_ip_fix(where, settings, require_line(networks)))
+
+
+def _require_ip_fix(where: Where, settings: Settings, line: str) -> str:
+    then = "; run esmirror check; then reload httpd (apachectl configtest && apachectl graceful)"
+    kind = _httpd_file_kind(where)
+    if kind == "own":  # (their vhost: rendering esmirror's files changes nothing there)
+        return f"write '{line}' at {where} (a file of httpd's own, not esmirror's rendering){then}"
+    render = (f"render the Apache files again (esmirror deploy apache --install-dir "
+              f"{settings.install_dir}), which writes '{line}'")
+    return render + (" there" if kind == "rendered" else _copy_again(where)) + then
 
 
 def _check_web_config(report: CheckReport, settings: Settings, given: str | None) -> None:

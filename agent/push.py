@@ -557,12 +557,16 @@ def check_room_there(secondary: Secondary, info: dict[str, Any], there: Manifest
     spooled = ""
     part = info.get("part_bytes")
     if isinstance(part, int) and sizes:
-        # waitress writes each body to disk before the receiver stores it: one more upload's
-        # worth (a part, at most) at the peak
-        extra = min(part, max(sizes.values()))
+        # waitress writes each body to disk before the receiver stores it: the uploads in
+        # flight at once (a part, at most, each; small files go in batches) at the peak
+        bodies = [min(part, size) for size in sizes.values() if size > SMALL_FILE]
+        small = sum(size for size in sizes.values() if size <= SMALL_FILE)
+        if small:
+            bodies += [min(small, BATCH_BYTES, part)] * min(UPLOAD_THREADS, -(-small // BATCH_BYTES))
+        extra = sum(sorted(bodies, reverse=True)[:UPLOAD_THREADS])
         need += extra
-        spooled = (f", of which {extra} for the copy its server (waitress) writes of an upload "
-                   "before storing it")
+        spooled = (f", of which {extra} for the copies its server (waitress) writes of the uploads "
+                   "in flight before storing them")
     if need + reserve > free:
         raise NoRoom(f"{secondary.name} has no room for this set: applying it needs {need} bytes"
                      f"{spooled} but only {free} are free there ({reserve} kept in reserve); nothing "
@@ -586,9 +590,12 @@ def _make_room(secondary: Secondary, info: dict[str, Any], short: int) -> str:
     otherwise the disk itself (an empty archive sent the admin to a command that freed 0)."""
     archived = info.get("archive_bytes")
     if isinstance(archived, int) and archived < short:
-        held = f"its archive holds only {archived} bytes" if archived else "its archive is empty"
-        return (f"{held}: free {short} bytes more on {secondary.host}'s disk another way, or grow "
-                "it, and publish again")
+        if not archived:
+            return (f"Its archive is empty: free {short} bytes on {secondary.host}'s disk another way, "
+                    "or grow it, and publish again")
+        return (f"'esmirror archive clear' there frees {archived} bytes (its archive); free "
+                f"{short - archived} more on {secondary.host}'s disk another way, or grow it, and "
+                "publish again")
     return f"Free some space on {secondary.host} (esmirror archive clear) and publish again"
 
 

@@ -48,12 +48,14 @@ def _can_listen(bind: str, host: str, port: int) -> None:
     import socket
 
     try:
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                                    flags=socket.AI_PASSIVE):
-            with socket.socket(family, kind, proto) as probe:
-                if os.name != "nt":  # (as both servers do; on Windows it would share a port in use)
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(sockaddr)
+        # the first address only, as gunicorn binds a name (waitress binds them all, and says
+        # itself when a later one fails)
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            if os.name != "nt":  # (as both servers do; on Windows it would share a port in use)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
     except OSError as exc:  # (socket.gaierror too: a name that does not resolve)
         raise MirrorError(f"cannot listen on {bind}: {exc.strerror or exc}; is another server using "
                           "that port, and is the address one of this host's?") from None

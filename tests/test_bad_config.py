@@ -514,3 +514,7 @@ def test_a_working_dir_that_is_a_dangling_link_or_a_file_is_named(tmp_path, make
     for command in (("publish",), ("archive", "list"), ("serve", "--bind", "127.0.0.1:0")):
         rc, _, out = esmirror(*command, "--install-dir", str(install.root), timeout=30)
         one_line_error(rc, out, 2, f"{install.data_dir} {words}")
+    # check reports it as the working dir's, not as esmirror.ini's to correct
+    rc, report, out = esmirror("check", "--install-dir", str(install.root), "--json", timeout=60)
+    [found] = [f for f in report["findings"] if words in f["message"]]
+    assert rc == 1 and found["topic"] == "working-dir" and "esmirror.ini" not in (found["fix"] or ""), found

@@ -818,3 +818,34 @@ def test_an_empty_or_computed_lt_is_user_is_said_once_as_what_it_is(tmp_path, en
     rc, report, text = check(root, conf, "--json")
     assert rc == 1 and words in text and absent not in text, text
     assert "to ;" not in text, text
+
+
+def test_a_stale_require_ip_in_the_admins_own_vhost_is_to_be_edited_not_overwritten(tmp_path):
+    """Any file that was not deploy's rendering was called 'a copy of it', with the advice to
+    copy the snippet over it: over the admin's own vhost, that would wipe Express Server's site."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    out = tmp_path / "rendered"
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
+                           "--httpd-conf", str(conf))
+    assert rc == 0, text
+    vhost = conf.parent / "sites-enabled" / "000-default.conf"
+    vhost.write_text(f"Include {out}/esmirror-wsgi.conf\n<Location /lizardtech/mirror>\n"
+                     "    Require ip 198.51.100.7\n</Location>\n")
+    rc, report, text = check(root, conf, "--json")
+    # (the vhost's <Location>, read last, decides every route: one finding per list)
+    found = [f for f in errors_of(report) if f["topic"] == "require-ip" and f["file"] == str(vhost)]
+    [admin] = [f for f in found if "status" in f["message"]]
+    assert rc == 1 and admin["fix"].startswith(f"write 'Require ip 127.0.0.1 ::1' at {vhost}:3 (a file of "
+                                               "httpd's own, not esmirror's rendering)"), admin
+    assert found and not [f for f in found if "copy" in f["fix"]], found
+    # a copy that kept deploy's own name, alone in its folder, is still a copy
+    alone = tmp_path / "conf.d"
+    alone.mkdir()
+    (alone / "esmirror-wsgi.conf").write_text((out / "esmirror-wsgi.conf").read_text())
+    vhost.write_text(f"Include {alone}/esmirror-wsgi.conf\n")
+    write_ini(root, allow_push="192.0.2.20")
+    rc, report, text = check(root, conf, "--json")
+    [push] = [f for f in errors_of(report) if f["topic"] == "require-ip" and "manifest" in f["message"]]
+    assert f"over {alone / 'esmirror-wsgi.conf'}, which is a copy of it" in push["fix"], push

@@ -293,7 +293,7 @@ def test_a_file_that_fits_once_but_not_twice_is_refused_before_sending_under_wai
         assert rc == 0, out
         return
     assert rc == 1 and result["bytes_sent"] == 0, result
-    assert "for the copy its server (waitress) writes of an upload before storing it" in result["error"]
+    assert "for the copies its server (waitress) writes of the uploads in flight" in result["error"]
 
 
 def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpfs, fleet):
@@ -311,11 +311,11 @@ def test_push_that_cannot_fit_is_refused_before_sending_and_changes_nothing(tmpf
     result = report["secondaries"][0]
     assert result["state"] != "in-sync"
     assert "has no room for this set" in result["error"] and "nothing was sent" in result["error"]
-    assert re.search(r"needs \d+ bytes(, of which \d+ for the copy its server \(waitress\) writes of an "
-                     r"upload before storing it)? but only \d+ are free there \(\d+ kept in reserve\)",
+    assert re.search(r"needs \d+ bytes(, of which \d+ for the copies its server \(waitress\) writes of "
+                     r"the uploads in flight before storing them)? but only \d+ are free there \(\d+ kept in reserve\)",
                      result["error"]), result["error"]
     # the archive is empty (one publish, nothing replaced): 'archive clear' would free nothing
-    assert re.search(r"its archive is empty: free \d+ bytes more on 127\.0\.0\.1's disk another way, "
+    assert re.search(r"Its archive is empty: free \d+ bytes on 127\.0\.0\.1's disk another way, "
                      r"or grow it", result["error"]), result["error"]
     assert "archive clear" not in result["error"]
     assert result["bytes_sent"] == 0 and result["files_sent"] == 0

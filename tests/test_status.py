@@ -330,6 +330,10 @@ def test_a_secondary_whose_lists_leave_this_master_out_is_refused_not_unreachabl
     assert ("it does not let this master's address 127.0.0.1 push; add it to allow_push in "
             "ImageServer/etc/esmirror.ini on 127.0.0.1, render") in row["detail"], row
     assert "on this server" not in row["detail"] and "allow_admin" not in row["detail"], row
+    # 'esmirror browse' from an admin's machine keeps the receiver's own words: advice to
+    # give that machine push rights would be wrong
+    rc, _, out = esmirror("browse", f"127.0.0.1:{f.receivers[0].port}")
+    assert rc == 1 and "add it to allow_push or allow_admin" in out and "this master" not in out, out
 
 
 def test_a_browse_sent_before_a_push_ended_does_not_undo_what_the_push_recorded(tmp_path):

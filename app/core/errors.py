@@ -33,6 +33,10 @@ class ConfigError(MirrorError):
     exit_code = 2
 
 
+class WorkingDirError(ConfigError):
+    """var/data itself is wrong (a dangling link, a file): not esmirror.ini's to fix."""
+
+
 class BadRequest(MirrorError):
     status = 400
 

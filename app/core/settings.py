@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .bom import bom_encoding
-from .errors import ConfigError
+from .errors import ConfigError, WorkingDirError
 
 DEFAULT_PREFIX = "/lizardtech/mirror"
 DEFAULT_MAX_PARALLEL = 8  # pushes at once when not told: a big fleet must not swamp the master's link
@@ -300,13 +300,14 @@ def load_settings(install_dir: str | os.PathLike[str] | None = None, **overrides
         raise ConfigError(f"install dir {chosen!r}: {exc}") from None
     if not (root / "ImageServer").is_dir():
         raise ConfigError(f"{root} has no ImageServer/ folder: is it an Express Server install dir?")
-    data = root / "ImageServer" / "var" / "data"
-    if data.is_symlink() and not data.exists():
-        raise ConfigError(f"{data} is a symbolic link to {os.readlink(data)}, which does not exist: "
-                          "mount or create the working dir it leads to, or fix the link")
-    if data.exists() and not data.is_dir():
-        raise ConfigError(f"{data} is a file, not a folder: Express Server's working dir is a folder "
-                          "(catalogs.xml, indexes, overviews); move that file aside")
+    data = str(root / "ImageServer" / "var" / "data")
+    # (os.path's tests never raise: var/ unreadable to this account is check's to report)
+    if os.path.islink(data) and not os.path.exists(data):
+        raise WorkingDirError(f"{data} is a symbolic link to {os.readlink(data)}, which does not "
+                              "exist: mount or create the working dir it leads to, or fix the link")
+    if os.path.exists(data) and not os.path.isdir(data):
+        raise WorkingDirError(f"{data} is a file, not a folder: Express Server's working dir is a "
+                              "folder (catalogs.xml, indexes, overviews); move that file aside")
     values: dict[str, Any] = {}
     ini = root / "ImageServer" / "etc" / "esmirror.ini"
     if ini.exists():
