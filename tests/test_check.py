@@ -266,6 +266,19 @@ def test_no_install_is_a_usage_error(tmp_path):
     assert rc == 2 and "ImageServer" in text
 
 
+def rendered_layout(tmp_path: Path) -> tuple[str, Path, Path, Path]:
+    """A Debian httpd layout, an install whose LT_IS_USER is its account, and the Apache
+    files esmirror deploy apache renders for it (in tmp_path/rendered)."""
+    user = account()
+    root = install(tmp_path, f"LT_IS_USER={user}\n")
+    conf = debian_layout(tmp_path, user)
+    out = tmp_path / "rendered"
+    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
+                           "--httpd-conf", str(conf))
+    assert rc == 0, text
+    return user, root, conf, out
+
+
 def wsgi_layout(tmp_path: Path) -> tuple[str, Path, Path, Path]:
     """A Debian httpd layout, an install whose LT_IS_USER is its account, and a .wsgi entry."""
     user = account()
@@ -480,13 +493,7 @@ def test_a_venv_reached_through_a_symlink_into_a_0700_dir_is_caught(tmp_path):
 
 def test_the_gunicorn_units_user_is_compared_with_lt_is_user(tmp_path):
     """The mod_proxy variant's receiver runs under systemd: its User= writes var/data."""
-    user = account()
-    root = install(tmp_path, f"LT_IS_USER={user}\n")
-    conf = debian_layout(tmp_path, user)
-    out = tmp_path / "rendered"
-    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
-                           "--httpd-conf", str(conf))
-    assert rc == 0, text
+    user, root, conf, out = rendered_layout(tmp_path)
     unit = out / "esmirror-receiver.service"
     rc, report, text = check(root, conf, "--unit", str(unit), "--json")
     assert rc == 0 and any(f["topic"] == "unit" and f["level"] == "ok" for f in report["findings"]), text
@@ -823,13 +830,7 @@ def test_an_empty_or_computed_lt_is_user_is_said_once_as_what_it_is(tmp_path, en
 def test_a_stale_require_ip_in_the_admins_own_vhost_is_to_be_edited_not_overwritten(tmp_path):
     """Any file that was not deploy's rendering was called 'a copy of it', with the advice to
     copy the snippet over it: over the admin's own vhost, that would wipe Express Server's site."""
-    user = account()
-    root = install(tmp_path, f"LT_IS_USER={user}\n")
-    conf = debian_layout(tmp_path, user)
-    out = tmp_path / "rendered"
-    rc, _, text = esmirror("deploy", "apache", "--install-dir", str(root), "--out", str(out),
-                           "--httpd-conf", str(conf))
-    assert rc == 0, text
+    user, root, conf, out = rendered_layout(tmp_path)
     vhost = conf.parent / "sites-enabled" / "000-default.conf"
     vhost.write_text(f"Include {out}/esmirror-wsgi.conf\n<Location /lizardtech/mirror>\n"
                      "    Require ip 198.51.100.7\n</Location>\n")
