@@ -260,7 +260,7 @@ def test_drift_shows_in_status_and_next_publish_repairs_it_keeping_the_edit(flee
     assert rc == 1 and "drift" in out and "1 of 2 secondaries not in sync" in out
     # and who published last, how it ended: the same history the status page shows
     assert "last publishes (newest first):" in out and "command line (" in out, out
-    assert "done: all in sync  generation 1" in out, out
+    assert "done: all 2 in sync  generation 1" in out, out
 
     rc, report, out = f.publish()
     assert rc == 0, out
