@@ -203,34 +203,30 @@ def _known_attribute(name: str, value: str, where: str) -> None:
                           f"{', '.join(_SECONDARY_ATTRIBUTES)})")
 
 
-def broken_mirrors_note(iserv_cfg: Path) -> str | None:
-    """Said when a broken iserv-cfg.xml makes this server count as a master (lists_mirrors):
-    the master it refuses is told why, not only that it is a master."""
+def master_role(iserv_cfg: Path) -> tuple[bool, str | None]:
+    """(this server is a master, why, when only a broken file makes it one). A master's
+    iserv-cfg.xml lists at least one secondary. One whose XML is broken is a master when a
+    <Mirrors> stands in it outside comments: it refuses pushes rather than take a set over
+    a promoted master's (publish reports the error), and the note tells the master it
+    refuses why."""
     try:
-        parse_file(iserv_cfg)
+        return parse_file(iserv_cfg).find(_MIRRORS + "/{*}Secondary") is not None, None
     except OSError:
-        return None
+        return False, None
     except (etree.XMLSyntaxError, ValueError) as exc:
-        if lists_mirrors(iserv_cfg):
-            return (f"{iserv_cfg} does not parse ({exc}); it mentions <Mirrors>, so this server counts "
-                    "as a master and takes no pushes until that file is fixed")
-    return None
-
-
-def lists_mirrors(iserv_cfg: Path) -> bool:
-    """This server is a master: its iserv-cfg.xml lists at least one secondary. One whose
-    XML is broken is a master when a <Mirrors> stands in it outside comments: it refuses
-    pushes rather than take a set over a promoted master's (publish reports the error)."""
-    try:
-        return parse_file(iserv_cfg).find(_MIRRORS + "/{*}Secondary") is not None
-    except OSError:
-        return False
-    except (etree.XMLSyntaxError, ValueError):
         try:
             text = xml_text(iserv_cfg.read_bytes())  # (UTF-16 from Notepad, too)
         except OSError:
-            return False
-        return _MIRRORS_TAG.search(re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)) is not None
+            return False, None
+        if _MIRRORS_TAG.search(re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)) is None:
+            return False, None
+        return True, (f"{iserv_cfg} does not parse ({exc}); it mentions <Mirrors>, so this server "
+                      "counts as a master and takes no pushes until that file is fixed")
+
+
+def lists_mirrors(iserv_cfg: Path) -> bool:
+    """This server is a master (see master_role)."""
+    return master_role(iserv_cfg)[0]
 
 
 def select_secondaries(settings: Settings, wanted: list[str] | tuple[str, ...] = (),

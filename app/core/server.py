@@ -11,7 +11,7 @@ from typing import Any
 from . import PROTOCOL, __version__
 from .apply import WorkingDir, left_alone
 from .catalogs import CATALOGS_XML, validate_catalogs_file
-from .express import broken_mirrors_note, express_version, lists_mirrors, platform_tag
+from .express import express_version, master_role, platform_tag
 from .ledger import fleet_status
 from .manifest import name_encoding_note
 from .settings import PLATFORM_HANDLER_MAX_BODY, Settings
@@ -60,8 +60,9 @@ def identity(settings: Settings, workdir: WorkingDir, read_stamp: Any,
     warnings += settings_changed(settings, read_stamp)
     if (note := name_encoding_note()) is not None:
         warnings.append(note)
-    if (note := broken_mirrors_note(settings.iserv_cfg)) is not None:
-        warnings.append(note)
+    is_master, broken = master_role(settings.iserv_cfg)  # (one reading: browse answers often)
+    if broken is not None:
+        warnings.append(broken)
     free, reserve = room(workdir.state_dir)
     catalogs = settings.data_dir / CATALOGS_XML
     if catalogs.is_file():
@@ -79,7 +80,7 @@ def identity(settings: Settings, workdir: WorkingDir, read_stamp: Any,
         "self": workdir.self_id,
         # a master (its iserv-cfg.xml lists Mirrors) takes no pushes: a master pushing here
         # is one whose secondary was promoted while it was down
-        "role": "master" if lists_mirrors(settings.iserv_cfg) else "secondary",
+        "role": "master" if is_master else "secondary",
         "drift": None if current is None
         else bool(state.get("digest")) and state.get("digest") != current.manifest.digest,
         "warnings": warnings,
